@@ -1,0 +1,324 @@
+"""Typed configuration: schema, loading (preset + overrides), validation, run record.
+
+Everything a user can set lives in the dataclasses below; omegaconf rejects unknown keys and wrong
+types while merging, and `validate` rejects impossible combinations. Both happen before any process
+group exists, and both raise `ConfigError`, which the CLI turns into one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from dist_llama.model import ModelArgs
+
+
+class ConfigError(ValueError):
+    """A configuration or input problem, reported as `key: message` with exit code 2."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}")
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    """Data-parallel replicas (HSDP replicate dim under engine=fsdp)."""
+    dp_shard: int = -1
+    """Data-parallel shard degree for FSDP; -1 = all ranks left after the other degrees."""
+    cp: int = 1
+    """Context-parallel degree (not available yet: must be 1)."""
+    tp: int = 1
+    """Tensor-parallel degree (not available yet: must be 1)."""
+    pp: int = 1
+    """Pipeline-parallel degree (not available yet: must be 1)."""
+    engine: str = "fsdp"
+    """Data-parallel engine: fsdp (FSDP2 fully_shard; HSDP when dp_replicate>1) or ddp (all dp ranks replicate)."""
+    reshard_after_forward: bool = True
+    """FSDP: free gathered weights after forward (ZeRO-3 style); False keeps them until backward."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "kjv"
+    """Prepared token-shard directory (dist-llama-prepare), or the builtin corpus name 'kjv'."""
+    tokenizer: str = "byte"
+    """'byte', a tiktoken tokenizer.model file, or a Hugging Face tokenizer.json."""
+    seq_len: int = 256
+    """Tokens per training sequence."""
+    reset_positions: bool = True
+    """RoPE positions restart at each document boundary inside a packed sequence."""
+    cache_dir: Optional[str] = None
+    """Where builtin corpora are tokenized; None = $DIST_LLAMA_CACHE or ~/.cache/dist_llama."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio (Llama 2: 0.1)."""
+    warmup_steps: int = 2000
+    """Linear warmup steps from 0 to the peak LR."""
+    decay_steps: Optional[int] = None
+    """Steps from start to the end of cosine decay; None = train.steps."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-5
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices and embeddings, not to norm weights."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm (over all ranks) to this; 0 disables clipping."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps to train for (total, including steps before a resume)."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step, over all data-parallel ranks."""
+    micro_batch_size: int = -1
+    """Sequences per forward pass on one rank; -1 = the whole local batch (no accumulation)."""
+    seed: int = 0
+    """Seed for weight init and data order."""
+    run_dir: str = "runs/debug"
+    """Run directory: config.yaml, metrics.jsonl, events.jsonl, checkpoints/."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu or cuda."""
+    dtype: str = "auto"
+    """Compute dtype: auto (bf16 on cuda, fp32 on cpu), fp32 or bf16; reductions stay fp32."""
+    compile: Optional[bool] = None
+    """torch.compile each transformer block; None = on for cuda, off for cpu."""
+    log_interval: int = 1
+    """Log metrics every this many steps."""
+    peak_flops: Optional[float] = None
+    """Per-device peak FLOP/s for MFU; None = H100 dense BF16 on cuda, a matmul probe on cpu."""
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True
+    """Save checkpoints (DCP) to <run_dir>/checkpoints."""
+    interval: int = 50
+    """Save every this many steps (0 = only the final save)."""
+    keep_last: int = 3
+    """Keep this many newest checkpoints."""
+    save_final: bool = True
+    """Save when training ends."""
+    resume: bool = True
+    """Resume from the newest checkpoint in the run directory, if any."""
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: str = "offline"
+    """wandb mode: offline, online or disabled; the WANDB_MODE environment variable wins."""
+    wandb_project: str = "dist_llama"
+    """wandb project name."""
+    console: bool = True
+    """Print a progress line on rank 0 every log step."""
+
+
+@dataclass
+class Config:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    """Model architecture (Meta reference field names)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout on the device mesh [pp, dp_replicate, dp_shard, cp, tp]."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data and tokenizer."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and LR schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics and experiment tracking."""
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _parse_overrides(overrides: Sequence[str]) -> list[str]:
+    dotlist = []
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text:
+            raise ConfigError(item, "overrides are key=value or --key=value, e.g. train.steps=20")
+        dotlist.append(text)
+    return dotlist
+
+
+def _key_of(exc: OmegaConfBaseException, fallback: str) -> str:
+    return getattr(exc, "full_key", None) or fallback
+
+
+def _merge(base: DictConfig, other, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except ConfigKeyError as exc:
+        key = _key_of(exc, source)
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        node = OmegaConf.select(base, parent) if parent else base
+        allowed = ", ".join(node.keys()) if isinstance(node, DictConfig) else "?"
+        raise ConfigError(key, f"unknown key (from {source}); allowed here: {allowed}") from None
+    except OmegaConfBaseException as exc:
+        key = _key_of(exc, source)
+        node_type = type(OmegaConf.select(base, key)).__name__ if key != source else "?"
+        raise ConfigError(key, f"wrong type or value (from {source}): {exc.msg.splitlines()[0]}; "
+                          f"expected {node_type}") from None
+
+
+def load(config_path: Optional[str], overrides: Sequence[str] = ()) -> DictConfig:
+    """Schema defaults, then the YAML preset, then key=value overrides, each checked by omegaconf."""
+    cfg = OmegaConf.structured(Config)
+    if config_path:
+        path = Path(config_path)
+        if not path.is_file() and (CONFIG_DIR / path.name).is_file():
+            path = CONFIG_DIR / path.name
+        if not path.is_file():
+            raise ConfigError("--config", f"file not found: {config_path}")
+        try:
+            preset = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError("--config", f"{config_path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(preset, dict):
+            raise ConfigError("--config", f"{config_path} must hold a mapping of sections")
+        cfg = _merge(cfg, preset, str(config_path))
+    dotlist = _parse_overrides(overrides)
+    for item in dotlist:
+        try:
+            override = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as exc:
+            raise ConfigError(item.split("=", 1)[0], f"cannot parse override: {exc.msg.splitlines()[0]}") from None
+        cfg = _merge(cfg, override, "command line")
+    return cfg
+
+
+def to_object(cfg: DictConfig) -> Config:
+    return OmegaConf.to_object(cfg)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+def _positive(cfg: Config, *keys: str) -> None:
+    for key in keys:
+        value = functools.reduce(getattr, key.split("."), cfg)
+        _require(value is not None and value > 0, key, f"must be a positive number, got {value}")
+
+
+def validate_model(m: ModelArgs) -> None:
+    _positive(Config(model=m), "model.dim", "model.n_layers", "model.n_heads", "model.multiple_of",
+              "model.norm_eps", "model.rope_theta", "model.max_seq_len")
+    _require(m.dim % m.n_heads == 0, "model.n_heads",
+             f"must divide model.dim={m.dim}, got {m.n_heads}")
+    _require((m.dim // m.n_heads) % 2 == 0, "model.n_heads",
+             f"head dim model.dim/model.n_heads={m.dim // m.n_heads} must be even for RoPE")
+    kv = m.n_kv_heads if m.n_kv_heads is not None else m.n_heads
+    _require(kv > 0 and m.n_heads % kv == 0, "model.n_kv_heads",
+             f"must be a positive divisor of model.n_heads={m.n_heads}, got {m.n_kv_heads}")
+    _require(m.ffn_dim_multiplier is None or m.ffn_dim_multiplier > 0, "model.ffn_dim_multiplier",
+             f"must be positive or null, got {m.ffn_dim_multiplier}")
+    _require(m.vocab_size == -1 or m.vocab_size > 0, "model.vocab_size",
+             f"must be positive, or -1 to take it from the tokenizer; got {m.vocab_size}")
+    _require(m.attn_impl in ("auto", "sdpa", "flex"), "model.attn_impl",
+             f"must be one of auto, sdpa, flex; got {m.attn_impl!r}")
+    if m.use_scaled_rope:
+        _require(m.rope_high_freq_factor > m.rope_low_freq_factor, "model.rope_high_freq_factor",
+                 "must exceed model.rope_low_freq_factor")
+
+
+def resolve_parallel(p: ParallelConfig, world_size: int) -> ParallelConfig:
+    """Fill dp_shard=-1 with the ranks left over, and check that the degrees multiply to the world."""
+    for key in ("dp_replicate", "cp", "tp", "pp"):
+        value = getattr(p, key)
+        _require(value >= 1, f"parallel.{key}", f"must be >= 1, got {value}")
+    _require(p.dp_shard == -1 or p.dp_shard >= 1, "parallel.dp_shard", f"must be >= 1 or -1 (auto), got {p.dp_shard}")
+    others = p.dp_replicate * p.cp * p.tp * p.pp
+    dp_shard = p.dp_shard
+    if dp_shard == -1:
+        _require(world_size % others == 0, "parallel.dp_shard",
+                 f"cannot fill: dp_replicate*cp*tp*pp={others} does not divide the world size {world_size}")
+        dp_shard = world_size // others
+    product = others * dp_shard
+    _require(product == world_size, "parallel.dp_shard",
+             f"dp_replicate*dp_shard*cp*tp*pp={product} must equal the world size {world_size} "
+             "(set parallel.dp_shard=-1 to fill it)")
+    for key in ("cp", "tp", "pp"):
+        _require(getattr(p, key) == 1, f"parallel.{key}", "this parallel dimension is not available yet; allowed: 1")
+    _require(p.engine in ("fsdp", "ddp"), "parallel.engine", f"must be fsdp or ddp, got {p.engine!r}")
+    return dataclasses.replace(p, dp_shard=dp_shard)
+
+
+def validate(cfg: Config, world_size: int, dataset=None, tokenizer_vocab: Optional[int] = None) -> Config:
+    """Check every combination we can check before training; returns the resolved config."""
+    validate_model(cfg.model)
+    parallel = resolve_parallel(cfg.parallel, world_size)
+    t, o, c, d = cfg.train, cfg.optim, cfg.checkpoint, cfg.data
+    dp = parallel.dp_replicate * parallel.dp_shard
+    _positive(cfg, "train.steps", "train.global_batch_size", "train.log_interval", "data.seq_len",
+              "optim.lr", "checkpoint.keep_last")
+    _require(t.global_batch_size % dp == 0, "train.global_batch_size",
+             f"must be divisible by the data-parallel degree {dp}, got {t.global_batch_size}")
+    local = t.global_batch_size // dp
+    micro = local if t.micro_batch_size == -1 else t.micro_batch_size
+    _require(micro > 0 and local % micro == 0, "train.micro_batch_size",
+             f"must divide the per-rank batch {local} (global {t.global_batch_size} / dp {dp}), or be -1; "
+             f"got {t.micro_batch_size}")
+    _require(t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda; got {t.device!r}")
+    _require(t.dtype in ("auto", "fp32", "bf16"), "train.dtype", f"must be auto, fp32 or bf16; got {t.dtype!r}")
+    _require(t.peak_flops is None or t.peak_flops > 0, "train.peak_flops", "must be positive or null")
+    _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _require(o.decay_steps is None or o.decay_steps > 0, "optim.decay_steps", "must be positive or null")
+    for key in ("beta1", "beta2"):
+        value = getattr(o, key)
+        _require(0.0 <= value < 1.0, f"optim.{key}", f"must be in [0, 1), got {value}")
+    _require(o.eps > 0, "optim.eps", f"must be positive, got {o.eps}")
+    _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables), got {o.grad_clip}")
+    _require(c.interval >= 0, "checkpoint.interval", f"must be >= 0, got {c.interval}")
+    _require(cfg.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode",
+             f"must be offline, online or disabled; got {cfg.logging.wandb_mode!r}")
+    _require(d.seq_len <= cfg.model.max_seq_len, "data.seq_len",
+             f"{d.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    model = cfg.model
+    if tokenizer_vocab is not None:
+        if model.vocab_size == -1:
+            model = dataclasses.replace(model, vocab_size=tokenizer_vocab)
+        _require(model.vocab_size >= tokenizer_vocab, "model.vocab_size",
+                 f"{model.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer_vocab}, "
+                 f"data.tokenizer={d.tokenizer!r})")
+    if dataset is not None:
+        windows = (len(dataset) - 1) // d.seq_len
+        _require(windows >= t.global_batch_size, "data.seq_len",
+                 f"data {d.path!r} ({len(dataset)} tokens) gives {windows} sequences of {d.seq_len} tokens, "
+                 f"fewer than train.global_batch_size={t.global_batch_size}; use more data or a shorter seq_len")
+    return dataclasses.replace(cfg, model=model, parallel=parallel)
+
+
+def save_resolved(cfg: Config, run_dir: Path) -> Path:
+    """The run record: the exact config a run used, loadable again with --config."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,43 @@
+"""Data parallelism applied from outside the model: FSDP2 fully_shard / HSDP, or DDP.
+
+Also torch.compile per transformer block, which must come before FSDP wraps the blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from dist_llama.parallel.dims import Meshes, ParallelDims
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile each block in place (names unchanged), so FSDP hooks stay outside the graphs."""
+    for block in model.layers.values():
+        block.compile()
+
+
+def apply_fsdp(model: nn.Module, dims: ParallelDims, meshes: Meshes, param_dtype: torch.dtype,
+               reshard_after_forward: bool) -> nn.Module:
+    """fully_shard each block, then the root; a 2-D (replicate, shard) mesh makes it HSDP.
+
+    Gradients are reduced in fp32 whatever the compute dtype (Llama 3 §3.3.2).
+    """
+    mesh = meshes.world["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else meshes.dp_shard_cp
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    blocks = list(model.layers.values())
+    for i, block in enumerate(blocks):
+        # The last block is needed again at once by backward: resharding it would only re-gather.
+        fully_shard(block, mesh=mesh, mp_policy=mp,
+                    reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def apply_ddp(model: nn.Module, meshes: Meshes, device: torch.device) -> nn.Module:
+    """Replicate over every data-parallel rank (dp_replicate x dp_shard)."""
+    return DistributedDataParallel(
+        model, process_group=meshes.dp.get_group(),
+        device_ids=[device.index] if device.type == "cuda" else None)

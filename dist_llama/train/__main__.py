@@ -1,0 +1,5 @@
+import sys
+
+from dist_llama.train.cli import main
+
+sys.exit(main())

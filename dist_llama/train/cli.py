@@ -1,0 +1,72 @@
+"""`python -m dist_llama.train` / `torchrun ... -m dist_llama.train --config X.yaml [key=value ...]`.
+
+Exit codes: 0 finished; 2 bad configuration or input (one line on stderr, before any process group).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+import torch.distributed as dist
+
+from dist_llama import config as config_lib
+from dist_llama.config import Config, ConfigError
+from dist_llama.data import build_tokenizer, open_dataset
+from dist_llama.parallel.env import init_distributed, world_size_from_env
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> tuple[Optional[str], list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m dist_llama.train",
+        description="Train a Llama model. Overrides: key=value or --key=value, e.g. train.steps=20.")
+    parser.add_argument("--config", help="YAML preset (a path, or a name in configs/)")
+    args, overrides = parser.parse_known_args(argv)
+    return args.config, overrides
+
+
+def resolve_config(config_path: Optional[str], overrides: Sequence[str], world_size: int):
+    """Load and validate everything checkable without a process group. Raises ConfigError."""
+    cfg = config_lib.to_object(config_lib.load(config_path, overrides))
+    config_lib.validate_model(cfg.model)
+    try:
+        tokenizer = build_tokenizer(cfg.data.tokenizer)
+    except (ValueError, OSError) as exc:
+        raise ConfigError("data.tokenizer", str(exc)) from None
+    try:
+        dataset = open_dataset(cfg.data.path, cfg.data.tokenizer, cfg.data.cache_dir)
+    except (ValueError, OSError) as exc:
+        raise ConfigError("data.path", str(exc)) from None
+    return config_lib.validate(cfg, world_size, dataset, tokenizer.vocab_size), dataset
+
+
+def train(cfg: Config, dataset):
+    """Train in an already-configured environment (torchrun env vars, or none for one process)."""
+    from dist_llama.train.build import build_trainer
+
+    env = init_distributed(cfg.train.device)
+    trainer = build_trainer(cfg, env, dataset)
+    try:
+        trainer.fit()
+    finally:
+        trainer.p.logger.close()
+    return trainer
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    config_path, overrides = parse_args(argv)
+    try:
+        cfg, dataset = resolve_config(config_path, overrides, world_size_from_env())
+    except ConfigError as exc:
+        print(f"dist_llama: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        train(cfg, dataset)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return EXIT_OK

@@ -1,0 +1,83 @@
+"""Run-directory logs (metrics.jsonl, events.jsonl), the console line, and wandb.
+
+Only rank 0 writes metrics; every rank may record events (each carries its rank).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+WANDB_ID_FILE = "wandb_id.txt"
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, rank: int, total_steps: int, logging_cfg, config_dict: dict):
+        self.run_dir = run_dir
+        self.rank = rank
+        self.total_steps = total_steps
+        self.console = logging_cfg.console and rank == 0
+        self.wandb = None
+        if rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            mode = os.environ.get("WANDB_MODE", logging_cfg.wandb_mode)
+            if mode != "disabled":
+                self.wandb = _init_wandb(run_dir, mode, logging_cfg.wandb_project, config_dict)
+
+    @property
+    def wandb_id(self) -> Optional[str]:
+        return self.wandb.id if self.wandb is not None else None
+
+    def log_step(self, record: dict[str, Any], eta_s: float) -> None:
+        if self.rank != 0:
+            return
+        _append_jsonl(self.run_dir / "metrics.jsonl", record)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if self.console:
+            mem = f"{record['mem_gib']:.2f} GiB" if "mem_gib" in record else "-"
+            print(f"step {record['step']:>6}/{self.total_steps}  loss {record['loss']:.4f}  "
+                  f"lr {record['lr']:.3e}  gnorm {record['grad_norm']:.3f}  "
+                  f"tok/s {record['tokens_per_sec']:,.0f}  mfu {100 * record['mfu']:.2f}%  "
+                  f"mem {mem}  eta {_fmt_duration(eta_s)}", flush=True)
+
+    def event(self, kind: str, step: int, **fields: Any) -> None:
+        """An entry in events.jsonl: what happened, at which step, when, on which rank."""
+        record = {"event": kind, "step": step, "time": time.time(), "rank": self.rank, **fields}
+        if self.rank == 0 or fields.get("all_ranks"):
+            _append_jsonl(self.run_dir / "events.jsonl", record)
+        if self.console:
+            print(f"[event] {kind} step={step} " + " ".join(f"{k}={v}" for k, v in fields.items()),
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _init_wandb(run_dir: Path, mode: str, project: str, config_dict: dict):
+    """The run id lives in the run directory, so a resumed job continues the same wandb run."""
+    import wandb
+
+    id_file = run_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    id_file.write_text(run_id)
+    return wandb.init(project=project, id=run_id, resume="allow", dir=str(run_dir), mode=mode,
+                      config=config_dict, name=run_dir.name)
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

@@ -1,0 +1,160 @@
+"""The training loop, and nothing else: everything it uses is built elsewhere and passed in."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from dist_llama.model.flops import mfu
+from dist_llama.train.optim import clip_grad_norm_
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TrainerParts:
+    """What the loop needs; built by dist_llama.train.build."""
+
+    cfg: object
+    device: torch.device
+    model: nn.Module
+    """The model as parallelized (possibly wrapped by DDP); forward(tokens, doc_ids, positions)."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: object
+    checkpointer: object
+    logger: object
+    dp_group: dist.ProcessGroup
+    """Ranks whose token counts and losses add up to the global batch."""
+    dp_degree: int
+    """Ranks gradients are averaged over by the data-parallel wrapper."""
+    autocast_dtype: torch.dtype | None
+    """bf16 autocast when no FSDP mixed-precision policy handles the dtype; None = off."""
+    flops_per_token: float
+    peak_flops: float
+    world_size: int
+    layout: dict
+
+
+class Trainer:
+    def __init__(self, parts: TrainerParts):
+        self.p = parts
+        self.cfg = parts.cfg
+        self.step = 0
+        self.tokens = 0
+        self.history: list[dict] = []
+        self.params = [q for q in parts.model.parameters() if q.requires_grad]
+        local = self.cfg.train.global_batch_size // parts.dp_degree
+        micro = self.cfg.train.micro_batch_size
+        self.n_micro = 1 if micro == -1 else local // micro
+
+    # --- one optimizer step -------------------------------------------------------------------
+    def _grad_sync(self, enabled: bool):
+        model = self.p.model
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+            model.set_requires_gradient_sync(enabled)
+            return contextlib.nullcontext()
+        if hasattr(model, "no_sync") and not enabled:  # DDP
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """Forward/backward over the micro-batches, clip, step. Returns (global loss, grad norm).
+
+        The loss is the mean over every token of the global batch: each micro-batch contributes its
+        token-loss sum divided by the global token count, times the dp degree that the gradient
+        averaging of DDP/FSDP divides by again. So accumulation and data parallelism change nothing.
+        """
+        p = self.p
+        n_tokens = (batch["labels"] != IGNORE_INDEX).sum()
+        dist.all_reduce(n_tokens, group=p.dp_group)
+        scale = p.dp_degree / n_tokens.item()
+        loss_sum = torch.zeros((), device=p.device)
+        micro_batches = [dict(zip(batch, parts)) for parts in
+                         zip(*(t.chunk(self.n_micro) for t in batch.values()))]
+        autocast = (torch.autocast(p.device.type, dtype=p.autocast_dtype) if p.autocast_dtype
+                    else contextlib.nullcontext())
+        for i, mb in enumerate(micro_batches):
+            with self._grad_sync(i == len(micro_batches) - 1):
+                with autocast:
+                    logits = p.model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"])
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), mb["labels"].flatten(),
+                                       reduction="sum", ignore_index=IGNORE_INDEX)
+                (loss * scale).backward()
+            loss_sum += loss.detach()
+        grad_norm = clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
+        p.optimizer.step()
+        p.scheduler.step()
+        p.optimizer.zero_grad(set_to_none=True)
+        dist.all_reduce(loss_sum, group=p.dp_group)
+        return (loss_sum / n_tokens).item(), grad_norm.item()
+
+    # --- state for checkpoints -------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "data": self.p.loader.state_dict(),
+                "scheduler": self.p.scheduler.state_dict(), "wandb_id": self.p.logger.wandb_id,
+                "layout": self.p.layout, "world_size": self.p.world_size}
+
+    def save(self) -> None:
+        path = self.p.checkpointer.save(self.step, self.p.model, self.p.optimizer, self.trainer_state())
+        self.p.logger.event("checkpoint_saved", self.step, path=str(path))
+
+    def maybe_resume(self) -> None:
+        ck = self.cfg.checkpoint
+        if not (ck.enabled and ck.resume):
+            return
+        path = self.p.checkpointer.latest()
+        if path is None:
+            return
+        state, rng_restored = self.p.checkpointer.load(path, self.p.model, self.p.optimizer)
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.p.loader.load_state_dict(state["data"])
+        self.p.scheduler.load_state_dict(state["scheduler"])
+        self.p.logger.event("checkpoint_loaded", self.step, path=str(path), rng_restored=rng_restored,
+                            saved_layout=state["layout"], layout=self.p.layout)
+
+    # --- the loop ------------------------------------------------------------------------------
+    def fit(self) -> list[dict]:
+        cfg, p = self.cfg, self.p
+        self.maybe_resume()
+        p.logger.event("train_start", self.step, total_steps=cfg.train.steps, layout=p.layout)
+        tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+        started, steps_done, last_saved = time.perf_counter(), 0, self.step
+        while self.step < cfg.train.steps:
+            t0 = time.perf_counter()
+            batch = {k: v.to(p.device, non_blocking=True) for k, v in p.loader.next_batch().items()}
+            loss, grad_norm = self.train_step(batch)
+            step_time = time.perf_counter() - t0
+            self.step += 1
+            self.tokens += tokens_per_step
+            steps_done += 1
+            record = {"step": self.step, "loss": loss, "lr": p.scheduler.get_last_lr()[0],
+                      "grad_norm": grad_norm, "tokens": self.tokens,
+                      "tokens_per_sec": tokens_per_step / step_time,
+                      "mfu": mfu(tokens_per_step / step_time / p.world_size, p.flops_per_token, p.peak_flops),
+                      "step_time_s": step_time, "mem_gib": _memory_gib(p.device)}
+            self.history.append(record)
+            if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps:
+                elapsed = time.perf_counter() - started
+                p.logger.log_step(record, eta_s=elapsed / steps_done * (cfg.train.steps - self.step))
+            if cfg.checkpoint.enabled and cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                self.save()
+                last_saved = self.step
+        if cfg.checkpoint.enabled and cfg.checkpoint.save_final and last_saved != self.step:
+            self.save()
+        p.logger.event("train_end", self.step, tokens=self.tokens)
+        return self.history
+
+
+def _memory_gib(device: torch.device) -> float:
+    """Peak memory: CUDA allocator peak on GPU, peak RSS of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
