@@ -1,0 +1,140 @@
+"""Read a prepared token dataset (see :mod:`dist_llama.data.prepare`) through read-only memmaps."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from .prepare import FORMAT, FORMAT_VERSION
+
+__all__ = ["TokenDataset"]
+
+_REQUIRED = ("tokenizer", "vocab_size", "dtype", "n_tokens", "n_docs", "shards")
+
+
+class TokenDataset:
+    """One stream of tokens (all shards concatenated) plus the start offset of every document.
+
+    ``len(ds)`` is the number of tokens. Opened only through :meth:`open`.
+    """
+
+    def __init__(self, path: str, meta: dict, shards: list[np.ndarray], doc_starts: np.ndarray):
+        self.path = path
+        self.meta = meta
+        self._shards = shards
+        self._shard_starts = np.concatenate(([0], np.cumsum([len(s) for s in shards]))).astype(np.int64)
+        self.doc_starts = doc_starts  # int64 [n_docs], doc_starts[0] == 0, strictly increasing
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "TokenDataset":
+        path = os.path.abspath(os.fspath(path))
+        meta_path = os.path.join(path, "meta.json")
+
+        def bad(what: str, file: str = meta_path) -> ValueError:
+            return ValueError(f"{file}: {what} (not a dataset made by dist-llama-prepare, or damaged)")
+
+        if not os.path.isfile(meta_path):
+            raise bad("missing")
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise bad(f"cannot be read ({e})") from None
+        if not isinstance(meta, dict):
+            raise bad("is not a JSON object")
+        missing = [k for k in _REQUIRED if k not in meta]
+        if missing:
+            raise bad(f"missing keys {missing}")
+        if meta.get("format", FORMAT) != FORMAT or meta.get("version") != FORMAT_VERSION:
+            raise bad(f"unsupported format {meta.get('format')!r} version {meta.get('version')!r} "
+                      f"(this code reads {FORMAT!r} version {FORMAT_VERSION})")
+        if meta["dtype"] not in ("uint16", "uint32"):
+            raise bad(f"unsupported dtype {meta['dtype']!r}")
+        dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+        shards: list[np.ndarray] = []
+        total = 0
+        for entry in meta["shards"]:
+            if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)
+                    and isinstance(entry.get("n_tokens"), int)):
+                raise bad(f"bad shard entry {entry!r}")
+            fpath = os.path.join(path, entry["file"])
+            n = entry["n_tokens"]
+            if not os.path.isfile(fpath):
+                raise bad("shard file is missing", fpath)
+            size = os.path.getsize(fpath)
+            if size != n * dtype.itemsize:
+                raise bad(f"size {size} bytes, meta.json says {n} {meta['dtype']} tokens", fpath)
+            if n > 0:
+                shards.append(np.memmap(fpath, dtype=dtype, mode="r", shape=(n,)))
+            total += n
+        if total != meta["n_tokens"]:
+            raise bad(f"shards hold {total} tokens but n_tokens is {meta['n_tokens']}")
+        docs_path = os.path.join(path, "docs.npy")
+        try:
+            doc_starts = np.load(docs_path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise bad(f"cannot be read ({e})", docs_path) from None
+        if doc_starts.dtype != np.int64 or doc_starts.ndim != 1 or len(doc_starts) != meta["n_docs"]:
+            raise bad(f"expected {meta['n_docs']} int64 offsets, got {doc_starts.dtype} {doc_starts.shape}",
+                      docs_path)
+        if len(doc_starts) == 0 or doc_starts[0] != 0 or np.any(np.diff(doc_starts) <= 0) \
+                or doc_starts[-1] >= total:
+            raise bad("document offsets must start at 0 and increase within the stream", docs_path)
+        return cls(path, meta, shards, doc_starts)
+
+    # --- properties -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.meta["n_tokens"])
+
+    @property
+    def n_docs(self) -> int:
+        return int(self.meta["n_docs"])
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.meta["tokenizer"]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the token stream: tokenizer name, n_tokens, n_docs (+ content hash prefix)."""
+        fp = f"{self.meta['tokenizer']}|{self.meta['n_tokens']}|{self.meta['n_docs']}"
+        if self.meta.get("sha256"):
+            fp += f"|{self.meta['sha256'][:16]}"
+        return fp
+
+    def __repr__(self) -> str:
+        return (f"TokenDataset({self.path!r}, n_tokens={len(self)}, n_docs={self.n_docs}, "
+                f"tokenizer={self.tokenizer_name!r})")
+
+    # --- access -----------------------------------------------------------------------------
+    def _check(self, start: int, stop: int) -> tuple[int, int]:
+        start, stop = int(start), int(stop)
+        if not 0 <= start <= stop <= len(self):
+            raise IndexError(f"token range [{start}, {stop}) outside [0, {len(self)})")
+        return start, stop
+
+    def tokens(self, start: int, stop: int) -> np.ndarray:
+        """Tokens ``[start, stop)`` of the stream (across shard boundaries), as a new int64 array."""
+        start, stop = self._check(start, stop)
+        out = np.empty(stop - start, dtype=np.int64)
+        i = int(np.searchsorted(self._shard_starts, start, side="right")) - 1
+        pos = start
+        while pos < stop:
+            s0 = int(self._shard_starts[i])
+            s1 = int(self._shard_starts[i + 1])
+            take = min(stop, s1) - pos
+            out[pos - start : pos - start + take] = self._shards[i][pos - s0 : pos - s0 + take]
+            pos += take
+            i += 1
+        return out
+
+    def doc_ids(self, start: int, stop: int) -> np.ndarray:
+        """Global document index (int64) of each token in ``[start, stop)``."""
+        start, stop = self._check(start, stop)
+        return np.searchsorted(self.doc_starts, np.arange(start, stop, dtype=np.int64), side="right") - 1

@@ -1,0 +1,155 @@
+# Conversion between Hugging Face LlamaForCausalLM state dicts and ours (Meta's names).
+#
+# Two differences only: parameter names, and the RoPE layout of wq/wk. Meta rotates interleaved
+# pairs (x[2j], x[2j+1]); HF's rotate_half pairs x[j] with x[j + head_dim/2]. HF's
+# convert_llama_weights_to_hf.py therefore permutes the rows of each head of wq and wk so that the
+# same rotation lands on the same features; we apply that permutation and its inverse here.
+# Plain dicts and tensors in, plain dicts and tensors out: transformers is not needed.
+
+import re
+from typing import Any, Dict
+
+import torch
+
+from .llama import ModelArgs, ffn_hidden_dim
+
+_LAYER_MAP = {
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_TOP_MAP = {
+    "tok_embeddings": "model.embed_tokens",
+    "norm": "model.norm",
+    "output": "lm_head",
+}
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+_META_LAYER = re.compile(r"layers\.(\d+)\.(.+)\.weight")
+
+
+def _meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    # Per head, rows (pair j, member r) ordered j-major in Meta become r-major in HF.
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def _hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def _n_kv_heads(args: ModelArgs) -> int:
+    return args.n_heads if args.n_kv_heads is None else args.n_kv_heads
+
+
+def from_hf_state_dict(sd: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, torch.Tensor]:
+    """HF LlamaForCausalLM state dict -> ours. Tied checkpoints (no lm_head) get output = embeddings;
+    rotary inv_freq buffers, which some versions save, are dropped."""
+    hf_top = {v: k for k, v in _TOP_MAP.items()}
+    hf_layer = {v: k for k, v in _LAYER_MAP.items()}
+    out = {}
+    for key, value in sd.items():
+        if key.endswith("rotary_emb.inv_freq"):
+            continue
+        m = _HF_LAYER.fullmatch(key)
+        if m:
+            layer, name = m.groups()
+            ours = hf_layer[name]
+            if ours == "attention.wq":
+                value = _hf_to_meta_rows(value, args.n_heads)
+            elif ours == "attention.wk":
+                value = _hf_to_meta_rows(value, _n_kv_heads(args))
+            out[f"layers.{layer}.{ours}.weight"] = value
+        else:
+            assert key.endswith(".weight") and key[: -len(".weight")] in hf_top, f"unexpected HF key {key}"
+            out[f"{hf_top[key[: -len('.weight')]]}.weight"] = value
+    if "output.weight" not in out:
+        out["output.weight"] = out["tok_embeddings.weight"]
+    return out
+
+
+def to_hf_state_dict(sd: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, torch.Tensor]:
+    """Our state dict -> HF LlamaForCausalLM names and RoPE layout (untied lm_head)."""
+    out = {}
+    for key, value in sd.items():
+        m = _META_LAYER.fullmatch(key)
+        if m:
+            layer, name = m.groups()
+            if name == "attention.wq":
+                value = _meta_to_hf_rows(value, args.n_heads)
+            elif name == "attention.wk":
+                value = _meta_to_hf_rows(value, _n_kv_heads(args))
+            out[f"model.layers.{layer}.{_LAYER_MAP[name]}.weight"] = value
+        else:
+            assert key.endswith(".weight") and key[: -len(".weight")] in _TOP_MAP, f"unexpected key {key}"
+            out[f"{_TOP_MAP[key[: -len('.weight')]]}.weight"] = value
+    return out
+
+
+def _ffn_args(dim: int, hidden: int) -> tuple:
+    """A (ffn_dim_multiplier, multiple_of) for which Meta's rounding gives exactly `hidden`.
+    Meta's rounding is not invertible, so try the published conventions first (Llama 2: no
+    multiplier, multiple_of 256; Llama 3: one-decimal multiplier, multiple_of up to 4096), then an
+    exact fallback."""
+    base = int(2 * 4 * dim / 3)
+    candidates = [
+        (None, 256),
+        (round(hidden / base, 1), _largest_pow2_divisor(hidden, 4096)),
+        (round(hidden / base, 2), _largest_pow2_divisor(hidden, 4096)),
+        ((hidden + 0.25) / base, 1),
+    ]
+    for mult, multiple_of in candidates:
+        if ffn_hidden_dim(ModelArgs(dim=dim, ffn_dim_multiplier=mult, multiple_of=multiple_of)) == hidden:
+            return mult, multiple_of
+    raise ValueError(f"cannot express intermediate_size {hidden} for dim {dim} in Meta's FFN rounding")
+
+
+def _largest_pow2_divisor(n: int, cap: int) -> int:
+    d = 1
+    while d < cap and n % (2 * d) == 0:
+        d *= 2
+    return d
+
+
+def args_from_hf_config(hf_config: Any) -> ModelArgs:
+    """ModelArgs equivalent to a transformers LlamaConfig (read by attribute, so any object with
+    the same fields works). Handles both `rope_parameters` (transformers >= 5) and the older
+    `rope_theta` + `rope_scaling`."""
+    c = hf_config
+    head_dim = getattr(c, "head_dim", None)
+    if head_dim is not None and head_dim != c.hidden_size // c.num_attention_heads:
+        raise ValueError("head_dim != hidden_size // num_attention_heads is not supported")
+    if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
+        raise ValueError("Llama checkpoints with biases are not supported")
+    rope = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
+    rope_theta = rope.get("rope_theta", getattr(c, "rope_theta", None))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"unsupported RoPE type {rope_type!r}")
+    mult, multiple_of = _ffn_args(c.hidden_size, c.intermediate_size)
+
+    args = ModelArgs(
+        dim=c.hidden_size,
+        n_layers=c.num_hidden_layers,
+        n_heads=c.num_attention_heads,
+        n_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+        vocab_size=c.vocab_size,
+        multiple_of=multiple_of,
+        ffn_dim_multiplier=mult,
+        norm_eps=c.rms_norm_eps,
+        rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+        max_seq_len=c.max_position_embeddings,
+    )
+    if rope_type == "llama3":
+        args.use_scaled_rope = True
+        args.rope_scale_factor = float(rope["factor"])
+        args.rope_low_freq_factor = float(rope["low_freq_factor"])
+        args.rope_high_freq_factor = float(rope["high_freq_factor"])
+        args.rope_old_context_len = int(rope.get("original_max_position_embeddings", c.max_position_embeddings))
+    return args

@@ -1,0 +1,372 @@
+# Llama 2/3 decoder, written to read like Meta's reference model (meta-llama/llama-models,
+# models/llama3/model.py): same module names, same parameter names, same interleaved-pair RoPE,
+# so Meta checkpoints load as they are. What differs from the reference is what training needs:
+# no KV cache, per-token positions and document masking for packed sequences, SDPA/FlexAttention,
+# meta-device construction with explicit init_weights, and blocks held in a ModuleDict so that
+# pipeline stages can drop layers. Nothing here knows about parallelism.
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    """Model (residual stream) width."""
+    n_layers: int = 32
+    """Number of transformer blocks."""
+    n_heads: int = 32
+    """Number of query heads; head_dim = dim // n_heads."""
+    n_kv_heads: Optional[int] = None
+    """Number of key/value heads (grouped-query attention); None means n_heads."""
+    vocab_size: int = -1
+    """Vocabulary size; -1 means take it from the tokenizer."""
+    multiple_of: int = 256
+    """The FFN hidden size is rounded up to a multiple of this."""
+    ffn_dim_multiplier: Optional[float] = None
+    """Scales the FFN hidden size (2/3 * 4 * dim) before rounding; None means 1."""
+    norm_eps: float = 1e-5
+    """Epsilon of the RMSNorms."""
+    rope_theta: float = 500000.0
+    """RoPE base (10000 for Llama 2, 500000 for Llama 3)."""
+    use_scaled_rope: bool = False
+    """Apply Llama 3.1's long-context frequency scaling to RoPE."""
+    rope_scale_factor: float = 8.0
+    """Llama 3.1 scaling: divisor for the low frequencies."""
+    rope_low_freq_factor: float = 1.0
+    """Llama 3.1 scaling: wavelengths above old_context_len / this are fully scaled."""
+    rope_high_freq_factor: float = 4.0
+    """Llama 3.1 scaling: wavelengths below old_context_len / this are left alone."""
+    rope_old_context_len: int = 8192
+    """Llama 3.1 scaling: the context length the unscaled model was trained on."""
+    max_seq_len: int = 2048
+    """Longest sequence (largest position + 1) the RoPE table covers."""
+    attn_impl: str = "auto"
+    """Attention kernel: "sdpa", "flex", or "auto" (flex on CUDA, sdpa elsewhere)."""
+
+
+def ffn_hidden_dim(args: ModelArgs) -> int:
+    """Meta's FFN width: 2/3 of 4*dim (SwiGLU has three matrices instead of two, so this keeps the
+    parameter count of a 4*dim MLP), scaled by ffn_dim_multiplier, rounded up to multiple_of."""
+    hidden_dim = 4 * args.dim
+    hidden_dim = int(2 * hidden_dim / 3)
+    if args.ffn_dim_multiplier is not None:
+        hidden_dim = int(args.ffn_dim_multiplier * hidden_dim)
+    return args.multiple_of * ((hidden_dim + args.multiple_of - 1) // args.multiple_of)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        # Normalise in fp32 even under bf16: the mean of squares loses too much in bf16.
+        output = self._norm(x.float()).type_as(x)
+        return output * self.weight
+
+    def init_weights(self):
+        nn.init.ones_(self.weight)
+
+
+def apply_scaling(
+    freqs: torch.Tensor,
+    scale_factor: float = 8.0,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    old_context_len: int = 8192,
+) -> torch.Tensor:
+    """Llama 3.1 RoPE scaling: frequencies whose wavelength is short compared with the original
+    context are kept, long ones are divided by scale_factor, and the band between is interpolated
+    smoothly. Same arithmetic as Meta's loop, written with torch.where so it also runs on meta tensors."""
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    assert low_freq_wavelen != high_freq_wavelen
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * freqs / scale_factor + smooth * freqs
+    new_freqs = torch.where(wavelen > low_freq_wavelen, freqs / scale_factor, smoothed)
+    return torch.where(wavelen < high_freq_wavelen, freqs, new_freqs)
+
+
+def precompute_freqs_cis(
+    dim: int,
+    end: int,
+    theta: float = 10000.0,
+    use_scaled: bool = False,
+    scale_factor: float = 8.0,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    old_context_len: int = 8192,
+) -> torch.Tensor:
+    """Rotations e^{i * pos * freq}, complex64 [end, dim // 2], for positions 0..end-1."""
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: (dim // 2)].float() / dim))
+    t = torch.arange(end, device=freqs.device, dtype=torch.float32)
+    if use_scaled:
+        freqs = apply_scaling(freqs, scale_factor, low_freq_factor, high_freq_factor, old_context_len)
+    freqs = torch.outer(t, freqs)
+    return torch.polar(torch.ones_like(freqs), freqs)
+
+
+def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor):
+    """Rotate consecutive pairs (x[2j], x[2j+1]) of each head by freqs_cis[..., j].
+    xq, xk: [B, S, H, head_dim]; freqs_cis: [B or 1, S, head_dim // 2], one row per token so
+    positions may restart inside a packed sequence."""
+    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
+    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
+    freqs_cis = freqs_cis.unsqueeze(2)  # broadcast over heads
+    xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)
+    xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """torch.repeat_interleave(x, dim=2, repeats=n_rep)"""
+    bs, slen, n_kv_heads, head_dim = x.shape
+    if n_rep == 1:
+        return x
+    return (
+        x[:, :, :, None, :]
+        .expand(bs, slen, n_kv_heads, n_rep, head_dim)
+        .reshape(bs, slen, n_kv_heads * n_rep, head_dim)
+    )
+
+
+# A module-level cache, not state we manage: torch.compile is what makes FlexAttention fast (and
+# what lets create_block_mask avoid materialising an S x S mask), and compiling once per process
+# avoids recompiles. Only reached on the flex path, so CPU (SDPA) runs never compile anything.
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+@functools.cache
+def _compiled_create_block_mask():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)
+
+
+AttentionMask = Union[None, torch.Tensor, BlockMask]
+
+
+def build_attention_mask(
+    doc_ids: Optional[torch.Tensor], seq_len: int, device: torch.device, attn_impl: str
+) -> AttentionMask:
+    """Causal attention restricted to tokens of the same document (causal block-diagonal).
+
+    Returns a FlexAttention BlockMask for "flex"; for "sdpa", None when there are no document ids
+    (SDPA's is_causal fast path) or a boolean [B, 1, S, S] mask (True = attend). Every query can
+    attend to itself, so no row is fully masked and softmax never sees -inf everywhere."""
+    if attn_impl == "flex":
+        if doc_ids is None:
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return q_idx >= kv_idx
+
+            batch = None
+        else:
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+
+            batch = doc_ids.shape[0]
+        return _compiled_create_block_mask()(mask_mod, batch, None, seq_len, seq_len, device=device)
+    if doc_ids is None:
+        return None
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (same_doc & causal).unsqueeze(1)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
+        self.n_heads = args.n_heads
+        self.head_dim = args.dim // args.n_heads
+
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def init_weights(self, init_std: float):
+        for linear in (self.wq, self.wk, self.wv):
+            nn.init.trunc_normal_(linear.weight, mean=0.0, std=0.02)
+        nn.init.trunc_normal_(self.wo.weight, mean=0.0, std=init_std)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: AttentionMask):
+        bsz, seqlen, _ = x.shape
+        xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
+
+        # Head counts come from the projections' outputs, not from args: under tensor parallelism
+        # each rank holds a slice of the heads.
+        xq = xq.view(bsz, seqlen, -1, self.head_dim)
+        xk = xk.view(bsz, seqlen, -1, self.head_dim)
+        xv = xv.view(bsz, seqlen, -1, self.head_dim)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)
+        n_rep = xq.shape[2] // xk.shape[2]
+
+        if isinstance(mask, BlockMask):
+            # FlexAttention shares K/V heads itself; no copies.
+            xq, xk, xv = (t.transpose(1, 2) for t in (xq, xk, xv))  # [B, H, S, head_dim]
+            output = _compiled_flex_attention()(xq, xk, xv, block_mask=mask, enable_gqa=n_rep > 1)
+        else:
+            xk, xv = repeat_kv(xk, n_rep), repeat_kv(xv, n_rep)
+            xq, xk, xv = (t.transpose(1, 2) for t in (xq, xk, xv))  # [B, H, S, head_dim]
+            output = F.scaled_dot_product_attention(xq, xk, xv, attn_mask=mask, is_causal=mask is None)
+        output = output.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
+        return self.wo(output)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def init_weights(self, init_std: float):
+        nn.init.trunc_normal_(self.w1.weight, mean=0.0, std=0.02)
+        for linear in (self.w2, self.w3):
+            nn.init.trunc_normal_(linear.weight, mean=0.0, std=init_std)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(dim=args.dim, hidden_dim=ffn_hidden_dim(args))
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        # Depth-scaled init of the residual-writing projections (as torchtitan), so that the
+        # residual stream does not grow with depth at initialisation.
+        self.weight_init_std = 0.02 / (2 * (layer_id + 1)) ** 0.5
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: AttentionMask):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def init_weights(self):
+        self.attention_norm.init_weights()
+        self.ffn_norm.init_weights()
+        self.attention.init_weights(self.weight_init_std)
+        self.feed_forward.init_weights(self.weight_init_std)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        assert args.vocab_size > 0, "vocab_size must be set (from the tokenizer) before building the model"
+        assert args.dim % args.n_heads == 0, "dim must be divisible by n_heads"
+        n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
+        assert args.n_heads % n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"
+        assert args.attn_impl in ("auto", "sdpa", "flex"), f"unknown attn_impl {args.attn_impl!r}"
+        self.args = args
+        self.vocab_size = args.vocab_size
+        self.n_layers = args.n_layers
+
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # A dict, not a list: pipeline stages delete the blocks they do not own and the remaining
+        # keys keep their global layer index, so checkpoints stay addressable by layer.
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+        # Derived from args, never checkpointed; recomputed by init_weights after to_empty().
+        self.register_buffer("freqs_cis", self._precompute_freqs_cis(), persistent=False)
+
+    def _precompute_freqs_cis(self) -> torch.Tensor:
+        # Positions index this table directly, so max_seq_len rows cover every position < max_seq_len
+        # (Meta sizes it 2x for generation beyond the training length; training never needs that).
+        args = self.args
+        return precompute_freqs_cis(
+            args.dim // args.n_heads,
+            args.max_seq_len,
+            args.rope_theta,
+            args.use_scaled_rope,
+            args.rope_scale_factor,
+            args.rope_low_freq_factor,
+            args.rope_high_freq_factor,
+            args.rope_old_context_len,
+        )
+
+    def init_weights(self, buffer_device: Optional[torch.device] = None):
+        """(Re)compute freqs_cis and initialise every parameter in place.
+
+        Call after `to_empty(device=...)` of a meta-built model (or any time to re-init).
+        buffer_device: where freqs_cis is built; default: where it currently lives.
+
+        Init: RMSNorm weights 1; tok_embeddings N(0, 1); wq/wk/wv/w1 truncated normal std 0.02;
+        wo/w2/w3 truncated normal std 0.02 / sqrt(2 * (layer_id + 1)); output truncated normal
+        std dim**-0.5 cut at +-3 std. (The std-0.02 truncations use nn.init's default +-2 bounds,
+        i.e. effectively untruncated, as torchtitan.) Modules set to None (pipeline stages) and
+        removed layers are skipped.
+        """
+        buffer_device = buffer_device if buffer_device is not None else self.freqs_cis.device
+        with torch.device(buffer_device):
+            self.freqs_cis = self._precompute_freqs_cis()
+        if self.tok_embeddings is not None:
+            nn.init.normal_(self.tok_embeddings.weight)
+        for layer in self.layers.values():
+            if layer is not None:
+                layer.init_weights()
+        if self.norm is not None:
+            self.norm.init_weights()
+        if self.output is not None:
+            std = self.args.dim**-0.5
+            nn.init.trunc_normal_(self.output.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        doc_ids: Optional[torch.Tensor] = None,
+        positions: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """tokens: [B, S] int64 token ids, or [B, S, dim] hidden states when this module has no
+        tok_embeddings (a later pipeline stage).
+        doc_ids: [B, S]; attention stays within equal ids (causal block-diagonal). None: plain causal.
+        positions: [B, S] int64 RoPE positions (may restart per document). None: 0..S-1 per row.
+        Returns fp32 logits [B, S, vocab], or hidden states [B, S, dim] when output is None."""
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        seqlen = h.shape[1]
+
+        # Module.to(dtype) casts complex buffers too and silently drops the imaginary part;
+        # model.bfloat16() / FSDP mixed precision leave it alone.
+        assert self.freqs_cis.is_complex(), "freqs_cis was cast to a real dtype; call init_weights() again"
+        if positions is None:
+            freqs_cis = self.freqs_cis[:seqlen].unsqueeze(0)
+        else:
+            freqs_cis = self.freqs_cis[positions]
+
+        attn_impl = self.args.attn_impl
+        if attn_impl == "auto":
+            attn_impl = "flex" if h.is_cuda else "sdpa"
+        mask = build_attention_mask(doc_ids, seqlen, h.device, attn_impl)
+
+        for layer in self.layers.values():
+            h = layer(h, freqs_cis, mask)
+
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.output is None:
+            return h
+        return self.output(h).float()

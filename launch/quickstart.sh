@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up, then train the debug Llama on the embedded King James corpus on 2 gloo CPU ranks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup.sh
+rm -rf runs/quickstart
+export WANDB_MODE=${WANDB_MODE:-disabled}
+.venv/bin/torchrun --standalone --nproc_per_node 2 -m dist_llama.train \
+    --config configs/debug.yaml train.steps=60 train.run_dir=runs/quickstart "$@"
+echo "run directory: runs/quickstart (config.yaml, metrics.jsonl, events.jsonl, checkpoints/)"
