@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -26,7 +27,9 @@ def _worker(fn, rank, world_size, port, results, args, kwargs):
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
-        results.put((rank, True, fn(*args, **kwargs)))
+        # Plain pickle bytes: the queue's own pickler would pass tensors as shared-memory handles,
+        # which die with this process.
+        results.put((rank, True, pickle.dumps(fn(*args, **kwargs))))
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -58,7 +61,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 240, **kwargs) -> lis
                 continue
             if not ok:
                 raise RuntimeError(f"rank {rank} failed:\n{payload}")
-            out[rank] = payload
+            out[rank] = pickle.loads(payload)  # from our own child process
     finally:
         for p in procs:
             p.join(timeout=5)

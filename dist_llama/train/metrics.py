@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -70,7 +71,7 @@ def _init_wandb(run_dir: Path, mode: str, project: str, config_dict: dict):
     import wandb
 
     id_file = run_dir / WANDB_ID_FILE
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
     return wandb.init(project=project, id=run_id, resume="allow", dir=str(run_dir), mode=mode,
                       config=config_dict, name=run_dir.name)

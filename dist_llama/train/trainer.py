@@ -15,8 +15,6 @@ from torch import nn
 from dist_llama.model.flops import mfu
 from dist_llama.train.optim import clip_grad_norm_
 
-IGNORE_INDEX = -100
-
 
 @dataclass
 class TrainerParts:
@@ -54,6 +52,8 @@ class Trainer:
         local = self.cfg.train.global_batch_size // parts.dp_degree
         micro = self.cfg.train.micro_batch_size
         self.n_micro = 1 if micro == -1 else local // micro
+        # Every label is a real next token (packed windows, no padding), so this is exact.
+        self.tokens_per_step = self.cfg.train.global_batch_size * self.cfg.data.seq_len
 
     # --- one optimizer step -------------------------------------------------------------------
     def _grad_sync(self, enabled: bool):
@@ -73,9 +73,7 @@ class Trainer:
         averaging of DDP/FSDP divides by again. So accumulation and data parallelism change nothing.
         """
         p = self.p
-        n_tokens = (batch["labels"] != IGNORE_INDEX).sum()
-        dist.all_reduce(n_tokens, group=p.dp_group)
-        scale = p.dp_degree / n_tokens.item()
+        scale = p.dp_degree / self.tokens_per_step
         loss_sum = torch.zeros((), device=p.device)
         micro_batches = [dict(zip(batch, parts)) for parts in
                          zip(*(t.chunk(self.n_micro) for t in batch.values()))]
@@ -85,8 +83,7 @@ class Trainer:
             with self._grad_sync(i == len(micro_batches) - 1):
                 with autocast:
                     logits = p.model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"])
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), mb["labels"].flatten(),
-                                       reduction="sum", ignore_index=IGNORE_INDEX)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), mb["labels"].flatten(), reduction="sum")
                 (loss * scale).backward()
             loss_sum += loss.detach()
         grad_norm = clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
@@ -94,7 +91,7 @@ class Trainer:
         p.scheduler.step()
         p.optimizer.zero_grad(set_to_none=True)
         dist.all_reduce(loss_sum, group=p.dp_group)
-        return (loss_sum / n_tokens).item(), grad_norm.item()
+        return (loss_sum / self.tokens_per_step).item(), grad_norm.item()
 
     # --- state for checkpoints -------------------------------------------------------------
     def trainer_state(self) -> dict:
@@ -125,7 +122,7 @@ class Trainer:
         cfg, p = self.cfg, self.p
         self.maybe_resume()
         p.logger.event("train_start", self.step, total_steps=cfg.train.steps, layout=p.layout)
-        tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+        tokens_per_step = self.tokens_per_step
         started, steps_done, last_saved = time.perf_counter(), 0, self.step
         while self.step < cfg.train.steps:
             t0 = time.perf_counter()
@@ -149,7 +146,8 @@ class Trainer:
                 last_saved = self.step
         if cfg.checkpoint.enabled and cfg.checkpoint.save_final and last_saved != self.step:
             self.save()
-        p.logger.event("train_end", self.step, tokens=self.tokens)
+        losses = {"first_loss": self.history[0]["loss"], "last_loss": self.history[-1]["loss"]} if self.history else {}
+        p.logger.event("train_end", self.step, tokens=self.tokens, **losses)
         return self.history
 
 
