@@ -117,6 +117,7 @@ def main():
     paired = [b / d for d, b in zip(times["dist_llama"], times["bare"])]
     print(f"ratio dist_llama/bare tokens/s: {tps['dist_llama'] / tps['bare']:.3f} (medians), "
           f"{statistics.median(paired):.3f} (median of {len(paired)} adjacent-block ratios)")
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.history: list[dict] = []
+        self._next_batch: dict[str, torch.Tensor] | None = None
+        self._data_state: dict | None = None
         self.params = [q for q in parts.model.parameters() if q.requires_grad]
         local = self.cfg.train.global_batch_size // parts.dp_degree
         micro = self.cfg.train.micro_batch_size
@@ -65,8 +67,9 @@ class Trainer:
             return model.no_sync()
         return contextlib.nullcontext()
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
-        """Forward/backward over the micro-batches, clip, step. Returns (global loss, grad norm).
+    def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward/backward over the micro-batches, clip, step. Returns (global loss, grad norm) as
+        device tensors: reading them waits for the device, so the caller decides when.
 
         The loss is the mean over every token of the global batch: each micro-batch contributes its
         token-loss sum divided by the global token count, times the dp degree that the gradient
@@ -91,11 +94,11 @@ class Trainer:
         p.scheduler.step()
         p.optimizer.zero_grad(set_to_none=True)
         dist.all_reduce(loss_sum, group=p.dp_group)
-        return (loss_sum / self.tokens_per_step).item(), grad_norm.item()
+        return loss_sum / self.tokens_per_step, grad_norm
 
     # --- state for checkpoints -------------------------------------------------------------
     def trainer_state(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens, "data": self.p.loader.state_dict(),
+        return {"step": self.step, "tokens": self.tokens, "data": self._data_state,
                 "scheduler": self.p.scheduler.state_dict(), "wandb_id": self.p.logger.wandb_id,
                 "layout": self.p.layout, "world_size": self.p.world_size}
 
@@ -113,21 +116,32 @@ class Trainer:
         state, rng_restored = self.p.checkpointer.load(path, self.p.model, self.p.optimizer)
         self.step, self.tokens = state["step"], state["tokens"]
         self.p.loader.load_state_dict(state["data"])
+        self._next_batch = None
         self.p.scheduler.load_state_dict(state["scheduler"])
         self.p.logger.event("checkpoint_loaded", self.step, path=str(path), rng_restored=rng_restored,
                             saved_layout=state["layout"], layout=self.p.layout)
 
     # --- the loop ------------------------------------------------------------------------------
+    def _prefetch(self) -> None:
+        """Fetch the next step's batch while the device still works on this one, and remember the
+        data position before it: that is what a checkpoint taken at this step boundary records."""
+        self._data_state = self.p.loader.state_dict()
+        self._next_batch = {k: v.to(self.p.device, non_blocking=True)
+                            for k, v in self.p.loader.next_batch().items()}
+
     def fit(self) -> list[dict]:
         cfg, p = self.cfg, self.p
         self.maybe_resume()
         p.logger.event("train_start", self.step, total_steps=cfg.train.steps, layout=p.layout)
         tokens_per_step = self.tokens_per_step
         started, steps_done, last_saved = time.perf_counter(), 0, self.step
+        if self._next_batch is None:
+            self._prefetch()
         while self.step < cfg.train.steps:
             t0 = time.perf_counter()
-            batch = {k: v.to(p.device, non_blocking=True) for k, v in p.loader.next_batch().items()}
-            loss, grad_norm = self.train_step(batch)
+            loss, grad_norm = self.train_step(self._next_batch)
+            self._prefetch()
+            loss, grad_norm = loss.item(), grad_norm.item()
             step_time = time.perf_counter() - t0
             self.step += 1
             self.tokens += tokens_per_step
