@@ -1,0 +1,78 @@
+"""The command lines users type: torchrun training with resume, prepare + train on own data, wandb."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+REQUIRED = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_sec", "mfu", "step_time_s"}
+
+
+def _run(cmd, **kw):
+    env = {**os.environ, "WANDB_MODE": kw.pop("wandb_mode", "disabled")}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env, **kw)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_trains_then_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    base = [*TORCHRUN, "-m", "dist_llama.train", "--config", "configs/debug.yaml", f"train.run_dir={run_dir}"]
+    _run([*base, "train.steps=20"])
+    assert (run_dir / "config.yaml").is_file()
+    metrics = _jsonl(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, 21))
+    assert all(REQUIRED <= m.keys() for m in metrics)
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 1.0, "the debug model should learn within 20 steps"
+    assert metrics[-1]["tokens"] == 20 * 8 * 128
+    assert (run_dir / "checkpoints" / "step-00000020" / "trainer_state.json").is_file()
+
+    proc = _run([*base, "--train.steps=30"])
+    events = _jsonl(run_dir / "events.jsonl")
+    loaded = [e for e in events if e["event"] == "checkpoint_loaded"]
+    assert len(loaded) == 1 and loaded[0]["step"] == 20, events
+    assert "checkpoint_loaded step=20" in proc.stderr
+    assert [m["step"] for m in _jsonl(run_dir / "metrics.jsonl")] == list(range(1, 31))
+    kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert kept == ["step-00000020", "step-00000030"], kept  # keep_last=2 in the debug preset
+
+
+@pytest.mark.timeout(300)
+def test_prepare_then_train_on_own_data(tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"Document {i}: " + "the quick brown fox " * (20 + i)}) + "\n"
+                            for i in range(60)))
+    shards = tmp_path / "shards"
+    prepare = os.path.join(os.path.dirname(sys.executable), "dist-llama-prepare")
+    _run([prepare, "--tokenizer", "byte", "--out", str(shards), str(docs)])
+    meta = json.loads((shards / "meta.json").read_text())
+    assert meta["n_docs"] == 60
+    run_dir = tmp_path / "run"
+    _run([sys.executable, "-m", "dist_llama.train", "--config", "configs/debug.yaml", f"data.path={shards}",
+          "data.seq_len=64", "train.steps=3", f"train.run_dir={run_dir}", "checkpoint.enabled=false"])
+    assert len(_jsonl(run_dir / "metrics.jsonl")) == 3
+
+
+@pytest.mark.timeout(300)
+def test_wandb_offline_run_keeps_its_id_across_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    base = [sys.executable, "-m", "dist_llama.train", "--config", "configs/debug.yaml", f"train.run_dir={run_dir}",
+            "model.n_layers=1", "data.seq_len=32"]
+    _run([*base, "train.steps=2"], wandb_mode="offline")
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()
+    offline_runs = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert offline_runs, list((run_dir / "wandb").iterdir())
+    _run([*base, "train.steps=4"], wandb_mode="offline")
+    assert (run_dir / "wandb_id.txt").read_text().strip() == run_id
+    state = json.loads((run_dir / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
+    assert state["wandb_id"] == run_id
