@@ -43,7 +43,7 @@ def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def hf_config(llama3: bool):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a test dependency: a missing install must fail, not skip
     dim, multiple_of = 64, 32
     if llama3:
         ours = ModelArgs(dim=dim, multiple_of=multiple_of, ffn_dim_multiplier=1.3)
@@ -81,7 +81,7 @@ def hf_config(llama3: bool):
 
 def build_pair(llama3: bool):
     """A randomly initialised HF model (from config only, nothing downloaded) and ours loaded from it."""
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a test dependency: a missing install must fail, not skip
     config = hf_config(llama3)
     torch.manual_seed(0)
     hf = randomize_(transformers.LlamaForCausalLM(config).float().eval(), seed=1)

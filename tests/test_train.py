@@ -83,3 +83,16 @@ def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
     assert len(loaded) == 1 and loaded[0]["step"] == 5 and loaded[0]["rng_restored"]
     metrics = [json.loads(l) for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 11))
+
+
+@pytest.mark.timeout(300)
+def test_resume_with_a_different_data_parallel_degree(tmp_path):
+    """Saved by FSDP on 2 ranks, resumed by 1 process: DCP reshards the weights and optimizer state,
+    the sampler continues at the same global sample, and the losses follow the 2-rank run's."""
+    common = ["checkpoint.interval=5", "optim.decay_steps=10"]
+    straight, _ = run_ranks(_train, 2, [f"train.run_dir={tmp_path / 'straight'}", "train.steps=10", *common], 2)[0]
+    run_ranks(_train, 2, [f"train.run_dir={tmp_path / 'moved'}", "train.steps=5", *common], 2)
+    resumed, _ = run_ranks(_train, 1, [f"train.run_dir={tmp_path / 'moved'}", "train.steps=10", *common], 1)[0]
+    assert len(resumed) == 5
+    for a, b in zip(resumed, straight[5:]):
+        assert abs(a - b) <= 1e-5 * abs(b), (resumed, straight[5:])

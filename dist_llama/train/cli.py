@@ -38,7 +38,7 @@ def resolve_config(config_path: Optional[str], overrides: Sequence[str], world_s
     except (ValueError, OSError) as exc:
         raise ConfigError("data.tokenizer", str(exc)) from None
     try:
-        dataset = open_dataset(cfg.data.path, cfg.data.tokenizer, cfg.data.cache_dir)
+        dataset = open_dataset(cfg.data.path, tokenizer, cfg.data.cache_dir)
     except (ValueError, OSError) as exc:
         raise ConfigError("data.path", str(exc)) from None
     return config_lib.validate(cfg, world_size, dataset, tokenizer.vocab_size), dataset
