@@ -12,13 +12,14 @@ import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from dist_llama.model import ModelArgs
+from dist_llama.parallel.pipeline import MULTI_STAGE, SCHEDULES, schedule_constraint
 
 
 class ConfigError(ValueError):
@@ -37,15 +38,27 @@ class ParallelConfig:
     dp_shard: int = -1
     """Data-parallel shard degree for FSDP; -1 = all ranks left after the other degrees."""
     cp: int = 1
-    """Context-parallel degree (not available yet: must be 1)."""
+    """Context-parallel degree: each rank holds 2 of the 2*cp sequence chunks; K/V all-gathered."""
     tp: int = 1
-    """Tensor-parallel degree (not available yet: must be 1)."""
+    """Tensor-parallel degree (with sequence parallel and loss parallel); must divide n_kv_heads."""
     pp: int = 1
-    """Pipeline-parallel degree (not available yet: must be 1)."""
+    """Pipeline-parallel degree (ranks in a pipeline)."""
+    pp_schedule: str = "1f1b"
+    """Pipeline schedule: gpipe, 1f1b, interleaved_1f1b or interleaved_zb (zero bubble)."""
+    pp_virtual_stages: int = 1
+    """Stages per pipeline rank; the interleaved schedules need at least 2."""
+    pp_layers_per_stage: Optional[List[int]] = None
+    """Explicit layer count of every stage (pp * pp_virtual_stages entries); None = balanced."""
+    pp_lighter_ends: bool = False
+    """Give the first and last stages one layer fewer (they hold the embedding / output; Llama 3)."""
     engine: str = "fsdp"
     """Data-parallel engine: fsdp (FSDP2 fully_shard; HSDP when dp_replicate>1) or ddp (all dp ranks replicate)."""
     reshard_after_forward: bool = True
     """FSDP: free gathered weights after forward (ZeRO-3 style); False keeps them until backward."""
+    ac: str = "none"
+    """Activation checkpointing: none, full (every block) or selective (every ac_every-th block)."""
+    ac_every: int = 2
+    """With ac=selective, checkpoint one block in this many."""
 
 
 @dataclass
@@ -91,7 +104,7 @@ class TrainConfig:
     global_batch_size: int = 8
     """Sequences per optimizer step, over all data-parallel ranks."""
     micro_batch_size: int = -1
-    """Sequences per forward pass on one rank; -1 = the whole local batch (no accumulation)."""
+    """Sequences per micro-batch on one rank; -1 = the whole local batch (with pp > 1: one sequence)."""
     seed: int = 0
     """Seed for weight init and data order."""
     run_dir: str = "runs/debug"
@@ -261,10 +274,52 @@ def resolve_parallel(p: ParallelConfig, world_size: int) -> ParallelConfig:
     _require(product == world_size, "parallel.dp_shard",
              f"dp_replicate*dp_shard*cp*tp*pp={product} must equal the world size {world_size} "
              "(set parallel.dp_shard=-1 to fill it)")
-    for key in ("cp", "tp", "pp"):
-        _require(getattr(p, key) == 1, f"parallel.{key}", "this parallel dimension is not available yet; allowed: 1")
     _require(p.engine in ("fsdp", "ddp"), "parallel.engine", f"must be fsdp or ddp, got {p.engine!r}")
+    _require(p.engine == "fsdp" or (p.tp == 1 and p.pp == 1), "parallel.engine",
+             "ddp composes with data and context parallelism only; use engine=fsdp with tp or pp")
+    _require(p.pp_schedule in SCHEDULES, "parallel.pp_schedule",
+             f"must be one of {', '.join(SCHEDULES)}; got {p.pp_schedule!r}")
+    if p.pp_schedule in MULTI_STAGE:
+        _require(p.pp_virtual_stages >= 2, "parallel.pp_virtual_stages",
+                 f"{p.pp_schedule} needs at least 2 stages per rank, got {p.pp_virtual_stages}")
+    else:
+        _require(p.pp_virtual_stages == 1, "parallel.pp_virtual_stages",
+                 f"{p.pp_schedule} runs one stage per rank (got {p.pp_virtual_stages}); "
+                 "use interleaved_1f1b or interleaved_zb for more")
+    _require(p.ac in ("none", "full", "selective"), "parallel.ac", f"must be none, full or selective; got {p.ac!r}")
+    _require(p.ac_every >= 1, "parallel.ac_every", f"must be >= 1, got {p.ac_every}")
     return dataclasses.replace(p, dp_shard=dp_shard)
+
+
+def micro_batches(local_batch: int, micro_batch_size: int, pp: int) -> int:
+    """Micro-batches per step: -1 means no accumulation, or with pipelining one sequence each."""
+    if micro_batch_size == -1:
+        return local_batch if pp > 1 else 1
+    return local_batch // micro_batch_size
+
+
+def _validate_layout(m: ModelArgs, p: ParallelConfig, seq_len: int, local_batch: int, micro_batch_size: int) -> None:
+    kv = m.n_kv_heads if m.n_kv_heads is not None else m.n_heads
+    _require(kv % p.tp == 0, "parallel.tp",
+             f"must divide model.n_kv_heads={kv} (tensor parallel splits whole kv heads), got {p.tp}")
+    _require(seq_len % (2 * p.cp) == 0, "parallel.cp",
+             f"2*cp={2 * p.cp} must divide data.seq_len={seq_len} (each rank holds 2 of 2*cp chunks)")
+    _require((seq_len // p.cp) % p.tp == 0, "parallel.tp",
+             f"must divide the per-rank sequence data.seq_len/cp={seq_len // p.cp} (sequence parallel)")
+    n_stages = p.pp * p.pp_virtual_stages
+    if p.pp_layers_per_stage is not None:
+        counts = list(p.pp_layers_per_stage)
+        _require(len(counts) == n_stages and sum(counts) == m.n_layers and min(counts) >= 0,
+                 "parallel.pp_layers_per_stage",
+                 f"needs {n_stages} non-negative entries (pp*pp_virtual_stages) summing to "
+                 f"model.n_layers={m.n_layers}; got {counts}")
+    else:
+        _require(n_stages <= m.n_layers, "parallel.pp",
+                 f"pp*pp_virtual_stages={n_stages} stages is more than model.n_layers={m.n_layers}")
+    if p.pp > 1:
+        n_micro = micro_batches(local_batch, micro_batch_size, p.pp)
+        problem = schedule_constraint(p.pp_schedule, n_micro, p.pp)
+        _require(problem is None, "train.micro_batch_size", f"{problem} (per-rank batch {local_batch})")
 
 
 def validate(cfg: Config, world_size: int, dataset=None, tokenizer_vocab: Optional[int] = None) -> Config:
@@ -299,6 +354,7 @@ def validate(cfg: Config, world_size: int, dataset=None, tokenizer_vocab: Option
              f"must be offline, online or disabled; got {cfg.logging.wandb_mode!r}")
     _require(d.seq_len <= cfg.model.max_seq_len, "data.seq_len",
              f"{d.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    _validate_layout(cfg.model, parallel, d.seq_len, local, t.micro_batch_size)
     model = cfg.model
     if tokenizer_vocab is not None:
         if model.vocab_size == -1:

@@ -28,7 +28,20 @@ BAD = [
     (DEBUG, ["model.vocab_size=100"], 1, "model.vocab_size"),
     (DEBUG, ["parallel.dp_shard=3"], 2, "parallel.dp_shard"),
     (DEBUG, ["parallel.dp_replicate=3"], 2, "parallel.dp_shard"),
-    (DEBUG, ["parallel.tp=2"], 2, "parallel.tp"),
+    (DEBUG, ["parallel.tp=3"], 3, "parallel.tp"),  # does not divide n_kv_heads=4
+    (DEBUG, ["parallel.tp=8"], 8, "parallel.tp"),
+    (DEBUG, ["parallel.pp=8"], 8, "parallel.pp"),  # more stages than the 4 layers
+    (DEBUG, ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=4"], 2,
+     "parallel.pp"),
+    (DEBUG, ["parallel.cp=3"], 3, "parallel.cp"),  # 2*cp does not divide seq_len=128
+    (DEBUG, ["parallel.cp=2", "data.seq_len=102"], 2, "parallel.cp"),
+    (DEBUG, ["parallel.pp=2", "parallel.pp_schedule=zigzag"], 2, "parallel.pp_schedule"),
+    (DEBUG, ["parallel.pp=2", "parallel.pp_virtual_stages=2"], 2, "parallel.pp_virtual_stages"),
+    (DEBUG, ["parallel.pp=2", "parallel.pp_schedule=interleaved_zb"], 2, "parallel.pp_virtual_stages"),
+    (DEBUG, ["parallel.pp=2", "parallel.pp_layers_per_stage=[1,2]"], 2, "parallel.pp_layers_per_stage"),
+    (DEBUG, ["parallel.pp=2", "train.micro_batch_size=8"], 2, "train.micro_batch_size"),  # 1f1b: 1 < pp
+    (DEBUG, ["parallel.engine=ddp", "parallel.tp=2"], 2, "parallel.engine"),
+    (DEBUG, ["parallel.ac=some"], 1, "parallel.ac"),
     (DEBUG, ["parallel.engine=horovod"], 1, "parallel.engine"),
     (DEBUG, ["train.global_batch_size=7"], 2, "train.global_batch_size"),
     (DEBUG, ["train.micro_batch_size=3"], 1, "train.micro_batch_size"),

@@ -1,0 +1,108 @@
+"""Pipeline parallelism with torch.distributed.pipelining: cut the model into stages, build a schedule.
+
+Stages are consecutive runs of `model.layers`; the first stage keeps `tok_embeddings`, the last keeps
+`norm` and `output`. With V virtual stages per rank the assignment is looped: rank r holds stages
+r, r + pp, r + 2·pp, ... (what the interleaved schedules expect). Document ids and positions are
+passed to `schedule.step` as keyword arguments, which the schedule splits into micro-batches and
+hands to every stage, so each stage can build its own attention mask.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import (
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+)
+
+SCHEDULES = {
+    "gpipe": ScheduleGPipe,
+    "1f1b": Schedule1F1B,
+    "interleaved_1f1b": ScheduleInterleaved1F1B,
+    "interleaved_zb": ScheduleInterleavedZeroBubble,
+}
+MULTI_STAGE = ("interleaved_1f1b", "interleaved_zb")
+
+
+def layers_per_stage(n_layers: int, n_stages: int, lighter_ends: bool = False,
+                     explicit: Optional[Sequence[int]] = None) -> list[int]:
+    """How many transformer layers each stage gets.
+
+    Evenly spread by default (earlier stages take the remainder). With `lighter_ends` the first and
+    last stages count their embedding / output projection as one layer's worth of work, so they
+    get one layer fewer than the middle stages (Llama 3, §3.3.2).
+    """
+    if explicit is not None:
+        return list(explicit)
+    if not lighter_ends or n_stages == 1:
+        return [n_layers // n_stages + (1 if s < n_layers % n_stages else 0) for s in range(n_stages)]
+    base, remainder = divmod(n_layers + 2, n_stages)
+    counts = [base] * n_stages
+    for s in (list(range(1, n_stages - 1)) + [0, n_stages - 1])[:remainder]:  # middle stages first
+        counts[s] += 1
+    counts[0] -= 1
+    counts[-1] -= 1
+    return counts
+
+
+def stage_ids_for_rank(pp_rank: int, pp: int, virtual_stages: int) -> list[int]:
+    return [pp_rank + v * pp for v in range(virtual_stages)]
+
+
+def split_model(model: nn.Module, stage_ids: Sequence[int], counts: Sequence[int]) -> list[nn.Module]:
+    """One pruned copy of `model` per stage in `stage_ids`; parameter names (FQNs) are unchanged,
+    so checkpoints move between pipeline layouts."""
+    starts = [sum(counts[:s]) for s in range(len(counts) + 1)]
+    n_stages = len(counts)
+    parts = []
+    for s in stage_ids:
+        part = copy.deepcopy(model)
+        keep = {str(i) for i in range(starts[s], starts[s + 1])}
+        for name in list(part.layers.keys()):
+            if name not in keep:
+                del part.layers[name]
+        if s != 0:
+            part.tok_embeddings = None
+        if s != n_stages - 1:
+            part.norm = None
+            part.output = None
+        parts.append(part)
+    return parts
+
+
+def build_stages(parts: Sequence[nn.Module], stage_ids: Sequence[int], n_stages: int, pp_mesh: DeviceMesh,
+                 device: torch.device) -> list[PipelineStage]:
+    group = pp_mesh.get_group()
+    return [PipelineStage(part, stage_index=s, num_stages=n_stages, device=device, group=group)
+            for part, s in zip(parts, stage_ids)]
+
+
+def build_schedule(name: str, stages: list[PipelineStage], n_microbatches: int,
+                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    """The loss function already carries the whole-batch scaling, so the schedule must not divide
+    gradients by the micro-batch count again (scale_grads=False)."""
+    cls = SCHEDULES[name]
+    if name in MULTI_STAGE:
+        return cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+    (stage,) = stages
+    return cls(stage, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+
+
+def schedule_constraint(name: str, n_microbatches: int, pp: int) -> Optional[str]:
+    """Why a schedule can't run this micro-batch count on pp ranks, or None if it can."""
+    if name == "1f1b" and n_microbatches < pp:
+        return f"1f1b needs at least pp={pp} micro-batches per step, got {n_microbatches}"
+    if name in MULTI_STAGE:
+        rounds = max(1, n_microbatches // pp)
+        if n_microbatches % rounds:
+            return (f"{name} needs the micro-batch count ({n_microbatches}) to be a multiple of "
+                    f"max(1, micro-batches // pp) = {rounds}")
+    return None
