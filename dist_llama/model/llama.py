@@ -2,8 +2,10 @@
 # models/llama3/model.py): same module names, same parameter names, same interleaved-pair RoPE,
 # so Meta checkpoints load as they are. What differs from the reference is what training needs:
 # no KV cache, per-token positions and document masking for packed sequences, SDPA/FlexAttention,
-# meta-device construction with explicit init_weights, and blocks held in a ModuleDict so that
-# pipeline stages can drop layers. Nothing here knows about parallelism.
+# meta-device construction with explicit init_weights, blocks held in a ModuleDict so that
+# pipeline stages can drop layers, and mask building and the attention kernel in parameterless
+# submodules (Transformer.mask, Attention.core) so that context parallelism can swap them.
+# Nothing here knows about parallelism.
 
 import functools
 import math
@@ -160,12 +162,12 @@ def _compiled_create_block_mask():
     return torch.compile(create_block_mask)
 
 
-AttentionMask = Union[None, torch.Tensor, BlockMask]
+Mask = Union[None, torch.Tensor, BlockMask]
 
 
 def build_attention_mask(
     doc_ids: Optional[torch.Tensor], seq_len: int, device: torch.device, attn_impl: str
-) -> AttentionMask:
+) -> Mask:
     """Causal attention restricted to tokens of the same document (causal block-diagonal).
 
     Returns a FlexAttention BlockMask for "flex"; for "sdpa", None when there are no document ids
@@ -192,6 +194,41 @@ def build_attention_mask(
     return (same_doc & causal).unsqueeze(1)
 
 
+def resolve_attn_impl(attn_impl: str, device: torch.device) -> str:
+    if attn_impl == "auto":
+        return "flex" if torch.device(device).type == "cuda" else "sdpa"
+    return attn_impl
+
+
+class AttentionMask(nn.Module):
+    """Builds the mask once per forward; a module (without parameters) so that context parallelism
+    can swap it from outside."""
+
+    def __init__(self, attn_impl: str = "auto"):
+        super().__init__()
+        self.attn_impl = attn_impl
+
+    def forward(self, doc_ids: Optional[torch.Tensor], seq_len: int, device: torch.device) -> Mask:
+        return build_attention_mask(doc_ids, seq_len, device, resolve_attn_impl(self.attn_impl, device))
+
+
+class CoreAttention(nn.Module):
+    """softmax(q k^T / sqrt(d)) v under the mask; a module (without parameters) so that context
+    parallelism can swap it from outside. xq [B, Sq, Hq, D], xk/xv [B, Skv, Hkv, D] -> [B, Sq, Hq, D]."""
+
+    def forward(self, xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, mask: Mask) -> torch.Tensor:
+        n_rep = xq.shape[2] // xk.shape[2]
+        if isinstance(mask, BlockMask):
+            # FlexAttention shares K/V heads itself; no copies.
+            xq, xk, xv = (t.transpose(1, 2) for t in (xq, xk, xv))  # [B, H, S, head_dim]
+            output = _compiled_flex_attention()(xq, xk, xv, block_mask=mask, enable_gqa=n_rep > 1)
+        else:
+            xk, xv = repeat_kv(xk, n_rep), repeat_kv(xv, n_rep)
+            xq, xk, xv = (t.transpose(1, 2) for t in (xq, xk, xv))  # [B, H, S, head_dim]
+            output = F.scaled_dot_product_attention(xq, xk, xv, attn_mask=mask, is_causal=mask is None)
+        return output.transpose(1, 2)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -203,13 +240,14 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.core = CoreAttention()
 
     def init_weights(self, init_std: float):
         for linear in (self.wq, self.wk, self.wv):
             nn.init.trunc_normal_(linear.weight, mean=0.0, std=0.02)
         nn.init.trunc_normal_(self.wo.weight, mean=0.0, std=init_std)
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: AttentionMask):
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: Mask):
         bsz, seqlen, _ = x.shape
         xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
 
@@ -219,18 +257,9 @@ class Attention(nn.Module):
         xk = xk.view(bsz, seqlen, -1, self.head_dim)
         xv = xv.view(bsz, seqlen, -1, self.head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)
-        n_rep = xq.shape[2] // xk.shape[2]
 
-        if isinstance(mask, BlockMask):
-            # FlexAttention shares K/V heads itself; no copies.
-            xq, xk, xv = (t.transpose(1, 2) for t in (xq, xk, xv))  # [B, H, S, head_dim]
-            output = _compiled_flex_attention()(xq, xk, xv, block_mask=mask, enable_gqa=n_rep > 1)
-        else:
-            xk, xv = repeat_kv(xk, n_rep), repeat_kv(xv, n_rep)
-            xq, xk, xv = (t.transpose(1, 2) for t in (xq, xk, xv))  # [B, H, S, head_dim]
-            output = F.scaled_dot_product_attention(xq, xk, xv, attn_mask=mask, is_causal=mask is None)
-        output = output.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
-        return self.wo(output)
+        output = self.core(xq, xk, xv, mask)
+        return self.wo(output.reshape(bsz, seqlen, -1))
 
 
 class FeedForward(nn.Module):
@@ -261,7 +290,7 @@ class TransformerBlock(nn.Module):
         # residual stream does not grow with depth at initialisation.
         self.weight_init_std = 0.02 / (2 * (layer_id + 1)) ** 0.5
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: AttentionMask):
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: Mask):
         h = x + self.attention(self.attention_norm(x), freqs_cis, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -290,6 +319,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.mask = AttentionMask(args.attn_impl)
 
         # Derived from args, never checkpointed; recomputed by init_weights after to_empty().
         self.register_buffer("freqs_cis", self._precompute_freqs_cis(), persistent=False)
@@ -357,10 +387,7 @@ class Transformer(nn.Module):
         else:
             freqs_cis = self.freqs_cis[positions]
 
-        attn_impl = self.args.attn_impl
-        if attn_impl == "auto":
-            attn_impl = "flex" if h.is_cuda else "sdpa"
-        mask = build_attention_mask(doc_ids, seqlen, h.device, attn_impl)
+        mask = self.mask(doc_ids, seqlen, h.device)
 
         for layer in self.layers.values():
             h = layer(h, freqs_cis, mask)

@@ -1,16 +1,24 @@
-"""Data parallelism applied from outside the model: FSDP2 fully_shard / HSDP, or DDP.
-
-Also torch.compile per transformer block, which must come before FSDP wraps the blocks.
-"""
+"""Applied to each model part after tensor / context parallelism and the pipeline split, in this
+order: activation checkpointing → torch.compile → FSDP2 fully_shard / HSDP (or DDP last)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_llama.parallel.dims import Meshes, ParallelDims
+
+
+def apply_ac(model: nn.Module, mode: str, every: int) -> None:
+    """Recompute blocks' activations in backward: all of them (full), or one in `every` (selective).
+
+    Wrapped blocks keep their parameter names in state dicts (DCP strips the wrapper's prefix)."""
+    for i, (name, block) in enumerate(list(model.layers.items())):
+        if mode == "full" or (mode == "selective" and i % every == 0):
+            model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -25,7 +33,8 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, meshes: Meshes, param_dtype
 
     Gradients are reduced in fp32 whatever the compute dtype (Llama 3 §3.3.2).
     """
-    mesh = meshes.world["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else meshes.dp_shard_cp
+    # cp ranks hold the same weights and see different tokens, so they shard parameters like dp ranks.
+    mesh = meshes.world["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else meshes.dp_shard_cp
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
@@ -37,7 +46,7 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, meshes: Meshes, param_dtype
 
 
 def apply_ddp(model: nn.Module, meshes: Meshes, device: torch.device) -> nn.Module:
-    """Replicate over every data-parallel rank (dp_replicate x dp_shard)."""
+    """Replicate over every data-parallel and context-parallel rank (dp_replicate x dp_shard x cp)."""
     return DistributedDataParallel(
-        model, process_group=meshes.dp.get_group(),
+        model, process_group=meshes.dp_cp.get_group(),
         device_ids=[device.index] if device.type == "cuda" else None)

@@ -1,5 +1,10 @@
-"""Build everything the training loop needs from a validated config, in the fixed order of DESIGN.md:
-model → (compile) → data parallelism → weights → optimizer, schedule, data, checkpoints, logs."""
+"""Build everything the training loop needs from a validated config.
+
+Parallelism is applied from outside the model, one fixed order for every layout:
+pipeline split → tensor/sequence parallel → context parallel → activation checkpointing →
+torch.compile → FSDP2/HSDP → (meta-device init) → DDP. The split comes first so each stage is
+parallelised as a whole model of its own.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +15,17 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from dist_llama.config import Config, save_resolved
+from dist_llama.config import Config, micro_batches, save_resolved
 from dist_llama.data import PackedLoader
 from dist_llama.model import Transformer
 from dist_llama.model.flops import H100_BF16_PEAK, flops_per_token, measure_cpu_peak_flops
-from dist_llama.parallel.data import apply_compile, apply_ddp, apply_fsdp
-from dist_llama.parallel.dims import ParallelDims
+from dist_llama.parallel.context import apply_cp
+from dist_llama.parallel.data import apply_ac, apply_compile, apply_ddp, apply_fsdp
+from dist_llama.parallel.dims import Meshes, ParallelDims
 from dist_llama.parallel.env import DistEnv
+from dist_llama.parallel.pipeline import (build_schedule, build_stages, layers_per_stage, split_model,
+                                          stage_ids_for_rank)
+from dist_llama.parallel.tensor import apply_tp, token_loss_sum
 from dist_llama.train.checkpoint import Checkpointer
 from dist_llama.train.metrics import MetricsLogger
 from dist_llama.train.optim import build_optimizer, build_scheduler
@@ -30,33 +39,52 @@ def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if name == "bf16" else torch.float32
 
 
-def build_model(cfg: Config, dims: ParallelDims, meshes, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Weights are identical for every layout of the same seed.
+def uses_fsdp(cfg: Config, dims: ParallelDims) -> bool:
+    return cfg.parallel.engine == "fsdp" and dims.dp * dims.cp > 1
 
-    On CPU the full model is initialised before sharding, so any layout starts from exactly the
-    single-process weights (what the layout tests compare against). On CUDA the model is built on
-    the meta device and initialised after sharding, so no rank ever holds the full model.
+
+def build_model_parts(cfg: Config, dims: ParallelDims, meshes: Meshes, device: torch.device,
+                      dtype: torch.dtype) -> tuple[list[nn.Module], list[int], int]:
+    """This rank's model parts (one per pipeline stage it holds), their stage ids, the stage count.
+
+    Weights are identical for every layout of the same seed. On CPU the full model is initialised
+    before anything is split or sharded, so any layout starts from exactly the single-process
+    weights (what the layout tests compare against). On CUDA the model is built on the meta device
+    and initialised after sharding, so no rank ever holds the full model.
     """
+    p = cfg.parallel
     torch.manual_seed(cfg.train.seed)
     on_meta = device.type == "cuda"
     with torch.device("meta" if on_meta else device):
         model = Transformer(cfg.model)
     if not on_meta:
         model.init_weights()
+    n_stages = dims.pp * p.pp_virtual_stages
+    if dims.pp > 1:
+        counts = layers_per_stage(cfg.model.n_layers, n_stages, p.pp_lighter_ends, p.pp_layers_per_stage)
+        stage_ids = stage_ids_for_rank(meshes.world["pp"].get_local_rank(), dims.pp, p.pp_virtual_stages)
+        parts = split_model(model, stage_ids, counts)
+    else:
+        parts, stage_ids = [model], [0]
     use_compile = cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
-    if use_compile:
-        apply_compile(model)
-    engine = cfg.parallel.engine
-    if dims.dp > 1 and engine == "fsdp":
-        apply_fsdp(model, dims, meshes, param_dtype=dtype,
-                   reshard_after_forward=cfg.parallel.reshard_after_forward)
-    if on_meta:
-        model.to_empty(device=device)
-        with torch.no_grad():
-            model.init_weights(buffer_device=device)
-    if dims.dp > 1 and engine == "ddp":
-        model = apply_ddp(model, meshes, device)
-    return model
+    for part in parts:
+        if dims.tp > 1:
+            apply_tp(part, meshes.world["tp"], loss_parallel=True)
+        if dims.cp > 1:
+            apply_cp(part, meshes.world["cp"])
+        if p.ac != "none":
+            apply_ac(part, p.ac, p.ac_every)
+        if use_compile:
+            apply_compile(part)
+        if uses_fsdp(cfg, dims):
+            apply_fsdp(part, dims, meshes, param_dtype=dtype, reshard_after_forward=p.reshard_after_forward)
+        if on_meta:
+            part.to_empty(device=device)
+            with torch.no_grad():
+                part.init_weights(buffer_device=device)
+    if p.engine == "ddp" and dims.dp * dims.cp > 1:
+        parts = [apply_ddp(parts[0], meshes, device)]
+    return parts, stage_ids, n_stages
 
 
 def build_trainer(cfg: Config, env: DistEnv, dataset) -> Trainer:
@@ -66,12 +94,22 @@ def build_trainer(cfg: Config, env: DistEnv, dataset) -> Trainer:
     run_dir = Path(cfg.train.run_dir)
     if env.rank == 0:
         save_resolved(cfg, run_dir)
-    model = build_model(cfg, dims, meshes, env.device, dtype)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    parts, stage_ids, n_stages = build_model_parts(cfg, dims, meshes, env.device, dtype)
+    optimizers = [build_optimizer(part, cfg.optim) for part in parts]
+    schedulers = [build_scheduler(o, cfg.optim, cfg.train.steps) for o in optimizers]
     loader = PackedLoader(dataset, seq_len=cfg.data.seq_len, global_batch_size=cfg.train.global_batch_size,
                           dp_rank=meshes.dp.get_local_rank(), dp_size=dims.dp, seed=cfg.train.seed,
                           reset_positions=cfg.data.reset_positions)
+    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+    # Gradients are averaged over the dp x cp ranks; scaling every token's loss by this makes the
+    # result the mean over the global batch, for any layout and micro-batching.
+    loss_scale = dims.dp * dims.cp / tokens_per_step
+    n_micro = micro_batches(cfg.train.global_batch_size // dims.dp, cfg.train.micro_batch_size, dims.pp)
+    schedule = None
+    if dims.pp > 1:
+        stages = build_stages(parts, stage_ids, n_stages, meshes.world["pp"], env.device)
+        schedule = build_schedule(cfg.parallel.pp_schedule, stages, n_micro,
+                                  lambda logits, labels: token_loss_sum(logits, labels) * loss_scale)
     if cfg.train.peak_flops is not None:
         peak = cfg.train.peak_flops
     elif env.device.type == "cuda":
@@ -80,12 +118,15 @@ def build_trainer(cfg: Config, env: DistEnv, dataset) -> Trainer:
         peak = measure_cpu_peak_flops()
     logger = MetricsLogger(run_dir, env.rank, cfg.train.steps, cfg.logging,
                            OmegaConf.to_container(OmegaConf.structured(cfg)))
-    is_fsdp = dims.dp > 1 and cfg.parallel.engine == "fsdp"
-    parts = TrainerParts(
-        cfg=cfg, device=env.device, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
-        checkpointer=Checkpointer(run_dir, cfg.checkpoint.keep_last, env.device), logger=logger,
-        dp_group=meshes.dp_cp.get_group(), dp_degree=dims.dp,
-        autocast_dtype=None if (dtype == torch.float32 or is_fsdp) else dtype,
+    parts_ = TrainerParts(
+        cfg=cfg, device=env.device, model_parts=parts, optimizers=optimizers, schedulers=schedulers,
+        loader=loader, checkpointer=Checkpointer(run_dir, cfg.checkpoint.keep_last, env.device), logger=logger,
+        loss_scale=loss_scale, n_micro=n_micro,
+        loss_groups=[meshes.dp_cp.get_group()] + ([meshes.world["pp"].get_group()] if dims.pp > 1 else []),
+        pp_group=meshes.world["pp"].get_group() if dims.pp > 1 else None,
+        schedule=schedule, has_first_stage=0 in stage_ids, has_last_stage=n_stages - 1 in stage_ids,
+        cp_rank=meshes.world["cp"].get_local_rank(), cp=dims.cp, tp=dims.tp,
+        autocast_dtype=None if (dtype == torch.float32 or uses_fsdp(cfg, dims)) else dtype,
         flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len), peak_flops=peak,
         world_size=env.world_size, layout=dataclasses.asdict(dims))
-    return Trainer(parts)
+    return Trainer(parts_)

@@ -1,7 +1,8 @@
 """Checkpoints with DCP: sharded model + optimizer, plus the small trainer state and per-rank RNG.
 
 Layout of <run_dir>/checkpoints/step-XXXXXXXX/:
-  .metadata, __*.distcp   DCP files: model and optimizer, resharded to any layout on load
+  .metadata, __*.distcp   DCP files: model and optimizer keyed by parameter name, resharded to any
+                          layout (data, tensor, context, pipeline parallel) on load
   trainer_state.json      step, tokens, LR schedule, data sampler position (global, so any dp degree
                           resumes exactly), wandb id, the layout it was saved under
   rng/rank-XXXXX.pt       each rank's RNG state (tensors only, loaded with weights_only=True)
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "trainer_state.json"
@@ -46,6 +47,17 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _state_dict(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> dict:
+    """Model and optimizer state keyed by parameter names (FQNs), merged over this rank's pipeline
+    stages: the same keys whatever the layout, which is what lets DCP reshard across layouts."""
+    model_sd, optim_sd = {}, {}
+    for part, optimizer in zip(parts, optimizers):
+        m, o = get_state_dict(part, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True))
+        model_sd.update(m)
+        optim_sd.update(o)
+    return {"model": model_sd, "optim": optim_sd}
+
+
 class Checkpointer:
     def __init__(self, run_dir: Path, keep_last: int, device: torch.device):
         self.root = run_dir / "checkpoints"
@@ -53,15 +65,15 @@ class Checkpointer:
         self.device = device
         self.rank = dist.get_rank()
 
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> Path:
+    def save(self, step: int, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer],
+             trainer_state: dict) -> Path:
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{step_dir_name(step)}"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "rng").mkdir(parents=True)
         dist.barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        dcp.save(_state_dict(parts, optimizers), checkpoint_id=str(tmp))
         torch.save(_rng_state(self.device), tmp / "rng" / f"rank-{self.rank:05d}.pt")
         dist.barrier()
         if self.rank == 0:
@@ -95,14 +107,30 @@ class Checkpointer:
         dist.broadcast_object_list(choice, src=0)
         return Path(choice[0]) if choice[0] else None
 
-    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, bool]:
+    def load(self, path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> tuple[dict, bool]:
         """Load into the current layout (DCP reshards). Returns (trainer state, whether RNG was restored)."""
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        state = _state_dict(parts, optimizers)
         dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        for part, optimizer in zip(parts, optimizers):
+            # Each part takes its own keys from the merged dicts (hence strict=False).
+            set_state_dict(part, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                           options=StateDictOptions(flatten_optimizer_state_dict=True, strict=False))
         rng_file = path / "rng" / f"rank-{self.rank:05d}.pt"
         rng_restored = rng_file.is_file()
         if rng_restored:
             _set_rng_state(torch.load(rng_file, weights_only=True), self.device)
         return json.loads((path / STATE_FILE).read_text()), rng_restored
+
+
+def gather_full_state_dict(parts: list[nn.Module]) -> dict[str, torch.Tensor]:
+    """The whole model's weights as plain CPU tensors on every rank, gathered over every parallel
+    dimension (for export and for comparing layouts). Costs a full copy per rank: small models only."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    local = {}
+    for part in parts:
+        sd = get_model_state_dict(part, options=StateDictOptions(full_state_dict=True))
+        local.update({k: v.detach().cpu() for k, v in sd.items()})
+    gathered: list[dict] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return {k: v for sd in gathered for k, v in sd.items()}

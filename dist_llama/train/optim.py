@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -38,15 +39,20 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim, total_steps: int):
 
 
 @torch.no_grad()
-def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, pp_group=None) -> torch.Tensor:
     """Clip to the norm over all ranks' gradients; returns that norm (before clipping).
 
-    With FSDP the gradients are DTensors and the norm reduction over shards happens in full_tensor().
+    With FSDP / TP the gradients are DTensors and full_tensor() reduces over their shards; pipeline
+    stages hold disjoint parameters, so their squared norms add up over the pp group.
     """
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
+    if pp_group is not None:
+        norm = norm**2
+        dist.all_reduce(norm, group=pp_group)
+        norm = norm.sqrt()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
     return norm

@@ -6,13 +6,17 @@ import contextlib
 import resource
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from dist_llama.model.flops import mfu
+from dist_llama.parallel.context import cp_shard
+from dist_llama.parallel.tensor import token_loss_sum
 from dist_llama.train.optim import clip_grad_norm_
 
 
@@ -22,18 +26,29 @@ class TrainerParts:
 
     cfg: object
     device: torch.device
-    model: nn.Module
-    """The model as parallelized (possibly wrapped by DDP); forward(tokens, doc_ids, positions)."""
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    model_parts: list[nn.Module]
+    """This rank's model, or its pipeline stages; each forward(tokens, doc_ids, positions)."""
+    optimizers: list[torch.optim.Optimizer]
+    """One per model part."""
+    schedulers: list[torch.optim.lr_scheduler.LRScheduler]
     loader: object
     checkpointer: object
     logger: object
-    dp_group: dist.ProcessGroup
-    """Ranks whose token counts and losses add up to the global batch."""
-    dp_degree: int
-    """Ranks gradients are averaged over by the data-parallel wrapper."""
-    autocast_dtype: torch.dtype | None
+    loss_scale: float
+    """Multiplies each token's loss: (dp x cp ranks the gradients are averaged over) / tokens per step."""
+    n_micro: int
+    """Micro-batches per step (gradient accumulation, or pipeline micro-batches)."""
+    loss_groups: list[dist.ProcessGroup]
+    """All-reducing the scaled loss over these (dp x cp, then pp) gives dp x cp times the global mean."""
+    pp_group: Optional[dist.ProcessGroup]
+    schedule: object
+    """The pipeline schedule, or None without pipeline parallelism."""
+    has_first_stage: bool
+    has_last_stage: bool
+    cp_rank: int
+    cp: int
+    tp: int
+    autocast_dtype: Optional[torch.dtype]
     """bf16 autocast when no FSDP mixed-precision policy handles the dtype; None = off."""
     flops_per_token: float
     peak_flops: float
@@ -50,16 +65,12 @@ class Trainer:
         self.history: list[dict] = []
         self._next_batch: dict[str, torch.Tensor] | None = None
         self._data_state: dict | None = None
-        self.params = [q for q in parts.model.parameters() if q.requires_grad]
-        local = self.cfg.train.global_batch_size // parts.dp_degree
-        micro = self.cfg.train.micro_batch_size
-        self.n_micro = 1 if micro == -1 else local // micro
-        # Every label is a real next token (packed windows, no padding), so this is exact.
+        self.params = [q for m in parts.model_parts for q in m.parameters() if q.requires_grad]
+        # Every label is a real next token (packed windows, no padding), so this count is exact.
         self.tokens_per_step = self.cfg.train.global_batch_size * self.cfg.data.seq_len
 
     # --- one optimizer step -------------------------------------------------------------------
-    def _grad_sync(self, enabled: bool):
-        model = self.p.model
+    def _grad_sync(self, model: nn.Module, enabled: bool):
         if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
             model.set_requires_gradient_sync(enabled)
             return contextlib.nullcontext()
@@ -67,43 +78,70 @@ class Trainer:
             return model.no_sync()
         return contextlib.nullcontext()
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward/backward over the micro-batches, clip, step. Returns (global loss, grad norm) as
-        device tensors: reading them waits for the device, so the caller decides when.
-
-        The loss is the mean over every token of the global batch: each micro-batch contributes its
-        token-loss sum divided by the global token count, times the dp degree that the gradient
-        averaging of DDP/FSDP divides by again. So accumulation and data parallelism change nothing.
-        """
+    def _forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Accumulate gradients over the micro-batches; returns the summed scaled loss."""
         p = self.p
-        scale = p.dp_degree / self.tokens_per_step
-        loss_sum = torch.zeros((), device=p.device)
+        (model,) = p.model_parts
+        loss_acc = torch.zeros((), device=p.device)
         micro_batches = [dict(zip(batch, parts)) for parts in
-                         zip(*(t.chunk(self.n_micro) for t in batch.values()))]
+                         zip(*(t.chunk(p.n_micro) for t in batch.values()))]
         autocast = (torch.autocast(p.device.type, dtype=p.autocast_dtype) if p.autocast_dtype
                     else contextlib.nullcontext())
         for i, mb in enumerate(micro_batches):
-            with self._grad_sync(i == len(micro_batches) - 1):
+            with self._grad_sync(model, i == len(micro_batches) - 1):
                 with autocast:
-                    logits = p.model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"])
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), mb["labels"].flatten(), reduction="sum")
-                (loss * scale).backward()
-            loss_sum += loss.detach()
-        grad_norm = clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
-        p.optimizer.step()
-        p.scheduler.step()
-        p.optimizer.zero_grad(set_to_none=True)
-        dist.all_reduce(loss_sum, group=p.dp_group)
-        return loss_sum / self.tokens_per_step, grad_norm
+                    logits = model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"])
+                loss = token_loss_sum(logits, mb["labels"]) * p.loss_scale
+                loss.backward()
+            loss_acc += _local(loss.detach())
+        return loss_acc
+
+    def _pipeline_forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The schedule splits the batch into micro-batches; tokens enter the first stage, labels
+        the last; document ids and positions go to every stage."""
+        p = self.p
+        losses: list[torch.Tensor] = []
+        args = (batch["tokens"],) if p.has_first_stage else ()
+        target = batch["labels"] if p.has_last_stage else None
+        p.schedule.step(*args, target=target, losses=losses, doc_ids=batch["doc_ids"],
+                        positions=batch["positions"])
+        if not p.has_last_stage:
+            return torch.zeros((), device=p.device)
+        return torch.stack([_local(loss.detach()) for loss in losses]).sum()
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward/backward, clip, step. Returns (global loss, grad norm) as device tensors:
+        reading them waits for the device, so the caller decides when.
+
+        The loss is the mean over every token of the global batch: each micro-batch contributes its
+        token-loss sum times loss_scale, whose dp x cp factor the gradient averaging of DDP/FSDP
+        divides out again. So accumulation, pipelining and data/context parallelism change nothing.
+        """
+        p = self.p
+        if p.cp > 1:
+            batch = {k: cp_shard(v, p.cp_rank, p.cp, dim=1) for k, v in batch.items()}
+        with loss_parallel() if p.tp > 1 else contextlib.nullcontext():
+            if p.schedule is not None:
+                loss_acc = self._pipeline_forward_backward(batch)
+            else:
+                loss_acc = self._forward_backward(batch)
+        grad_norm = clip_grad_norm_(self.params, self.cfg.optim.grad_clip, p.pp_group)
+        for optimizer, scheduler in zip(p.optimizers, p.schedulers):
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        for group in p.loss_groups:
+            dist.all_reduce(loss_acc, group=group)
+        return loss_acc / (p.loss_scale * self.tokens_per_step), grad_norm
 
     # --- state for checkpoints -------------------------------------------------------------
     def trainer_state(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "data": self._data_state,
-                "scheduler": self.p.scheduler.state_dict(), "wandb_id": self.p.logger.wandb_id,
+                "scheduler": self.p.schedulers[0].state_dict(), "wandb_id": self.p.logger.wandb_id,
                 "layout": self.p.layout, "world_size": self.p.world_size}
 
     def save(self) -> None:
-        path = self.p.checkpointer.save(self.step, self.p.model, self.p.optimizer, self.trainer_state())
+        path = self.p.checkpointer.save(self.step, self.p.model_parts, self.p.optimizers, self.trainer_state())
         self.p.logger.event("checkpoint_saved", self.step, path=str(path))
 
     def maybe_resume(self) -> None:
@@ -113,11 +151,12 @@ class Trainer:
         path = self.p.checkpointer.latest()
         if path is None:
             return
-        state, rng_restored = self.p.checkpointer.load(path, self.p.model, self.p.optimizer)
+        state, rng_restored = self.p.checkpointer.load(path, self.p.model_parts, self.p.optimizers)
         self.step, self.tokens = state["step"], state["tokens"]
         self.p.loader.load_state_dict(state["data"])
         self._next_batch = None
-        self.p.scheduler.load_state_dict(state["scheduler"])
+        for scheduler in self.p.schedulers:
+            scheduler.load_state_dict(state["scheduler"])
         self.p.logger.event("checkpoint_loaded", self.step, path=str(path), rng_restored=rng_restored,
                             saved_layout=state["layout"], layout=self.p.layout)
 
@@ -146,7 +185,7 @@ class Trainer:
             self.step += 1
             self.tokens += tokens_per_step
             steps_done += 1
-            record = {"step": self.step, "loss": loss, "lr": p.scheduler.get_last_lr()[0],
+            record = {"step": self.step, "loss": loss, "lr": p.schedulers[0].get_last_lr()[0],
                       "grad_norm": grad_norm, "tokens": self.tokens,
                       "tokens_per_sec": tokens_per_step / step_time,
                       "mfu": mfu(tokens_per_step / step_time / p.world_size, p.flops_per_token, p.peak_flops),
@@ -170,3 +209,8 @@ def _memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A loss computed under loss parallel is a replicated DTensor; the loop keeps plain tensors."""
+    return t.full_tensor() if isinstance(t, DTensor) else t

@@ -1,4 +1,5 @@
-"""Run a function on N fork-started gloo ranks and collect what each returns.
+"""Run a function on N fork-started gloo ranks on this machine and collect what each returns
+(tests, benchmarks, notebooks).
 
 Fork is ~10x faster to start than spawn on these machines. Each rank gets the torchrun environment
 variables, one intra-op thread (the CI machine has 2 cores), and a deadline: a hang fails the test.

@@ -1,0 +1,170 @@
+"""Tensor + sequence parallelism (Megatron-style, with DTensor's parallelize_module), and loss parallel.
+
+The plan is torchtitan's Llama plan. Per block, the residual stream is sharded on the sequence dim
+(Shard(1)) between the projections; RMSNorms run on sequence shards (SequenceParallel); attention and
+the FFN all-gather their input (Shard(1) -> Replicate), run column-parallel wq/wk/wv/w1/w3 on their
+slice of the heads / hidden units, and row-parallel wo/w2 reduce-scatter back to sequence shards.
+The output projection is column-parallel over the vocabulary: with loss parallel the logits stay
+sharded on the vocab dim (a DTensor) and cross-entropy runs on the shards (no vocab all-gather).
+
+One difference from torchtitan: the residual stream is kept as a DTensor (Shard(1)) rather than
+the rank's local sequence slice, because Transformer.forward reads the sequence length off the hidden
+state (RoPE table slice, attention mask), and a DTensor reports the global shape. So:
+- tok_embeddings and wo/w2 return DTensors (use_local_output=False);
+- a pipeline stage without tok_embeddings receives the rank's local sequence slice [B, S/tp, dim]
+  as a plain tensor and wraps it (forward pre-hook); a stage without output returns the local slice
+  [B, S/tp, dim] as a plain tensor (forward hook), so plain tensors travel between stages.
+
+After apply_tp every parameter is a DTensor on the tp mesh: the RMSNorm weights Replicate(),
+tok_embeddings Shard(0) (vocab rows), wq/wk/wv/w1/w3/output Shard(0) (output features), wo/w2
+Shard(1) (input features). Their gradients are DTensors with the same placements.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    loss_parallel,
+    parallelize_module,
+)
+
+
+class _PrepareHiddenInput(PrepareModuleInput):
+    """PrepareModuleInput for the hidden-state argument only: the first positional argument (or the
+    keyword `name`) goes Shard(1) -> Replicate (an all-gather over the sequence); every other
+    argument (freqs_cis, mask: plain tensors, None or a BlockMask) passes through untouched, whatever
+    the number of arguments. (Stock PrepareModuleInput requires the positional arity to equal
+    len(input_layouts) exactly and ignores keyword arguments unless they are declared.)"""
+
+    def __init__(self, name: str = "x"):
+        super().__init__(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                         input_kwarg_layouts={name: Shard(1)},
+                         desired_input_kwarg_layouts={name: Replicate()})
+
+    def _prepare_input_fn(self, inputs, device_mesh):
+        if not isinstance(inputs, tuple):
+            inputs = (inputs,)
+        if not inputs:
+            return inputs
+        first = self._prepare_input_arg(inputs[0], device_mesh, Shard(1), Replicate())
+        return (first, *inputs[1:])
+
+
+def _n_kv_heads(args) -> int:
+    return args.n_heads if args.n_kv_heads is None else args.n_kv_heads
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool = True) -> None:
+    """Shard `model` (a dist_llama Transformer, possibly a pipeline stage with some of tok_embeddings,
+    norm, output set to None and layers removed) over the 1-D `tp_mesh`, in place.
+
+    Works on a meta-device model (materialise with to_empty + init_weights afterwards) and on a
+    materialised model whose ranks hold identical full weights (every rank's shard is then exactly
+    the single-process slice; Replicate norms are taken as they are, not broadcast).
+
+    loss_parallel=True: the logits are a DTensor [B, S, vocab] sharded on the vocab dim (Shard(2));
+    compute the loss inside `torch.distributed.tensor.parallel.loss_parallel()` (see token_loss_sum)
+    and run backward inside it too. False: the logits are a plain, full (replicated) tensor.
+    The sequence length must be divisible by the tp degree.
+    """
+    tp = tp_mesh.size()
+    args = model.args
+    if args.n_heads % tp != 0 or _n_kv_heads(args) % tp != 0:
+        raise ValueError(f"tensor parallel degree {tp} must divide n_kv_heads ({_n_kv_heads(args)}) "
+                         f"and n_heads ({args.n_heads})")
+    if tp == 1:
+        return
+
+    plan = {}
+    if model.tok_embeddings is not None:
+        plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1),
+                                                 use_local_output=False)
+    if model.norm is not None:
+        plan["norm"] = SequenceParallel()
+    if model.output is not None:
+        plan["output"] = ColwiseParallel(input_layouts=Shard(1),
+                                         output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                         use_local_output=not loss_parallel)
+    if plan:
+        parallelize_module(model, tp_mesh, plan)
+
+    block_plan = {
+        "attention_norm": SequenceParallel(),
+        "attention": _PrepareHiddenInput("x"),
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": ColwiseParallel(),
+        "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+        "ffn_norm": SequenceParallel(),
+        "feed_forward": _PrepareHiddenInput("x"),
+        "feed_forward.w1": ColwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+        "feed_forward.w3": ColwiseParallel(),
+    }
+    for block in model.layers.values():
+        if block is not None:
+            parallelize_module(block, tp_mesh, block_plan)
+
+    # Pipeline stages: plain local sequence slices travel between stages (see module docstring).
+    if model.tok_embeddings is None:
+        model.register_forward_pre_hook(_wrap_hidden_input(tp_mesh), with_kwargs=True)
+    else:
+        model.register_forward_pre_hook(_check_seq_len(tp), with_kwargs=True)
+    if model.output is None:
+        model.register_forward_hook(_unwrap_hidden_output)
+
+
+def _check_seq_len(tp: int):
+    def hook(module, args, kwargs):
+        tokens = args[0] if args else kwargs["tokens"]
+        if tokens.shape[1] % tp != 0:
+            raise ValueError(f"sequence length {tokens.shape[1]} is not divisible by the tensor "
+                             f"parallel degree {tp} (sequence parallelism shards it)")
+    return hook
+
+
+def _wrap_hidden_input(tp_mesh: DeviceMesh):
+    def hook(module, args, kwargs):
+        if args:
+            h = args[0]
+            if isinstance(h, torch.Tensor) and not isinstance(h, DTensor):
+                h = DTensor.from_local(h, tp_mesh, (Shard(1),), run_check=False)
+            return (h, *args[1:]), kwargs
+        h = kwargs["tokens"]
+        if isinstance(h, torch.Tensor) and not isinstance(h, DTensor):
+            kwargs = {**kwargs, "tokens": DTensor.from_local(h, tp_mesh, (Shard(1),), run_check=False)}
+        return args, kwargs
+    return hook
+
+
+def _unwrap_hidden_output(module, args, output):
+    if isinstance(output, DTensor):
+        return output.redistribute(placements=(Shard(1),)).to_local()
+    return output
+
+
+def loss_parallel_context(enabled: bool):
+    """`loss_parallel()` when the logits are vocab-sharded DTensors, else a no-op context.
+    Wrap both the loss computation and backward in it."""
+    return loss_parallel() if enabled else contextlib.nullcontext()
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Summed cross-entropy over all tokens, for plain logits or vocab-sharded DTensor logits.
+
+    logits: [B, S, vocab]; labels: [B, S] plain int64 tensor. With DTensor logits this must run
+    inside `loss_parallel()` (and so must backward); the result is then a replicated scalar DTensor
+    (call .full_tensor() or .to_local() for a plain tensor, e.g. for logging).
+    """
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum",
+                           ignore_index=ignore_index)
