@@ -76,3 +76,20 @@ def test_wandb_offline_run_keeps_its_id_across_resume(tmp_path):
     assert (run_dir / "wandb_id.txt").read_text().strip() == run_id
     state = json.loads((run_dir / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
     assert state["wandb_id"] == run_id
+
+
+@pytest.mark.timeout(400)
+def test_torchrun_8_ranks_dp_tp_pp_matches_one_rank(tmp_path):
+    """The 3-D layout from the command line: dp_shard=2 x tp=2 x pp=2 on 8 gloo ranks reproduces the
+    single-process losses of the debug model."""
+    base = ["-m", "dist_llama.train", "--config", "configs/debug.yaml", "train.steps=10", "logging.console=false"]
+    _run([*TORCHRUN[:-1], "8", *base, f"train.run_dir={tmp_path / 'l8'}", "parallel.dp_shard=2", "parallel.tp=2",
+          "parallel.pp=2"])
+    _run([sys.executable, *base, f"train.run_dir={tmp_path / 'l1'}"])
+    l8 = [m["loss"] for m in _jsonl(tmp_path / "l8" / "metrics.jsonl")]
+    l1 = [m["loss"] for m in _jsonl(tmp_path / "l1" / "metrics.jsonl")]
+    assert len(l8) == len(l1) == 10
+    for a, b in zip(l8, l1):
+        assert abs(a - b) <= 1e-5 * b, (l8, l1)
+    layout = json.loads((tmp_path / "l8" / "checkpoints" / "step-00000010" / "trainer_state.json").read_text())["layout"]
+    assert layout == {"pp": 2, "dp_replicate": 1, "dp_shard": 2, "cp": 1, "tp": 2}

@@ -199,7 +199,7 @@ def test_cp_shard_batch_fills_positions():
 # ---------------------------------------------------------------- FlexAttention path (CUDA only)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention BlockMasks need CUDA here")
+@pytest.mark.gpu  # deselected by default; run on a GPU machine with: pytest -m gpu tests
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("seq,cp", [(512, 2), (1024, 4), (256, 4)])  # 256/4: 64-token queries, < one block
 @pytest.mark.parametrize("docs", [False, True])

@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from dist_llama.model.flops import mfu
-from dist_llama.parallel.context import cp_shard
+from dist_llama.parallel.context import cp_shard_batch
 from dist_llama.parallel.tensor import token_loss_sum
 from dist_llama.train.optim import clip_grad_norm_
 
@@ -119,7 +119,7 @@ class Trainer:
         """
         p = self.p
         if p.cp > 1:
-            batch = {k: cp_shard(v, p.cp_rank, p.cp, dim=1) for k, v in batch.items()}
+            batch = cp_shard_batch(batch, p.cp_rank, p.cp)
         with loss_parallel() if p.tp > 1 else contextlib.nullcontext():
             if p.schedule is not None:
                 loss_acc = self._pipeline_forward_backward(batch)
