@@ -19,7 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from dist_llama.model import ModelArgs
+from dist_llama.faults import specs_from_env, validate_specs
 from dist_llama.parallel.pipeline import MULTI_STAGE, SCHEDULES, schedule_constraint
+from dist_llama.train.recovery import ACTIONS
 
 
 class ConfigError(ValueError):
@@ -132,7 +134,53 @@ class CheckpointConfig:
     save_final: bool = True
     """Save when training ends."""
     resume: bool = True
-    """Resume from the newest checkpoint in the run directory, if any."""
+    """Resume from the newest valid checkpoint in the run directory, if any."""
+    interval_s: float = 0.0
+    """Also save when this many seconds passed since the last save (0 = off)."""
+    async_save: bool = True
+    """Block the loop only to stage a copy of the state; write it in the background (one in flight)."""
+    verify: bool = True
+    """Re-read every written file and check its checksum before committing a checkpoint."""
+
+
+@dataclass
+class HealthConfig:
+    nan_action: str = "retry"
+    """On a NaN/Inf loss or gradient norm: log, skip (the batch), retry (the step), rollback, restart or abort."""
+    spike_action: str = "skip"
+    """On a loss spike (robust z-score over the recent window above spike_zscore); actions as nan_action."""
+    spike_zscore: float = 8.0
+    """Robust z-score (deviation from the window median in MADs, x0.6745) above which a loss is a spike."""
+    spike_window: int = 50
+    """Recent steps the spike and gradient-norm statistics look at."""
+    spike_min_history: int = 10
+    """Steps of history needed before spike / explosion checks fire."""
+    grad_norm_action: str = "skip"
+    """On a gradient-norm explosion (above grad_norm_max, or robust z-score above spike_zscore)."""
+    grad_norm_max: Optional[float] = None
+    """Absolute gradient-norm ceiling; None = only the z-score test."""
+    max_retries: int = 2
+    """Retries of one step before escalating to rollback."""
+    max_rollbacks: int = 3
+    """Rollbacks per run before escalating to restart."""
+    rollback_lr_scale: float = 1.0
+    """Multiply the LR by this after each rollback (1.0 = unchanged)."""
+    rollback_skip_data: bool = True
+    """After a rollback, skip the batches between the checkpoint and the failed step."""
+    hang_timeout_s: float = 0.0
+    """Heartbeat watchdog: a step or collective stuck this long dumps stacks and exits to restart (0 = off)."""
+    straggler_interval: int = 0
+    """Every this many steps compare per-rank step times (0 = off)."""
+    straggler_factor: float = 2.0
+    """Ranks slower than this times the median step time are reported as stragglers."""
+    sdc_interval: int = 0
+    """Every this many steps compare a parameter hash across data-parallel replicas (0 = off)."""
+    sdc_action: str = "rollback"
+    """On replicas that disagree (silent data corruption): log, rollback, restart or abort."""
+    preflight: bool = False
+    """Before training, check each rank with a matmul of known result and a small collective."""
+    faults: List[str] = field(default_factory=list)
+    """Injected faults for drills and tests, e.g. ["kill:rank=1:step=7", "nan:step=4"]; see dist_llama/faults.py."""
 
 
 @dataclass
@@ -161,6 +209,8 @@ class Config:
     """Checkpointing."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics and experiment tracking."""
+    health: HealthConfig = field(default_factory=HealthConfig)
+    """Health checks, recovery policy and fault injection."""
 
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -352,6 +402,21 @@ def validate(cfg: Config, world_size: int, dataset=None, tokenizer_vocab: Option
     _require(c.interval >= 0, "checkpoint.interval", f"must be >= 0, got {c.interval}")
     _require(cfg.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode",
              f"must be offline, online or disabled; got {cfg.logging.wandb_mode!r}")
+    h = cfg.health
+    for key in ("nan_action", "spike_action", "grad_norm_action", "sdc_action"):
+        value = getattr(h, key)
+        _require(value in ACTIONS, f"health.{key}", f"must be one of {', '.join(ACTIONS)}; got {value!r}")
+    for key in ("spike_window", "spike_min_history"):
+        _require(getattr(h, key) >= 1, f"health.{key}", f"must be >= 1, got {getattr(h, key)}")
+    for key in ("max_retries", "max_rollbacks", "hang_timeout_s", "straggler_interval", "sdc_interval"):
+        _require(getattr(h, key) >= 0, f"health.{key}", f"must be >= 0, got {getattr(h, key)}")
+    _require(h.spike_zscore > 0 and h.straggler_factor > 1 and h.rollback_lr_scale > 0, "health",
+             "spike_zscore and rollback_lr_scale must be positive, straggler_factor above 1")
+    _require(c.interval_s >= 0, "checkpoint.interval_s", f"must be >= 0, got {c.interval_s}")
+    try:
+        validate_specs(list(h.faults) + specs_from_env(), world_size)
+    except ValueError as exc:
+        raise ConfigError("health.faults", str(exc)) from None
     _require(d.seq_len <= cfg.model.max_seq_len, "data.seq_len",
              f"{d.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     _validate_layout(cfg.model, parallel, d.seq_len, local, t.micro_batch_size)

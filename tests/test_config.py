@@ -42,6 +42,11 @@ BAD = [
     (DEBUG, ["parallel.pp=2", "train.micro_batch_size=8"], 2, "train.micro_batch_size"),  # 1f1b: 1 < pp
     (DEBUG, ["parallel.engine=ddp", "parallel.tp=2"], 2, "parallel.engine"),
     (DEBUG, ["parallel.ac=some"], 1, "parallel.ac"),
+    (DEBUG, ["health.nan_action=panic"], 1, "health.nan_action"),
+    (DEBUG, ["health.faults=[explode:step=3]"], 1, "health.faults"),
+    (DEBUG, ["health.faults=[kill:rank=5:step=3]"], 2, "health.faults"),  # no rank 5 in a 2-rank job
+    (DEBUG, ["health.hang_timeout_s=-1"], 1, "health.hang_timeout_s"),
+    (DEBUG, ["checkpoint.interval_s=-5"], 1, "checkpoint.interval_s"),
     (DEBUG, ["parallel.engine=horovod"], 1, "parallel.engine"),
     (DEBUG, ["train.global_batch_size=7"], 2, "train.global_batch_size"),
     (DEBUG, ["train.micro_batch_size=3"], 1, "train.micro_batch_size"),

@@ -9,6 +9,7 @@ parallelised as a whole model of its own.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import torch
@@ -26,9 +27,12 @@ from dist_llama.parallel.env import DistEnv
 from dist_llama.parallel.pipeline import (build_schedule, build_stages, layers_per_stage, split_model,
                                           stage_ids_for_rank)
 from dist_llama.parallel.tensor import apply_tp, token_loss_sum
+from dist_llama.faults import FaultInjector
 from dist_llama.train.checkpoint import Checkpointer
+from dist_llama.train.health import StepHealth, Watchdog, preflight, replica_groups
 from dist_llama.train.metrics import MetricsLogger
 from dist_llama.train.optim import build_optimizer, build_scheduler
+from dist_llama.train.recovery import EXIT_RESTART, RecoveryPolicy
 from dist_llama.train.trainer import Trainer, TrainerParts
 
 
@@ -118,9 +122,22 @@ def build_trainer(cfg: Config, env: DistEnv, dataset) -> Trainer:
         peak = measure_cpu_peak_flops()
     logger = MetricsLogger(run_dir, env.rank, cfg.train.steps, cfg.logging,
                            OmegaConf.to_container(OmegaConf.structured(cfg)))
+    faults = FaultInjector.from_config(cfg.health, env.rank, run_dir, on_fire=logger.fault_fired)
+    if cfg.health.preflight:
+        preflight(env.device)
+    watchdog = None
+    if cfg.health.hang_timeout_s > 0:
+        watchdog = Watchdog(cfg.health.hang_timeout_s, run_dir / "hangs", env.rank,
+                            on_hang=lambda: _exit_on_hang(logger, watchdog))
+    replica_group = replica_groups(meshes, dims, cfg.parallel.engine) if cfg.health.sdc_interval else None
+    if cfg.health.sdc_interval and replica_group is None:
+        logger.event("sdc_check_inactive", 0, reason="no data-parallel replicas hold identical parameters "
+                     "in this layout (pure FSDP); use HSDP or DDP to compare replicas")
     parts_ = TrainerParts(
         cfg=cfg, device=env.device, model_parts=parts, optimizers=optimizers, schedulers=schedulers,
-        loader=loader, checkpointer=Checkpointer(run_dir, cfg.checkpoint.keep_last, env.device), logger=logger,
+        loader=loader, logger=logger,
+        checkpointer=Checkpointer(run_dir, cfg.checkpoint.keep_last, env.device, async_save=cfg.checkpoint.async_save,
+                                  verify=cfg.checkpoint.verify, logger=logger, faults=faults),
         loss_scale=loss_scale, n_micro=n_micro,
         loss_groups=[meshes.dp_cp.get_group()] + ([meshes.world["pp"].get_group()] if dims.pp > 1 else []),
         pp_group=meshes.world["pp"].get_group() if dims.pp > 1 else None,
@@ -128,5 +145,16 @@ def build_trainer(cfg: Config, env: DistEnv, dataset) -> Trainer:
         cp_rank=meshes.world["cp"].get_local_rank(), cp=dims.cp, tp=dims.tp,
         autocast_dtype=None if (dtype == torch.float32 or uses_fsdp(cfg, dims)) else dtype,
         flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len), peak_flops=peak,
-        world_size=env.world_size, layout=dataclasses.asdict(dims))
+        world_size=env.world_size, layout=dataclasses.asdict(dims),
+        health=StepHealth(cfg.health), policy=RecoveryPolicy(cfg.health), faults=faults, watchdog=watchdog,
+        replica_group=replica_group)
     return Trainer(parts_)
+
+
+def _exit_on_hang(logger, watchdog) -> None:
+    """Called from the watchdog thread after it dumped every thread's stack: no cleanup is safe
+    while the main thread is stuck in a collective, so leave at once for the launcher to restart."""
+    _, step, phase = watchdog.history()[-1]
+    logger.event("hang_detected", step, last_phase=phase, timeout_s=watchdog.timeout_s,
+                 dump=str(watchdog.dump_path), action="restart", all_ranks=True)
+    os._exit(EXIT_RESTART)

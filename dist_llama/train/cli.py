@@ -1,6 +1,7 @@
 """`python -m dist_llama.train` / `torchrun ... -m dist_llama.train --config X.yaml [key=value ...]`.
 
-Exit codes: 0 finished; 2 bad configuration or input (one line on stderr, before any process group).
+Exit codes: 0 finished; 2 bad configuration or input (one line on stderr, before any process group);
+3 unrecoverable; 75 restart me (health abort, hang); 76 preempted (saved, requeue). See recovery.py.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dist_llama import config as config_lib
 from dist_llama.config import Config, ConfigError
 from dist_llama.data import build_tokenizer, open_dataset
 from dist_llama.parallel.env import init_distributed, world_size_from_env
+from dist_llama.train.recovery import TrainingExit
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -66,6 +68,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_CONFIG
     try:
         train(cfg, dataset)
+    except TrainingExit as exc:
+        print(f"dist_llama: {exc.reason} (exit code {exc.code})", file=sys.stderr)
+        return exc.code
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

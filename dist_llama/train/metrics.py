@@ -53,12 +53,17 @@ class MetricsLogger:
 
     def event(self, kind: str, step: int, **fields: Any) -> None:
         """An entry in events.jsonl: what happened, at which step, when, on which rank."""
+        all_ranks = fields.pop("all_ranks", False)
         record = {"event": kind, "step": step, "time": time.time(), "rank": self.rank, **fields}
-        if self.rank == 0 or fields.get("all_ranks"):
+        if self.rank == 0 or all_ranks:
             _append_jsonl(self.run_dir / "events.jsonl", record)
         if self.console:
             print(f"[event] {kind} step={step} " + " ".join(f"{k}={v}" for k, v in fields.items()),
                   file=sys.stderr, flush=True)
+
+    def fault_fired(self, kind: str, step: int, **fields: Any) -> None:
+        """An injected fault fired on this rank (recorded by every rank: faults are rank-specific)."""
+        self.event("fault_injected", step, fault=kind, all_ranks=True, **fields)
 
     def close(self) -> None:
         if self.wandb is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import resource
 import time
 from dataclasses import dataclass
@@ -17,7 +18,15 @@ from torch.distributed.tensor.parallel import loss_parallel
 from dist_llama.model.flops import mfu
 from dist_llama.parallel.context import cp_shard_batch
 from dist_llama.parallel.tensor import token_loss_sum
+from dist_llama.train.health import check_replicas, find_stragglers
 from dist_llama.train.optim import clip_grad_norm_
+from dist_llama.train.recovery import (EXIT_PREEMPTED, EXIT_RESTART, EXIT_UNRECOVERABLE, PreemptionFlag,
+                                       RecoveryPolicy, TrainingExit, agree)
+
+HEALTH_CHECKS = ("nan", "loss_spike", "grad_norm_explosion")
+PHASES = ("step_start", "forward_backward", "health_agreement", "optimizer", "straggler_check", "sdc_check",
+          "checkpoint")
+"""The order of the watchdog's phases within a step (a hang report ranks ranks by progress)."""
 
 
 @dataclass
@@ -54,6 +63,15 @@ class TrainerParts:
     peak_flops: float
     world_size: int
     layout: dict
+    health: object
+    """StepHealth: NaN / spike / explosion detection on the global loss and gradient norm."""
+    policy: RecoveryPolicy
+    faults: object
+    """FaultInjector (inert unless faults are configured)."""
+    watchdog: object
+    """Heartbeat watchdog, or None when health.hang_timeout_s is 0."""
+    replica_group: Optional[dist.ProcessGroup]
+    """Ranks holding identical local parameters (silent-data-corruption check), or None."""
 
 
 class Trainer:
@@ -65,6 +83,13 @@ class Trainer:
         self.history: list[dict] = []
         self._next_batch: dict[str, torch.Tensor] | None = None
         self._data_state: dict | None = None
+        self._last_save = (0, time.time())
+        self.lr_scale = 1.0
+        self.preemption = PreemptionFlag()
+        self.goodput = {"run_start": time.time(), "productive_s": 0.0, "lost_s": 0.0,
+                        "checkpoint_blocking_s": 0.0}
+        for scheduler in parts.schedulers:  # rollbacks may scale the LR; the factor is checkpointed
+            scheduler.lr_lambdas = [lambda step, f=f: f(step) * self.lr_scale for f in scheduler.lr_lambdas]
         self.params = [q for m in parts.model_parts for q in m.parameters() if q.requires_grad]
         # Every label is a real next token (packed windows, no padding), so this count is exact.
         self.tokens_per_step = self.cfg.train.global_batch_size * self.cfg.data.seq_len
@@ -109,9 +134,9 @@ class Trainer:
             return torch.zeros((), device=p.device)
         return torch.stack([_local(loss.detach()) for loss in losses]).sum()
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward/backward, clip, step. Returns (global loss, grad norm) as device tensors:
-        reading them waits for the device, so the caller decides when.
+    def compute_gradients(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward/backward and clipping, no update yet. Returns (global loss, grad norm) as device
+        tensors: reading them waits for the device, so the caller decides when.
 
         The loss is the mean over every token of the global batch: each micro-batch contributes its
         token-loss sum times loss_scale, whose dp x cp factor the gradient averaging of DDP/FSDP
@@ -125,40 +150,72 @@ class Trainer:
                 loss_acc = self._pipeline_forward_backward(batch)
             else:
                 loss_acc = self._forward_backward(batch)
+        poisoned = p.faults.loss(self.step + 1, loss_acc)
+        if poisoned is not loss_acc:  # an injected NaN reaches the gradients as a real one would
+            loss_acc = poisoned
+            next(q for q in self.params if q.grad is not None).grad.mul_(float("nan"))
         grad_norm = clip_grad_norm_(self.params, self.cfg.optim.grad_clip, p.pp_group)
-        for optimizer, scheduler in zip(p.optimizers, p.schedulers):
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
         for group in p.loss_groups:
             dist.all_reduce(loss_acc, group=group)
         return loss_acc / (p.loss_scale * self.tokens_per_step), grad_norm
+
+    def apply_update(self) -> None:
+        for optimizer, scheduler in zip(self.p.optimizers, self.p.schedulers):
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    def discard_update(self) -> None:
+        for optimizer in self.p.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One unchecked step (benchmarks and tests): gradients, then the update."""
+        loss, grad_norm = self.compute_gradients(batch)
+        self.apply_update()
+        return loss, grad_norm
 
     # --- state for checkpoints -------------------------------------------------------------
     def trainer_state(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "data": self._data_state,
                 "scheduler": self.p.schedulers[0].state_dict(), "wandb_id": self.p.logger.wandb_id,
-                "layout": self.p.layout, "world_size": self.p.world_size}
+                "layout": self.p.layout, "world_size": self.p.world_size, "health": self.p.health.state_dict(),
+                "rollbacks": self.p.policy.rollbacks, "lr_scale": self.lr_scale, "goodput": dict(self.goodput)}
 
-    def save(self) -> None:
-        path = self.p.checkpointer.save(self.step, self.p.model_parts, self.p.optimizers, self.trainer_state())
-        self.p.logger.event("checkpoint_saved", self.step, path=str(path))
+    def save(self, wait: bool = False) -> None:
+        blocked = self.p.checkpointer.save(self.step, self.p.model_parts, self.p.optimizers, self.trainer_state())
+        if wait:
+            blocked += self.p.checkpointer.wait()
+        self.goodput["checkpoint_blocking_s"] += blocked
+        self._last_save = (self.step, time.time())
+
+    def load(self, path, keep_data_position: bool = False) -> None:
+        """Load a checkpoint into this layout: weights, optimizer, schedule, data position, RNG,
+        health statistics, goodput counters (so work after the checkpoint counts as lost)."""
+        p = self.p
+        data_position = self._data_state
+        state, rng_restored = p.checkpointer.load(path, p.model_parts, p.optimizers)
+        self.step, self.tokens = state["step"], state["tokens"]
+        p.loader.load_state_dict(data_position if keep_data_position else state["data"])
+        self._data_state = p.loader.state_dict()
+        self._next_batch = None
+        for scheduler in p.schedulers:
+            scheduler.load_state_dict(state["scheduler"])
+        if "health" in state:
+            p.health.load_state_dict(state["health"])
+            p.policy.rollbacks = state["rollbacks"]
+            self.lr_scale = state["lr_scale"]
+            self.goodput.update(state["goodput"])
+        p.logger.event("checkpoint_loaded", self.step, path=str(path), rng_restored=rng_restored,
+                       saved_layout=state["layout"], layout=p.layout)
 
     def maybe_resume(self) -> None:
         ck = self.cfg.checkpoint
         if not (ck.enabled and ck.resume):
             return
         path = self.p.checkpointer.latest()
-        if path is None:
-            return
-        state, rng_restored = self.p.checkpointer.load(path, self.p.model_parts, self.p.optimizers)
-        self.step, self.tokens = state["step"], state["tokens"]
-        self.p.loader.load_state_dict(state["data"])
-        self._next_batch = None
-        for scheduler in self.p.schedulers:
-            scheduler.load_state_dict(state["scheduler"])
-        self.p.logger.event("checkpoint_loaded", self.step, path=str(path), rng_restored=rng_restored,
-                            saved_layout=state["layout"], layout=self.p.layout)
+        if path is not None:
+            self.load(path)
 
     # --- the loop ------------------------------------------------------------------------------
     def _prefetch(self) -> None:
@@ -168,40 +225,194 @@ class Trainer:
         self._next_batch = {k: v.to(self.p.device, non_blocking=True)
                             for k, v in self.p.loader.next_batch().items()}
 
+    def _beat(self, phase: str) -> None:
+        if self.p.watchdog is not None:
+            self.p.watchdog.beat(self.step, phase)
+
+    @contextlib.contextmanager
+    def _unwatched(self):
+        """Long legitimate work (loading, a blocking save) must not look like a hang."""
+        if self.p.watchdog is not None:
+            self.p.watchdog.pause()
+        try:
+            yield
+        finally:
+            if self.p.watchdog is not None:
+                self.p.watchdog.resume()
+
+    def _rollback(self, reason: str) -> None:
+        p, h = self.p, self.cfg.health
+        with self._unwatched():
+            p.checkpointer.wait()
+            path = p.checkpointer.latest()
+        if path is None:
+            raise TrainingExit(EXIT_RESTART, f"rollback needed ({reason}) but no valid checkpoint exists")
+        failed_step = self.step + 1
+        rollbacks = p.policy.rollbacks
+        with self._unwatched():
+            self.load(path, keep_data_position=h.rollback_skip_data)
+        p.policy.rollbacks = rollbacks  # the count lives on across the rollback itself
+        self.lr_scale *= h.rollback_lr_scale
+        p.logger.event("rollback", self.step, reason=reason, failed_step=failed_step, checkpoint=str(path),
+                       lr_scale=self.lr_scale, skipped_data=h.rollback_skip_data)
+
+    def _step_flags(self, loss: float, grad_norm: float) -> dict[str, bool]:
+        flags = {check: True for check in self.p.health.check(loss, grad_norm)}
+        flags["preempt"] = self.preemption.requested
+        ck = self.cfg.checkpoint
+        flags["save"] = bool(ck.enabled and ck.interval_s and time.time() - self._last_save[1] >= ck.interval_s)
+        return agree(flags, self.p.device)
+
     def fit(self) -> list[dict]:
+        """Train to cfg.train.steps. Raises TrainingExit for restart / preemption / abort."""
         cfg, p = self.cfg, self.p
+        self.preemption.install()
+        try:
+            return self._fit()
+        finally:
+            self.preemption.uninstall()
+            if p.watchdog is not None:
+                p.watchdog.stop()
+
+    def _fit(self) -> list[dict]:
+        cfg, p, h = self.cfg, self.p, self.cfg.health
+        self._report_hangs()
         self.maybe_resume()
+        self._last_save = (self.step, time.time())
         p.logger.event("train_start", self.step, total_steps=cfg.train.steps, layout=p.layout)
         tokens_per_step = self.tokens_per_step
-        started, steps_done, last_saved = time.perf_counter(), 0, self.step
+        started, steps_done = time.perf_counter(), 0
         if self._next_batch is None:
             self._prefetch()
         while self.step < cfg.train.steps:
+            self._beat("step_start")
+            p.faults.at_step_start(self.step + 1)
+            self._beat("forward_backward")
+            straggler_check = h.straggler_interval and (self.step + 1) % h.straggler_interval == 0
+            if straggler_check:  # start together, so each rank's step time is its own, not a wait for others
+                dist.barrier()
             t0 = time.perf_counter()
-            loss, grad_norm = self.train_step(self._next_batch)
+            batch = self._next_batch
+            loss_t, grad_norm_t = self.compute_gradients(batch)
             self._prefetch()
-            loss, grad_norm = loss.item(), grad_norm.item()
+            loss, grad_norm = loss_t.item(), grad_norm_t.item()
+            self._beat("health_agreement")
+            flags = self._step_flags(loss, grad_norm)
+            fired = [c for c in HEALTH_CHECKS if flags[c]]
+            action = p.policy.decide(fired)
+            if fired:
+                p.logger.event("health_check", self.step + 1, checks=fired, action=action, loss=loss,
+                               grad_norm=grad_norm)
+            if action in ("ok", "log"):
+                self._beat("optimizer")
+                self.apply_update()
+                p.health.accept(loss, grad_norm)
+            else:
+                self.discard_update()
+                self.goodput["lost_s"] += time.perf_counter() - t0
+                if action == "retry":  # the same batch again; the loader resumes after it
+                    p.loader.load_state_dict(self._data_state)
+                    self._next_batch = batch
+                elif action == "rollback":
+                    self._rollback(reason=",".join(fired))
+                    self._prefetch()
+                elif action in ("restart", "abort"):
+                    code = EXIT_RESTART if action == "restart" else EXIT_UNRECOVERABLE
+                    raise TrainingExit(code, f"{action} after {','.join(fired)} at step {self.step + 1}")
+                if flags["preempt"]:
+                    self._preempt()
+                continue
+            p.faults.after_step(self.step + 1, time.perf_counter() - t0, p.model_parts)
             step_time = time.perf_counter() - t0
             self.step += 1
             self.tokens += tokens_per_step
             steps_done += 1
+            self.goodput["productive_s"] += step_time
             record = {"step": self.step, "loss": loss, "lr": p.schedulers[0].get_last_lr()[0],
                       "grad_norm": grad_norm, "tokens": self.tokens,
                       "tokens_per_sec": tokens_per_step / step_time,
                       "mfu": mfu(tokens_per_step / step_time / p.world_size, p.flops_per_token, p.peak_flops),
-                      "step_time_s": step_time, "mem_gib": _memory_gib(p.device)}
+                      "step_time_s": step_time, "mem_gib": _memory_gib(p.device),
+                      "goodput": self.effective_training_time()}
             self.history.append(record)
             if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps:
                 elapsed = time.perf_counter() - started
                 p.logger.log_step(record, eta_s=elapsed / steps_done * (cfg.train.steps - self.step))
-            if cfg.checkpoint.enabled and cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+            self._periodic_checks(step_time)
+            if flags["preempt"]:
+                self._preempt()
+            ck = cfg.checkpoint
+            if ck.enabled and ((ck.interval and self.step % ck.interval == 0) or flags["save"]):
+                self._beat("checkpoint")
                 self.save()
-                last_saved = self.step
-        if cfg.checkpoint.enabled and cfg.checkpoint.save_final and last_saved != self.step:
-            self.save()
+        with self._unwatched():
+            if cfg.checkpoint.enabled and cfg.checkpoint.save_final and self._last_save[0] != self.step:
+                self.save()
+            self.p.checkpointer.wait()
         losses = {"first_loss": self.history[0]["loss"], "last_loss": self.history[-1]["loss"]} if self.history else {}
         p.logger.event("train_end", self.step, tokens=self.tokens, **losses)
+        p.logger.event("goodput", self.step, effective_training_time=self.effective_training_time(),
+                       **{k: round(v, 3) if isinstance(v, float) else v for k, v in self.goodput.items()})
         return self.history
+
+    def _report_hangs(self) -> None:
+        """After a restart caused by a hang: which ranks were stuck. Every rank's watchdog fires
+        (the others wait for it in a collective), but the stuck ranks are those furthest behind."""
+        events_file = self.p.logger.run_dir / "events.jsonl"
+        if self.p.logger.rank != 0 or not events_file.exists():
+            return
+        hangs = []
+        for line in events_file.read_text().splitlines():
+            event = json.loads(line)
+            if event["event"] == "train_start":
+                hangs = []
+            elif event["event"] == "hang_detected":
+                hangs.append(event)
+        if not hangs:
+            return
+        progress = {e["rank"]: (e["step"], PHASES.index(e["last_phase"]) if e["last_phase"] in PHASES else -1)
+                    for e in hangs}
+        behind = min(progress.values())
+        self.p.logger.event("hang_report", hangs[0]["step"], stuck_ranks=sorted(r for r, v in progress.items() if v == behind),
+                            last_phases={r: e["last_phase"] for r, e in ((e["rank"], e) for e in hangs)},
+                            dumps=sorted(e["dump"] for e in hangs))
+
+    def _periodic_checks(self, step_time: float) -> None:
+        """Straggler and silent-data-corruption checks, collectively, every N steps."""
+        p, h = self.p, self.cfg.health
+        if h.straggler_interval and self.step % h.straggler_interval == 0:
+            self._beat("straggler_check")
+            slow = find_stragglers(step_time, factor=h.straggler_factor)
+            if slow:
+                p.logger.event("stragglers", self.step, ranks=[r for r, _ in slow],
+                               step_times=[round(t, 4) for _, t in slow], factor=h.straggler_factor)
+        if h.sdc_interval and self.step % h.sdc_interval == 0 and p.replica_group is not None:
+            self._beat("sdc_check")
+            divergent = check_replicas(p.model_parts, p.replica_group)
+            flags = agree({"sdc": bool(divergent)}, p.device)
+            if flags["sdc"]:
+                action = p.policy.decide(["sdc"])
+                p.logger.event("sdc_detected", self.step, divergent_ranks=divergent, action=action, all_ranks=bool(divergent))
+                if action == "rollback":
+                    self._rollback(reason="sdc")
+                    self._prefetch()
+                elif action in ("restart", "abort"):
+                    raise TrainingExit(EXIT_RESTART if action == "restart" else EXIT_UNRECOVERABLE,
+                                       f"silent data corruption on ranks {divergent}")
+
+    def _preempt(self) -> None:
+        """Every rank agreed a preemption signal arrived: save, commit, exit for requeue."""
+        with self._unwatched():
+            if self.cfg.checkpoint.enabled and self._last_save[0] != self.step:
+                self.save(wait=True)
+            self.p.checkpointer.wait()
+        self.p.logger.event("preempted", self.step, signal=self.preemption.signal_name)
+        raise TrainingExit(EXIT_PREEMPTED, f"preempted ({self.preemption.signal_name}) at step {self.step}")
+
+    def effective_training_time(self) -> float:
+        """Productive step time over wall time since the run directory's first start (restarts,
+        recomputed steps, checkpoint blocking and stalls all count against it)."""
+        return self.goodput["productive_s"] / max(1e-9, time.time() - self.goodput["run_start"])
 
 
 def _memory_gib(device: torch.device) -> float:

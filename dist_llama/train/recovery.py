@@ -1,0 +1,107 @@
+"""Recovery policy: what to do when a health check fires, decided identically on every rank.
+
+Every rank contributes its flags (checks fired, preemption requested) to one all-reduce (MAX) at
+the step boundary; every rank then applies the same deterministic policy to the same flags and
+counters, so all ranks skip, retry, roll back, save or exit together. No rank acts on a flag of
+its own.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+# Exit codes (DESIGN.md): 0 finished, 2 bad configuration.
+EXIT_UNRECOVERABLE = 3
+"""Abort: a fault the policy may not retry (action=abort), or restarts cannot help."""
+EXIT_RESTART = 75
+"""Restart me (health abort, hang): the launcher restarts the job, which resumes from the newest valid checkpoint."""
+EXIT_PREEMPTED = 76
+"""Preempted: the state was saved and committed; requeue the job."""
+
+ACTIONS = ("log", "skip", "retry", "rollback", "restart", "abort")
+"""In increasing severity."""
+FLAGS = ("nan", "loss_spike", "grad_norm_explosion", "sdc", "preempt", "save")
+"""What ranks agree on at a step boundary: health checks fired, preemption requested, save due."""
+
+
+class TrainingExit(Exception):
+    """Leave the training loop with an exit code (after the caller's cleanup)."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def agree(flags: dict[str, bool], device: torch.device, group=None) -> dict[str, bool]:
+    """OR of every rank's flags (one small all-reduce)."""
+    t = torch.tensor([float(flags.get(f, False)) for f in FLAGS], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return {f: bool(v) for f, v in zip(FLAGS, t.tolist())}
+
+
+@dataclass
+class RecoveryPolicy:
+    """Maps fired checks to an action, escalating when bounded attempts run out:
+    retry → rollback after max_retries on the same step, rollback → restart after max_rollbacks."""
+
+    health: object
+    retries: int = 0
+    """Retries of the current step so far."""
+    rollbacks: int = 0
+    """Rollbacks in this run so far (saved in checkpoints)."""
+    _actions: dict = field(init=False)
+
+    def __post_init__(self):
+        h = self.health
+        self._actions = {"nan": h.nan_action, "loss_spike": h.spike_action,
+                         "grad_norm_explosion": h.grad_norm_action, "sdc": h.sdc_action}
+
+    def decide(self, fired: list[str]) -> str:
+        if not fired:
+            self.retries = 0
+            return "ok"
+        action = max((self._actions[c] for c in fired), key=ACTIONS.index)
+        if action == "retry" and self.retries >= self.health.max_retries:
+            action = "rollback"
+        if action == "rollback" and self.rollbacks >= self.health.max_rollbacks:
+            action = "restart"
+        if action == "retry":
+            self.retries += 1
+        else:
+            self.retries = 0
+        if action == "rollback":
+            self.rollbacks += 1
+        return action
+
+
+class PreemptionFlag:
+    """SIGTERM / SIGUSR1 set a flag; the loop agrees on it collectively at the next step boundary,
+    saves, and exits with EXIT_PREEMPTED. Handlers are installed only in the main thread."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = None
+        self._previous = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
