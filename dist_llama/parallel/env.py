@@ -31,6 +31,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def _store(rank: int, world_size: int) -> dist.Store:
+    """The rendezvous store of env://, with keys private to this restart attempt.
+
+    Under torchrun the agent's store outlives worker restarts; without a per-attempt prefix, the
+    process groups a restarted job creates (device-mesh sub-groups, the checkpoint group) can read
+    the previous attempt's peer addresses and fail or hang connecting to dead ranks.
+    """
+    use_agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=rank == 0 and not use_agent_store, wait_for_workers=False)
+    return dist.PrefixStore(f"dist_llama/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init_distributed(device_name: str) -> DistEnv:
     """Join the job's process group: NCCL on CUDA, gloo on CPU. Without torchrun, a 1-rank group."""
     device = resolve_device(device_name)
@@ -39,7 +52,9 @@ def init_distributed(device_name: str) -> DistEnv:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         if "RANK" in os.environ:
-            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+            rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            dist.init_process_group(backend, store=_store(rank, world_size), rank=rank, world_size=world_size,
+                                    device_id=device if device.type == "cuda" else None)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistEnv(rank=dist.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", "0")),

@@ -8,6 +8,7 @@ its own.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -103,5 +104,11 @@ class PreemptionFlag:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGTERM:
+            # A second SIGTERM (a launcher stopping workers that could not reach a step boundary,
+            # e.g. because a peer died): stop now, as the default handler would.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         self.requested = True
         self.signal_name = signal.Signals(signum).name
