@@ -122,6 +122,10 @@ def build_trainer(cfg: Config, env: DistEnv, dataset) -> Trainer:
         peak = measure_cpu_peak_flops()
     logger = MetricsLogger(run_dir, env.rank, cfg.train.steps, cfg.logging,
                            OmegaConf.to_container(OmegaConf.structured(cfg)))
+    # When this process started (Linux /proc), for restart-time accounting in events.jsonl.
+    logger.event("process_start", 0, started=os.stat(f"/proc/{os.getpid()}").st_mtime
+                 if os.path.exists(f"/proc/{os.getpid()}") else None,
+                 restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
     faults = FaultInjector.from_config(cfg.health, env.rank, run_dir, on_fire=logger.fault_fired)
     if cfg.health.preflight:
         preflight(env.device)

@@ -332,7 +332,7 @@ class Trainer:
                       "grad_norm": grad_norm, "tokens": self.tokens,
                       "tokens_per_sec": tokens_per_step / step_time,
                       "mfu": mfu(tokens_per_step / step_time / p.world_size, p.flops_per_token, p.peak_flops),
-                      "step_time_s": step_time, "mem_gib": _memory_gib(p.device),
+                      "step_time_s": step_time, "mem_gib": _memory_gib(p.device), "time": time.time(),
                       "goodput": self.effective_training_time()}
             self.history.append(record)
             if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps:
