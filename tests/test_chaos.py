@@ -137,6 +137,8 @@ def test_hang_is_detected_dumped_and_restarted(fault_free, tmp_path):
     assert {e["rank"] for e in hangs} >= {1}
     report = [e for e in events if e["event"] == "hang_report"]
     assert report and report[0]["stuck_ranks"] == [1], report
+    fired = next(e for e in events if e["event"] == "fault_injected" and e["fault"] == "hang")
+    assert min(e["time"] for e in hangs) - fired["time"] <= 5 + 3  # within the timeout, plus slack
     dump = (run_dir / "hangs" / "hang-rank-00001.txt").read_text()
     assert "faults.py" in dump  # the hung rank's stack shows where it hung
     assert time.monotonic() - t0 < 120

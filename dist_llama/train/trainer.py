@@ -351,8 +351,15 @@ class Trainer:
             self.p.checkpointer.wait()
         losses = {"first_loss": self.history[0]["loss"], "last_loss": self.history[-1]["loss"]} if self.history else {}
         p.logger.event("train_end", self.step, tokens=self.tokens, **losses)
+        g = self.goodput
+        wall = time.time() - g["run_start"]
         p.logger.event("goodput", self.step, effective_training_time=self.effective_training_time(),
-                       **{k: round(v, 3) if isinstance(v, float) else v for k, v in self.goodput.items()})
+                       wall_s=round(wall, 3), productive_s=round(g["productive_s"], 3),
+                       checkpoint_blocking_s=round(g["checkpoint_blocking_s"], 3),
+                       retried_or_skipped_s=round(g["lost_s"], 3),
+                       # what remains: restarts, steps recomputed after them or after rollbacks, start-up
+                       restarts_recompute_startup_s=round(wall - g["productive_s"] - g["checkpoint_blocking_s"]
+                                                          - g["lost_s"], 3))
         return self.history
 
     def _report_hangs(self) -> None:
