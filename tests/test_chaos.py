@@ -37,7 +37,6 @@ def _events(run_dir):
 
 def _final_model(run_dir, step=16):
     """The model tensors of a committed checkpoint, read back without a process group."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     out = run_dir / "final.pt"

@@ -361,8 +361,6 @@ def test_failed_save_keeps_the_previous_checkpoint_and_training_goes_on(tmp_path
 # --- retention -----------------------------------------------------------------------------------------
 
 def _retention(root: str):
-    from dist_llama.train.checkpoint import Checkpointer
-
     _init()
     root = Path(root)
     ck, events, _ = _save_steps(root, [1, 2, 3, 4], async_save=False, keep_last=2)

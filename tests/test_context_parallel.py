@@ -1,10 +1,11 @@
 """Context parallelism: logits, losses and gradients of cp ranks (gloo, fork-started) against the
 single-process model on the full sequence, with and without document masks."""
 
-import math
 
 import pytest
 import torch
+
+from sharp import randomize_
 import torch.distributed as dist
 import torch.nn.functional as F
 
@@ -31,17 +32,7 @@ def build_model(seed: int = 0) -> Transformer:
                      max_seq_len=64, attn_impl="sdpa")
     torch.manual_seed(seed)
     model = Transformer(args)
-    # Weights large enough that attention is far from uniform, so masks and RoPE matter.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif "embed" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 1.5 / math.sqrt(p.shape[1]))
-    return model
+    return randomize_(model, seed)
 
 
 def packed(lengths_per_row: list[list[int]], first_doc: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from sharp import randomize_
+
 from dist_llama.model import ModelArgs, Transformer, ffn_hidden_dim
 from dist_llama.model.hf import args_from_hf_config, from_hf_state_dict, to_hf_state_dict
 from dist_llama.model.llama import apply_scaling, precompute_freqs_cis
@@ -18,21 +20,6 @@ def tiny_args(**kw) -> ModelArgs:
     base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, multiple_of=32, max_seq_len=128)
     base.update(kw)
     return ModelArgs(**base)
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Weights large enough that attention is far from uniform, so masks and RoPE matter."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:  # norms
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif "embed" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 1.5 / math.sqrt(p.shape[1]))
-    return model
-
 
 def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: error relative to the largest logit."""

@@ -6,11 +6,12 @@ norm and updated parameters for comparison.
 """
 
 import copy
-import math
 from types import SimpleNamespace
 
 import pytest
 import torch
+
+from sharp import randomize_
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
@@ -42,16 +43,7 @@ def build_model(args: ModelArgs, seed: int = 0) -> Transformer:
     gains away from 1 (a wrong norm shard would show)."""
     torch.manual_seed(seed)
     model = Transformer(args)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif "embed" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 1.5 / math.sqrt(p.shape[1]))
-    return model
+    return randomize_(model, seed)
 
 
 def make_batch(rows: int, seed: int = 1) -> dict:

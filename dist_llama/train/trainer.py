@@ -265,7 +265,7 @@ class Trainer:
 
     def fit(self) -> list[dict]:
         """Train to cfg.train.steps. Raises TrainingExit for restart / preemption / abort."""
-        cfg, p = self.cfg, self.p
+        p = self.p
         self.preemption.install()
         try:
             return self._fit()
