@@ -1,0 +1,109 @@
+"""dist-llama-plan: predict memory, communication, step time and MFU of a layout before running it;
+and simulate goodput under failures (--goodput).
+
+    dist-llama-plan --config llama3_405b.yaml --gpus 8192 parallel.tp=8 parallel.pp=16 \\
+        parallel.pp_schedule=interleaved_1f1b parallel.pp_virtual_stages=7 train.micro_batch_size=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Optional, Sequence
+
+from dist_llama.config import ConfigError, load, resolve_parallel, to_object, validate_model
+from dist_llama.plan.estimate import GiB, Estimate, estimate, hardware_preset
+
+EXIT_BAD_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dist-llama-plan", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", help="YAML preset (path, or a name under configs/)")
+    ap.add_argument("--gpus", type=int, default=8, help="world size")
+    ap.add_argument("--hardware", default="h100", choices=("h100", "h200", "a100", "cpu"))
+    ap.add_argument("--rank", type=int, default=0, help="the rank to describe")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--goodput", action="store_true", help="also simulate effective training time under failures")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return ap
+
+
+def resolved_config(config: Optional[str], overrides: Sequence[str], world_size: int):
+    """Load, override and validate the parts of the config the planner uses."""
+    cfg = to_object(load(config, [o.lstrip("-") for o in overrides]))
+    validate_model(cfg.model)
+    if cfg.model.vocab_size == -1:
+        raise ConfigError("model.vocab_size", "the planner needs an explicit vocabulary size")
+    parallel = resolve_parallel(cfg.parallel, world_size)
+    dp = parallel.dp_replicate * parallel.dp_shard
+    if cfg.train.global_batch_size % dp:
+        raise ConfigError("train.global_batch_size", f"must be divisible by the data-parallel degree {dp}")
+    return dataclasses.replace(cfg, parallel=parallel)
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:9.2f} GiB"
+
+
+def format_table(e: Estimate, cfg, hw) -> str:
+    """A readable report of one estimate."""
+    p, m = cfg.parallel, e.memory
+    lines = [
+        f"layout   tp={p.tp} cp={p.cp} pp={p.pp} (V={p.pp_virtual_stages}, {p.pp_schedule}) "
+        f"dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} engine={p.engine} ac={p.ac}  on {hw.name}",
+        f"rank     {e.rank}: pp rank {e.pp_rank}, stages {e.stage_ids}, {e.layers} layers",
+        f"params   total {e.params_total / 1e9:.2f} B, this rank computes {e.params_rank / 1e9:.3f} B, "
+        f"stores {e.params_shard / 1e9:.4f} B",
+        "memory (peak, this rank)",
+        f"  bf16 weights (gathered)   {_gib(m.weights_bf16)}",
+        f"  fp32 master (sharded)     {_gib(m.master_fp32)}",
+        f"  fp32 grads (sharded)      {_gib(m.grads_fp32)}",
+        f"  fp32 Adam m+v (sharded)   {_gib(m.optimizer_fp32)}",
+        f"  activations               {_gib(m.activations)}  ({m.in_flight_microbatches} micro-batches in flight, "
+        f"{m.activation_per_layer_microbatch / GiB:.3f} GiB per layer per micro-batch without AC)",
+        f"  logits                    {_gib(m.logits)}",
+        f"  total                     {_gib(m.total)}  of {hw.memory_bytes / GiB:.0f} GiB"
+        f"{'' if e.fits else '  DOES NOT FIT'}",
+        f"compute  {e.micro_batches} micro-batches, {e.hardware_flops_rank / 1e15:.2f} PFLOP on this rank, "
+        f"{e.compute_seconds:.3f} s",
+        "communication per step           bytes      time   exposed",
+    ]
+    for c in e.collectives:
+        lines.append(f"  {c.name:<30} {c.bytes_per_step / 1e9:8.2f} GB {c.seconds:8.3f} s {c.exposed_seconds:7.3f} s")
+    lines += [
+        f"bubble   {e.bubble_fraction:.3f}",
+        f"step     {e.step_seconds:.3f} s for {e.tokens_per_step:,} tokens",
+        f"per GPU  {e.tokens_per_s_per_gpu:,.0f} tokens/s, {e.tflops_per_gpu:.0f} TFLOP/s, MFU {100 * e.mfu:.1f}%",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = resolved_config(args.config, args.overrides, args.gpus)
+        if not 0 <= args.rank < args.gpus:
+            raise ConfigError("--rank", f"must be in [0, {args.gpus}), got {args.rank}")
+        hw = hardware_preset(args.hardware)
+    except (ConfigError, ValueError) as exc:
+        print(f"dist-llama-plan: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    est = estimate(cfg, hw, args.rank)
+    report = {"estimate": est.to_dict()}
+    if args.goodput:
+        from dist_llama.plan.goodput import GoodputConfig, format_goodput, simulate_report
+        report["goodput"] = simulate_report(GoodputConfig(n_gpus=args.gpus))
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    print(format_table(est, cfg, hw))
+    if args.goodput:
+        print(format_goodput(report["goodput"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
