@@ -65,7 +65,7 @@ def test_outside_kill_9_at_a_random_moment_restarts_and_matches(fault_free, tmp_
     proc = subprocess.Popen([*_torchrun(2, max_restarts=3), *COMMON, f"train.run_dir={run_dir}"], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    target = random.Random().randint(3, 13)
+    target = random.Random().randint(3, 10)
     deadline = time.monotonic() + 120
     metrics = run_dir / "metrics.jsonl"
     while time.monotonic() < deadline:

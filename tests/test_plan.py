@@ -139,3 +139,28 @@ def test_best_interval_close_to_young_daly():
 def test_cli_goodput(capsys):
     assert main(["--config", "llama3_8b.yaml", "--gpus", "8", "--goodput"]) == 0
     assert "Young/Daly" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("config,gpus,layout,rank", [
+    ("llama3_405b", 16384, ["parallel.tp=8", "parallel.pp=16", "parallel.dp_shard=128"], 5),
+    ("llama3_405b", 16384, ["parallel.tp=8", "parallel.pp=16", "parallel.dp_shard=128"], 16383),  # uneven vocab shard
+    ("llama3_70b", 512, ["parallel.tp=8", "parallel.cp=2", "parallel.pp=4", "parallel.dp_replicate=2",
+                         "parallel.dp_shard=4", "parallel.pp_schedule=interleaved_1f1b",
+                         "parallel.pp_virtual_stages=2"], 300),
+])
+def test_dry_run_of_one_rank_agrees_with_the_estimator(config, gpus, layout, rank):
+    """The real build (pipeline split, TP, CP, FSDP/HSDP) of one rank on a fake process group of the
+    full world: its allocated parameters are within 2% of the estimator's, in well under 60 s."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-m", "dist_llama.plan.cli", "--config", f"configs/{config}.yaml",
+                           "--gpus", str(gpus), *layout, "--hardware", "h100", "--dry-run", "--rank", str(rank),
+                           "--json"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dry = json.loads(proc.stdout)["dry_run"]
+    assert abs(dry["relative_error"]) <= 0.02, dry
+    assert dry["seconds"] < 60

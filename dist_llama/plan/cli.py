@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpus", type=int, default=8, help="world size")
     ap.add_argument("--hardware", default="h100", choices=("h100", "h200", "a100", "cpu"))
     ap.add_argument("--rank", type=int, default=0, help="the rank to describe")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="also build this rank's real model parts on a fake process group and compare")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--goodput", action="store_true", help="also simulate effective training time under failures")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
@@ -96,10 +98,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.goodput:
         from dist_llama.plan.goodput import GoodputConfig, format_goodput, simulate_report
         report["goodput"] = simulate_report(GoodputConfig(n_gpus=args.gpus))
+    if args.dry_run:
+        from dist_llama.plan.dryrun import dry_run
+        dr = dry_run(cfg, args.gpus, args.rank)
+        dr["estimated_params_local"] = est.params_shard
+        dr["relative_error"] = (est.params_shard - dr["params_allocated"]) / dr["params_allocated"]
+        report["dry_run"] = dr
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
     print(format_table(est, cfg, hw))
+    if args.dry_run:
+        print(f"dry run  rank {dr['rank']} of {dr['world_size']} (stages {dr['stage_ids']}): "
+              f"{dr['params_allocated']:,} parameters allocated ({dr['params_local']:,} of data; estimate "
+              f"{est.params_shard:,.0f}, {100 * dr['relative_error']:+.2f}%), fp32 params+grads+Adam "
+              f"{16 * dr['params_allocated'] / 2**30:.2f} GiB, built in {dr['seconds']:.1f} s")
     if args.goodput:
         print(format_goodput(report["goodput"]))
     return 0

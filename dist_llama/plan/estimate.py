@@ -13,7 +13,6 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
 from dist_llama.config import Config, micro_batches
 from dist_llama.model.flops import H100_BF16_PEAK, count_params, flops_per_token, measure_cpu_peak_flops
