@@ -29,13 +29,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="also build this rank's real model parts on a fake process group and compare")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--goodput", action="store_true", help="also simulate effective training time under failures")
-    ap.add_argument("overrides", nargs="*", help="key=value config overrides")
+    # key=value overrides may stand anywhere on the line (parse_known_args collects them).
     return ap
 
 
 def resolved_config(config: Optional[str], overrides: Sequence[str], world_size: int):
     """Load, override and validate the parts of the config the planner uses."""
-    cfg = to_object(load(config, [o.lstrip("-") for o in overrides]))
+    cfg = to_object(load(config, overrides))
     validate_model(cfg.model)
     if cfg.model.vocab_size == -1:
         raise ConfigError("model.vocab_size", "the planner needs an explicit vocabulary size")
@@ -84,7 +84,7 @@ def format_table(e: Estimate, cfg, hw) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    args, args.overrides = _parser().parse_known_args(argv)
     try:
         cfg = resolved_config(args.config, args.overrides, args.gpus)
         if not 0 <= args.rank < args.gpus:
