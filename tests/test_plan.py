@@ -164,3 +164,25 @@ def test_dry_run_of_one_rank_agrees_with_the_estimator(config, gpus, layout, ran
     dry = json.loads(proc.stdout)["dry_run"]
     assert abs(dry["relative_error"]) <= 0.02, dry
     assert dry["seconds"] < 60
+
+
+def test_search_lists_valid_layouts_under_the_cap_best_first():
+    from dist_llama import config as config_lib
+    from dist_llama.plan.estimate import hardware_preset
+    from dist_llama.plan.search import search
+
+    cfg = config_lib.to_object(config_lib.load("configs/llama3_8b.yaml"))
+    hw = hardware_preset("h100")
+    roomy = search(cfg, 64, hw, memory_cap=80 * 2**30, top=50)
+    tight = search(cfg, 64, hw, memory_cap=20 * 2**30, top=50)
+    assert roomy and tight
+    mfus = [e.mfu for _, e in roomy]
+    assert mfus == sorted(mfus, reverse=True)
+    for c, e in roomy + tight:
+        p = c.parallel
+        assert p.tp * p.cp * p.pp * p.dp_replicate * p.dp_shard == 64
+        assert cfg.model.n_kv_heads % p.tp == 0
+    assert all(e.memory.total <= 20 * 2**30 for _, e in tight)
+    # A tighter cap can only remove layouts, so the best one cannot get better.
+    assert tight[0][1].mfu <= roomy[0][1].mfu
+    assert any(e.memory.total > 20 * 2**30 for _, e in roomy)

@@ -25,6 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpus", type=int, default=8, help="world size")
     ap.add_argument("--hardware", default="h100", choices=("h100", "h200", "a100", "cpu"))
     ap.add_argument("--rank", type=int, default=0, help="the rank to describe")
+    ap.add_argument("--search", action="store_true",
+                    help="list the best layouts (tp, cp, pp, schedule, AC) for --gpus under --memory-cap")
+    ap.add_argument("--memory-cap", type=float, default=None,
+                    help="GiB per GPU for --search (default: the hardware's memory)")
+    ap.add_argument("--top", type=int, default=10, help="layouts --search lists")
     ap.add_argument("--dry-run", action="store_true",
                     help="also build this rank's real model parts on a fake process group and compare")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -93,6 +98,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"dist-llama-plan: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.search:
+        from dist_llama.plan.search import format_search, search
+        cap = args.memory_cap * 2**30 if args.memory_cap else hw.memory_bytes
+        found = search(cfg, args.gpus, hw, cap, args.top)
+        if args.json:
+            print(json.dumps([{"parallel": dataclasses.asdict(c.parallel), "estimate": e.to_dict()}
+                              for c, e in found], indent=2, default=str))
+        else:
+            print(format_search(found, cap))
+        return 0
     est = estimate(cfg, hw, args.rank)
     report = {"estimate": est.to_dict()}
     if args.goodput:

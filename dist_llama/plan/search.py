@@ -1,0 +1,57 @@
+"""Search mode: estimate every sensible layout of a model on a GPU count, keep those that fit a
+memory cap, best MFU first."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+from dist_llama.config import Config, ConfigError, validate
+from dist_llama.plan.estimate import Estimate, Hardware, estimate
+
+TP = (1, 2, 4, 8)
+PP = (1, 2, 4, 8, 16, 32)
+CP = (1, 2, 4, 8, 16)
+SCHEDULES = (("1f1b", 1), ("interleaved_1f1b", 2), ("interleaved_1f1b", 4), ("interleaved_1f1b", 7))
+AC = ("none", "full")
+
+
+def candidates(cfg: Config, gpus: int, hw: Hardware):
+    """Layouts that pass the same validation as a real run (TP within a node)."""
+    for tp, pp, cp, (schedule, virtual), ac in itertools.product(TP, PP, CP, SCHEDULES, AC):
+        if tp > hw.gpus_per_node or gpus % (tp * pp * cp) or (pp == 1 and virtual > 1):
+            continue
+        parallel = dataclasses.replace(cfg.parallel, tp=tp, pp=pp, cp=cp, dp_replicate=1, dp_shard=-1,
+                                       pp_schedule=schedule if pp > 1 else "1f1b", pp_virtual_stages=virtual,
+                                       ac=ac, pp_layers_per_stage=None)
+        candidate = dataclasses.replace(cfg, parallel=parallel)
+        try:
+            yield validate(candidate, gpus)
+        except ConfigError:
+            continue
+
+
+def search(cfg: Config, gpus: int, hw: Hardware, memory_cap: float, top: int = 10) -> list[tuple[Config, Estimate]]:
+    """The `top` layouts by predicted MFU whose peak memory (pipeline rank 0 holds the most
+    in-flight micro-batches) stays under memory_cap bytes."""
+    results = []
+    for candidate in candidates(cfg, gpus, hw):
+        est = estimate(candidate, hw, rank=0)
+        if est.memory.total <= memory_cap:
+            results.append((candidate, est))
+    results.sort(key=lambda r: r[1].mfu, reverse=True)
+    return results[:top]
+
+
+def format_search(results: list[tuple[Config, Estimate]], memory_cap: float) -> str:
+    lines = [f"best layouts under {memory_cap / 2**30:.0f} GiB per GPU (by predicted MFU):",
+             f"{'tp':>3}{'cp':>4}{'pp':>4}{'dp':>6}  {'schedule':<22}{'ac':<6}{'memory GiB':>11}"
+             f"{'tok/s/GPU':>11}{'MFU':>8}"]
+    for cfg, est in results:
+        p = cfg.parallel
+        schedule = f"{p.pp_schedule} v{p.pp_virtual_stages}" if p.pp > 1 else "-"
+        lines.append(f"{p.tp:>3}{p.cp:>4}{p.pp:>4}{p.dp_replicate * p.dp_shard:>6}  {schedule:<22}{p.ac:<6}"
+                     f"{est.memory.total / 2**30:>11.1f}{est.tokens_per_s_per_gpu:>11,.0f}{100 * est.mfu:>7.1f}%")
+    if not results:
+        lines.append("(no layout fits)")
+    return "\n".join(lines)
