@@ -83,10 +83,13 @@ def test_torchrun_8_ranks_dp_tp_pp_matches_one_rank(tmp_path):
     """The 3-D layout from the command line: dp_shard=2 x tp=2 x pp=2 on 8 gloo ranks reproduces the
     single-process losses of the debug model."""
     base = ["-m", "dist_llama.train", "--config", "configs/debug.yaml", "train.steps=10", "logging.console=false"]
-    _run([*TORCHRUN[:-1], "8", *base, f"train.run_dir={tmp_path / 'l8'}", "parallel.dp_shard=2", "parallel.tp=2",
-          "parallel.pp=2"])
+    # Pipelining's batched send/recv over gloo is fragile upstream (one worker segfault seen in ~10
+    # runs on 2 loaded cores); a crash restarts the job, as in production, and the run must still
+    # reproduce the single-process losses (the last record of each step counts).
+    _run([*TORCHRUN[:-1], "8", "--max-restarts", "1", *base, f"train.run_dir={tmp_path / 'l8'}",
+          "parallel.dp_shard=2", "parallel.tp=2", "parallel.pp=2"])
     _run([sys.executable, *base, f"train.run_dir={tmp_path / 'l1'}"])
-    l8 = [m["loss"] for m in _jsonl(tmp_path / "l8" / "metrics.jsonl")]
+    l8 = list({m["step"]: m["loss"] for m in _jsonl(tmp_path / "l8" / "metrics.jsonl")}.values())
     l1 = [m["loss"] for m in _jsonl(tmp_path / "l1" / "metrics.jsonl")]
     assert len(l8) == len(l1) == 10
     for a, b in zip(l8, l1):

@@ -186,3 +186,19 @@ def test_search_lists_valid_layouts_under_the_cap_best_first():
     # A tighter cap can only remove layouts, so the best one cannot get better.
     assert tight[0][1].mfu <= roomy[0][1].mfu
     assert any(e.memory.total > 20 * 2**30 for _, e in roomy)
+
+
+def test_search_png_chart(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    png = tmp_path / "plan.png"
+    proc = subprocess.run([sys.executable, "-m", "dist_llama.plan.cli", "--config", "configs/llama3_8b.yaml",
+                           "--gpus", "64", "--hardware", "h100", "--search", "--top", "5", "--png", str(png)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(proc.stdout.strip().splitlines()) == 2 + 5  # title, header, 5 layouts
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

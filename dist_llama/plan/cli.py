@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--memory-cap", type=float, default=None,
                     help="GiB per GPU for --search (default: the hardware's memory)")
     ap.add_argument("--top", type=int, default=10, help="layouts --search lists")
+    ap.add_argument("--png", default=None, help="with --search: also draw MFU and memory per layout to this PNG")
     ap.add_argument("--dry-run", action="store_true",
                     help="also build this rank's real model parts on a fake process group and compare")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -99,9 +100,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"dist-llama-plan: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.search:
-        from dist_llama.plan.search import format_search, search
+        from dist_llama.plan.search import format_search, plot_search, search
         cap = args.memory_cap * 2**30 if args.memory_cap else hw.memory_bytes
         found = search(cfg, args.gpus, hw, cap, args.top)
+        if args.png:
+            plot_search(found, cap, args.png)
         if args.json:
             print(json.dumps([{"parallel": dataclasses.asdict(c.parallel), "estimate": e.to_dict()}
                               for c, e in found], indent=2, default=str))

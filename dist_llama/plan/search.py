@@ -55,3 +55,29 @@ def format_search(results: list[tuple[Config, Estimate]], memory_cap: float) -> 
     if not results:
         lines.append("(no layout fits)")
     return "\n".join(lines)
+
+
+def plot_search(results: list[tuple[Config, Estimate]], memory_cap: float, path: str) -> None:
+    """A PNG: predicted MFU (bars) and peak memory per GPU (dots, cap dashed) of each layout."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    labels = [f"tp{c.parallel.tp} cp{c.parallel.cp} pp{c.parallel.pp}"
+              + (f" v{c.parallel.pp_virtual_stages}" if c.parallel.pp > 1 else "")
+              + (" AC" if c.parallel.ac != "none" else "") for c, _ in results]
+    x = range(len(results))
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(results) + 2), 4.5))
+    ax.bar(x, [100 * e.mfu for _, e in results], color="tab:blue")
+    ax.set_ylabel("predicted MFU (%)", color="tab:blue")
+    ax.set_xticks(list(x), labels, rotation=45, ha="right", fontsize=8)
+    mem = ax.twinx()
+    mem.plot(list(x), [e.memory.total / 2**30 for _, e in results], "o", color="tab:red")
+    mem.axhline(memory_cap / 2**30, color="tab:red", linestyle="--", linewidth=1)
+    mem.set_ylabel("peak memory per GPU (GiB)", color="tab:red")
+    mem.set_ylim(bottom=0)
+    ax.set_title("dist-llama-plan: best layouts under the memory cap")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
