@@ -482,7 +482,6 @@ class Checkpointer:
         """Checkpoints passing the cheap check, oldest first."""
         return [p for p in self._step_dirs() if check_checkpoint(p) is None]
 
-    list_complete = list_valid
 
     def _retention(self) -> None:
         """Keep the newest keep_last valid checkpoints (all if keep_last <= 0; never fewer than the

@@ -13,11 +13,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.parallel import loss_parallel
 
 from dist_llama.model.flops import mfu
 from dist_llama.parallel.context import cp_shard_batch
-from dist_llama.parallel.tensor import token_loss_sum
+from dist_llama.parallel.tensor import loss_parallel_context, token_loss_sum
 from dist_llama.train.health import check_replicas, find_stragglers
 from dist_llama.train.optim import clip_grad_norm_
 from dist_llama.train.recovery import (EXIT_PREEMPTED, EXIT_RESTART, EXIT_UNRECOVERABLE, PreemptionFlag,
@@ -145,7 +144,7 @@ class Trainer:
         p = self.p
         if p.cp > 1:
             batch = cp_shard_batch(batch, p.cp_rank, p.cp)
-        with loss_parallel() if p.tp > 1 else contextlib.nullcontext():
+        with loss_parallel_context(p.tp > 1):
             if p.schedule is not None:
                 loss_acc = self._pipeline_forward_backward(batch)
             else:
