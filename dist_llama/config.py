@@ -54,7 +54,13 @@ class ParallelConfig:
     pp_lighter_ends: bool = False
     """Give the first and last stages one layer fewer (they hold the embedding / output; Llama 3)."""
     engine: str = "fsdp"
-    """Data-parallel engine: fsdp (FSDP2 fully_shard; HSDP when dp_replicate>1) or ddp (all dp ranks replicate)."""
+    """Data-parallel engine: fsdp (FSDP2; HSDP when dp_replicate>1), ddp (replicas) or deepspeed (ZeRO)."""
+    zero_stage: int = 3
+    """engine=deepspeed: ZeRO stage 1 (optimizer states), 2 (+ gradients) or 3 (+ parameters) sharded."""
+    offload_optimizer: bool = False
+    """engine=deepspeed: keep optimizer states (and the step) in CPU memory."""
+    offload_params: bool = False
+    """engine=deepspeed with zero_stage=3: keep parameters in CPU memory between uses."""
     reshard_after_forward: bool = True
     """FSDP: free gathered weights after forward (ZeRO-3 style); False keeps them until backward."""
     ac: str = "none"
@@ -324,9 +330,19 @@ def resolve_parallel(p: ParallelConfig, world_size: int) -> ParallelConfig:
     _require(product == world_size, "parallel.dp_shard",
              f"dp_replicate*dp_shard*cp*tp*pp={product} must equal the world size {world_size} "
              "(set parallel.dp_shard=-1 to fill it)")
-    _require(p.engine in ("fsdp", "ddp"), "parallel.engine", f"must be fsdp or ddp, got {p.engine!r}")
+    _require(p.engine in ("fsdp", "ddp", "deepspeed"), "parallel.engine",
+             f"must be fsdp, ddp or deepspeed, got {p.engine!r}")
     _require(p.engine == "fsdp" or (p.tp == 1 and p.pp == 1), "parallel.engine",
-             "ddp composes with data and context parallelism only; use engine=fsdp with tp or pp")
+             f"{p.engine} composes with data parallelism only (tp={p.tp}, pp={p.pp}); use engine=fsdp with tp or pp")
+    if p.engine == "deepspeed":
+        _require(p.cp == 1 and p.dp_replicate == 1, "parallel.engine",
+                 f"deepspeed runs plain ZeRO data parallelism: needs cp=1 and dp_replicate=1 "
+                 f"(got cp={p.cp}, dp_replicate={p.dp_replicate}); use engine=fsdp for HSDP or CP")
+        _require(p.zero_stage in (1, 2, 3), "parallel.zero_stage", f"must be 1, 2 or 3, got {p.zero_stage}")
+    _require(not p.offload_params or (p.engine == "deepspeed" and p.zero_stage == 3), "parallel.offload_params",
+             "needs parallel.engine=deepspeed and parallel.zero_stage=3")
+    _require(not p.offload_optimizer or p.engine == "deepspeed", "parallel.offload_optimizer",
+             "needs parallel.engine=deepspeed")
     _require(p.pp_schedule in SCHEDULES, "parallel.pp_schedule",
              f"must be one of {', '.join(SCHEDULES)}; got {p.pp_schedule!r}")
     if p.pp_schedule in MULTI_STAGE:
