@@ -16,9 +16,8 @@ from dist_llama import config as config_lib
 from dist_llama.config import Config, ConfigError
 from dist_llama.data import build_tokenizer, open_dataset
 from dist_llama.parallel.env import init_distributed, world_size_from_env
-from dist_llama.train.recovery import TrainingExit
+from dist_llama.train.recovery import EXIT_OK, TrainingExit
 
-EXIT_OK = 0
 EXIT_CONFIG = 2
 
 

@@ -12,11 +12,14 @@ import os
 import signal
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-# Exit codes (DESIGN.md): 0 finished, 2 bad configuration.
+# Exit codes (DESIGN.md): 0 finished (or stopped on a launcher's request), 2 bad configuration.
+EXIT_OK = 0
 EXIT_UNRECOVERABLE = 3
 """Abort: a fault the policy may not retry (action=abort), or restarts cannot help."""
 EXIT_RESTART = 75
@@ -81,16 +84,35 @@ class RecoveryPolicy:
         return action
 
 
+STOP_FILE_ENV = "DIST_LLAMA_STOP_FILE"
+"""A launcher's request to save and stop: the path of a file whose appearance means 'preempted'."""
+
+
 class PreemptionFlag:
     """SIGTERM / SIGUSR1 set a flag; the loop agrees on it collectively at the next step boundary,
-    saves, and exits with EXIT_PREEMPTED. Handlers are installed only in the main thread."""
+    saves, and exits with EXIT_PREEMPTED. Handlers are installed only in the main thread.
+
+    A launcher can ask the same by creating the file named in $DIST_LLAMA_STOP_FILE (the Slurm batch
+    script does on its preemption notice: signals cannot be sent through torchrun's agent, which
+    dies on SIGUSR1). Then the trainer exits 0, not 76: torchrun restarts workers on any non-zero
+    exit, and the launcher that wrote the file requeues the job itself.
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, stop_file: Optional[str] = None):
         self.signal_name = None
+        self._signalled = False
+        self._stop_file = Path(stop_file) if stop_file else None
         self._previous = {}
+
+    @property
+    def by_stop_file(self) -> bool:
+        return self._stop_file is not None and self._stop_file.exists()
+
+    @property
+    def requested(self) -> bool:
+        return self._signalled or self.by_stop_file
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -104,11 +126,11 @@ class PreemptionFlag:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGTERM:
+        if self._signalled and signum == signal.SIGTERM:
             # A second SIGTERM (a launcher stopping workers that could not reach a step boundary,
             # e.g. because a peer died): stop now, as the default handler would.
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
             return
-        self.requested = True
+        self._signalled = True
         self.signal_name = signal.Signals(signum).name

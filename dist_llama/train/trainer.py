@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -19,8 +20,8 @@ from dist_llama.parallel.context import cp_shard_batch
 from dist_llama.parallel.tensor import loss_parallel_context, token_loss_sum
 from dist_llama.train.health import check_replicas, find_stragglers
 from dist_llama.train.optim import clip_grad_norm_
-from dist_llama.train.recovery import (EXIT_PREEMPTED, EXIT_RESTART, EXIT_UNRECOVERABLE, PreemptionFlag,
-                                       RecoveryPolicy, TrainingExit, agree)
+from dist_llama.train.recovery import (EXIT_OK, EXIT_PREEMPTED, EXIT_RESTART, EXIT_UNRECOVERABLE, STOP_FILE_ENV,
+                                       PreemptionFlag, RecoveryPolicy, TrainingExit, agree)
 
 HEALTH_CHECKS = ("nan", "loss_spike", "grad_norm_explosion")
 PHASES = ("step_start", "forward_backward", "health_agreement", "optimizer", "straggler_check", "sdc_check",
@@ -84,7 +85,7 @@ class Trainer:
         self._data_state: dict | None = None
         self._last_save = (0, time.time())
         self.lr_scale = 1.0
-        self.preemption = PreemptionFlag()
+        self.preemption = PreemptionFlag(os.environ.get(STOP_FILE_ENV))
         self.goodput = {"run_start": time.time(), "productive_s": 0.0, "lost_s": 0.0,
                         "checkpoint_blocking_s": 0.0}
         for scheduler in parts.schedulers:  # rollbacks may scale the LR; the factor is checkpointed
@@ -412,8 +413,13 @@ class Trainer:
             if self.cfg.checkpoint.enabled and self._last_save[0] != self.step:
                 self.save(wait=True)
             self.p.checkpointer.wait()
-        self.p.logger.event("preempted", self.step, signal=self.preemption.signal_name)
-        raise TrainingExit(EXIT_PREEMPTED, f"preempted ({self.preemption.signal_name}) at step {self.step}")
+        # Ranks agree on the flag, not on its source: the stop file decides the exit code everywhere
+        # only if every rank can see it, which a shared run directory guarantees.
+        source = "stop_file" if self.preemption.by_stop_file else self.preemption.signal_name
+        self.p.logger.event("preempted", self.step, signal=source)
+        if source == "stop_file":
+            raise TrainingExit(EXIT_OK, f"stopped at step {self.step}: the launcher asked (stop file), state saved")
+        raise TrainingExit(EXIT_PREEMPTED, f"preempted ({source}) at step {self.step}")
 
     def effective_training_time(self) -> float:
         """Productive step time over wall time since the run directory's first start (restarts,
