@@ -252,9 +252,9 @@ def _merge(base: DictConfig, other, source: str) -> DictConfig:
                           f"expected {node_type}") from None
 
 
-def load(config_path: Optional[str], overrides: Sequence[str] = ()) -> DictConfig:
+def load(config_path: Optional[str], overrides: Sequence[str] = (), schema: type = Config) -> DictConfig:
     """Schema defaults, then the YAML preset, then key=value overrides, each checked by omegaconf."""
-    cfg = OmegaConf.structured(Config)
+    cfg = OmegaConf.structured(schema)
     if config_path:
         path = Path(config_path)
         if not path.is_file() and (CONFIG_DIR / path.name).is_file():

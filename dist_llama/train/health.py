@@ -337,6 +337,18 @@ def _known_matmul(n: int = 128) -> tuple[np.ndarray, np.ndarray]:
     return (i + 2 * j) % 7 - 3, (3 * i + j) % 5 - 2
 
 
+def known_matmul_error(device: torch.device) -> Optional[str]:
+    """None if `device` multiplies two known matrices exactly, else what went wrong."""
+    a, b = _known_matmul()
+    expected = a.astype(np.int64) @ b.astype(np.int64)
+    got = torch.matmul(torch.tensor(a, dtype=torch.float32, device=device),
+                       torch.tensor(b, dtype=torch.float32, device=device)).cpu().numpy()
+    if np.array_equal(got, expected):
+        return None
+    return (f"a {a.shape[0]}x{a.shape[0]} fp32 matmul of known result on {device} is wrong "
+            f"(max abs error {float(np.nanmax(np.abs(got - expected))):.3g})")
+
+
 def preflight(device: torch.device) -> None:
     """Check this rank's device and the world's collectives before training; raises RuntimeError
     naming the rank and what failed.
@@ -345,14 +357,9 @@ def preflight(device: torch.device) -> None:
     all raise together (a rank that raised alone would leave the others stuck in the next collective).
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
-    a, b = _known_matmul()
-    expected = a.astype(np.int64) @ b.astype(np.int64)
-    got = torch.matmul(torch.tensor(a, dtype=torch.float32, device=device),
-                       torch.tensor(b, dtype=torch.float32, device=device)).cpu().numpy()
-    matmul_ok = bool(np.array_equal(got, expected))
-    local_error = None if matmul_ok else (
-        f"preflight failed on rank {rank}: a {a.shape[0]}x{a.shape[0]} fp32 matmul of known result on "
-        f"{device} is wrong (max abs error {float(np.nanmax(np.abs(got - expected))):.3g})")
+    matmul_error = known_matmul_error(device)
+    matmul_ok = matmul_error is None
+    local_error = None if matmul_ok else f"preflight failed on rank {rank}: {matmul_error}"
     if not dist.is_initialized():
         if local_error:
             raise RuntimeError(local_error)

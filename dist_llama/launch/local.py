@@ -1,0 +1,88 @@
+"""`launch/train.sh`: start a training job with torchrun on this machine, or one node of several.
+
+    launch/train.sh -n 4 --config configs/debug.yaml train.steps=50
+    launch/train.sh -n 8 --nnodes 2 --rdzv-endpoint node1:29500 --rdzv-id myjob --config ...   # on each node
+
+torchrun restarts every worker when one fails (up to --max-restarts), and the trainer resumes from the
+newest valid checkpoint, so a killed rank costs one restart. Each rank's output goes to
+<run_dir>/logs/<torchrun run id>/attempt_<k>/<local rank>/{stdout,stderr}.log, and is also echoed here
+with a rank prefix. The Slurm batch script (slurm.py) builds its torchrun line with the same function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from dist_llama import config as config_lib
+from dist_llama.config import ConfigError
+
+EXIT_CONFIG = 2
+
+
+def threads_per_rank(nproc: int, cpus: Optional[int] = None) -> int:
+    """OMP threads so the ranks on a node share its cores instead of oversubscribing them."""
+    cpus = cpus or len(os.sched_getaffinity(0))
+    return max(1, cpus // nproc)
+
+
+def torchrun_args(nproc: int, nnodes: int, rdzv_endpoint: Optional[str], rdzv_id: str, max_restarts: int,
+                  log_dir: str, train_args: Sequence[str]) -> list[str]:
+    """Arguments after `python -m torch.distributed.run`. One node without an endpoint is standalone."""
+    if nnodes == 1 and rdzv_endpoint is None:
+        rdzv = ["--standalone"]
+    else:
+        if rdzv_endpoint is None:
+            raise ValueError("more than one node needs a rendezvous endpoint (host:port of one of them)")
+        rdzv = [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
+                f"--rdzv-id={rdzv_id}"]
+    return [*rdzv, f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+            f"--log-dir={log_dir}", "--redirects=3", "--tee=3", "-m", "dist_llama.train", *train_args]
+
+
+def check_config(config_path: Optional[str], overrides: Sequence[str], world_size: int):
+    """Everything checkable before starting any process: a bad key exits 2 here, not on N ranks."""
+    cfg = config_lib.to_object(config_lib.load(config_path, overrides))
+    return config_lib.validate(cfg, world_size)
+
+
+def parse_args(argv: Optional[Sequence[str]]):
+    parser = argparse.ArgumentParser(
+        prog="launch/train.sh",
+        description="Train with torchrun on this machine (or as one node of a multi-node job). "
+                    "Everything not listed here is passed to the trainer (--config and key=value overrides).")
+    parser.add_argument("-n", "--nproc-per-node", type=int, default=2, help="ranks on this node (default 2)")
+    parser.add_argument("--nnodes", type=int, default=1, help="nodes in the job (default 1)")
+    parser.add_argument("--rdzv-endpoint", help="host:port that every node reaches (multi-node)")
+    parser.add_argument("--rdzv-id", default="dist_llama", help="job id shared by the nodes of one job")
+    parser.add_argument("--max-restarts", type=int, default=3, help="worker-group restarts on a failure (default 3)")
+    parser.add_argument("--threads", type=int, help="OMP threads per rank (default: cores / ranks)")
+    parser.add_argument("--config", help="YAML preset (a path, or a name in configs/)")
+    return parser.parse_known_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args, overrides = parse_args(argv)
+    try:
+        cfg = check_config(args.config, overrides, args.nnodes * args.nproc_per_node)
+    except ConfigError as exc:
+        print(f"dist_llama: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    run_dir = Path(cfg.train.run_dir)
+    train_args = ([f"--config={args.config}"] if args.config else []) + list(overrides)
+    cmd = [sys.executable, "-m", "torch.distributed.run",
+           *torchrun_args(args.nproc_per_node, args.nnodes, args.rdzv_endpoint, args.rdzv_id, args.max_restarts,
+                          str(run_dir / "logs"), train_args)]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(args.threads or threads_per_rank(args.nproc_per_node)))
+    print(f"dist_llama: {' '.join(cmd)}  (OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, run directory {run_dir})",
+          file=sys.stderr, flush=True)
+    os.execve(sys.executable, cmd, env)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())
