@@ -1,0 +1,199 @@
+"""dist-llama-submit against a real Slurm: a two-node cluster (slurmctld + two slurmd on this host,
+slurm/local/) started by this module. Needs Debian's slurmctld, slurmd, slurm-client and munge, which
+launch/setup.sh installs when it runs as root; without them these tests fail, they do not skip."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+TRAIN = ["--config", "configs/debug.yaml", "--cluster", "local", "--cpu", "train.steps=24",
+         "checkpoint.interval=4", "logging.console=false"]
+
+
+def _free_port_block(n: int = 4) -> int:
+    for base in range(21000, 30000, 10):
+        try:
+            socks = []
+            for port in range(base, base + n):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", port))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free block of ports for the Slurm daemons")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """Environment whose SLURM_CONF points at a fresh two-node cluster; torn down after the module."""
+    missing = [tool for tool in ("slurmctld", "slurmd", "sbatch", "munged") if not shutil.which(tool)
+               and not Path(f"/usr/sbin/{tool}").exists()]
+    if missing:
+        pytest.fail(f"Slurm is not installed ({', '.join(missing)} missing): run launch/setup.sh as root, "
+                    "or apt-get install slurmctld slurmd slurm-client munge")
+    state = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "SLURM_LOCAL_DIR": str(state), "SLURM_LOCAL_PORT": str(_free_port_block())}
+    out = subprocess.run(["bash", str(ROOT / "slurm/local/start.sh"), "slurm-2node.conf"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    env["SLURM_CONF"] = str(state / "slurm.conf")
+    env["WANDB_MODE"] = "disabled"
+    sinfo = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], env=env, capture_output=True, text=True).stdout
+    assert sinfo.count("idle") == 2, sinfo
+    yield env
+    subprocess.run(["scancel", "--full", "--user", "root"], env=env, capture_output=True)
+    time.sleep(2)
+    subprocess.run(["bash", str(ROOT / "slurm/local/stop.sh")], env=env, capture_output=True, timeout=60)
+
+
+def _submit(env, run_dir, *extra, wait=True):
+    cmd = [sys.executable, "-m", "dist_llama.launch.slurm", *TRAIN, f"train.run_dir={run_dir}", *extra]
+    if wait:
+        cmd.append("--wait")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _job_id(proc) -> str:
+    return proc.stdout.readline().strip()
+
+
+def _losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _events(run_dir, kind):
+    lines = (run_dir / "events.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["event"] == kind]
+
+
+def _wait_for_step(run_dir, step, timeout=180):
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= step:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{run_dir} did not reach step {step} in {timeout} s")
+
+
+def _wait_for_event(run_dir, kind, timeout):
+    deadline = time.monotonic() + timeout
+    while not ((run_dir / "events.jsonl").exists() and _events(run_dir, kind)):
+        assert time.monotonic() < deadline, f"no {kind} event in {run_dir} after {timeout} s"
+        time.sleep(0.5)
+
+
+def _job_log(run_dir, job_id) -> str:
+    return "".join(p.read_text() for p in (run_dir / "slurm").glob(f"*-{job_id}.out"))
+
+
+@pytest.mark.timeout(420)
+def test_two_nodes_train_and_a_preempted_job_requeues_to_the_same_loss(slurm, tmp_path):
+    """The issue's acceptance run, twice at once: 2 nodes x 2 gloo ranks to completion, and the same
+    job preempted (USR1 to the batch script, as Slurm sends before the time limit), requeued once."""
+    clean, preempted = tmp_path / "clean", tmp_path / "preempted"
+    jobs = {run: _submit(slurm, run, "--nodes", "2", "--gpus-per-node", "2") for run in (clean, preempted)}
+    ids = {run: _job_id(proc) for run, proc in jobs.items()}
+    _wait_for_step(preempted, 9)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", ids[preempted]], env=slurm, check=True)
+    for run, proc in jobs.items():
+        out, err = proc.communicate(timeout=360)
+        assert proc.returncode == 0, _job_log(run, ids[run])[-4000:] + err
+
+    reference = _losses(clean)
+    assert len(reference) == 24
+    assert _losses(preempted) == reference  # bitwise: the same floats after save, requeue and resume
+    stop = _events(preempted, "preempted")
+    assert len(stop) == 1 and stop[0]["signal"] == "stop_file" and stop[0]["step"] >= 9
+    loaded = _events(preempted, "checkpoint_loaded")
+    assert [e["step"] for e in loaded] == [stop[0]["step"]]
+    log = _job_log(preempted, ids[preempted])
+    assert "(requeue 1)" in log and "(requeue 2)" not in log, log[-3000:]
+    assert "preflight ok on node n1" in log and "preflight ok on node n2" in log
+    assert not (preempted / "slurm" / "stop").exists()
+    assert "(requeue 1)" not in _job_log(clean, ids[clean])
+
+
+@pytest.mark.timeout(240)
+def test_scancel_leaves_no_stray_processes(slurm, tmp_path):
+    run_dir = tmp_path / "cancelled"
+    proc = _submit(slurm, run_dir, "--nodes", "2", "--gpus-per-node", "2", "train.steps=500", wait=False)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    job_id = out.strip()
+    _wait_for_step(run_dir, 2)
+    assert subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True).returncode == 0
+    subprocess.run(["scancel", job_id], env=slurm, check=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        left = subprocess.run(["pgrep", "-af", str(run_dir)], capture_output=True, text=True).stdout
+        if not left:
+            break
+        time.sleep(0.5)
+    assert not left, f"processes left after scancel:\n{left}"
+    queue = subprocess.run(["squeue", "-h", "-j", job_id], env=slurm, capture_output=True, text=True).stdout
+    assert job_id not in queue
+
+
+@pytest.mark.timeout(300)
+def test_a_node_failing_preflight_is_excluded_and_the_job_resubmitted(slurm, tmp_path):
+    """n1 fails its preflight: the job records it, resubmits itself without n1, and trains on n2."""
+    run_dir = tmp_path / "badnode"
+    env = {**slurm, "DIST_LLAMA_PREFLIGHT_FAIL": "n1"}
+    proc = _submit(env, run_dir, "--nodes", "1", "--gpus-per-node", "2", "train.steps=3")
+    first = _job_id(proc)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0  # the first job gave up its allocation
+    log = _job_log(run_dir, first)
+    assert "preflight FAILED on node n1: injected failure" in log, log
+    assert (run_dir / "slurm" / "bad_nodes").read_text().split() == ["n1"]
+    second = log.split("Submitted batch job ")[1].split()[0]
+    _wait_for_event(run_dir, "train_end", timeout=150)
+    second_log = _job_log(run_dir, second)
+    assert " on n2" in second_log and "preflight ok on node n2" in second_log, second_log
+    assert len(_losses(run_dir)) == 3
+
+
+def test_dry_run_renders_the_405b_job(tmp_path):
+    """16,384 GPUs: 2,048 nodes x 8, TP 8 x PP 16 x DP 128 from the preset's layout; nothing written.
+    `bash -n` checks the script parses, and sbatch's own option parser accepts its #SBATCH lines."""
+    out = subprocess.run([sys.executable, "-m", "dist_llama.launch.slurm", "--config", "configs/llama3_405b.yaml",
+                          "--cluster", "h100", "parallel.dp_shard=128", f"train.run_dir={tmp_path}/405b",
+                          "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    script = out.stdout
+    assert "#SBATCH --nodes=2048\n" in script and "#SBATCH --gpus-per-node=8\n" in script
+    assert "--nproc-per-node=8" in script and "--nnodes=2048" in script
+    assert "16384 ranks" in out.stderr.replace(",", "")
+    assert not (tmp_path / "405b").exists()
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("args, key", [
+    (["--nodes", "3", "--gpus-per-node", "2"], "train.global_batch_size"),  # 6 ranks do not divide 8
+    (["parallel.tp=2", "parallel.dp_shard=-1"], "--nodes"),  # no --nodes and no fixed world size
+    (["--nodes", "1", "--cluster", "nosuch"], "--cluster"),
+    (["--nodes", "1", "cluster.gpus_per_node=two"], "gpus_per_node"),
+])
+def test_bad_submissions_exit_2_naming_the_key(args, key, tmp_path):
+    cmd = [sys.executable, "-m", "dist_llama.launch.slurm", "--config", "configs/debug.yaml", "--cpu",
+           f"train.run_dir={tmp_path}/run", *args]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and key in out.stderr, out.stderr
+    assert not (tmp_path / "run").exists()
