@@ -72,7 +72,9 @@ def _job_id(proc) -> str:
 
 
 def _losses(run_dir):
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """Loss per step; steps recomputed after a restart appear twice in metrics.jsonl, the last counts."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return list({r["step"]: r["loss"] for r in records}.values())
 
 
 def _events(run_dir, kind):
