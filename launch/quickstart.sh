@@ -5,6 +5,5 @@ cd "$(dirname "$0")/.."
 bash launch/setup.sh
 rm -rf runs/quickstart
 export WANDB_MODE=${WANDB_MODE:-disabled}
-.venv/bin/torchrun --standalone --nproc_per_node 2 -m dist_llama.train \
-    --config configs/debug.yaml train.steps=60 train.run_dir=runs/quickstart "$@"
-echo "run directory: runs/quickstart (config.yaml, metrics.jsonl, events.jsonl, checkpoints/)"
+bash launch/train.sh -n 2 --config configs/debug.yaml train.steps=60 train.run_dir=runs/quickstart "$@"
+echo "run directory: runs/quickstart (config.yaml, metrics.jsonl, events.jsonl, checkpoints/, logs/)"
