@@ -80,7 +80,7 @@ def test_memory_follows_zero3_and_schedule():
     first, last = estimate(cfg, hw, rank=0), estimate(cfg, hw, rank=8191)
     # 16 bytes per parameter over the dp_shard*cp shard (ZeRO-3: 16Ψ/N).
     m = first.memory
-    assert m.master_fp32 + m.grads_fp32 + m.optimizer_fp32 == pytest.approx(16 * first.params_rank / 64)
+    assert m.model_states == pytest.approx(16 * first.params_rank / 64)
     # 1F1B: the first stage holds pp micro-batches, the last one.
     assert (first.memory.in_flight_microbatches, last.memory.in_flight_microbatches) == (16, 1)
     assert last.memory.logits > 0 == first.memory.logits
@@ -202,3 +202,79 @@ def test_search_png_chart(tmp_path):
     assert len(proc.stdout.strip().splitlines()) == 2 + 5  # title, header, 5 layouts
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+# --- ZeRO (engine=deepspeed) against the ZeRO paper -----------------------------------------------
+
+def _zero_parallel(stage, n, **kw):
+    return resolve_parallel(ParallelConfig(engine="deepspeed", zero_stage=stage, **kw), n)
+
+
+@pytest.mark.parametrize("stage,paper_gb", [(1, 31.4), (2, 16.6), (3, 1.9)])
+def test_zero_model_states_match_the_paper(stage, paper_gb):
+    """Rajbhandari et al. 2020, Figure 1: Ψ = 7.5 B parameters, Nd = 64, mixed-precision Adam
+    (K = 12): P_os (2+2+K/Nd)Ψ = 31.4 GB, P_os+g (2+(2+K)/Nd)Ψ = 16.6 GB, P_os+g+p (2+2+K)Ψ/Nd = 1.9 GB."""
+    from dist_llama.plan.estimate import model_states
+
+    psi, nd, k = 7.5e9, 64, 12
+    formula = {1: (2 + 2 + k / nd) * psi, 2: (2 + (2 + k) / nd) * psi, 3: (2 + 2 + k) * psi / nd}[stage]
+    s = model_states(_zero_parallel(stage, nd), psi, block_params=psi / 32, c=2)
+    assert s["params"] + s["master"] + s["grads"] + s["optimizer"] == pytest.approx(formula)
+    assert formula / 1e9 == pytest.approx(paper_gb, abs=0.05)
+    # Baseline data parallelism, (2+2+K)Ψ = 120 GB, is ZeRO-1 on one rank.
+    one = model_states(_zero_parallel(stage, 1), psi, psi / 32, c=2)
+    assert one["params"] + one["master"] + one["grads"] + one["optimizer"] == pytest.approx(120e9)
+
+
+def _zero_config(stage, n=64, **kw):
+    return Config(model=MEGATRON_7B, parallel=_zero_parallel(stage, n, **kw), data=DataConfig(seq_len=4096),
+                  train=TrainConfig(global_batch_size=n))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_estimate_memory_offload_and_traffic(stage):
+    """The whole estimate of a 7 B model on 64 H100s under DeepSpeed: model states by the paper's
+    formula, offload moving the optimizer (and ZeRO-3 weight) partitions to the host, and traffic
+    of 2Ψ elements per step for ZeRO-1/2 (as plain data parallelism) and 3Ψ for ZeRO-3 (paper §7.2),
+    gradients in fp32 as dist_llama's ds_config communicates them, weights in bf16."""
+    hw, n = hardware_preset("h100"), 64
+    e = estimate(_zero_config(stage), hw)
+    psi = count_params(MEGATRON_7B)[0]
+    assert e.params_rank == psi
+    formula = {1: 4 * psi + 12 * psi / n, 2: 2 * psi + 14 * psi / n, 3: 16 * psi / n}[stage]
+    assert e.memory.model_states == pytest.approx(formula)
+    assert e.params_shard == pytest.approx(psi / n if stage == 3 else psi)
+    assert e.memory.buffers == 2 * 5e8  # DeepSpeed's default reduce bucket, bf16
+    assert (e.memory.gathered > 0) == (stage == 3)
+    traffic = sum(c.bytes_per_step for c in e.collectives if c.name.startswith("zero"))
+    weights_bytes = {1: 2, 2: 2, 3: 4}[stage]  # one bf16 all-gather after the step; two per step for ZeRO-3
+    assert traffic == pytest.approx((4 + weights_bytes) * psi * (n - 1) / n)
+
+    off = estimate(_zero_config(stage, offload_optimizer=True, offload_params=stage == 3), hw)
+    moved = 12 * psi / n + (2 * psi / n if stage == 3 else 0)
+    assert off.memory.model_states == pytest.approx(formula - moved)
+    assert off.memory.host == pytest.approx(moved + 4 * psi / n)  # + the fp32 gradients CPU Adam steps with
+    assert any("offload" in c.name for c in off.collectives)
+    assert off.step_seconds > e.step_seconds
+
+
+def test_cli_reports_zero_engine(capsys):
+    assert main(["--config", "llama3_8b.yaml", "--gpus", "64", "parallel.engine=deepspeed", "parallel.zero_stage=2",
+                 "parallel.offload_optimizer=true"]) == 0
+    out = capsys.readouterr().out
+    assert "deepspeed ZeRO-2 (offload optimizer)" in out and "host (ZeRO offload)" in out
+    assert "zero-2 reduce-scatter grads" in out
+
+
+# --- the cpu preset and a real build ---------------------------------------------------------------
+
+def test_cpu_preset_is_measured_and_shares_the_cores():
+    from dist_llama.plan.calibrate import cores
+    from dist_llama.plan.estimate import CPU_GLOO
+
+    two, eight = hardware_preset("cpu", ranks=2), hardware_preset("cpu", ranks=8)
+    assert (two.collective_latency_s, two.inter_node_bw) == CPU_GLOO[2]
+    assert (eight.collective_latency_s, eight.inter_node_bw) == CPU_GLOO[8]
+    assert two.link_efficiency == 1.0 and two.host_bw == 0
+    if cores() <= 2:  # 8 ranks get a quarter of a core each (peaks are measured, so only roughly)
+        assert eight.peak_flops < two.peak_flops

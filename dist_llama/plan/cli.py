@@ -56,25 +56,35 @@ def _gib(x: float) -> str:
     return f"{x / GiB:9.2f} GiB"
 
 
+def _engine(p) -> str:
+    if p.engine != "deepspeed":
+        return p.engine
+    offload = [name for name, on in (("optimizer", p.offload_optimizer), ("params", p.offload_params)) if on]
+    return f"deepspeed ZeRO-{p.zero_stage}" + (f" (offload {'+'.join(offload)})" if offload else "")
+
+
 def format_table(e: Estimate, cfg, hw) -> str:
     """A readable report of one estimate."""
     p, m = cfg.parallel, e.memory
     lines = [
         f"layout   tp={p.tp} cp={p.cp} pp={p.pp} (V={p.pp_virtual_stages}, {p.pp_schedule}) "
-        f"dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} engine={p.engine} ac={p.ac}  on {hw.name}",
+        f"dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} engine={_engine(p)} ac={p.ac}  on {hw.name}",
         f"rank     {e.rank}: pp rank {e.pp_rank}, stages {e.stage_ids}, {e.layers} layers",
         f"params   total {e.params_total / 1e9:.2f} B, this rank computes {e.params_rank / 1e9:.3f} B, "
         f"stores {e.params_shard / 1e9:.4f} B",
         "memory (peak, this rank)",
-        f"  bf16 weights (gathered)   {_gib(m.weights_bf16)}",
-        f"  fp32 master (sharded)     {_gib(m.master_fp32)}",
-        f"  fp32 grads (sharded)      {_gib(m.grads_fp32)}",
-        f"  fp32 Adam m+v (sharded)   {_gib(m.optimizer_fp32)}",
+        f"  parameters (stored)       {_gib(m.params)}",
+        f"  fp32 master (separate)    {_gib(m.master)}",
+        f"  gradients                 {_gib(m.grads)}",
+        f"  fp32 Adam m+v             {_gib(m.optimizer)}",
+        f"  gathered weights          {_gib(m.gathered)}",
+        f"  engine buffers            {_gib(m.buffers)}",
         f"  activations               {_gib(m.activations)}  ({m.in_flight_microbatches} micro-batches in flight, "
         f"{m.activation_per_layer_microbatch / GiB:.3f} GiB per layer per micro-batch without AC)",
         f"  logits                    {_gib(m.logits)}",
         f"  total                     {_gib(m.total)}  of {hw.memory_bytes / GiB:.0f} GiB"
         f"{'' if e.fits else '  DOES NOT FIT'}",
+        *([f"  host (ZeRO offload)       {_gib(m.host)}"] if m.host else []),
         f"compute  {e.micro_batches} micro-batches, {e.hardware_flops_rank / 1e15:.2f} PFLOP on this rank, "
         f"{e.compute_seconds:.3f} s",
         "communication per step           bytes      time   exposed",
@@ -95,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = resolved_config(args.config, args.overrides, args.gpus)
         if not 0 <= args.rank < args.gpus:
             raise ConfigError("--rank", f"must be in [0, {args.gpus}), got {args.rank}")
-        hw = hardware_preset(args.hardware)
+        hw = hardware_preset(args.hardware, ranks=args.gpus)
     except (ConfigError, ValueError) as exc:
         print(f"dist-llama-plan: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -4,7 +4,10 @@ pipeline bubble, step time and MFU per rank, from a validated Config and a hardw
 The model is deliberately simple (a roofline with one achievable fraction of peak for matmuls, one
 for attention kernels, one efficiency per link and one overlap fraction), calibrated once against
 the published Llama 3 (Table 4) and Megatron-LM MFU figures (tests/test_plan.py). See
-CALIBRATION for the constants and why each has its value.
+CALIBRATION for the constants and why each has its value. Model states follow the data-parallel
+engine (FSDP, DDP, DeepSpeed ZeRO-1/2/3 with offload; model_states). The "cpu" preset describes
+gloo ranks on this machine from measurements (CPU_GLOO, dist_llama.plan.calibrate);
+bench/plan_vs_measured.py compares the estimate with real runs there.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Optional
 
 from dist_llama.config import Config, micro_batches
-from dist_llama.model.flops import H100_BF16_PEAK, count_params, flops_per_token, measure_cpu_peak_flops
+from dist_llama.model.flops import H100_BF16_PEAK, count_params, flops_per_token
 from dist_llama.model.llama import ModelArgs, ffn_hidden_dim
 from dist_llama.parallel.pipeline import layers_per_stage, stage_ids_for_rank
 
@@ -39,20 +43,53 @@ class Hardware:
     """Network (InfiniBand/RoCE) bandwidth per GPU per direction, bytes/s."""
     gpus_per_node: int
     """Devices joined by the intra-node link."""
+    host_bw: float = 0.0
+    """Host <-> device copy bandwidth per device (PCIe), bytes/s, for ZeRO offload traffic;
+    0 = host memory is the device's memory (cpu ranks), offloading moves nothing."""
+    link_efficiency: Optional[float] = None
+    """Achieved / listed bandwidth of both links; None = the calibration's (GPU presets list nominal
+    link speeds); 1.0 when the bandwidths above were measured."""
+    collective_latency_s: Optional[float] = None
+    """Fixed cost per collective call; None = the calibration's (NCCL on GPUs)."""
 
 
-def hardware_preset(name: str) -> Hardware:
-    """h100 / h200 / a100 (SXM, 8 per node, one 400/400/200 Gb/s NIC per GPU) or cpu (measured peak,
-    one process per "node", loopback gloo at a nominal 5 GB/s)."""
+CPU_GLOO = {2: (0.79e-3, 0.30e9), 8: (22.4e-3, 0.185e9)}
+"""gloo over loopback on the 2-core development machine (AMD EPYC, torch 2.13 CPU): ranks ->
+(latency s per call, bus bandwidth bytes/s), the medians of 10 runs of
+`python -m dist_llama.plan.calibrate --ranks 2 8` (each run: medians of 15 all-gathers and
+reduce-scatters of 4 KiB and 16 MiB between fork-started single-thread ranks), taken while other
+jobs kept the load average at 4-9; single runs ranged 0.47-6.4 ms / 0.17-0.44 GB/s on 2 ranks and
+18-46 ms / 0.10-0.29 GB/s on 8. With more ranks than cores, ranks time-share the cores and every
+collective waits for descheduled peers, hence the 8-rank latency. Other rank counts use the nearest
+entry; other machines should measure their own (calibrate.measured_cpu_hardware)."""
+
+
+def cpu_hardware(ranks: int, latency_s: float, bus_bw: float) -> Hardware:
+    """This machine as `ranks` gloo processes of one intra-op thread each (as torchrun and
+    dist_llama.testing start them): the peak of a rank is one thread's measured fp32 matmul rate,
+    times its share of the cores when ranks outnumber them; links are loopback gloo at the measured
+    (achieved) latency and bus bandwidth; every rank is its own "node"."""
+    from dist_llama.plan.calibrate import cores, matmul_rate
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    peak = matmul_rate(threads=1) * min(1.0, cores() / ranks)
+    return Hardware("cpu", peak, float(memory) / ranks, bus_bw, bus_bw, 1, host_bw=0.0, link_efficiency=1.0,
+                    collective_latency_s=latency_s)
+
+
+def hardware_preset(name: str, ranks: int = 1) -> Hardware:
+    """h100 / h200 / a100 (SXM, 8 per node, one 400/400/200 Gb/s NIC and a PCIe Gen5/Gen5/Gen4 x16
+    host link per GPU), or cpu: `ranks` gloo ranks sharing this machine (cpu_hardware, with the
+    links recorded in CPU_GLOO)."""
     if name == "h100":
-        return Hardware("h100", H100_BF16_PEAK, 80 * GB, 450 * GB, 50 * GB, 8)
+        return Hardware("h100", H100_BF16_PEAK, 80 * GB, 450 * GB, 50 * GB, 8, host_bw=64 * GB)
     if name == "h200":
-        return Hardware("h200", H100_BF16_PEAK, 141 * GB, 450 * GB, 50 * GB, 8)
+        return Hardware("h200", H100_BF16_PEAK, 141 * GB, 450 * GB, 50 * GB, 8, host_bw=64 * GB)
     if name == "a100":
-        return Hardware("a100", 312e12, 80 * GB, 300 * GB, 25 * GB, 8)
+        return Hardware("a100", 312e12, 80 * GB, 300 * GB, 25 * GB, 8, host_bw=32 * GB)
     if name == "cpu":
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return Hardware("cpu", measure_cpu_peak_flops(), float(memory), 5 * GB, 5 * GB, 1)
+        nearest = min(CPU_GLOO, key=lambda r: (abs(r - ranks), r))
+        return cpu_hardware(ranks, *CPU_GLOO[nearest])
     raise ValueError(f"unknown hardware {name!r}; choose h100, h200, a100 or cpu")
 
 
@@ -87,30 +124,45 @@ CALIBRATION = Calibration()
 
 @dataclass
 class Memory:
-    """Bytes one rank holds at its peak, by kind."""
+    """Bytes one rank holds at its peak, by kind (device memory unless said otherwise)."""
 
-    weights_bf16: float
-    """Gathered bf16 compute copy of the weights (whole stage when FSDP keeps them after forward,
-    else about two blocks being gathered)."""
-    master_fp32: float
-    """fp32 sharded parameters (the FSDP master copy)."""
-    grads_fp32: float
-    """fp32 sharded gradients."""
-    optimizer_fp32: float
-    """AdamW exp_avg + exp_avg_sq, fp32, sharded."""
+    params: float
+    """Parameters stored between steps: FSDP's fp32 shards, DDP's fp32 replica, DeepSpeed's
+    compute-dtype model weights (whole under ZeRO-1/2, a 1/N partition under ZeRO-3, none when
+    offloaded)."""
+    master: float
+    """A separate fp32 master copy: DeepSpeed's 1/N partition (0 when offloaded); FSDP and DDP step
+    their fp32 parameters directly."""
+    grads: float
+    """Gradients held: FSDP's fp32 shards (reduced in fp32), DDP's fp32 replica, DeepSpeed's
+    compute-dtype gradients (whole under ZeRO-1, a 1/N partition from ZeRO-2)."""
+    optimizer: float
+    """AdamW exp_avg + exp_avg_sq, fp32, sharded like the master weights (0 when offloaded)."""
+    gathered: float
+    """Compute-dtype weights materialised for compute at the peak: FSDP/ZeRO-3 unsharded blocks
+    (the whole stage when FSDP keeps them after forward, else about two), or DDP's bf16 autocast
+    copies (none in fp32)."""
+    buffers: float
+    """Communication buffers of the engine: DDP's gradient buckets, DeepSpeed's reduce bucket."""
     activations: float
     """Saved activations of every micro-batch in flight."""
     logits: float
-    """Logits buffer of one micro-batch on the last stage (bf16 + fp32 for the loss)."""
+    """Logits buffer of one micro-batch on the last stage (compute dtype + fp32 for the loss)."""
     in_flight_microbatches: int
     """Micro-batches whose activations are held at the peak (schedule dependent)."""
     activation_per_layer_microbatch: float
     """Saved activations of one layer for one micro-batch."""
+    host: float = 0.0
+    """Bytes kept in CPU memory by ZeRO offload (not part of total)."""
+
+    @property
+    def model_states(self) -> float:
+        """Parameters, gradients and optimizer states: the quantity of the ZeRO paper's Figure 1."""
+        return self.params + self.master + self.grads + self.optimizer
 
     @property
     def total(self) -> float:
-        return (self.weights_bf16 + self.master_fp32 + self.grads_fp32 + self.optimizer_fp32
-                + self.activations + self.logits)
+        return self.model_states + self.gathered + self.buffers + self.activations + self.logits
 
 
 @dataclass
@@ -144,7 +196,7 @@ class Estimate:
     params_rank: int
     """Parameters this rank computes with (its stages, its TP slice, before FSDP sharding)."""
     params_shard: float
-    """Parameters this rank stores (after FSDP sharding)."""
+    """Parameters this rank stores (after FSDP / ZeRO-3 sharding)."""
     memory: Memory
     """Peak memory by kind."""
     micro_batches: int
@@ -175,6 +227,7 @@ class Estimate:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["memory"]["total"] = self.memory.total
+        d["memory"]["model_states"] = self.memory.model_states
         return d
 
 
@@ -215,16 +268,162 @@ def in_flight_microbatches(schedule: str, pp: int, pp_rank: int, virtual: int, n
     return chunks / virtual
 
 
+# --- model states per engine -----------------------------------------------------------------------
+
+DEEPSPEED_REDUCE_BUCKET = 5e8
+"""DeepSpeed's default zero_optimization.reduce_bucket_size, elements. With contiguous_gradients (on
+by default) ZeRO-1/2 allocate one bucket of it in the compute dtype at each backward and ZeRO-3 one
+flat buffer of it at init (deepspeed/runtime/zero/stage_1_and_2.py backward(), stage3.py), whatever
+the model size; the reduce-scatters go bucket by bucket."""
+DEEPSPEED_GRAD_COMM_BYTES = 4
+"""dist_llama's ds_config reduces gradients in fp32 (communication_data_type), as FSDP does."""
+DEEPSPEED_PREFETCH_BUCKET = 5e7
+"""DeepSpeed's default stage3_prefetch_bucket_size, elements ZeRO-3 gathers ahead of use."""
+
+
+def compute_bytes(cfg: Config, hw: Hardware) -> int:
+    """Bytes per element of the compute dtype: train.dtype, auto being fp32 on cpu and bf16 on
+    GPUs (as dist_llama.train.build.compute_dtype decides)."""
+    name = cfg.train.dtype
+    if name == "auto":
+        name = "fp32" if hw.name == "cpu" else "bf16"
+    return 4 if name == "fp32" else 2
+
+
+def zero_shards(p) -> int:
+    """Ranks one rank's parameters are sharded over: FSDP over dp_shard x cp (replicas of HSDP
+    hold copies), DeepSpeed ZeRO over its data-parallel ranks, nothing under DDP."""
+    if p.engine == "fsdp":
+        return p.dp_shard * p.cp
+    if p.engine == "deepspeed":
+        return p.dp_shard
+    return 1
+
+
+def model_states(p, params_rank: float, block_params: float, c: int) -> dict:
+    """Device bytes of parameters, master copy, gradients, AdamW states, gathered weights and engine
+    buffers of a rank computing with params_rank parameters (its stages and TP slice; blocks of
+    block_params), c bytes per compute-dtype element; and what ZeRO offload keeps on the host.
+
+    DeepSpeed follows the ZeRO paper (Rajbhandari et al. 2020, Fig. 1) with K = 12 (fp32 master,
+    Adam m and v): compute-dtype weights and gradients, ZeRO-1 partitions the K states, ZeRO-2 the
+    gradients too, ZeRO-3 the weights too; DeepSpeed keeps its fp32 master partition even for fp32
+    weights (it clones them). Offloading the optimizer moves the K states to the host, plus an fp32
+    gradient partition the CPU Adam steps with; offloading parameters (ZeRO-3) moves the weight
+    partition."""
+    psi, n = params_rank, zero_shards(p)
+    data_parallel = p.dp_shard * p.dp_replicate * p.cp > 1
+    if p.engine == "deepspeed":
+        stage = p.zero_stage
+        states = {"params": c * psi / n if stage == 3 else c * psi,
+                  "master": 4 * psi / n,
+                  "grads": c * psi if stage == 1 else c * psi / n,
+                  "optimizer": 8 * psi / n,
+                  # ZeRO-3 holds the block in use plus what it prefetched.
+                  "gathered": c * min(psi, block_params + DEEPSPEED_PREFETCH_BUCKET) if stage == 3 else 0.0,
+                  "buffers": c * DEEPSPEED_REDUCE_BUCKET, "host": 0.0}
+        if p.offload_optimizer:
+            states["host"] += states["master"] + states["optimizer"] + 4 * psi / n
+            states["master"] = states["optimizer"] = 0.0
+        if p.offload_params:
+            states["host"] += states["params"]
+            states["params"] = 0.0
+        return states
+    if p.engine == "fsdp" and data_parallel:
+        # fp32 shards stepped in place; gradients reduce-scattered in fp32 (Llama 3 §3.3.2).
+        gathered = psi if not p.reshard_after_forward else min(psi, 2 * block_params)
+        return {"params": 4 * psi / n, "master": 0.0, "grads": 4 * psi / n, "optimizer": 8 * psi / n,
+                "gathered": c * gathered, "buffers": 0.0, "host": 0.0}
+    # DDP, or a single data-parallel rank: the fp32 parameters themselves; autocast keeps a
+    # compute-dtype copy of every weight it casts for backward. DDP's reducer holds its own flat
+    # gradient buckets, as large as the gradients (gradient_as_bucket_view is off in apply_ddp).
+    return {"params": 4 * psi, "master": 0.0, "grads": 4 * psi, "optimizer": 8 * psi,
+            "gathered": 0.0 if c == 4 else c * psi,
+            "buffers": 4 * psi if p.engine == "ddp" and data_parallel else 0.0, "host": 0.0}
+
+
 # --- the estimate --------------------------------------------------------------------------------
 
-def _collective_time(volume: float, bw: float, calls: int, cal: Calibration) -> float:
-    return volume / bw + calls * cal.collective_latency_s
+@dataclass(frozen=True)
+class _Links:
+    """Achieved bandwidths and per-call latency, the hardware's or the calibration's."""
+
+    nvlink: float
+    network: float
+    host: float
+    latency_s: float
+
+    @classmethod
+    def of(cls, hw: Hardware, cal: Calibration) -> "_Links":
+        intra = hw.link_efficiency if hw.link_efficiency is not None else cal.intra_node_efficiency
+        inter = hw.link_efficiency if hw.link_efficiency is not None else cal.inter_node_efficiency
+        latency = hw.collective_latency_s if hw.collective_latency_s is not None else cal.collective_latency_s
+        return cls(hw.intra_node_bw * intra, hw.inter_node_bw * inter, hw.host_bw, latency)
+
+    def time(self, volume: float, bw: float, calls: float) -> float:
+        return volume / bw + calls * self.latency_s
 
 
 def _group_spans_nodes(inner: int, size: int, hw: Hardware) -> bool:
     """A mesh dim of `size` ranks with stride `inner` (product of the dims inside it) fits a node
     only if inner*size ranks do."""
     return size > 1 and inner * size > hw.gpus_per_node
+
+
+def _collective(name: str, volume: float, bw: float, calls: float, links: _Links, hidden: float) -> Collective:
+    secs = links.time(volume, bw, calls)
+    return Collective(name, volume, secs, secs * (1 - hidden))
+
+
+def data_parallel_collectives(p, params_rank: float, layers: int, n_micro: int, c: int, hw: Hardware,
+                              links: _Links, cal: Calibration) -> list:
+    """Gradient and parameter traffic of the data-parallel engine per step, one rank."""
+    psi, n = params_rank, zero_shards(p)
+    dp_cp = p.dp_shard * p.dp_replicate * p.cp
+    group = dp_cp if p.engine == "ddp" else n
+    bw = links.network if _group_spans_nodes(p.tp, group, hw) else links.nvlink
+    out = []
+    if p.engine == "deepspeed":
+        # Weights travel in the compute dtype, gradients in fp32 (ds_config's communication_data_type).
+        weights, grads = (n - 1) / n * psi * c, (n - 1) / n * psi * DEEPSPEED_GRAD_COMM_BYTES
+        buckets = max(1, math.ceil(psi / DEEPSPEED_REDUCE_BUCKET))
+        if p.zero_stage == 3:
+            # Like FSDP: gather forward and backward, reduce-scatter gradients, every micro-batch;
+            # overlap_comm is on by default for ZeRO-3.
+            if n > 1:
+                out.append(_collective("zero-3 all-gather/reduce-scatter", n_micro * (2 * weights + grads), bw,
+                                       3 * n_micro * (layers + 1), links, cal.overlap))
+        elif n > 1:
+            # ZeRO-2 reduce-scatters every micro-batch's gradients into the partitions, ZeRO-1 once;
+            # then the updated partitions are all-gathered after the step. overlap_comm is off by
+            # default for stages 1/2 and the all-gather follows the step: nothing hides.
+            reduces = n_micro if p.zero_stage == 2 else 1
+            out.append(_collective(f"zero-{p.zero_stage} reduce-scatter grads", reduces * grads, bw,
+                                   reduces * buckets, links, 0.0))
+            out.append(_collective(f"zero-{p.zero_stage} all-gather params", weights, bw, buckets, links, 0.0))
+        if p.offload_optimizer and links.host > 0:
+            # Gradient partition to the host, updated weights back, around the CPU step.
+            out.append(_collective("offload optimizer (pcie)", 2 * c * psi / n, links.host, 2, links, 0.0))
+        if p.offload_params and links.host > 0:
+            out.append(_collective("offload params (pcie)", 2 * n_micro * c * psi / n, links.host,
+                                   2 * n_micro * (layers + 1), links, cal.overlap))
+        return out
+    if p.engine == "fsdp" and dp_cp > 1:
+        if n > 1:
+            # Compute-dtype all-gather (once per step when weights are kept after forward, else
+            # forward and backward of every micro-batch), fp32 gradient reduce-scatter once.
+            gathers = 1 if not p.reshard_after_forward else 2 * n_micro
+            volume = (gathers * c + 4) * (n - 1) / n * psi
+            out.append(_collective("fsdp all-gather/reduce-scatter", volume, bw, (gathers + 1) * (layers + 1),
+                                   links, cal.overlap))
+        if p.dp_replicate > 1:
+            volume = 2 * (p.dp_replicate - 1) / p.dp_replicate * 4 * psi / n
+            out.append(_collective("hsdp all-reduce (replicas)", volume, links.network, layers + 1, links, cal.overlap))
+        return out
+    if dp_cp > 1:
+        volume = 2 * (dp_cp - 1) / dp_cp * 4 * psi
+        out.append(_collective("ddp all-reduce", volume, bw, layers + 1, links, cal.overlap))
+    return out
 
 
 def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = CALIBRATION) -> Estimate:
@@ -235,6 +434,7 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
     dp = dp_shard * dp_rep
     world = tp * cp * pp * dp
     seq = cfg.data.seq_len
+    c = compute_bytes(cfg, hw)
     local_batch = t.global_batch_size // dp
     mbs = local_batch if t.micro_batch_size == -1 and pp == 1 else (1 if t.micro_batch_size == -1 else t.micro_batch_size)
     n_micro = micro_batches(local_batch, t.micro_batch_size, pp)
@@ -248,36 +448,32 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
     layers = sum(counts[s] for s in stage_ids)
     first, last = 0 in stage_ids, n_stages - 1 in stage_ids
 
-    # Parameters: TP slices every matrix (norms replicated), FSDP shards over dp_shard*cp.
+    # Parameters: TP slices every matrix (norms replicated); FSDP / ZeRO-3 shard what is left.
     total, _ = count_params(m)
     per_layer = layer_params(m)
-    params_rank = layers * ((per_layer - 2 * m.dim) // tp + 2 * m.dim)
+    block_rank = (per_layer - 2 * m.dim) // tp + 2 * m.dim
+    params_rank = layers * block_rank
     params_rank += (m.vocab_size * m.dim // tp if first else 0) + (m.vocab_size * m.dim // tp + m.dim if last else 0)
-    fsdp = p.engine == "fsdp" and dp * cp > 1
-    shard = dp_shard * cp if fsdp else 1
-    params_shard = params_rank / shard
+    states = model_states(p, params_rank, block_rank, c)
+    sharded_params = p.engine == "fsdp" and dp * cp > 1 or p.engine == "deepspeed" and p.zero_stage == 3
+    params_shard = params_rank / zero_shards(p) if sharded_params else params_rank
 
-    # Memory.
-    if fsdp and not p.reshard_after_forward:
-        weights_bf16 = 2 * params_rank
-    elif fsdp:
-        weights_bf16 = 2 * 2 * (per_layer // tp)  # current + prefetched block
-    else:
-        weights_bf16 = 2 * params_rank
-    act_layer = activation_bytes_per_layer(m, tokens_mb, tp, "none")
+    # Activations: Korthikanti's counts are for 16-bit activations; fp32 compute doubles them.
+    act_layer = activation_bytes_per_layer(m, tokens_mb, tp, "none") * c / 2
+    ckpt_layer = activation_bytes_per_layer(m, tokens_mb, tp, "full") * c / 2
     if p.ac == "full":
-        saved_layers = layers * activation_bytes_per_layer(m, tokens_mb, tp, "full")
+        saved_layers = layers * ckpt_layer
     elif p.ac == "selective":
         n_ckpt = math.ceil(layers / p.ac_every)
-        saved_layers = (n_ckpt * activation_bytes_per_layer(m, tokens_mb, tp, "full")
-                        + (layers - n_ckpt) * act_layer)
+        saved_layers = n_ckpt * ckpt_layer + (layers - n_ckpt) * act_layer
     else:
         saved_layers = layers * act_layer
     in_flight = in_flight_microbatches(p.pp_schedule, pp, pp_rank, V, n_micro)
-    logits = 6 * tokens_mb * m.vocab_size / tp if last else 0.0
-    memory = Memory(weights_bf16=weights_bf16, master_fp32=4 * params_shard, grads_fp32=4 * params_shard,
-                    optimizer_fp32=8 * params_shard, activations=saved_layers * in_flight, logits=logits,
-                    in_flight_microbatches=math.ceil(in_flight), activation_per_layer_microbatch=act_layer)
+    logits = (c + 4) * tokens_mb * m.vocab_size / tp if last else 0.0
+    memory = Memory(params=states["params"], master=states["master"], grads=states["grads"],
+                    optimizer=states["optimizer"], gathered=states["gathered"], buffers=states["buffers"],
+                    activations=saved_layers * in_flight, logits=logits, in_flight_microbatches=math.ceil(in_flight),
+                    activation_per_layer_microbatch=act_layer, host=states["host"])
 
     # FLOPs this rank executes per step: 6 per parameter per token for the matmuls (+2 per
     # recomputed forward), attention on the causal half of S x S.
@@ -292,55 +488,34 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
     hardware_flops = n_micro * (layers * (layer_matmul_flops + layer_attn_flops) + output_flops)
     compute_seconds = n_micro * mb_seconds
 
+    links = _Links.of(hw, cal)
     collectives = []
-    nvlink = hw.intra_node_bw * cal.intra_node_efficiency
-    network = hw.inter_node_bw * cal.inter_node_efficiency
-
     # TP with SP: per block 2 all-gathers + 2 reduce-scatters of the [s, b, h] activation forward,
     # the same backward, and again in the recomputed forward.
     if tp > 1:
         calls = layers * n_micro * (8 + 4 * recompute)
-        volume = calls * (tp - 1) / tp * 2 * tokens_mb * m.dim
-        bw = network if _group_spans_nodes(1, tp, hw) else nvlink
-        secs = _collective_time(volume, bw, int(calls), cal)
-        collectives.append(Collective("tp all-gather/reduce-scatter", volume, secs, secs * (1 - cal.critical_overlap)))
+        volume = calls * (tp - 1) / tp * c * tokens_mb * m.dim
+        bw = links.network if _group_spans_nodes(1, tp, hw) else links.nvlink
+        collectives.append(_collective("tp all-gather/reduce-scatter", volume, bw, calls, links, cal.critical_overlap))
     # CP: all-gather K and V forward (again on recompute), reduce-scatter dK, dV backward.
     if cp > 1:
-        kv_local = 2 * tokens_mb * _kv_heads(m) // min(tp, _kv_heads(m)) * head_dim * 2
+        kv_local = 2 * tokens_mb * _kv_heads(m) // min(tp, _kv_heads(m)) * head_dim * c
         calls = layers * n_micro * (2 + recompute)
         volume = calls * (cp - 1) * kv_local
-        bw = network if _group_spans_nodes(tp, cp, hw) else nvlink
-        secs = _collective_time(volume, bw, int(calls), cal)
-        collectives.append(Collective("cp all-gather K/V", volume, secs, secs * (1 - cal.critical_overlap)))
+        bw = links.network if _group_spans_nodes(tp, cp, hw) else links.nvlink
+        collectives.append(_collective("cp all-gather K/V", volume, bw, calls, links, cal.critical_overlap))
     # PP: activation forward, its gradient backward, at each of this rank's stage boundaries.
     if pp > 1:
         calls = n_micro * V * 2
-        volume = calls * 2 * tokens_mb * m.dim / tp
-        bw = network if _group_spans_nodes(world // pp, pp, hw) else nvlink
-        secs = _collective_time(volume, bw, calls, cal)
-        collectives.append(Collective("pp send/recv", volume, secs, secs * (1 - cal.overlap)))
-    # FSDP: bf16 all-gather (once per step when weights are kept after forward, else forward and
-    # backward of every micro-batch), fp32 gradient reduce-scatter once per step.
-    if fsdp and shard > 1:
-        gathers = 1 if not p.reshard_after_forward else 2 * n_micro
-        volume = (gathers * 2 + 4) * (shard - 1) / shard * params_rank
-        bw = network if _group_spans_nodes(tp, shard, hw) else nvlink
-        secs = _collective_time(volume, bw, (gathers + 1) * (layers + 1), cal)
-        collectives.append(Collective("fsdp all-gather/reduce-scatter", volume, secs, secs * (1 - cal.overlap)))
-    if fsdp and dp_rep > 1:
-        volume = 2 * (dp_rep - 1) / dp_rep * 4 * params_shard
-        secs = _collective_time(volume, network, layers + 1, cal)
-        collectives.append(Collective("hsdp all-reduce (replicas)", volume, secs, secs * (1 - cal.overlap)))
-    if not fsdp and dp * cp > 1:
-        volume = 2 * (dp * cp - 1) / (dp * cp) * 4 * params_rank
-        bw = network if _group_spans_nodes(tp, dp * cp, hw) else nvlink
-        secs = _collective_time(volume, bw, layers + 1, cal)
-        collectives.append(Collective("ddp all-reduce", volume, secs, secs * (1 - cal.overlap)))
+        volume = calls * c * tokens_mb * m.dim / tp
+        bw = links.network if _group_spans_nodes(world // pp, pp, hw) else links.nvlink
+        collectives.append(_collective("pp send/recv", volume, bw, calls, links, cal.overlap))
+    collectives += data_parallel_collectives(p, params_rank, layers, n_micro, c, hw, links, cal)
 
-    # Step: per-micro-batch work (compute + exposed TP/CP) stretched by the bubble, then the
+    # Step: per-micro-batch work (compute + exposed TP/CP/PP) stretched by the bubble, then the
     # exposed once-per-step traffic.
-    per_mb_comm = sum(c.exposed_seconds for c in collectives if c.name.startswith(("tp", "cp", "pp")))
-    per_step_comm = sum(c.exposed_seconds for c in collectives) - per_mb_comm
+    per_mb_comm = sum(c_.exposed_seconds for c_ in collectives if c_.name.startswith(("tp", "cp", "pp")))
+    per_step_comm = sum(c_.exposed_seconds for c_ in collectives) - per_mb_comm
     bubble = (pp - 1) / (V * n_micro) if pp > 1 else 0.0
     step = (compute_seconds + per_mb_comm) * (1 + bubble) + per_step_comm
 
