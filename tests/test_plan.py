@@ -278,3 +278,37 @@ def test_cpu_preset_is_measured_and_shares_the_cores():
     assert two.link_efficiency == 1.0 and two.host_bw == 0
     if cores() <= 2:  # 8 ranks get a quarter of a core each (peaks are measured, so only roughly)
         assert eight.peak_flops < two.peak_flops
+
+
+def _fsdp_step_states():
+    import tempfile
+
+    import torch.distributed as dist
+
+    from conftest import ROOT
+    from dist_llama.parallel.env import init_distributed
+    from dist_llama.plan.measure import StateProbe
+    from dist_llama.train.build import build_trainer
+    from dist_llama.train.cli import resolve_config
+
+    cfg, dataset = resolve_config(str(ROOT / "configs" / "debug.yaml"),
+                                  ["train.steps=1", "checkpoint.enabled=false", "logging.console=false",
+                                   f"train.run_dir={tempfile.mkdtemp()}"], 2)
+    env = init_distributed("cpu")
+    trainer = build_trainer(cfg, env, dataset)
+    probe = StateProbe(trainer.p.model_parts, trainer.p.optimizers)
+    trainer.fit()
+    dist.destroy_process_group()
+    return cfg, env.rank, probe.bytes
+
+
+def test_estimated_model_states_match_a_real_fsdp_build():
+    """configs/debug.yaml on 2 fork-started gloo ranks under FSDP: the bytes of the parameter,
+    gradient and AdamW-state tensors each rank really holds at the step are the estimator's."""
+    from dist_llama.testing import run_ranks
+
+    for cfg, rank, measured in run_ranks(_fsdp_step_states, 2, timeout=100):
+        m = estimate(cfg, hardware_preset("cpu", ranks=2), rank=rank).memory
+        assert m.master == 0 and m.buffers == 0
+        for kind, est in (("params", m.params), ("grads", m.grads), ("optimizer", m.optimizer)):
+            assert est == pytest.approx(measured[kind], rel=0.02), (kind, est, measured)
