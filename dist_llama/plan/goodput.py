@@ -145,7 +145,8 @@ def format_goodput(report: dict) -> str:
     c = report["config"]
     return "\n".join([
         f"goodput  {c['n_gpus']} GPUs, {c['run_days']:g} days, MTBF {report['mtbf_s'] / 3600:.2f} h, "
-        f"detection {c['detection_s']:g} s, restart {c['restart_s']:g} s, checkpoint blocks {c['checkpoint_block_s']:g} s",
+        f"detection {c['detection_s']:.4g} s, restart {c['restart_s']:.4g} s, "
+        f"checkpoint blocks {c['checkpoint_block_s']:.4g} s",
         f"  interval {report['interval_s'] / 60:.1f} min: ETTR {100 * report['ettr_monte_carlo']:.2f}% "
         f"± {100 * report['ettr_stderr']:.2f} (closed form {100 * report['ettr_expected']:.2f}%), "
         f"{report['failures_per_run']:.0f} failures, {report['lost_gpu_hours']:,.0f} GPU-hours lost",
