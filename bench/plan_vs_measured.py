@@ -18,6 +18,7 @@ matmul rate shared among the ranks, and gloo latency / bandwidth recorded by dis
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 
@@ -113,6 +114,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="2-rank layouts only")
     args = ap.parse_args()
+    print(f"configs/debug.yaml; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores before the runs "
+          "(other processes sharing the cores slow the measured steps)")
     print(HEADER, flush=True)
     for name, world, overrides in LAYOUTS:
         if args.quick and world > 2:
