@@ -15,7 +15,7 @@ import pytest
 
 from conftest import ROOT
 
-TRAIN = ["--config", "configs/debug.yaml", "--cluster", "local", "--cpu", "train.steps=24",
+TRAIN = ["--config", "configs/debug.yaml", "--cluster", "local", "--cpu", "train.steps=24", "optim.decay_steps=24",
          "checkpoint.interval=4", "logging.console=false"]
 
 
@@ -103,31 +103,64 @@ def _job_log(run_dir, job_id) -> str:
     return "".join(p.read_text() for p in (run_dir / "slurm").glob(f"*-{job_id}.out"))
 
 
-@pytest.mark.timeout(420)
-def test_two_nodes_train_and_a_preempted_job_requeues_to_the_same_loss(slurm, tmp_path):
-    """The issue's acceptance run, twice at once: 2 nodes x 2 gloo ranks to completion, and the same
-    job preempted (USR1 to the batch script, as Slurm sends before the time limit), requeued once."""
-    clean, preempted = tmp_path / "clean", tmp_path / "preempted"
-    jobs = {run: _submit(slurm, run, "--nodes", "2", "--gpus-per-node", "2") for run in (clean, preempted)}
-    ids = {run: _job_id(proc) for run, proc in jobs.items()}
-    _wait_for_step(preempted, 9)
-    subprocess.run(["scancel", "--batch", "--signal=USR1", ids[preempted]], env=slurm, check=True)
-    for run, proc in jobs.items():
-        out, err = proc.communicate(timeout=360)
-        assert proc.returncode == 0, _job_log(run, ids[run])[-4000:] + err
+class Job:
+    """A submitted `dist-llama-submit --wait`; result() waits for it and checks it succeeded."""
 
-    reference = _losses(clean)
+    def __init__(self, env, run_dir, *extra):
+        self.run_dir = run_dir
+        self.proc = _submit(env, run_dir, *extra)
+        self.id = _job_id(self.proc)
+
+    def result(self, timeout=360) -> list[float]:
+        if self.proc.returncode is None:
+            _, err = self.proc.communicate(timeout=timeout)
+            assert self.proc.returncode == 0, self.log()[-4000:] + err
+        return _losses(self.run_dir)
+
+    def log(self) -> str:
+        return _job_log(self.run_dir, self.id)
+
+
+@pytest.fixture(scope="module")
+def clean(slurm, tmp_path_factory):
+    """The issue's acceptance job, uninterrupted: 2 nodes x 2 gloo ranks; other tests run beside it."""
+    return Job(slurm, tmp_path_factory.mktemp("clean"), "--nodes", "2", "--gpus-per-node", "2")
+
+
+@pytest.mark.timeout(420)
+def test_two_nodes_train_and_a_preempted_job_requeues_to_the_same_loss(slurm, clean, tmp_path):
+    """The same job preempted (USR1 to the batch script, as Slurm sends before the time limit):
+    it saves, requeues once, resumes, and ends with the uninterrupted job's losses, bit for bit."""
+    preempted = Job(slurm, tmp_path / "preempted", "--nodes", "2", "--gpus-per-node", "2")
+    _wait_for_step(preempted.run_dir, 9)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", preempted.id], env=slurm, check=True)
+    reference = clean.result()
     assert len(reference) == 24
-    assert _losses(preempted) == reference  # bitwise: the same floats after save, requeue and resume
-    stop = _events(preempted, "preempted")
+    assert preempted.result() == reference
+    stop = _events(preempted.run_dir, "preempted")
     assert len(stop) == 1 and stop[0]["signal"] == "stop_file" and stop[0]["step"] >= 9
-    loaded = _events(preempted, "checkpoint_loaded")
+    loaded = _events(preempted.run_dir, "checkpoint_loaded")
     assert [e["step"] for e in loaded] == [stop[0]["step"]]
-    log = _job_log(preempted, ids[preempted])
+    log = preempted.log()
     assert "(requeue 1)" in log and "(requeue 2)" not in log, log[-3000:]
     assert "preflight ok on node n1" in log and "preflight ok on node n2" in log
-    assert not (preempted / "slurm" / "stop").exists()
-    assert "(requeue 1)" not in _job_log(clean, ids[clean])
+    assert not (preempted.run_dir / "slurm" / "stop").exists()
+    assert "(requeue 1)" not in clean.log()
+
+
+@pytest.mark.timeout(420)
+def test_405b_shaped_layout_runs_from_the_same_script(slurm, clean, tmp_path):
+    """Llama 3 405B's layout scaled down: TP inside a node, PP across nodes, interleaved stages, DP
+    over the rest (2 nodes x 4 ranks: tp2 x pp2 x dp2); it reproduces the 2x2 FSDP job's losses."""
+    job = Job(slurm, tmp_path / "shaped", "--nodes", "2", "--gpus-per-node", "4", "parallel.tp=2", "parallel.pp=2",
+              "parallel.dp_shard=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2",
+              "train.steps=4", "cluster.cpus_per_task=4")
+    losses, reference = job.result(), clean.result()
+    assert _events(job.run_dir, "train_start")[-1]["layout"] == {"pp": 2, "dp_replicate": 1, "dp_shard": 2,
+                                                                  "cp": 1, "tp": 2}
+    assert len(losses) == 4
+    for a, b in zip(losses, reference):
+        assert abs(a - b) <= 1e-5 * abs(b), (losses, reference[:4])
 
 
 @pytest.mark.timeout(240)
