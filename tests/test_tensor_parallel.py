@@ -108,12 +108,15 @@ def _train_step(args: ModelArgs, batch: dict, dp_shard: int, tp: int, loss_paral
         dist.all_reduce(loss_local, group=meshes.dp.get_group())
 
         grad_types = {type(p.grad).__name__ for p in model.parameters()}
+        # a gradient whose local shard is larger than its parameter's wastes memory (not math); norm
+        # weights' gradients stay Partial (the same size) until clipping and the step reduce them
+        misplaced = [n for n, p in model.named_parameters() if p.grad.to_local().shape != p.to_local().shape]
         grads = {n: full(p.grad).clone() for n, p in model.named_parameters()}
         params = [p for p in model.parameters() if p.requires_grad]
         norm = clip_grad_norm_(params, MAX_NORM)
         build_optimizer(model, OPTIM).step()
         return dict(logits=full(logits).detach(), logits_is_dtensor=logits_is_dtensor,
-                    loss=loss_local.item(), grads=grads, grad_types=grad_types,
+                    loss=loss_local.item(), grads=grads, grad_types=grad_types, misplaced=misplaced,
                     norm=norm.item(), norm_type=type(norm).__name__, placements=placements,
                     params={n: full(p).detach().clone() for n, p in model.named_parameters()})
     finally:
@@ -134,6 +137,7 @@ def check(results: list, ref: dict, dp_shard: int, loss_parallel: bool) -> None:
         assert rel_err(out["logits"], ref_logits) <= 1e-5, f"rank {rank} logits"
         assert out["loss"] == pytest.approx(ref["loss"], rel=1e-5), f"rank {rank} loss"
         assert out["grad_types"] == {"DTensor"}, out["grad_types"]
+        assert out["misplaced"] == [], f"rank {rank}: gradients larger than their parameters' shards"
         assert out["grads"].keys() == ref["grads"].keys()
         for name, g in ref["grads"].items():
             assert rel_err(out["grads"][name], g) <= 1e-4, f"rank {rank} grad {name}"

@@ -64,6 +64,16 @@ def _n_kv_heads(args) -> int:
     return args.n_heads if args.n_kv_heads is None else args.n_kv_heads
 
 
+def _keep_grad_sharded_like(param: DTensor) -> None:
+    """The vocab-parallel embedding's backward yields a Replicate (full-vocab) gradient for a Shard(0)
+    weight, which would keep vocab x dim fp32 per TP rank (8.4 GB for 405B); slicing it back to the
+    weight's placement is local. (FSDP2, when applied on top, replaces the parameter and does this itself.)"""
+    def to_param_placement(grad):
+        return grad if grad.placements == param.placements else grad.redistribute(placements=param.placements)
+
+    param.register_hook(to_param_placement)
+
+
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool = True) -> None:
     """Shard `model` (a dist_llama Transformer, possibly a pipeline stage with some of tok_embeddings,
     norm, output set to None and layers removed) over the 1-D `tp_mesh`, in place.
@@ -97,6 +107,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool = True) 
                                          use_local_output=not loss_parallel)
     if plan:
         parallelize_module(model, tp_mesh, plan)
+    if model.tok_embeddings is not None:
+        _keep_grad_sharded_like(model.tok_embeddings.weight)
 
     block_plan = {
         "attention_norm": SequenceParallel(),
