@@ -30,6 +30,11 @@ How a save goes (`Checkpointer.save`):
      and the previous checkpoint stays the newest valid one.
 Synchronous mode does the same inline. A crash at any point leaves at most a .tmp-* directory,
 which the next run removes.
+
+With parallel.engine=deepspeed, DeepSpeed's save_checkpoint writes the model and optimizer state
+instead of DCP (deepspeed/*.pt, plus its zero_to_fp32.py scripts), synchronously, each rank hashing
+its files as written (dist_llama.parallel.zero); everything else above is the same. The manifest's
+`state` says which ("dcp" or "deepspeed"); DeepSpeed's ZeRO shards load on the same number of ranks only.
 """
 
 from __future__ import annotations
@@ -144,7 +149,7 @@ def check_checkpoint(path: Path, deep: bool = False, files: Optional[list[str]] 
         return f"unreadable manifest.json ({type(e).__name__}: {e})"
     if STEP_DIR.match(path.name) and step != _step_of(path):
         return f"manifest says step {step}, directory says {_step_of(path)}"
-    for required in (METADATA, STATE_FILE):
+    for required in (STATE_FILE, METADATA) if manifest.get("state", "dcp") == "dcp" else (STATE_FILE,):
         if required not in listed:
             return f"manifest does not list {required}"
     for rel, info in listed.items():
@@ -163,7 +168,7 @@ def check_checkpoint(path: Path, deep: bool = False, files: Optional[list[str]] 
 
 # --- a DCP writer that hashes what it writes ----------------------------------------------------
 
-class _HashingStream(io.IOBase):
+class HashingStream(io.IOBase):
     """Passes writes through to a file and keeps the sha256 and size of the bytes written."""
 
     def __init__(self, raw):
@@ -223,7 +228,7 @@ class _HashingFileSystem(FileSystem):
             if "w" not in mode and "a" not in mode:
                 yield stream
                 return
-            hashing = _HashingStream(stream)
+            hashing = HashingStream(stream)
             yield hashing
             hashing.close()
             self.digests[self._rel(path)] = (hashing.size, hashing.hexdigest())
@@ -235,10 +240,24 @@ class _HashingFileSystem(FileSystem):
             self.digests[self._rel(new_path)] = digest
 
 
+def _write_rank_files(directory: Path, rank: int, rng: dict[str, torch.Tensor],
+                     digests: dict[str, tuple[int, str]]) -> None:
+    """This rank's RNG file, then the list of every file it wrote with (size, sha256), which rank 0
+    checks and merges into the manifest."""
+    buf = io.BytesIO()
+    torch.save(rng, buf)
+    (directory / "rng").mkdir(exist_ok=True)
+    rel = f"rng/rank-{rank:05d}.pt"
+    digests = {**digests, rel: _write_durable(directory / rel, buf.getvalue())}
+    (directory / DIGESTS_DIR).mkdir(exist_ok=True)
+    _write_durable(directory / DIGESTS_DIR / f"rank-{rank:05d}.json",
+                   json.dumps({k: list(v) for k, v in digests.items()}).encode())
+
+
 class _Writer(FileSystemWriter):
     """FileSystemWriter (one fsynced file per rank) that, after this rank's shards are written,
-    writes the rank's RNG file and a digest list of everything it wrote. Both happen inside DCP's
-    write step, so a failure on any rank reaches every rank through DCP's result gathering."""
+    writes the rank's files (_write_rank_files). Inside DCP's write step, so a failure on any rank
+    reaches every rank through DCP's result gathering."""
 
     def __init__(self, path: Path, rank: int, rng: dict[str, torch.Tensor]):
         super().__init__(path, single_file_per_rank=True, sync_files=True, overwrite=True)
@@ -250,15 +269,7 @@ class _Writer(FileSystemWriter):
     def write_data(self, plan, planner):
         fut = super().write_data(plan, planner)
         fut.wait()
-        digests = dict(self.fs.digests)
-        buf = io.BytesIO()
-        torch.save(self._rng, buf)
-        (self.dir / "rng").mkdir(exist_ok=True)
-        rel = f"rng/rank-{self._rank:05d}.pt"
-        digests[rel] = _write_durable(self.dir / rel, buf.getvalue())
-        (self.dir / DIGESTS_DIR).mkdir(exist_ok=True)
-        _write_durable(self.dir / DIGESTS_DIR / f"rank-{self._rank:05d}.json",
-                       json.dumps({k: list(v) for k, v in digests.items()}).encode())
+        _write_rank_files(self.dir, self._rank, self._rng, self.fs.digests)
         return fut
 
 
@@ -277,8 +288,12 @@ class Checkpointer:
     the next save and `latest()` synchronize with it)."""
 
     def __init__(self, run_dir: Path, keep_last: int, device: torch.device, async_save: bool = True,
-                 verify: bool = True, logger: Any = None, faults: Any = None):
+                 verify: bool = True, logger: Any = None, faults: Any = None, zero: Any = None):
         self.root = Path(run_dir) / "checkpoints"
+        self.zero = zero
+        """A ZeroEngine (parallel.engine=deepspeed): DeepSpeed saves and loads the model and optimizer
+        state instead of DCP; the parts and optimizers passed to save / load are then not used."""
+        self.state_format = "deepspeed" if zero is not None else "dcp"
         self.keep_last = keep_last
         self.device = torch.device(device)
         self.async_save = async_save
@@ -338,6 +353,8 @@ class Checkpointer:
         state_json = json.dumps(trainer_state, indent=1)  # the state as of this call
         rng = _rng_state(self.device)
         t = time.perf_counter()
+        if self.zero is not None:
+            return self._save_zero(step, tmp, final, state_json, rng, t0, timings)
         state = _state_dict(parts, optimizers)
         timings["state_dict"] = time.perf_counter() - t
         writer = _Writer(tmp, self.rank, rng)
@@ -366,6 +383,30 @@ class Checkpointer:
         timings["blocked"] = blocked = time.perf_counter() - t0
         return blocked
 
+    def _save_zero(self, step: int, tmp: Path, final: Path, state_json: str, rng: dict, t0: float,
+                   timings: dict) -> float:
+        """DeepSpeed writes its own files, synchronously; the commit is the one DCP saves get (in the
+        background with async_save)."""
+        t = time.perf_counter()
+        written: Future = Future()
+        try:
+            _write_rank_files(tmp, self.rank, rng, self.zero.save(tmp))
+            written.set_result(None)
+        except Exception as e:  # noqa: BLE001 (becomes checkpoint_failed, like a failed DCP write)
+            written.set_exception(e)
+        dist.barrier(group=self._pg)  # every rank's files and digest list are complete: rank 0 may commit
+        timings["write_deepspeed"] = time.perf_counter() - t
+        self.last_timings = timings
+        if self.async_save:
+            timings["blocked"] = blocked = time.perf_counter() - t0
+            self._inflight = self._executor.submit(self._finish, step, tmp, final, state_json, None, written,
+                                                   t0, time.perf_counter(), blocked)
+            return blocked
+        self._finish(step, tmp, final, state_json, None, written, t0, t, None)
+        dist.barrier(group=self._pg)
+        timings["blocked"] = blocked = time.perf_counter() - t0
+        return blocked
+
     def wait(self) -> float:
         """Block until the in-flight save is committed or failed; returns the seconds waited."""
         future, self._inflight = self._inflight, None
@@ -385,7 +426,7 @@ class Checkpointer:
             self._stager.close()
             self._stager = None
 
-    def _finish(self, step: int, tmp: Path, final: Path, state_json: str, writer: _Writer, future: Future,
+    def _finish(self, step: int, tmp: Path, final: Path, state_json: str, writer: Optional[_Writer], future: Future,
                 t0: float, t_staged: float, blocked: Optional[float]) -> None:
         """After DCP's write: commit on rank 0. Never raises: failures become events."""
         try:
@@ -411,8 +452,9 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
             self._event("checkpoint_failed", step, path=str(tmp), reason=reason)
 
-    def _commit(self, step: int, tmp: Path, final: Path, state_json: str, writer: _Writer) -> int:
-        """Rank 0, once every rank's files are written: hook, trainer state, check, manifest, rename."""
+    def _commit(self, step: int, tmp: Path, final: Path, state_json: str, writer: Optional[_Writer]) -> int:
+        """Rank 0, once every rank's files are written: hook, trainer state, check, manifest, rename.
+        `writer` is DCP's (None for DeepSpeed), whose .metadata rank 0 wrote after the digest lists."""
         if self.faults is not None:
             self.faults.on_checkpoint_written(step, tmp)
         expected: dict[str, tuple[int, str]] = {}
@@ -422,14 +464,15 @@ class Checkpointer:
                 expected.update({k: tuple(v) for k, v in json.loads(sidecar.read_text()).items()})
             except (OSError, ValueError) as e:
                 raise CheckpointError(f"rank {r}'s digest list is unreadable ({e})") from None
-        if METADATA not in writer.fs.digests:
-            raise CheckpointError("DCP wrote no .metadata")
-        expected[METADATA] = writer.fs.digests[METADATA]
+        if writer is not None:
+            if METADATA not in writer.fs.digests:
+                raise CheckpointError("DCP wrote no .metadata")
+            expected[METADATA] = writer.fs.digests[METADATA]
+            metadata = FileSystemReader(str(tmp)).read_metadata()
+            for info in metadata.storage_data.values():
+                if info.relative_path not in expected:
+                    raise CheckpointError(f"{info.relative_path} is in .metadata but no rank reported writing it")
         expected[STATE_FILE] = _write_durable(tmp / STATE_FILE, state_json.encode())
-        metadata = FileSystemReader(str(tmp)).read_metadata()
-        for info in metadata.storage_data.values():
-            if info.relative_path not in expected:
-                raise CheckpointError(f"{info.relative_path} is in .metadata but no rank reported writing it")
         for rel, (size, digest) in sorted(expected.items()):
             try:
                 actual = (tmp / rel).stat().st_size
@@ -441,14 +484,15 @@ class Checkpointer:
                 raise CheckpointError(f"verification failed: {rel} differs from what was written")
         shutil.rmtree(tmp / DIGESTS_DIR)
         total = sum(size for size, _ in expected.values())
-        manifest = {"format": MANIFEST_FORMAT, "step": step,
+        manifest = {"format": MANIFEST_FORMAT, "step": step, "state": self.state_format,
                     "layout": json.loads(state_json).get("layout") if state_json else None,
                     "world_size": self.world_size, "time": time.time(), "total_bytes": total,
                     "verified": self.verify,
                     "files": {rel: {"size": size, "sha256": digest} for rel, (size, digest) in sorted(expected.items())}}
-        _fsync_path(tmp / METADATA)  # DCP fsyncs it before flushing its buffer
+        if writer is not None:
+            _fsync_path(tmp / METADATA)  # DCP fsyncs it before flushing its buffer
         _write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
-        for d in (tmp / "rng", tmp):
+        for d in (*(p for p in tmp.rglob("*") if p.is_dir()), tmp):
             _fsync_path(d)
         old = None
         if final.exists():  # saved at this step before (e.g. after a rollback): replace it
@@ -538,13 +582,25 @@ class Checkpointer:
         return None
 
     def load(self, path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> tuple[dict, bool]:
-        """Load into the current layout (DCP reshards). Returns (trainer state, whether RNG was restored)."""
-        state = _state_dict(parts, optimizers)
-        dcp.load(state, checkpoint_id=str(path))
-        for part, optimizer in zip(parts, optimizers):
-            # Each part takes its own keys from the merged dicts (hence strict=False).
-            set_state_dict(part, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                           options=StateDictOptions(flatten_optimizer_state_dict=True, strict=False))
+        """Load into the current layout (DCP reshards; DeepSpeed needs the layout it saved under).
+        Returns (trainer state, whether RNG was restored)."""
+        manifest = read_manifest(path)
+        saved = manifest.get("state", "dcp")
+        if saved != self.state_format:
+            raise CheckpointError(f"{path} holds {saved} state, this run's engine needs {self.state_format}: "
+                                  f"resume with the parallel.engine it was saved with")
+        if self.zero is not None:
+            if manifest["world_size"] != self.world_size:
+                raise CheckpointError(f"{path} was saved by DeepSpeed on {manifest['world_size']} ranks; its ZeRO "
+                                      f"shards load on as many ranks only (this run has {self.world_size})")
+            self.zero.load(Path(path))
+        else:
+            state = _state_dict(parts, optimizers)
+            dcp.load(state, checkpoint_id=str(path))
+            for part, optimizer in zip(parts, optimizers):
+                # Each part takes its own keys from the merged dicts (hence strict=False).
+                set_state_dict(part, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                               options=StateDictOptions(flatten_optimizer_state_dict=True, strict=False))
         rng_file = Path(path) / "rng" / f"rank-{self.rank:05d}.pt"
         rng_restored = rng_file.is_file()
         if rng_restored:
