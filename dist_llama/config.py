@@ -122,7 +122,7 @@ class TrainConfig:
     dtype: str = "auto"
     """Compute dtype: auto (bf16 on cuda, fp32 on cpu), fp32 or bf16; reductions stay fp32."""
     compile: Optional[bool] = None
-    """torch.compile each transformer block; None = on for cuda, off for cpu."""
+    """torch.compile each transformer block; None = on for cuda (except under parallel.engine=deepspeed), off for cpu."""
     log_interval: int = 1
     """Log metrics every this many steps."""
     peak_flops: Optional[float] = None

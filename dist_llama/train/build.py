@@ -27,6 +27,7 @@ from dist_llama.parallel.env import DistEnv
 from dist_llama.parallel.pipeline import (build_schedule, build_stages, layers_per_stage, split_model,
                                           stage_ids_for_rank)
 from dist_llama.parallel.tensor import apply_tp, token_loss_sum
+from dist_llama.parallel.zero import ZeroEngine, ds_config
 from dist_llama.faults import FaultInjector
 from dist_llama.train.checkpoint import Checkpointer
 from dist_llama.train.health import StepHealth, Watchdog, preflight, replica_groups
@@ -70,7 +71,10 @@ def build_model_parts(cfg: Config, dims: ParallelDims, meshes: Meshes, device: t
         parts = split_model(model, stage_ids, counts)
     else:
         parts, stage_ids = [model], [0]
-    use_compile = cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
+    # Off by default under DeepSpeed: ZeRO-3 gathers parameters in module hooks that per-block
+    # compiled graphs would have to trace through (DeepSpeed compiles with its own engine.compile()).
+    use_compile = cfg.train.compile if cfg.train.compile is not None else (device.type == "cuda"
+                                                                           and p.engine != "deepspeed")
     for part in parts:
         if dims.tp > 1:
             apply_tp(part, meshes.world["tp"], loss_parallel=True)
@@ -100,6 +104,11 @@ def build_trainer(cfg: Config, env: DistEnv, dataset) -> Trainer:
         save_resolved(cfg, run_dir)
     parts, stage_ids, n_stages = build_model_parts(cfg, dims, meshes, env.device, dtype)
     optimizers = [build_optimizer(part, cfg.optim) for part in parts]
+    n_micro = micro_batches(cfg.train.global_batch_size // dims.dp, cfg.train.micro_batch_size, dims.pp)
+    zero = None
+    if cfg.parallel.engine == "deepspeed":  # DeepSpeed wraps the model and drives the torch optimizer
+        zero = ZeroEngine(parts[0], optimizers[0], ds_config(cfg, dims.dp, n_micro, dtype), env.device)
+        parts = [zero.engine]
     schedulers = [build_scheduler(o, cfg.optim, cfg.train.steps) for o in optimizers]
     loader = PackedLoader(dataset, seq_len=cfg.data.seq_len, global_batch_size=cfg.train.global_batch_size,
                           dp_rank=meshes.dp.get_local_rank(), dp_size=dims.dp, seed=cfg.train.seed,
@@ -108,7 +117,6 @@ def build_trainer(cfg: Config, env: DistEnv, dataset) -> Trainer:
     # Gradients are averaged over the dp x cp ranks; scaling every token's loss by this makes the
     # result the mean over the global batch, for any layout and micro-batching.
     loss_scale = dims.dp * dims.cp / tokens_per_step
-    n_micro = micro_batches(cfg.train.global_batch_size // dims.dp, cfg.train.micro_batch_size, dims.pp)
     schedule = None
     if dims.pp > 1:
         stages = build_stages(parts, stage_ids, n_stages, meshes.world["pp"], env.device)
@@ -133,25 +141,27 @@ def build_trainer(cfg: Config, env: DistEnv, dataset) -> Trainer:
     if cfg.health.hang_timeout_s > 0:
         watchdog = Watchdog(cfg.health.hang_timeout_s, run_dir / "hangs", env.rank,
                             on_hang=lambda: _exit_on_hang(logger, watchdog))
-    replica_group = replica_groups(meshes, dims, cfg.parallel.engine) if cfg.health.sdc_interval else None
+    replica_group = (replica_groups(meshes, dims, cfg.parallel.engine, cfg.parallel.zero_stage)
+                     if cfg.health.sdc_interval else None)
     if cfg.health.sdc_interval and replica_group is None:
         logger.event("sdc_check_inactive", 0, reason="no data-parallel replicas hold identical parameters "
-                     "in this layout (pure FSDP); use HSDP or DDP to compare replicas")
+                     "in this layout (pure FSDP, ZeRO-3); use HSDP, DDP or ZeRO-1/2 to compare replicas")
     parts_ = TrainerParts(
         cfg=cfg, device=env.device, model_parts=parts, optimizers=optimizers, schedulers=schedulers,
         loader=loader, logger=logger,
         checkpointer=Checkpointer(run_dir, cfg.checkpoint.keep_last, env.device, async_save=cfg.checkpoint.async_save,
-                                  verify=cfg.checkpoint.verify, logger=logger, faults=faults),
+                                  verify=cfg.checkpoint.verify, logger=logger, faults=faults, zero=zero),
         loss_scale=loss_scale, n_micro=n_micro,
         loss_groups=[meshes.dp_cp.get_group()] + ([meshes.world["pp"].get_group()] if dims.pp > 1 else []),
         pp_group=meshes.world["pp"].get_group() if dims.pp > 1 else None,
         schedule=schedule, has_first_stage=0 in stage_ids, has_last_stage=n_stages - 1 in stage_ids,
         cp_rank=meshes.world["cp"].get_local_rank(), cp=dims.cp, tp=dims.tp,
-        autocast_dtype=None if (dtype == torch.float32 or uses_fsdp(cfg, dims)) else dtype,
+        # FSDP's mixed-precision policy or DeepSpeed's bf16 mode cast the weights instead.
+        autocast_dtype=None if (dtype == torch.float32 or uses_fsdp(cfg, dims) or zero is not None) else dtype,
         flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len), peak_flops=peak,
         world_size=env.world_size, layout=dataclasses.asdict(dims),
         health=StepHealth(cfg.health), policy=RecoveryPolicy(cfg.health), faults=faults, watchdog=watchdog,
-        replica_group=replica_group)
+        replica_group=replica_group, zero=zero)
     return Trainer(parts_)
 
 

@@ -288,7 +288,7 @@ def param_hash(parts: list[nn.Module]) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-def replica_groups(meshes, dims, engine: str) -> Optional[dist.ProcessGroup]:
+def replica_groups(meshes, dims, engine: str, zero_stage: int = 3) -> Optional[dist.ProcessGroup]:
     """The group of ranks whose LOCAL parameter data must be byte-identical to this rank's, or None
     when the layout has no such replicas.
 
@@ -296,6 +296,8 @@ def replica_groups(meshes, dims, engine: str) -> Optional[dist.ProcessGroup]:
     - fsdp with dp_replicate > 1 (HSDP): apply_fsdp shards over (dp_replicate, dp_shard_cp), so the
       ranks along dp_replicate hold the same shard (same pp stage, tp slice, shard index).
     - fsdp with dp_replicate == 1: each dp_shard x cp rank holds a different shard -> None.
+    - deepspeed: ZeRO-1/2 shard optimizer state (and gradients) but every dp rank holds the whole
+      model, all-gathered after each update; ZeRO-3 shards the parameters -> None.
     Replicas stay identical because their gradients come out of the same all-reduce and the
     optimizer step is deterministic.
     """
@@ -303,7 +305,9 @@ def replica_groups(meshes, dims, engine: str) -> Optional[dist.ProcessGroup]:
         return meshes.dp_cp.get_group() if dims.dp * dims.cp > 1 else None
     if engine == "fsdp":
         return meshes.world["dp_replicate"].get_group() if dims.dp_replicate > 1 else None
-    raise ValueError(f"replica_groups: unknown engine {engine!r} (fsdp or ddp)")
+    if engine == "deepspeed":
+        return meshes.dp.get_group() if zero_stage < 3 and dims.dp > 1 else None
+    raise ValueError(f"replica_groups: unknown engine {engine!r} (fsdp, ddp or deepspeed)")
 
 
 def check_replicas(parts: list[nn.Module], group) -> list[int]:

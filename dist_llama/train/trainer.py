@@ -72,6 +72,9 @@ class TrainerParts:
     """Heartbeat watchdog, or None when health.hang_timeout_s is 0."""
     replica_group: Optional[dist.ProcessGroup]
     """Ranks holding identical local parameters (silent-data-corruption check), or None."""
+    zero: object = None
+    """parallel.engine=deepspeed: the ZeroEngine (dist_llama.parallel.zero) that runs backward,
+    clipping and the update; model_parts is then [its DeepSpeedEngine]."""
 
 
 class Trainer:
@@ -96,6 +99,9 @@ class Trainer:
 
     # --- one optimizer step -------------------------------------------------------------------
     def _grad_sync(self, model: nn.Module, enabled: bool):
+        if self.p.zero is not None:
+            self.p.zero.set_last_micro_batch(enabled)
+            return contextlib.nullcontext()
         if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
             model.set_requires_gradient_sync(enabled)
             return contextlib.nullcontext()
@@ -117,7 +123,10 @@ class Trainer:
                 with autocast:
                     logits = model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"])
                 loss = token_loss_sum(logits, mb["labels"]) * p.loss_scale
-                loss.backward()
+                if p.zero is not None:
+                    p.zero.backward(loss)
+                else:
+                    loss.backward()
             loss_acc += _local(loss.detach())
         return loss_acc
 
@@ -153,19 +162,33 @@ class Trainer:
         poisoned = p.faults.loss(self.step + 1, loss_acc)
         if poisoned is not loss_acc:  # an injected NaN reaches the gradients as a real one would
             loss_acc = poisoned
-            next(q for q in self.params if q.grad is not None).grad.mul_(float("nan"))
-        grad_norm = clip_grad_norm_(self.params, self.cfg.optim.grad_clip, p.pp_group)
+            if p.zero is not None:
+                p.zero.poison_gradients()
+            else:
+                next(q for q in self.params if q.grad is not None).grad.mul_(float("nan"))
+        if p.zero is not None:  # DeepSpeed clips inside its step, by this same global norm
+            grad_norm = p.zero.grad_norm()
+        else:
+            grad_norm = clip_grad_norm_(self.params, self.cfg.optim.grad_clip, p.pp_group)
         for group in p.loss_groups:
             dist.all_reduce(loss_acc, group=group)
         return loss_acc / (p.loss_scale * self.tokens_per_step), grad_norm
 
     def apply_update(self) -> None:
         for optimizer, scheduler in zip(self.p.optimizers, self.p.schedulers):
-            optimizer.step()
+            if self.p.zero is not None:
+                # DeepSpeed clips, updates through `optimizer` and clears its own gradient buffers
+                # (the optimizer's zero_grad would drop the ones ZeRO-Offload keeps).
+                self.p.zero.step()
+            else:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
 
     def discard_update(self) -> None:
+        if self.p.zero is not None:
+            self.p.zero.discard()
+            return
         for optimizer in self.p.optimizers:
             optimizer.zero_grad(set_to_none=True)
 

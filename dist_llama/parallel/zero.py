@@ -1,0 +1,193 @@
+"""DeepSpeed ZeRO as the data-parallel engine (`parallel.engine=deepspeed`), under dist_llama's loop.
+
+DeepSpeed does what ZeRO is about: it shards the optimizer states (stage 1), the gradients too (2)
+and the parameters too (3) over the data-parallel ranks, reduces the gradients, clips them to the
+global norm and runs the update. dist_llama keeps everything else: the model, the data, the
+per-token loss, the LR schedule (its own LambdaLR on the torch AdamW that DeepSpeed wraps), health
+checks and recovery, and the checkpoint commit (manifest, atomic rename, retention).
+
+The loop needs two things DeepSpeed's `step()` does in one go kept apart: the gradient norm must be
+known BEFORE the update (the ranks agree on skip / retry / rollback first), and an update must be
+droppable. `grad_norm()` asks the ZeRO optimizer for the norm with the very function its `step()`
+clips with; `discard()` runs DeepSpeed's own `step()` with the torch optimizer's update switched off,
+so DeepSpeed releases its gradient buffers however the stage keeps them, and nothing else changes.
+Both are covered by tests against FSDP (tests/test_zero.py); DeepSpeed is pinned below 0.20 for them.
+
+DeepSpeed is imported only when this engine is chosen (about 4 s). On CPU it runs with
+DS_ACCELERATOR=cpu over the job's gloo group, with torch's AdamW and the shared-memory comm op off,
+so nothing is compiled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dist_llama.train.checkpoint import HashingStream, sha256_file
+
+CHECKPOINT_TAG = "deepspeed"
+"""DeepSpeed writes its files into <checkpoint dir>/deepspeed/."""
+
+
+def import_deepspeed(device: torch.device):
+    if device.type == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"  # read when deepspeed is first imported
+    import deepspeed
+
+    # Else DeepSpeed's CPU accelerator compiles a shared-memory all-reduce at init (~90 s here);
+    # gloo does the collectives.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed 0.19 calls two collectives torch 2.13 deprecated; torch warns on every step.
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
+    return deepspeed
+
+
+def ds_config(cfg, dp: int, n_micro: int, dtype: torch.dtype) -> dict:
+    """DeepSpeed's config for dist_llama's: same batch, accumulation, clip and precision."""
+    p = cfg.parallel
+    zero: dict = {"stage": p.zero_stage}
+    if p.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if p.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train.global_batch_size // dp // n_micro,
+        "gradient_accumulation_steps": n_micro,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        # bf16 weights with fp32 master weights in the optimizer; gradients reduced in fp32, as
+        # FSDP's mixed-precision policy does.
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "communication_data_type": "fp32",
+        # torch's AdamW with dist_llama's hyperparameters, also when offloaded (DeepSpeed's CPU Adam
+        # is a C++ op to compile).
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+    }
+
+
+class ZeroEngine:
+    """A DeepSpeedEngine around the model and the torch optimizer, with the operations the loop uses.
+
+    `engine` is an nn.Module: call it like the model (it gathers ZeRO-3 parameters as needed)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: dict, device: torch.device):
+        deepspeed = import_deepspeed(device)
+        # The process group exists already (init_distributed); DeepSpeed uses it.
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+                                               dist_init_required=False)
+        self.optimizer = optimizer
+        """The torch optimizer inside DeepSpeed's ZeRO optimizer (its param groups hold the fp32
+        shards this rank updates); the LR scheduler steps it."""
+        self.stage = config["zero_optimization"]["stage"]
+        self.engine.checkpoint_engine = _hashing_checkpoint_engine()
+
+    # --- one step ---------------------------------------------------------------------------------
+    def set_last_micro_batch(self, last: bool) -> None:
+        """Before each micro-batch's forward: reduce (and, at step(), update) after the last one."""
+        self.engine.set_gradient_accumulation_boundary(last)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loss is already scaled for the global per-token mean (the trainer's loss_scale):
+        # DeepSpeed must not divide it again by the accumulation steps.
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of this step's gradients over all ranks, before clipping, by the function
+        the ZeRO optimizer's step() clips with (non-finite gradients give inf). Collective."""
+        from deepspeed.runtime.utils import combine_grad_norm_groups
+
+        opt = self.engine.optimizer
+        norm = combine_grad_norm_groups(opt._get_norm_groups()) if self.stage == 3 else opt.scaled_global_norm()
+        return (norm / opt.loss_scale).float()
+
+    def step(self) -> None:
+        """Clip to the global norm, update, release the gradients."""
+        self.engine.step()
+
+    def discard(self) -> None:
+        """Drop this step's gradients without an update (skip, retry, rollback)."""
+        self.optimizer.step = lambda closure=None: None  # shadows the class's step for this call
+        try:
+            self.engine.step()
+        finally:
+            del self.optimizer.step
+
+    def poison_gradients(self) -> None:
+        """Make this step's gradients NaN where ZeRO keeps them (fault injection, like a real overflow)."""
+        from deepspeed.utils import safe_set_full_grad
+
+        param = next(p for p in self.engine.module.parameters() if p.requires_grad)
+        safe_set_full_grad(param, torch.full(getattr(param, "ds_shape", param.shape), float("nan"),
+                                             device=param.device))
+
+    # --- checkpoints --------------------------------------------------------------------------------
+    def save(self, directory: Path) -> dict[str, tuple[int, str]]:
+        """Write this rank's part of the engine state into directory/deepspeed/. Collective. Returns
+        {path relative to directory: (size, sha256)} of the files this rank wrote, hashed as written.
+        Raises if any of them failed (after taking part in every collective, so no rank hangs)."""
+        ckpt = self.engine.checkpoint_engine
+        ckpt.written, ckpt.errors = {}, []
+        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
+        if ckpt.errors:
+            raise OSError(f"DeepSpeed checkpoint write failed: {ckpt.errors[0]}")
+        written = {Path(path).relative_to(directory).as_posix(): digest for path, digest in ckpt.written.items()}
+        if self.engine.global_rank == 0:  # DeepSpeed's rank 0 also copies its zero_to_fp32.py scripts there
+            for script in Path(directory).glob("*.py"):
+                written[script.name] = (script.stat().st_size, sha256_file(script))
+        return written
+
+    def load(self, directory: Path) -> None:
+        """Load weights and optimizer state saved by `save` under the same data-parallel degree.
+        The caller has checked every file against the manifest's sha256 (Checkpointer.latest)."""
+        path, _ = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory / CHECKPOINT_TAG}")
+
+
+def _hashing_checkpoint_engine():
+    """DeepSpeed's torch.save / torch.load checkpoint engine, changed in two ways:
+
+    - save: every file is written through a hashing stream, so the manifest gets the sha256 of the
+      bytes as written (as DCP files get), and fsynced; a failure is recorded, not raised, so this
+      rank still reaches DeepSpeed's barriers.
+    - load: weights_only=True. DeepSpeed's own engine unpickles with weights_only=False, which runs
+      arbitrary code from the file; these files hold tensors and plain containers plus three
+      DeepSpeed types, allowed here by name.
+    """
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    class HashingCheckpointEngine(TorchCheckpointEngine):
+        def __init__(self):
+            super().__init__()
+            self.written: dict[str, tuple[int, str]] = {}
+            self.errors: list[str] = []
+
+        def save(self, state_dict, path: str) -> None:
+            try:
+                with open(path, "wb") as f:
+                    stream = HashingStream(f)
+                    torch.save(state_dict, stream)
+                    f.flush()
+                    os.fsync(f.fileno())
+                self.written[path] = (stream.size, stream.hexdigest())
+            except Exception as e:  # noqa: BLE001 (reported by ZeroEngine.save after the collectives)
+                self.errors.append(f"{path}: {type(e).__name__}: {e}")
+
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return HashingCheckpointEngine()
