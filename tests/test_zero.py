@@ -203,3 +203,19 @@ def test_zero1_and_2_ranks_are_replicas_for_the_corruption_check():
     against the others: checked by hand with 3 ranks, a bitflip fault and a rollback); ZeRO-3 shards them."""
     groups = run_ranks(_replica_groups_on_fake_world, 1, timeout=30)[0]
     assert groups == {1: [0, 1, 2, 3], 2: [0, 1, 2, 3], 3: None}
+
+
+@pytest.mark.timeout(180)
+def test_resuming_a_deepspeed_run_under_fsdp_exits_2_with_one_line(tmp_path):
+    """Bad input, not a crash: the run directory holds DeepSpeed state and the command asks for FSDP."""
+    common = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "dist_llama.train", "--config", "configs/debug.yaml", "model.n_layers=2", "model.dim=64",
+              "data.seq_len=64", "logging.console=false", f"train.run_dir={tmp_path}"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    first = subprocess.run([*common, "train.steps=2", "parallel.engine=deepspeed", "parallel.zero_stage=1"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run([*common, "train.steps=4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
+    lines = [line for line in second.stderr.splitlines() if line.startswith("dist_llama: checkpoint error")]
+    assert len(lines) == 2 and "holds deepspeed state" in lines[0] and "parallel.engine" in lines[0], second.stderr
+    assert "raise CheckpointError" not in second.stderr and "exitcode  : 2" in second.stderr  # no worker traceback

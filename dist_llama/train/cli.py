@@ -1,6 +1,7 @@
 """`python -m dist_llama.train` / `torchrun ... -m dist_llama.train --config X.yaml [key=value ...]`.
 
-Exit codes: 0 finished; 2 bad configuration or input (one line on stderr, before any process group);
+Exit codes: 0 finished; 2 bad configuration or input (one line on stderr: before any process group,
+or a checkpoint the run cannot resume from);
 3 unrecoverable; 75 restart me (health abort, hang); 76 preempted (saved, requeue). See recovery.py.
 """
 
@@ -16,6 +17,7 @@ from dist_llama import config as config_lib
 from dist_llama.config import Config, ConfigError
 from dist_llama.data import build_tokenizer, open_dataset
 from dist_llama.parallel.env import init_distributed, world_size_from_env
+from dist_llama.train.checkpoint import CheckpointError
 from dist_llama.train.recovery import EXIT_OK, TrainingExit
 
 EXIT_CONFIG = 2
@@ -70,6 +72,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except TrainingExit as exc:
         print(f"dist_llama: {exc.reason} (exit code {exc.code})", file=sys.stderr)
         return exc.code
+    except CheckpointError as exc:  # e.g. resuming a DeepSpeed checkpoint under another engine
+        print(f"dist_llama: checkpoint error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
