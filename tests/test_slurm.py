@@ -180,8 +180,11 @@ def test_scancel_leaves_no_stray_processes(slurm, tmp_path):
             break
         time.sleep(0.5)
     assert not left, f"processes left after scancel:\n{left}"
-    queue = subprocess.run(["squeue", "-h", "-j", job_id], env=slurm, capture_output=True, text=True).stdout
-    assert job_id not in queue
+    # Slurm lists the job as COMPLETING until its nodes report the cleanup, then drops it
+    while (state := subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], env=slurm, capture_output=True,
+                                   text=True).stdout.strip()):
+        assert state == "COMPLETING" and time.monotonic() < deadline + 60, f"job {job_id} still {state}"
+        time.sleep(1)
 
 
 @pytest.mark.timeout(300)
