@@ -67,9 +67,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as exc:
         print(f"dist_llama: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    together = False  # every rank leaves at the same point: finished, or a collectively agreed exit
     try:
         train(cfg, dataset)
+        together = True
     except TrainingExit as exc:
+        together = True
         print(f"dist_llama: {exc.reason} (exit code {exc.code})", file=sys.stderr)
         return exc.code
     except CheckpointError as exc:  # e.g. resuming a DeepSpeed checkpoint under another engine
@@ -77,5 +80,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_CONFIG
     finally:
         if dist.is_initialized():
+            if together:
+                # A gloo group torn down while a peer is still busy (a straggler's last step) has
+                # aborted the process in C++ once ("terminate called without an active exception").
+                dist.barrier()
             dist.destroy_process_group()
     return EXIT_OK
