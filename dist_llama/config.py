@@ -24,8 +24,12 @@ from dist_llama.parallel.pipeline import MULTI_STAGE, SCHEDULES, schedule_constr
 from dist_llama.train.recovery import ACTIONS
 
 
+EXIT_CONFIG = 2
+"""Exit code of every command for bad configuration or input."""
+
+
 class ConfigError(ValueError):
-    """A configuration or input problem, reported as `key: message` with exit code 2."""
+    """A configuration or input problem, reported as `key: message` with exit code EXIT_CONFIG."""
 
     def __init__(self, key: str, message: str):
         self.key = key

@@ -2,7 +2,6 @@
 the fault and the action, and where the fault is deterministic the final weights are bitwise equal
 to a fault-free run."""
 
-import json
 import os
 import random
 import signal
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+import rundir
 
 COMMON = ["--config", "configs/debug.yaml", "model.n_layers=2", "model.dim=64", "data.seq_len=64",
           "train.steps=16", "checkpoint.interval=4", "logging.console=false"]
@@ -29,10 +29,6 @@ def _run(cmd, expect=0, timeout=240):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
-
-
-def _events(run_dir):
-    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
 
 
 def _final_model(run_dir, step=16):
@@ -77,7 +73,7 @@ def test_outside_kill_9_at_a_random_moment_restarts_and_matches(fault_free, tmp_
     os.kill(int(random.choice(workers)), signal.SIGKILL)
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out[-5000:]
-    starts = [e for e in _events(run_dir) if e["event"] == "train_start"]
+    starts = [e for e in rundir.events(run_dir) if e["event"] == "train_start"]
     assert len(starts) == 2, (target, starts)  # one restart
     _assert_bitwise_equal(_final_model(run_dir), fault_free)
 
@@ -86,7 +82,7 @@ def test_outside_kill_9_at_a_random_moment_restarts_and_matches(fault_free, tmp_
 def test_injected_kill_under_torchrun_restarts_and_matches(fault_free, tmp_path):
     run_dir = tmp_path / "run"
     _run([*_torchrun(2, max_restarts=3), *COMMON, f"train.run_dir={run_dir}", "health.faults=[kill:rank=1:step=11]"])
-    events = _events(run_dir)
+    events = rundir.events(run_dir)
     assert any(e["event"] == "fault_injected" and e["fault"] == "kill" and e["rank"] == 1 for e in events)
     loaded = [e for e in events if e["event"] == "checkpoint_loaded"]
     # The step-8 save may still be in flight (async) when rank 1 dies; step 4's is committed.
@@ -101,12 +97,12 @@ def test_preemption_saves_exits_76_and_resumes_exactly(fault_free, tmp_path):
     proc = _run([*_torchrun(2), *COMMON, f"train.run_dir={run_dir}", "health.faults=[sigterm:rank=0:step=6]"],
                 expect=1)  # torchrun reports the workers' non-zero exit
     assert "exit code 76" in proc.stderr
-    events = _events(run_dir)
+    events = rundir.events(run_dir)
     preempted = [e for e in events if e["event"] == "preempted"]
     assert preempted and preempted[0]["step"] == 6 and preempted[0]["signal"] == "SIGTERM"
     assert (run_dir / "checkpoints" / "step-00000006" / "manifest.json").is_file()
     _run([*_torchrun(2), *COMMON, f"train.run_dir={run_dir}"])
-    assert [e["step"] for e in _events(run_dir) if e["event"] == "checkpoint_loaded"] == [6]
+    assert [e["step"] for e in rundir.events(run_dir) if e["event"] == "checkpoint_loaded"] == [6]
     _assert_bitwise_equal(_final_model(run_dir), fault_free)
 
 
@@ -116,7 +112,7 @@ def test_transient_nan_then_retry_or_rollback_matches(fault_free, tmp_path, acti
     run_dir = tmp_path / "run"
     _run([*_torchrun(2), *COMMON, f"train.run_dir={run_dir}", "health.faults=[nan:step=6]",
           f"health.nan_action={action}", "health.rollback_skip_data=false"])
-    events = _events(run_dir)
+    events = rundir.events(run_dir)
     checks = [e for e in events if e["event"] == "health_check"]
     assert checks and checks[0]["checks"] == ["nan"] and checks[0]["action"] == action and checks[0]["step"] == 6
     if action == "rollback":
@@ -131,7 +127,7 @@ def test_hang_is_detected_dumped_and_restarted(fault_free, tmp_path):
     t0 = time.monotonic()
     _run([*_torchrun(2, max_restarts=2), *COMMON, f"train.run_dir={run_dir}", "health.faults=[hang:rank=1:step=9]",
           "health.hang_timeout_s=5"])
-    events = _events(run_dir)
+    events = rundir.events(run_dir)
     hangs = [e for e in events if e["event"] == "hang_detected"]
     assert {e["rank"] for e in hangs} >= {1}
     report = [e for e in events if e["event"] == "hang_report"]
@@ -153,7 +149,7 @@ def test_silent_data_corruption_names_the_rank_and_rolls_back(tmp_path):
     _run([*_torchrun(3), *COMMON, f"train.run_dir={clean}", *ddp])
     _run([*_torchrun(3), *COMMON, f"train.run_dir={run_dir}", *ddp, "health.faults=[bitflip:rank=1:step=6]",
           "health.rollback_skip_data=false"])
-    detected = [e for e in _events(run_dir) if e["event"] == "sdc_detected"]
+    detected = [e for e in rundir.events(run_dir) if e["event"] == "sdc_detected"]
     assert detected and detected[0]["divergent_ranks"] == [1] and detected[0]["step"] == 6
     assert detected[0]["action"] == "rollback"
     _assert_bitwise_equal(_final_model(run_dir), _final_model(clean))
@@ -164,7 +160,7 @@ def test_straggler_is_named(tmp_path):
     run_dir = tmp_path / "run"
     _run([*_torchrun(2), *COMMON, f"train.run_dir={run_dir}", "train.steps=6", "checkpoint.enabled=false",
           "health.faults=[slow:rank=1:factor=4]", "health.straggler_interval=2"])
-    reports = [e for e in _events(run_dir) if e["event"] == "stragglers"]
+    reports = [e for e in rundir.events(run_dir) if e["event"] == "stragglers"]
     assert reports and all(e["ranks"] == [1] for e in reports)
 
 
@@ -172,7 +168,7 @@ def test_straggler_is_named(tmp_path):
 def test_failed_checkpoint_write_keeps_training(tmp_path):
     run_dir = tmp_path / "run"
     _run([*_torchrun(2), *COMMON, f"train.run_dir={run_dir}", "health.faults=[ckpt_fail:step=8,ckpt_corrupt:step=12]"])
-    events = _events(run_dir)
+    events = rundir.events(run_dir)
     failed = [e for e in events if e["event"] == "checkpoint_failed"]
     assert [e["step"] for e in failed] == [8, 12]
     saved = [e["step"] for e in events if e["event"] == "checkpoint_saved"]

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT
+from rundir import losses, read_jsonl
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 REQUIRED = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_sec", "mfu", "step_time_s"}
@@ -20,17 +21,13 @@ def _run(cmd, **kw):
     return proc
 
 
-def _jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 @pytest.mark.timeout(300)
 def test_torchrun_trains_then_resumes(tmp_path):
     run_dir = tmp_path / "run"
     base = [*TORCHRUN, "-m", "dist_llama.train", "--config", "configs/debug.yaml", f"train.run_dir={run_dir}"]
     _run([*base, "train.steps=20"])
     assert (run_dir / "config.yaml").is_file()
-    metrics = _jsonl(run_dir / "metrics.jsonl")
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, 21))
     assert all(REQUIRED <= m.keys() for m in metrics)
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 1.0, "the debug model should learn within 20 steps"
@@ -38,11 +35,11 @@ def test_torchrun_trains_then_resumes(tmp_path):
     assert (run_dir / "checkpoints" / "step-00000020" / "trainer_state.json").is_file()
 
     proc = _run([*base, "--train.steps=30"])
-    events = _jsonl(run_dir / "events.jsonl")
+    events = read_jsonl(run_dir / "events.jsonl")
     loaded = [e for e in events if e["event"] == "checkpoint_loaded"]
     assert len(loaded) == 1 and loaded[0]["step"] == 20, events
     assert "checkpoint_loaded step=20" in proc.stderr
-    assert [m["step"] for m in _jsonl(run_dir / "metrics.jsonl")] == list(range(1, 31))
+    assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 31))
     kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert kept == ["step-00000020", "step-00000030"], kept  # keep_last=2 in the debug preset
 
@@ -60,7 +57,7 @@ def test_prepare_then_train_on_own_data(tmp_path):
     run_dir = tmp_path / "run"
     _run([sys.executable, "-m", "dist_llama.train", "--config", "configs/debug.yaml", f"data.path={shards}",
           "data.seq_len=64", "train.steps=3", f"train.run_dir={run_dir}", "checkpoint.enabled=false"])
-    assert len(_jsonl(run_dir / "metrics.jsonl")) == 3
+    assert len(read_jsonl(run_dir / "metrics.jsonl")) == 3
 
 
 @pytest.mark.timeout(300)
@@ -89,8 +86,8 @@ def test_torchrun_8_ranks_dp_tp_pp_matches_one_rank(tmp_path):
     _run([*TORCHRUN[:-1], "8", "--max-restarts", "1", *base, f"train.run_dir={tmp_path / 'l8'}",
           "parallel.dp_shard=2", "parallel.tp=2", "parallel.pp=2"])
     _run([sys.executable, *base, f"train.run_dir={tmp_path / 'l1'}"])
-    l8 = list({m["step"]: m["loss"] for m in _jsonl(tmp_path / "l8" / "metrics.jsonl")}.values())
-    l1 = [m["loss"] for m in _jsonl(tmp_path / "l1" / "metrics.jsonl")]
+    l8 = losses(tmp_path / "l8")
+    l1 = [m["loss"] for m in read_jsonl(tmp_path / "l1" / "metrics.jsonl")]
     assert len(l8) == len(l1) == 10
     for a, b in zip(l8, l1):
         assert abs(a - b) <= 1e-5 * b, (l8, l1)

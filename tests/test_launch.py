@@ -1,7 +1,6 @@
 """launch/train.sh, the local launcher: standalone with restarts, and the multi-node form (one launcher
 per node, c10d rendezvous on an endpoint), both checked against a plain 2-rank run's losses."""
 
-import json
 import os
 import socket
 import subprocess
@@ -9,6 +8,7 @@ import subprocess
 import pytest
 
 from conftest import ROOT
+from rundir import events, losses
 
 TINY = ["--config", "configs/debug.yaml", "model.n_layers=2", "model.dim=64", "data.seq_len=64",
         "train.steps=12", "checkpoint.interval=4", "logging.console=false"]
@@ -25,15 +25,6 @@ def _launch(*args, timeout=240, expect=0):
     return proc
 
 
-def _losses(run_dir):
-    """Loss per step; steps recomputed after a restart appear twice in metrics.jsonl, the last counts."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return list({r["step"]: r["loss"] for r in records}.values())
-
-
-def _events(run_dir, kind):
-    lines = (run_dir / "events.jsonl").read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e["event"] == kind]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +33,7 @@ def reference(tmp_path_factory):
     _launch("-n", "2", "--max-restarts", "0", *TINY, f"train.run_dir={run_dir}")
     logs = sorted(p.relative_to(run_dir / "logs").parts[1:] for p in (run_dir / "logs").rglob("stdout.log"))
     assert logs == [("attempt_0", "0", "stdout.log"), ("attempt_0", "1", "stdout.log")]
-    return _losses(run_dir)
+    return losses(run_dir)
 
 
 @pytest.mark.timeout(300)
@@ -51,10 +42,10 @@ def test_killed_rank_is_restarted_and_the_run_matches(reference, tmp_path):
     out = _launch("-n", "2", "--max-restarts", "1", *TINY, f"train.run_dir={run_dir}",
                   "health.faults=[kill:rank=1:step=11]")
     assert "OMP_NUM_THREADS=1" in out.stderr  # 2 cores shared by 2 ranks
-    assert len(_events(run_dir, "train_start")) == 2
+    assert len(events(run_dir, "train_start")) == 2
     # the newest committed checkpoint (on a loaded machine the async write of step 8 may still be in flight)
-    assert [e["step"] for e in _events(run_dir, "checkpoint_loaded")] in ([4], [8])
-    assert _losses(run_dir) == reference
+    assert [e["step"] for e in events(run_dir, "checkpoint_loaded")] in ([4], [8])
+    assert losses(run_dir) == reference
     assert list((run_dir / "logs").rglob("attempt_1/1/stdout.log"))
 
 
@@ -72,8 +63,8 @@ def test_two_node_form_rendezvous_on_an_endpoint(reference, tmp_path):
     for proc in procs:
         out, _ = proc.communicate(timeout=240)
         assert proc.returncode == 0, out[-4000:]
-    assert _losses(run_dir) == reference
-    assert _events(run_dir, "train_start")[0]["layout"]["dp_shard"] == 2
+    assert losses(run_dir) == reference
+    assert events(run_dir, "train_start")[0]["layout"]["dp_shard"] == 2
 
 
 def test_bad_config_exits_2_before_any_rank_starts(tmp_path):

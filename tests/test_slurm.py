@@ -2,7 +2,6 @@
 slurm/local/) started by this module. Needs Debian's slurmctld, slurmd, slurm-client and munge, which
 launch/setup.sh installs when it runs as root; without them these tests fail, they do not skip."""
 
-import json
 import os
 import shutil
 import socket
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
+from rundir import events, losses
 
 TRAIN = ["--config", "configs/debug.yaml", "--cluster", "local", "--cpu", "train.steps=24", "optim.decay_steps=24",
          "checkpoint.interval=4", "logging.console=false"]
@@ -71,15 +71,6 @@ def _job_id(proc) -> str:
     return proc.stdout.readline().strip()
 
 
-def _losses(run_dir):
-    """Loss per step; steps recomputed after a restart appear twice in metrics.jsonl, the last counts."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return list({r["step"]: r["loss"] for r in records}.values())
-
-
-def _events(run_dir, kind):
-    lines = (run_dir / "events.jsonl").read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e["event"] == kind]
 
 
 def _wait_for_step(run_dir, step, timeout=180):
@@ -94,7 +85,7 @@ def _wait_for_step(run_dir, step, timeout=180):
 
 def _wait_for_event(run_dir, kind, timeout):
     deadline = time.monotonic() + timeout
-    while not ((run_dir / "events.jsonl").exists() and _events(run_dir, kind)):
+    while not ((run_dir / "events.jsonl").exists() and events(run_dir, kind)):
         assert time.monotonic() < deadline, f"no {kind} event in {run_dir} after {timeout} s"
         time.sleep(0.5)
 
@@ -115,7 +106,7 @@ class Job:
         if self.proc.returncode is None:
             _, err = self.proc.communicate(timeout=timeout)
             assert self.proc.returncode == 0, self.log()[-4000:] + err
-        return _losses(self.run_dir)
+        return losses(self.run_dir)
 
     def log(self) -> str:
         return _job_log(self.run_dir, self.id)
@@ -137,9 +128,9 @@ def test_two_nodes_train_and_a_preempted_job_requeues_to_the_same_loss(slurm, cl
     reference = clean.result()
     assert len(reference) == 24
     assert preempted.result() == reference
-    stop = _events(preempted.run_dir, "preempted")
+    stop = events(preempted.run_dir, "preempted")
     assert len(stop) == 1 and stop[0]["signal"] == "stop_file" and stop[0]["step"] >= 9
-    loaded = _events(preempted.run_dir, "checkpoint_loaded")
+    loaded = events(preempted.run_dir, "checkpoint_loaded")
     assert [e["step"] for e in loaded] == [stop[0]["step"]]
     log = preempted.log()
     assert "(requeue 1)" in log and "(requeue 2)" not in log, log[-3000:]
@@ -156,7 +147,7 @@ def test_405b_shaped_layout_runs_from_the_same_script(slurm, clean, tmp_path):
               "parallel.dp_shard=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2",
               "train.steps=4", "cluster.cpus_per_task=4")
     losses, reference = job.result(), clean.result()
-    assert _events(job.run_dir, "train_start")[-1]["layout"] == {"pp": 2, "dp_replicate": 1, "dp_shard": 2,
+    assert events(job.run_dir, "train_start")[-1]["layout"] == {"pp": 2, "dp_replicate": 1, "dp_shard": 2,
                                                                   "cp": 1, "tp": 2}
     assert len(losses) == 4
     for a, b in zip(losses, reference):
@@ -203,7 +194,7 @@ def test_a_node_failing_preflight_is_excluded_and_the_job_resubmitted(slurm, tmp
     _wait_for_event(run_dir, "train_end", timeout=150)
     second_log = _job_log(run_dir, second)
     assert " on n2" in second_log and "preflight ok on node n2" in second_log, second_log
-    assert len(_losses(run_dir)) == 3
+    assert len(losses(run_dir)) == 3
 
 
 def test_dry_run_renders_the_405b_job(tmp_path):

@@ -1,11 +1,11 @@
 """The trainer on 1..4 gloo ranks: every data-parallel engine reproduces the single-process run,
 and a checkpointed-and-resumed run reproduces the uninterrupted one exactly."""
 
-import json
 
 import pytest
 import torch
 
+from rundir import read_jsonl
 from trainrun import assert_same_run, train
 
 def _run(world_size, tmp_path, name, *overrides):
@@ -43,10 +43,10 @@ def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
     assert first + second == straight
     for k in straight_params:
         assert torch.equal(straight_params[k], resumed_params[k]), k
-    events = [json.loads(l) for l in (tmp_path / "resumed" / "events.jsonl").read_text().splitlines()]
+    events = read_jsonl(tmp_path / "resumed" / "events.jsonl")
     loaded = [e for e in events if e["event"] == "checkpoint_loaded"]
     assert len(loaded) == 1 and loaded[0]["step"] == 5 and loaded[0]["rng_restored"]
-    metrics = [json.loads(l) for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, 11))
 
 

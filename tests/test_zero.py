@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from rundir import read_jsonl
 from trainrun import DEBUG, TINY
 from dist_llama.testing import run_ranks
 
@@ -70,7 +71,7 @@ def test_zero_matches_fsdp_and_resumes_exactly(fsdp, tmp_path, stage, options):
     assert first + second == straight
     for k in params:
         assert torch.equal(params[k], resumed_params[k]), k
-    events = [json.loads(line) for line in (tmp_path / "resumed" / "events.jsonl").read_text().splitlines()]
+    events = read_jsonl(tmp_path / "resumed" / "events.jsonl")
     assert [(e["step"], e["rng_restored"]) for e in events if e["event"] == "checkpoint_loaded"] == [(5, True)]
     manifest = json.loads((tmp_path / "resumed" / "checkpoints" / "step-00000010" / "manifest.json").read_text())
     assert manifest["state"] == "deepspeed"
@@ -125,13 +126,9 @@ def _torchrun(*args, max_restarts=0, expect=0):
     return proc
 
 
-def _jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def _losses(run_dir):
     """The loss of every step; a step run again after a restart counts once, with its last value."""
-    return {m["step"]: m["loss"] for m in _jsonl(run_dir / "metrics.jsonl")}
+    return {m["step"]: m["loss"] for m in read_jsonl(run_dir / "metrics.jsonl")}
 
 
 @pytest.mark.timeout(420)
@@ -145,7 +142,7 @@ def test_zero3_nan_rollback_preemption_retry_and_kill_end_where_a_clean_run_ends
     # Job 2 (the requeue): resumes at 7; a NaN at step 9 is retried; rank 1 is killed at step 11 and
     # torchrun restarts both, which resume from the newest checkpoint.
     _torchrun(f"train.run_dir={run}", "health.faults=[nan:step=9,kill:rank=1:step=11]", max_restarts=1)
-    events = _jsonl(run / "events.jsonl")
+    events = read_jsonl(run / "events.jsonl")
     checks = [(e["step"], e["checks"], e["action"]) for e in events if e["event"] == "health_check"]
     assert checks == [(4, ["nan"], "rollback"), (9, ["nan"], "retry")]
     assert [(e["step"], e["failed_step"]) for e in events if e["event"] == "rollback"] == [(3, 4)]

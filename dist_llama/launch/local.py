@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from dist_llama import config as config_lib
-from dist_llama.config import ConfigError
+from dist_llama.config import EXIT_CONFIG, ConfigError
 
-EXIT_CONFIG = 2
 
 
 def threads_per_rank(nproc: int, cpus: Optional[int] = None) -> int:

@@ -28,11 +28,10 @@ from typing import Optional, Sequence
 from omegaconf import OmegaConf
 
 from dist_llama import config as config_lib
-from dist_llama.config import CONFIG_DIR, ConfigError
+from dist_llama.config import CONFIG_DIR, EXIT_CONFIG, ConfigError
 from dist_llama.launch.local import torchrun_args
 
 TEMPLATE = Path(__file__).with_name("train.sbatch")
-EXIT_CONFIG = 2
 
 
 @dataclass

@@ -14,13 +14,11 @@ from typing import Optional, Sequence
 import torch.distributed as dist
 
 from dist_llama import config as config_lib
-from dist_llama.config import Config, ConfigError
+from dist_llama.config import EXIT_CONFIG, Config, ConfigError
 from dist_llama.data import build_tokenizer, open_dataset
 from dist_llama.parallel.env import init_distributed, world_size_from_env
 from dist_llama.train.checkpoint import CheckpointError
 from dist_llama.train.recovery import EXIT_OK, TrainingExit
-
-EXIT_CONFIG = 2
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> tuple[Optional[str], list[str]]:
