@@ -92,7 +92,7 @@ def job_size(cfg: config_lib.Config, nodes: Optional[int], gpus_per_node: int) -
     p = cfg.parallel
     if p.dp_shard == -1:
         raise ConfigError("--nodes", "give --nodes, or set parallel.dp_shard so the layout fixes the world size")
-    world = p.dp_replicate * p.dp_shard * p.cp * p.tp * p.pp
+    world = p.world_size
     if world % gpus_per_node:
         raise ConfigError("--gpus-per-node", f"the layout's {world} ranks do not fill nodes of {gpus_per_node}")
     return world // gpus_per_node

@@ -7,7 +7,7 @@ from typing import Tuple
 
 import torch
 
-from .llama import ModelArgs, ffn_hidden_dim
+from .args import ModelArgs, ffn_hidden_dim
 
 H100_BF16_PEAK = 989e12
 """Dense BF16 tensor-core peak of one H100 SXM, FLOP/s (no sparsity)."""
@@ -21,8 +21,7 @@ def count_params(args: ModelArgs) -> Tuple[int, int]:
     projection as negligible; it still includes the RMSNorm weights."""
     assert args.vocab_size > 0, "vocab_size must be set"
     head_dim = args.dim // args.n_heads
-    n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
-    attention = args.dim * head_dim * (2 * args.n_heads + 2 * n_kv_heads)  # wq, wo + wk, wv
+    attention = args.dim * head_dim * (2 * args.n_heads + 2 * args.kv_heads)  # wq, wo + wk, wv
     feed_forward = 3 * args.dim * ffn_hidden_dim(args)
     norms = 2 * args.dim
     non_embedding = args.n_layers * (attention + feed_forward + norms) + args.dim  # + final norm

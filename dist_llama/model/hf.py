@@ -11,7 +11,7 @@ from typing import Any, Dict
 
 import torch
 
-from .llama import ModelArgs, ffn_hidden_dim
+from .args import ModelArgs, ffn_hidden_dim
 
 _LAYER_MAP = {
     "attention.wq": "self_attn.q_proj",
@@ -44,10 +44,6 @@ def _hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
-def _n_kv_heads(args: ModelArgs) -> int:
-    return args.n_heads if args.n_kv_heads is None else args.n_kv_heads
-
-
 def from_hf_state_dict(sd: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, torch.Tensor]:
     """HF LlamaForCausalLM state dict -> ours. Tied checkpoints (no lm_head) get output = embeddings;
     rotary inv_freq buffers, which some versions save, are dropped."""
@@ -64,7 +60,7 @@ def from_hf_state_dict(sd: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str
             if ours == "attention.wq":
                 value = _hf_to_meta_rows(value, args.n_heads)
             elif ours == "attention.wk":
-                value = _hf_to_meta_rows(value, _n_kv_heads(args))
+                value = _hf_to_meta_rows(value, args.kv_heads)
             out[f"layers.{layer}.{ours}.weight"] = value
         else:
             assert key.endswith(".weight") and key[: -len(".weight")] in hf_top, f"unexpected HF key {key}"
@@ -84,7 +80,7 @@ def to_hf_state_dict(sd: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, 
             if name == "attention.wq":
                 value = _meta_to_hf_rows(value, args.n_heads)
             elif name == "attention.wk":
-                value = _meta_to_hf_rows(value, _n_kv_heads(args))
+                value = _meta_to_hf_rows(value, args.kv_heads)
             out[f"model.layers.{layer}.{_LAYER_MAP[name]}.weight"] = value
         else:
             assert key.endswith(".weight") and key[: -len(".weight")] in _TOP_MAP, f"unexpected key {key}"

@@ -9,7 +9,6 @@
 
 import functools
 import math
-from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -17,51 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
 
-
-@dataclass
-class ModelArgs:
-    dim: int = 4096
-    """Model (residual stream) width."""
-    n_layers: int = 32
-    """Number of transformer blocks."""
-    n_heads: int = 32
-    """Number of query heads; head_dim = dim // n_heads."""
-    n_kv_heads: Optional[int] = None
-    """Number of key/value heads (grouped-query attention); None means n_heads."""
-    vocab_size: int = -1
-    """Vocabulary size; -1 means take it from the tokenizer."""
-    multiple_of: int = 256
-    """The FFN hidden size is rounded up to a multiple of this."""
-    ffn_dim_multiplier: Optional[float] = None
-    """Scales the FFN hidden size (2/3 * 4 * dim) before rounding; None means 1."""
-    norm_eps: float = 1e-5
-    """Epsilon of the RMSNorms."""
-    rope_theta: float = 500000.0
-    """RoPE base (10000 for Llama 2, 500000 for Llama 3)."""
-    use_scaled_rope: bool = False
-    """Apply Llama 3.1's long-context frequency scaling to RoPE."""
-    rope_scale_factor: float = 8.0
-    """Llama 3.1 scaling: divisor for the low frequencies."""
-    rope_low_freq_factor: float = 1.0
-    """Llama 3.1 scaling: wavelengths above old_context_len / this are fully scaled."""
-    rope_high_freq_factor: float = 4.0
-    """Llama 3.1 scaling: wavelengths below old_context_len / this are left alone."""
-    rope_old_context_len: int = 8192
-    """Llama 3.1 scaling: the context length the unscaled model was trained on."""
-    max_seq_len: int = 2048
-    """Longest sequence (largest position + 1) the RoPE table covers."""
-    attn_impl: str = "auto"
-    """Attention kernel: "sdpa", "flex", or "auto" (flex on CUDA, sdpa elsewhere)."""
-
-
-def ffn_hidden_dim(args: ModelArgs) -> int:
-    """Meta's FFN width: 2/3 of 4*dim (SwiGLU has three matrices instead of two, so this keeps the
-    parameter count of a 4*dim MLP), scaled by ffn_dim_multiplier, rounded up to multiple_of."""
-    hidden_dim = 4 * args.dim
-    hidden_dim = int(2 * hidden_dim / 3)
-    if args.ffn_dim_multiplier is not None:
-        hidden_dim = int(args.ffn_dim_multiplier * hidden_dim)
-    return args.multiple_of * ((hidden_dim + args.multiple_of - 1) // args.multiple_of)
+from .args import ModelArgs, ffn_hidden_dim
 
 
 class RMSNorm(nn.Module):
@@ -156,7 +111,8 @@ def _compiled_flex_attention():
 
 
 @functools.cache
-def _compiled_create_block_mask():
+def compiled_create_block_mask():
+    """The one compiled create_block_mask of the process (context parallelism builds its masks with it too)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     return torch.compile(create_block_mask)
@@ -186,7 +142,7 @@ def build_attention_mask(
                 return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
 
             batch = doc_ids.shape[0]
-        return _compiled_create_block_mask()(mask_mod, batch, None, seq_len, seq_len, device=device)
+        return compiled_create_block_mask()(mask_mod, batch, None, seq_len, seq_len, device=device)
     if doc_ids is None:
         return None
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
@@ -232,7 +188,7 @@ class CoreAttention(nn.Module):
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
+        self.n_kv_heads = args.kv_heads
         self.n_heads = args.n_heads
         self.head_dim = args.dim // args.n_heads
 
@@ -306,8 +262,7 @@ class Transformer(nn.Module):
         super().__init__()
         assert args.vocab_size > 0, "vocab_size must be set (from the tokenizer) before building the model"
         assert args.dim % args.n_heads == 0, "dim must be divisible by n_heads"
-        n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
-        assert args.n_heads % n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"
+        assert args.n_heads % args.kv_heads == 0, "n_heads must be a multiple of n_kv_heads"
         assert args.attn_impl in ("auto", "sdpa", "flex"), f"unknown attn_impl {args.attn_impl!r}"
         self.args = args
         self.vocab_size = args.vocab_size

@@ -24,7 +24,8 @@ import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from ..model.llama import Attention, CoreAttention, Mask, Transformer, _compiled_create_block_mask, resolve_attn_impl
+from ..model.llama import (Attention, CoreAttention, Mask, Transformer, compiled_create_block_mask,
+                           resolve_attn_impl)
 
 # torch 2.13 renamed these (the old names warn); older builds have only the old names.
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
@@ -100,7 +101,7 @@ def build_cp_attention_mask(
                 return (q_pos[q_idx] >= kv_pos[kv_idx]) & (doc_ids[b, q_idx] == full_doc_ids[b, kv_idx])
 
             batch = doc_ids.shape[0]
-        return _compiled_create_block_mask()(mask_mod, batch, None, seq_len, full_len, device=device)
+        return compiled_create_block_mask()(mask_mod, batch, None, seq_len, full_len, device=device)
 
     mask = q_pos[:, None] >= kv_pos[None, :]  # [S_loc, S_full]
     if doc_ids is None:

@@ -11,11 +11,15 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from dist_llama.config.schema import Degrees
+
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
 @dataclass(frozen=True)
-class ParallelDims:
+class ParallelDims(Degrees):
+    """The degrees of a resolved ParallelConfig; dp, dp_cp, data_parallel and world_size come from Degrees."""
+
     pp: int
     dp_replicate: int
     dp_shard: int
@@ -27,15 +31,6 @@ class ParallelDims:
         """From a resolved ParallelConfig (dp_shard already filled in by config.resolve_parallel)."""
         return cls(pp=parallel.pp, dp_replicate=parallel.dp_replicate, dp_shard=parallel.dp_shard,
                    cp=parallel.cp, tp=parallel.tp)
-
-    @property
-    def world_size(self) -> int:
-        return self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
-
-    @property
-    def dp(self) -> int:
-        """Data-parallel degree: ranks that see different data."""
-        return self.dp_replicate * self.dp_shard
 
     def build_mesh(self, device_type: str) -> "Meshes":
         world = init_device_mesh(device_type, tuple(getattr(self, d) for d in MESH_DIMS),

@@ -23,13 +23,16 @@ from torch.distributed.pipelining.schedules import (
     ScheduleInterleavedZeroBubble,
 )
 
-SCHEDULES = {
+# The schedule names (and what each needs) are defined with the configuration, which validates
+# them without importing torch; SCHEDULES and schedule_constraint are also known from this module.
+from dist_llama.config.names import MULTI_STAGE, SCHEDULES, schedule_constraint  # noqa: F401
+
+_SCHEDULE_CLASSES = {
     "gpipe": ScheduleGPipe,
     "1f1b": Schedule1F1B,
     "interleaved_1f1b": ScheduleInterleaved1F1B,
     "interleaved_zb": ScheduleInterleavedZeroBubble,
 }
-MULTI_STAGE = ("interleaved_1f1b", "interleaved_zb")
 
 
 def layers_per_stage(n_layers: int, n_stages: int, lighter_ends: bool = False,
@@ -89,20 +92,8 @@ def build_schedule(name: str, stages: list[PipelineStage], n_microbatches: int,
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
     """The loss function already carries the whole-batch scaling, so the schedule must not divide
     gradients by the micro-batch count again (scale_grads=False)."""
-    cls = SCHEDULES[name]
+    cls = _SCHEDULE_CLASSES[name]
     if name in MULTI_STAGE:
         return cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
     (stage,) = stages
     return cls(stage, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
-
-
-def schedule_constraint(name: str, n_microbatches: int, pp: int) -> Optional[str]:
-    """Why a schedule can't run this micro-batch count on pp ranks, or None if it can."""
-    if name == "1f1b" and n_microbatches < pp:
-        return f"1f1b needs at least pp={pp} micro-batches per step, got {n_microbatches}"
-    if name in MULTI_STAGE:
-        rounds = max(1, n_microbatches // pp)
-        if n_microbatches % rounds:
-            return (f"{name} needs the micro-batch count ({n_microbatches}) to be a multiple of "
-                    f"max(1, micro-batches // pp) = {rounds}")
-    return None

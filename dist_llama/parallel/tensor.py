@@ -60,10 +60,6 @@ class _PrepareHiddenInput(PrepareModuleInput):
         return (first, *inputs[1:])
 
 
-def _n_kv_heads(args) -> int:
-    return args.n_heads if args.n_kv_heads is None else args.n_kv_heads
-
-
 def _keep_grad_sharded_like(param: DTensor) -> None:
     """The vocab-parallel embedding's backward yields a Replicate (full-vocab) gradient for a Shard(0)
     weight, which would keep vocab x dim fp32 per TP rank (8.4 GB for 405B); slicing it back to the
@@ -89,8 +85,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool = True) 
     """
     tp = tp_mesh.size()
     args = model.args
-    if args.n_heads % tp != 0 or _n_kv_heads(args) % tp != 0:
-        raise ValueError(f"tensor parallel degree {tp} must divide n_kv_heads ({_n_kv_heads(args)}) "
+    if args.n_heads % tp != 0 or args.kv_heads % tp != 0:
+        raise ValueError(f"tensor parallel degree {tp} must divide n_kv_heads ({args.kv_heads}) "
                          f"and n_heads ({args.n_heads})")
     if tp == 1:
         return

@@ -4,8 +4,8 @@ benchmarks and torchrun run CPU ranks: one process and one intra-op thread per r
 
     python -m dist_llama.plan.calibrate --ranks 2 8
 
-prints the figures that estimate.CPU_GLOO records; rerun it on another machine and pass the result
-to the estimator as a Hardware (measured_cpu_hardware) instead of the recorded constants.
+prints the figures that hardware.CPU_GLOO records; rerun it on another machine and pass the result
+to the estimator as a Hardware (hardware.measured_cpu_hardware) instead of the recorded constants.
 """
 
 from __future__ import annotations
@@ -80,14 +80,6 @@ def gloo_links(ranks: int, repeats: int = 15) -> tuple[float, float]:
     size = max(s for _, s in times)
     bus = [(ranks - 1) / ranks * size / max(t - latency, 1e-9) for t in large.values()]
     return latency, statistics.mean(bus)
-
-
-def measured_cpu_hardware(ranks: int):
-    """The "cpu" Hardware for `ranks` ranks, every figure measured now (see estimate.hardware_preset)."""
-    from dist_llama.plan.estimate import cpu_hardware
-
-    latency, bandwidth = gloo_links(ranks)
-    return cpu_hardware(ranks, latency, bandwidth)
 
 
 def main() -> None:

@@ -14,7 +14,8 @@ import sys
 from typing import Optional, Sequence
 
 from dist_llama.config import ConfigError, load, resolve_parallel, to_object, validate_model
-from dist_llama.plan.estimate import GiB, Estimate, estimate, hardware_preset
+from dist_llama.plan.estimate import Estimate, estimate
+from dist_llama.plan.hardware import GiB, hardware_preset
 
 EXIT_BAD_INPUT = 2
 
@@ -48,7 +49,7 @@ def resolved_config(config: Optional[str], overrides: Sequence[str], world_size:
     if cfg.model.vocab_size == -1:
         raise ConfigError("model.vocab_size", "the planner needs an explicit vocabulary size")
     parallel = resolve_parallel(cfg.parallel, world_size)
-    dp = parallel.dp_replicate * parallel.dp_shard
+    dp = parallel.dp
     if cfg.train.global_batch_size % dp:
         raise ConfigError("train.global_batch_size", f"must be divisible by the data-parallel degree {dp}")
     return dataclasses.replace(cfg, parallel=parallel)

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from dist_llama.config import Config
+from dist_llama.config import Config, micro_batches
 
 
 def _local_numel(p: torch.Tensor) -> int:
@@ -37,6 +37,7 @@ def dry_run(cfg: Config, world_size: int, rank: int) -> dict:
 
     from dist_llama.parallel.dims import ParallelDims
     from dist_llama.train.build import build_model_parts
+    from dist_llama.train.engines import build_engine
 
     t0 = time.perf_counter()
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
@@ -44,7 +45,10 @@ def dry_run(cfg: Config, world_size: int, rank: int) -> dict:
         dims = ParallelDims.from_config(cfg.parallel)
         meshes = dims.build_mesh("cpu")
         # Built "on" the meta device: the CPU code path (build, then split and shard) without memory.
-        parts, stage_ids, _ = build_model_parts(cfg, dims, meshes, torch.device("meta"), torch.float32)
+        meta = torch.device("meta")
+        n_micro = micro_batches(cfg.train.global_batch_size // dims.dp, cfg.train.micro_batch_size, dims.pp)
+        engine = build_engine(cfg, dims, meshes, meta, torch.float32, n_micro)
+        parts, stage_ids, _ = build_model_parts(cfg, dims, meshes, meta, engine)
         params = sum(_local_numel(p) for part in parts for p in part.parameters())
         padded = sum(_padded_local_numel(p) for part in parts for p in part.parameters())
     finally:

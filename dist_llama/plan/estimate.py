@@ -1,96 +1,28 @@
 """Closed-form estimate of one training step on a given layout: memory, FLOPs, communication,
-pipeline bubble, step time and MFU per rank, from a validated Config and a hardware preset.
+pipeline bubble, step time and MFU per rank, from a validated Config and a hardware preset
+(hardware.py).
 
 The model is deliberately simple (a roofline with one achievable fraction of peak for matmuls, one
 for attention kernels, one efficiency per link and one overlap fraction), calibrated once against
 the published Llama 3 (Table 4) and Megatron-LM MFU figures (tests/test_plan.py). See
 CALIBRATION for the constants and why each has its value. Model states follow the data-parallel
 engine (FSDP, DDP, DeepSpeed ZeRO-1/2/3 with offload; model_states). The "cpu" preset describes
-gloo ranks on this machine from measurements (CPU_GLOO, dist_llama.plan.calibrate);
-bench/plan_vs_measured.py compares the estimate with real runs there.
+gloo ranks on this machine from measurements; bench/plan_vs_measured.py compares the estimate with
+real runs there.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
-from typing import Optional
 
 from dist_llama.config import Config, micro_batches
-from dist_llama.model.flops import H100_BF16_PEAK, count_params, flops_per_token
-from dist_llama.model.llama import ModelArgs, ffn_hidden_dim
+from dist_llama.model.args import ModelArgs, ffn_hidden_dim
+from dist_llama.model.flops import count_params, flops_per_token
 from dist_llama.parallel.pipeline import layers_per_stage, stage_ids_for_rank
-
-GB = 1e9
-GiB = 2**30
-
-
-@dataclass(frozen=True)
-class Hardware:
-    """One accelerator and the links it sees."""
-
-    name: str
-    """Preset name."""
-    peak_flops: float
-    """Dense BF16 (fp32 on cpu) peak, FLOP/s."""
-    memory_bytes: float
-    """Device memory (HBM), bytes."""
-    intra_node_bw: float
-    """NVLink bandwidth per GPU per direction, bytes/s."""
-    inter_node_bw: float
-    """Network (InfiniBand/RoCE) bandwidth per GPU per direction, bytes/s."""
-    gpus_per_node: int
-    """Devices joined by the intra-node link."""
-    host_bw: float = 0.0
-    """Host <-> device copy bandwidth per device (PCIe), bytes/s, for ZeRO offload traffic;
-    0 = host memory is the device's memory (cpu ranks), offloading moves nothing."""
-    link_efficiency: Optional[float] = None
-    """Achieved / listed bandwidth of both links; None = the calibration's (GPU presets list nominal
-    link speeds); 1.0 when the bandwidths above were measured."""
-    collective_latency_s: Optional[float] = None
-    """Fixed cost per collective call; None = the calibration's (NCCL on GPUs)."""
-
-
-CPU_GLOO = {2: (0.79e-3, 0.30e9), 8: (22.4e-3, 0.185e9)}
-"""gloo over loopback on the 2-core development machine (AMD EPYC, torch 2.13 CPU): ranks ->
-(latency s per call, bus bandwidth bytes/s), the medians of 10 runs of
-`python -m dist_llama.plan.calibrate --ranks 2 8` (each run: medians of 15 all-gathers and
-reduce-scatters of 4 KiB and 16 MiB between fork-started single-thread ranks), taken while other
-jobs kept the load average at 4-9; single runs ranged 0.47-6.4 ms / 0.17-0.44 GB/s on 2 ranks and
-18-46 ms / 0.10-0.29 GB/s on 8. With more ranks than cores, ranks time-share the cores and every
-collective waits for descheduled peers, hence the 8-rank latency. Other rank counts use the nearest
-entry; other machines should measure their own (calibrate.measured_cpu_hardware)."""
-
-
-def cpu_hardware(ranks: int, latency_s: float, bus_bw: float) -> Hardware:
-    """This machine as `ranks` gloo processes of one intra-op thread each (as torchrun and
-    dist_llama.testing start them): the peak of a rank is one thread's measured fp32 matmul rate,
-    times its share of the cores when ranks outnumber them; links are loopback gloo at the measured
-    (achieved) latency and bus bandwidth; every rank is its own "node"."""
-    from dist_llama.plan.calibrate import cores, matmul_rate
-
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    peak = matmul_rate(threads=1) * min(1.0, cores() / ranks)
-    return Hardware("cpu", peak, float(memory) / ranks, bus_bw, bus_bw, 1, host_bw=0.0, link_efficiency=1.0,
-                    collective_latency_s=latency_s)
-
-
-def hardware_preset(name: str, ranks: int = 1) -> Hardware:
-    """h100 / h200 / a100 (SXM, 8 per node, one 400/400/200 Gb/s NIC and a PCIe Gen5/Gen5/Gen4 x16
-    host link per GPU), or cpu: `ranks` gloo ranks sharing this machine (cpu_hardware, with the
-    links recorded in CPU_GLOO)."""
-    if name == "h100":
-        return Hardware("h100", H100_BF16_PEAK, 80 * GB, 450 * GB, 50 * GB, 8, host_bw=64 * GB)
-    if name == "h200":
-        return Hardware("h200", H100_BF16_PEAK, 141 * GB, 450 * GB, 50 * GB, 8, host_bw=64 * GB)
-    if name == "a100":
-        return Hardware("a100", 312e12, 80 * GB, 300 * GB, 25 * GB, 8, host_bw=32 * GB)
-    if name == "cpu":
-        nearest = min(CPU_GLOO, key=lambda r: (abs(r - ranks), r))
-        return cpu_hardware(ranks, *CPU_GLOO[nearest])
-    raise ValueError(f"unknown hardware {name!r}; choose h100, h200, a100 or cpu")
+# hardware_preset is not used here; bench/plan_vs_measured.py knows it from this module.
+from dist_llama.plan.hardware import Hardware, hardware_preset  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -233,14 +165,10 @@ class Estimate:
 
 # --- per-layer quantities -------------------------------------------------------------------------
 
-def _kv_heads(m: ModelArgs) -> int:
-    return m.n_heads if m.n_kv_heads is None else m.n_kv_heads
-
-
 def layer_params(m: ModelArgs) -> int:
     """Parameters of one transformer block (matmuls + two RMSNorms)."""
     head_dim = m.dim // m.n_heads
-    attention = m.dim * head_dim * (2 * m.n_heads + 2 * _kv_heads(m))
+    attention = m.dim * head_dim * (2 * m.n_heads + 2 * m.kv_heads)
     return attention + 3 * m.dim * ffn_hidden_dim(m) + 2 * m.dim
 
 
@@ -312,7 +240,6 @@ def model_states(p, params_rank: float, block_params: float, c: int) -> dict:
     gradient partition the CPU Adam steps with; offloading parameters (ZeRO-3) moves the weight
     partition."""
     psi, n = params_rank, zero_shards(p)
-    data_parallel = p.dp_shard * p.dp_replicate * p.cp > 1
     if p.engine == "deepspeed":
         stage = p.zero_stage
         states = {"params": c * psi / n if stage == 3 else c * psi,
@@ -329,7 +256,7 @@ def model_states(p, params_rank: float, block_params: float, c: int) -> dict:
             states["host"] += states["params"]
             states["params"] = 0.0
         return states
-    if p.engine == "fsdp" and data_parallel:
+    if p.engine == "fsdp" and p.data_parallel:
         # fp32 shards stepped in place; gradients reduce-scattered in fp32 (Llama 3 §3.3.2).
         gathered = psi if not p.reshard_after_forward else min(psi, 2 * block_params)
         return {"params": 4 * psi / n, "master": 0.0, "grads": 4 * psi / n, "optimizer": 8 * psi / n,
@@ -339,7 +266,7 @@ def model_states(p, params_rank: float, block_params: float, c: int) -> dict:
     # gradient buckets, as large as the gradients (gradient_as_bucket_view is off in apply_ddp).
     return {"params": 4 * psi, "master": 0.0, "grads": 4 * psi, "optimizer": 8 * psi,
             "gathered": 0.0 if c == 4 else c * psi,
-            "buffers": 4 * psi if p.engine == "ddp" and data_parallel else 0.0, "host": 0.0}
+            "buffers": 4 * psi if p.engine == "ddp" and p.data_parallel else 0.0, "host": 0.0}
 
 
 # --- the estimate --------------------------------------------------------------------------------
@@ -379,8 +306,7 @@ def data_parallel_collectives(p, params_rank: float, layers: int, n_micro: int, 
                               links: _Links, cal: Calibration) -> list:
     """Gradient and parameter traffic of the data-parallel engine per step, one rank."""
     psi, n = params_rank, zero_shards(p)
-    dp_cp = p.dp_shard * p.dp_replicate * p.cp
-    group = dp_cp if p.engine == "ddp" else n
+    group = p.dp_cp if p.engine == "ddp" else n
     bw = links.network if _group_spans_nodes(p.tp, group, hw) else links.nvlink
     out = []
     if p.engine == "deepspeed":
@@ -408,7 +334,7 @@ def data_parallel_collectives(p, params_rank: float, layers: int, n_micro: int, 
             out.append(_collective("offload params (pcie)", 2 * n_micro * c * psi / n, links.host,
                                    2 * n_micro * (layers + 1), links, cal.overlap))
         return out
-    if p.engine == "fsdp" and dp_cp > 1:
+    if p.engine == "fsdp" and p.data_parallel:
         if n > 1:
             # Compute-dtype all-gather (once per step when weights are kept after forward, else
             # forward and backward of every micro-batch), fp32 gradient reduce-scatter once.
@@ -420,8 +346,8 @@ def data_parallel_collectives(p, params_rank: float, layers: int, n_micro: int, 
             volume = 2 * (p.dp_replicate - 1) / p.dp_replicate * 4 * psi / n
             out.append(_collective("hsdp all-reduce (replicas)", volume, links.network, layers + 1, links, cal.overlap))
         return out
-    if dp_cp > 1:
-        volume = 2 * (dp_cp - 1) / dp_cp * 4 * psi
+    if p.data_parallel:
+        volume = 2 * (p.dp_cp - 1) / p.dp_cp * 4 * psi
         out.append(_collective("ddp all-reduce", volume, bw, layers + 1, links, cal.overlap))
     return out
 
@@ -430,9 +356,7 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
     """Predict one step for `rank` as if its own pipeline rank set the pace (see estimate())."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     tp, cp, pp, V = p.tp, p.cp, p.pp, p.pp_virtual_stages
-    dp_shard, dp_rep = p.dp_shard, p.dp_replicate
-    dp = dp_shard * dp_rep
-    world = tp * cp * pp * dp
+    dp, world = p.dp, p.world_size
     seq = cfg.data.seq_len
     c = compute_bytes(cfg, hw)
     local_batch = t.global_batch_size // dp
@@ -455,7 +379,7 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
     params_rank = layers * block_rank
     params_rank += (m.vocab_size * m.dim // tp if first else 0) + (m.vocab_size * m.dim // tp + m.dim if last else 0)
     states = model_states(p, params_rank, block_rank, c)
-    sharded_params = p.engine == "fsdp" and dp * cp > 1 or p.engine == "deepspeed" and p.zero_stage == 3
+    sharded_params = p.engine == "fsdp" and p.data_parallel or p.engine == "deepspeed" and p.zero_stage == 3
     params_shard = params_rank / zero_shards(p) if sharded_params else params_rank
 
     # Activations: Korthikanti's counts are for 16-bit activations; fp32 compute doubles them.
@@ -499,7 +423,7 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
         collectives.append(_collective("tp all-gather/reduce-scatter", volume, bw, calls, links, cal.critical_overlap))
     # CP: all-gather K and V forward (again on recompute), reduce-scatter dK, dV backward.
     if cp > 1:
-        kv_local = 2 * tokens_mb * _kv_heads(m) // min(tp, _kv_heads(m)) * head_dim * c
+        kv_local = 2 * tokens_mb * m.kv_heads // min(tp, m.kv_heads) * head_dim * c
         calls = layers * n_micro * (2 + recompute)
         volume = calls * (cp - 1) * kv_local
         bw = links.network if _group_spans_nodes(tp, cp, hw) else links.nvlink
@@ -531,16 +455,11 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
         mfu=tokens_per_s_per_gpu * fpt / hw.peak_flops, fits=memory.total <= hw.memory_bytes)
 
 
-def _world(cfg: Config) -> int:
-    p = cfg.parallel
-    return p.tp * p.cp * p.pp * p.dp_shard * p.dp_replicate
-
-
 def estimate(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = CALIBRATION) -> Estimate:
     """Predict one step for `rank` of the resolved config (dp_shard filled in): that rank's memory,
     FLOPs and traffic, with the step time (and throughput, MFU) of the slowest pipeline rank,
     which sets the pace for everyone."""
-    per_pp = _world(cfg) // cfg.parallel.pp
+    per_pp = cfg.parallel.world_size // cfg.parallel.pp
     own = estimate_rank(cfg, hw, rank, cal)
     slowest = max((estimate_rank(cfg, hw, r * per_pp, cal) for r in range(cfg.parallel.pp)),
                   key=lambda e: e.step_seconds)

@@ -78,7 +78,7 @@ def checkpoint_bytes_per_rank(cfg, hw) -> float:
     from dist_llama.plan.estimate import estimate_rank
 
     p = cfg.parallel
-    per_pp = p.tp * p.cp * p.dp_shard * p.dp_replicate
+    per_pp = p.world_size // p.pp
     return max(12 * estimate_rank(cfg, hw, r * per_pp).params_shard for r in range(p.pp))
 
 

@@ -7,7 +7,8 @@ import dataclasses
 import itertools
 
 from dist_llama.config import Config, ConfigError, validate
-from dist_llama.plan.estimate import Estimate, Hardware, estimate
+from dist_llama.plan.estimate import Estimate, estimate
+from dist_llama.plan.hardware import Hardware
 
 TP = (1, 2, 4, 8)
 PP = (1, 2, 4, 8, 16, 32)
@@ -50,7 +51,7 @@ def format_search(results: list[tuple[Config, Estimate]], memory_cap: float) -> 
     for cfg, est in results:
         p = cfg.parallel
         schedule = f"{p.pp_schedule} v{p.pp_virtual_stages}" if p.pp > 1 else "-"
-        lines.append(f"{p.tp:>3}{p.cp:>4}{p.pp:>4}{p.dp_replicate * p.dp_shard:>6}  {schedule:<22}{p.ac:<6}"
+        lines.append(f"{p.tp:>3}{p.cp:>4}{p.pp:>4}{p.dp:>6}  {schedule:<22}{p.ac:<6}"
                      f"{est.memory.total / 2**30:>11.1f}{est.tokens_per_s_per_gpu:>11,.0f}{100 * est.mfu:>7.1f}%")
     if not results:
         lines.append("(no layout fits)")

@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from dist_llama.config.names import ACTIONS
+
 # Exit codes (DESIGN.md): 0 finished (or stopped on a launcher's request), 2 bad configuration.
 EXIT_OK = 0
 EXIT_UNRECOVERABLE = 3
@@ -27,8 +29,6 @@ EXIT_RESTART = 75
 EXIT_PREEMPTED = 76
 """Preempted: the state was saved and committed; requeue the job."""
 
-ACTIONS = ("log", "skip", "retry", "rollback", "restart", "abort")
-"""In increasing severity."""
 FLAGS = ("nan", "loss_spike", "grad_norm_explosion", "sdc", "preempt", "save")
 """What ranks agree on at a step boundary: health checks fired, preemption requested, save due."""
 

@@ -1,0 +1,88 @@
+"""Loading a config: schema defaults, then a YAML preset, then key=value overrides, each checked by
+omegaconf (unknown keys, wrong types: ConfigError naming the key); and saving the run record."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from dist_llama.config.errors import ConfigError
+from dist_llama.config.schema import Config
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+"""The repository's presets: a --config (or --cluster) name that is not a file is looked up here."""
+
+
+def _parse_overrides(overrides: Sequence[str]) -> list[str]:
+    dotlist = []
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text:
+            raise ConfigError(item, "overrides are key=value or --key=value, e.g. train.steps=20")
+        dotlist.append(text)
+    return dotlist
+
+
+def _key_of(exc: OmegaConfBaseException, fallback: str) -> str:
+    return getattr(exc, "full_key", None) or fallback
+
+
+def _merge(base: DictConfig, other, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except ConfigKeyError as exc:
+        key = _key_of(exc, source)
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        node = OmegaConf.select(base, parent) if parent else base
+        allowed = ", ".join(node.keys()) if isinstance(node, DictConfig) else "?"
+        raise ConfigError(key, f"unknown key (from {source}); allowed here: {allowed}") from None
+    except OmegaConfBaseException as exc:
+        key = _key_of(exc, source)
+        node_type = type(OmegaConf.select(base, key)).__name__ if key != source else "?"
+        raise ConfigError(key, f"wrong type or value (from {source}): {exc.msg.splitlines()[0]}; "
+                          f"expected {node_type}") from None
+
+
+def load(config_path: Optional[str], overrides: Sequence[str] = (), schema: type = Config) -> DictConfig:
+    """Schema defaults, then the YAML preset, then key=value overrides, each checked by omegaconf."""
+    cfg = OmegaConf.structured(schema)
+    if config_path:
+        path = Path(config_path)
+        if not path.is_file() and (CONFIG_DIR / path.name).is_file():
+            path = CONFIG_DIR / path.name
+        if not path.is_file():
+            raise ConfigError("--config", f"file not found: {config_path}")
+        try:
+            preset = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError("--config", f"{config_path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(preset, dict):
+            raise ConfigError("--config", f"{config_path} must hold a mapping of sections")
+        cfg = _merge(cfg, preset, str(config_path))
+    dotlist = _parse_overrides(overrides)
+    for item in dotlist:
+        try:
+            override = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as exc:
+            raise ConfigError(item.split("=", 1)[0], f"cannot parse override: {exc.msg.splitlines()[0]}") from None
+        cfg = _merge(cfg, override, "command line")
+    return cfg
+
+
+def to_object(cfg: DictConfig) -> Config:
+    return OmegaConf.to_object(cfg)
+
+
+def save_resolved(cfg: Config, run_dir: Path) -> Path:
+    """The run record: the exact config a run used, loadable again with --config."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,229 @@
+"""The configuration schema: everything a user can set, one docstring per field.
+
+omegaconf builds the config from these dataclasses (loading.py) and rejects unknown keys and wrong
+types; validation.py rejects impossible combinations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from dist_llama.model.args import ModelArgs
+
+
+class Degrees:
+    """What the five parallel degrees multiply to; shared by ParallelConfig and
+    parallel.dims.ParallelDims. Meaningful once dp_shard is resolved (not -1)."""
+
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    pp: int
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: ranks that see different data."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def dp_cp(self) -> int:
+        """Ranks whose gradients are averaged: data parallel with cp folded in (same weights, other tokens)."""
+        return self.dp * self.cp
+
+    @property
+    def data_parallel(self) -> bool:
+        """Whether gradients are reduced across ranks at all."""
+        return self.dp_cp > 1
+
+    @property
+    def world_size(self) -> int:
+        """Ranks in the job: the product of all five degrees."""
+        return self.dp_cp * self.tp * self.pp
+
+
+@dataclass
+class ParallelConfig(Degrees):
+    dp_replicate: int = 1
+    """Data-parallel replicas (HSDP replicate dim under engine=fsdp)."""
+    dp_shard: int = -1
+    """Data-parallel shard degree for FSDP; -1 = all ranks left after the other degrees."""
+    cp: int = 1
+    """Context-parallel degree: each rank holds 2 of the 2*cp sequence chunks; K/V all-gathered."""
+    tp: int = 1
+    """Tensor-parallel degree (with sequence parallel and loss parallel); must divide n_kv_heads."""
+    pp: int = 1
+    """Pipeline-parallel degree (ranks in a pipeline)."""
+    pp_schedule: str = "1f1b"
+    """Pipeline schedule: gpipe, 1f1b, interleaved_1f1b or interleaved_zb (zero bubble)."""
+    pp_virtual_stages: int = 1
+    """Stages per pipeline rank; the interleaved schedules need at least 2."""
+    pp_layers_per_stage: Optional[List[int]] = None
+    """Explicit layer count of every stage (pp * pp_virtual_stages entries); None = balanced."""
+    pp_lighter_ends: bool = False
+    """Give the first and last stages one layer fewer (they hold the embedding / output; Llama 3)."""
+    engine: str = "fsdp"
+    """Data-parallel engine: fsdp (FSDP2; HSDP when dp_replicate>1), ddp (replicas) or deepspeed (ZeRO)."""
+    zero_stage: int = 3
+    """engine=deepspeed: ZeRO stage 1 (optimizer states), 2 (+ gradients) or 3 (+ parameters) sharded."""
+    offload_optimizer: bool = False
+    """engine=deepspeed: keep optimizer states (and the step) in CPU memory."""
+    offload_params: bool = False
+    """engine=deepspeed with zero_stage=3: keep parameters in CPU memory between uses."""
+    reshard_after_forward: bool = True
+    """FSDP: free gathered weights after forward (ZeRO-3 style); False keeps them until backward."""
+    ac: str = "none"
+    """Activation checkpointing: none, full (every block) or selective (every ac_every-th block)."""
+    ac_every: int = 2
+    """With ac=selective, checkpoint one block in this many."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "kjv"
+    """Prepared token-shard directory (dist-llama-prepare), or the builtin corpus name 'kjv'."""
+    tokenizer: str = "byte"
+    """'byte', a tiktoken tokenizer.model file, or a Hugging Face tokenizer.json."""
+    seq_len: int = 256
+    """Tokens per training sequence."""
+    reset_positions: bool = True
+    """RoPE positions restart at each document boundary inside a packed sequence."""
+    cache_dir: Optional[str] = None
+    """Where builtin corpora are tokenized; None = $DIST_LLAMA_CACHE or ~/.cache/dist_llama."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio (Llama 2: 0.1)."""
+    warmup_steps: int = 2000
+    """Linear warmup steps from 0 to the peak LR."""
+    decay_steps: Optional[int] = None
+    """Steps from start to the end of cosine decay; None = train.steps."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-5
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices and embeddings, not to norm weights."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm (over all ranks) to this; 0 disables clipping."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps to train for (total, including steps before a resume)."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step, over all data-parallel ranks."""
+    micro_batch_size: int = -1
+    """Sequences per micro-batch on one rank; -1 = the whole local batch (with pp > 1: one sequence)."""
+    seed: int = 0
+    """Seed for weight init and data order."""
+    run_dir: str = "runs/debug"
+    """Run directory: config.yaml, metrics.jsonl, events.jsonl, checkpoints/."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu or cuda."""
+    dtype: str = "auto"
+    """Compute dtype: auto (bf16 on cuda, fp32 on cpu), fp32 or bf16; reductions stay fp32."""
+    compile: Optional[bool] = None
+    """torch.compile each transformer block; None = on for cuda (except under parallel.engine=deepspeed), off for cpu."""
+    log_interval: int = 1
+    """Log metrics every this many steps."""
+    peak_flops: Optional[float] = None
+    """Per-device peak FLOP/s for MFU; None = H100 dense BF16 on cuda, a matmul probe on cpu."""
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True
+    """Save checkpoints (DCP) to <run_dir>/checkpoints."""
+    interval: int = 50
+    """Save every this many steps (0 = only the final save)."""
+    keep_last: int = 3
+    """Keep this many newest checkpoints."""
+    save_final: bool = True
+    """Save when training ends."""
+    resume: bool = True
+    """Resume from the newest valid checkpoint in the run directory, if any."""
+    interval_s: float = 0.0
+    """Also save when this many seconds passed since the last save (0 = off)."""
+    async_save: bool = True
+    """Block the loop only to stage a copy of the state; write it in the background (one in flight)."""
+    verify: bool = True
+    """Re-read every written file and check its checksum before committing a checkpoint."""
+
+
+@dataclass
+class HealthConfig:
+    nan_action: str = "retry"
+    """On a NaN/Inf loss or gradient norm: log, skip (the batch), retry (the step), rollback, restart or abort."""
+    spike_action: str = "skip"
+    """On a loss spike (robust z-score over the recent window above spike_zscore); actions as nan_action."""
+    spike_zscore: float = 8.0
+    """Robust z-score (deviation from the window median in MADs, x0.6745) above which a loss is a spike."""
+    spike_window: int = 50
+    """Recent steps the spike and gradient-norm statistics look at."""
+    spike_min_history: int = 10
+    """Steps of history needed before spike / explosion checks fire."""
+    grad_norm_action: str = "skip"
+    """On a gradient-norm explosion (above grad_norm_max, or robust z-score above spike_zscore)."""
+    grad_norm_max: Optional[float] = None
+    """Absolute gradient-norm ceiling; None = only the z-score test."""
+    max_retries: int = 2
+    """Retries of one step before escalating to rollback."""
+    max_rollbacks: int = 3
+    """Rollbacks per run before escalating to restart."""
+    rollback_lr_scale: float = 1.0
+    """Multiply the LR by this after each rollback (1.0 = unchanged)."""
+    rollback_skip_data: bool = True
+    """After a rollback, skip the batches between the checkpoint and the failed step."""
+    hang_timeout_s: float = 0.0
+    """Heartbeat watchdog: a step or collective stuck this long dumps stacks and exits to restart (0 = off)."""
+    straggler_interval: int = 0
+    """Every this many steps compare per-rank step times (0 = off)."""
+    straggler_factor: float = 2.0
+    """Ranks slower than this times the median step time are reported as stragglers."""
+    sdc_interval: int = 0
+    """Every this many steps compare a parameter hash across data-parallel replicas (0 = off)."""
+    sdc_action: str = "rollback"
+    """On replicas that disagree (silent data corruption): log, rollback, restart or abort."""
+    preflight: bool = False
+    """Before training, check each rank with a matmul of known result and a small collective."""
+    faults: List[str] = field(default_factory=list)
+    """Injected faults for drills and tests, e.g. ["kill:rank=1:step=7", "nan:step=4"]; see dist_llama/faults.py."""
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: str = "offline"
+    """wandb mode: offline, online or disabled; the WANDB_MODE environment variable wins."""
+    wandb_project: str = "dist_llama"
+    """wandb project name."""
+    console: bool = True
+    """Print a progress line on rank 0 every log step."""
+
+
+@dataclass
+class Config:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    """Model architecture (Meta reference field names)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout on the device mesh [pp, dp_replicate, dp_shard, cp, tp]."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data and tokenizer."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and LR schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics and experiment tracking."""
+    health: HealthConfig = field(default_factory=HealthConfig)
+    """Health checks, recovery policy and fault injection."""

@@ -1,0 +1,181 @@
+"""Validation: every combination that cannot run, rejected before any process group exists with a
+ConfigError naming the key; and the layout resolution (dp_shard=-1) that needs the world size."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+from dist_llama.config.errors import ConfigError
+from dist_llama.config.fault_specs import specs_from_env, validate_specs
+from dist_llama.config.names import ACTIONS, ENGINES, MULTI_STAGE, SCHEDULES, schedule_constraint
+from dist_llama.config.schema import Config, ParallelConfig
+from dist_llama.model.args import ModelArgs
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+def _positive(cfg: Config, *keys: str) -> None:
+    for key in keys:
+        value = functools.reduce(getattr, key.split("."), cfg)
+        _require(value is not None and value > 0, key, f"must be a positive number, got {value}")
+
+
+def validate_model(m: ModelArgs) -> None:
+    _positive(Config(model=m), "model.dim", "model.n_layers", "model.n_heads", "model.multiple_of",
+              "model.norm_eps", "model.rope_theta", "model.max_seq_len")
+    _require(m.dim % m.n_heads == 0, "model.n_heads",
+             f"must divide model.dim={m.dim}, got {m.n_heads}")
+    _require((m.dim // m.n_heads) % 2 == 0, "model.n_heads",
+             f"head dim model.dim/model.n_heads={m.dim // m.n_heads} must be even for RoPE")
+    _require(m.kv_heads > 0 and m.n_heads % m.kv_heads == 0, "model.n_kv_heads",
+             f"must be a positive divisor of model.n_heads={m.n_heads}, got {m.n_kv_heads}")
+    _require(m.ffn_dim_multiplier is None or m.ffn_dim_multiplier > 0, "model.ffn_dim_multiplier",
+             f"must be positive or null, got {m.ffn_dim_multiplier}")
+    _require(m.vocab_size == -1 or m.vocab_size > 0, "model.vocab_size",
+             f"must be positive, or -1 to take it from the tokenizer; got {m.vocab_size}")
+    _require(m.attn_impl in ("auto", "sdpa", "flex"), "model.attn_impl",
+             f"must be one of auto, sdpa, flex; got {m.attn_impl!r}")
+    if m.use_scaled_rope:
+        _require(m.rope_high_freq_factor > m.rope_low_freq_factor, "model.rope_high_freq_factor",
+                 "must exceed model.rope_low_freq_factor")
+
+
+def resolve_parallel(p: ParallelConfig, world_size: int) -> ParallelConfig:
+    """Fill dp_shard=-1 with the ranks left over, and check that the degrees multiply to the world."""
+    for key in ("dp_replicate", "cp", "tp", "pp"):
+        value = getattr(p, key)
+        _require(value >= 1, f"parallel.{key}", f"must be >= 1, got {value}")
+    _require(p.dp_shard == -1 or p.dp_shard >= 1, "parallel.dp_shard", f"must be >= 1 or -1 (auto), got {p.dp_shard}")
+    dp_shard = p.dp_shard
+    if dp_shard == -1:
+        others = dataclasses.replace(p, dp_shard=1).world_size
+        _require(world_size % others == 0, "parallel.dp_shard",
+                 f"cannot fill: dp_replicate*cp*tp*pp={others} does not divide the world size {world_size}")
+        dp_shard = world_size // others
+    resolved = dataclasses.replace(p, dp_shard=dp_shard)
+    _require(resolved.world_size == world_size, "parallel.dp_shard",
+             f"dp_replicate*dp_shard*cp*tp*pp={resolved.world_size} must equal the world size {world_size} "
+             "(set parallel.dp_shard=-1 to fill it)")
+    _require(p.engine in ENGINES, "parallel.engine",
+             f"must be fsdp, ddp or deepspeed, got {p.engine!r}")
+    _require(p.engine == "fsdp" or (p.tp == 1 and p.pp == 1), "parallel.engine",
+             f"{p.engine} composes with data parallelism only (tp={p.tp}, pp={p.pp}); use engine=fsdp with tp or pp")
+    if p.engine == "deepspeed":
+        _require(p.cp == 1 and p.dp_replicate == 1, "parallel.engine",
+                 f"deepspeed runs plain ZeRO data parallelism: needs cp=1 and dp_replicate=1 "
+                 f"(got cp={p.cp}, dp_replicate={p.dp_replicate}); use engine=fsdp for HSDP or CP")
+        _require(p.zero_stage in (1, 2, 3), "parallel.zero_stage", f"must be 1, 2 or 3, got {p.zero_stage}")
+    _require(not p.offload_params or (p.engine == "deepspeed" and p.zero_stage == 3), "parallel.offload_params",
+             "needs parallel.engine=deepspeed and parallel.zero_stage=3")
+    _require(not p.offload_optimizer or p.engine == "deepspeed", "parallel.offload_optimizer",
+             "needs parallel.engine=deepspeed")
+    _require(p.pp_schedule in SCHEDULES, "parallel.pp_schedule",
+             f"must be one of {', '.join(SCHEDULES)}; got {p.pp_schedule!r}")
+    if p.pp_schedule in MULTI_STAGE:
+        _require(p.pp_virtual_stages >= 2, "parallel.pp_virtual_stages",
+                 f"{p.pp_schedule} needs at least 2 stages per rank, got {p.pp_virtual_stages}")
+    else:
+        _require(p.pp_virtual_stages == 1, "parallel.pp_virtual_stages",
+                 f"{p.pp_schedule} runs one stage per rank (got {p.pp_virtual_stages}); "
+                 "use interleaved_1f1b or interleaved_zb for more")
+    _require(p.ac in ("none", "full", "selective"), "parallel.ac", f"must be none, full or selective; got {p.ac!r}")
+    _require(p.ac_every >= 1, "parallel.ac_every", f"must be >= 1, got {p.ac_every}")
+    return resolved
+
+
+def micro_batches(local_batch: int, micro_batch_size: int, pp: int) -> int:
+    """Micro-batches per step: -1 means no accumulation, or with pipelining one sequence each."""
+    if micro_batch_size == -1:
+        return local_batch if pp > 1 else 1
+    return local_batch // micro_batch_size
+
+
+def _validate_layout(m: ModelArgs, p: ParallelConfig, seq_len: int, local_batch: int, micro_batch_size: int) -> None:
+    _require(m.kv_heads % p.tp == 0, "parallel.tp",
+             f"must divide model.n_kv_heads={m.kv_heads} (tensor parallel splits whole kv heads), got {p.tp}")
+    _require(seq_len % (2 * p.cp) == 0, "parallel.cp",
+             f"2*cp={2 * p.cp} must divide data.seq_len={seq_len} (each rank holds 2 of 2*cp chunks)")
+    _require((seq_len // p.cp) % p.tp == 0, "parallel.tp",
+             f"must divide the per-rank sequence data.seq_len/cp={seq_len // p.cp} (sequence parallel)")
+    n_stages = p.pp * p.pp_virtual_stages
+    if p.pp_layers_per_stage is not None:
+        counts = list(p.pp_layers_per_stage)
+        _require(len(counts) == n_stages and sum(counts) == m.n_layers and min(counts) >= 0,
+                 "parallel.pp_layers_per_stage",
+                 f"needs {n_stages} non-negative entries (pp*pp_virtual_stages) summing to "
+                 f"model.n_layers={m.n_layers}; got {counts}")
+    else:
+        _require(n_stages <= m.n_layers, "parallel.pp",
+                 f"pp*pp_virtual_stages={n_stages} stages is more than model.n_layers={m.n_layers}")
+    if p.pp > 1:
+        n_micro = micro_batches(local_batch, micro_batch_size, p.pp)
+        problem = schedule_constraint(p.pp_schedule, n_micro, p.pp)
+        _require(problem is None, "train.micro_batch_size", f"{problem} (per-rank batch {local_batch})")
+
+
+def validate(cfg: Config, world_size: int, dataset=None, tokenizer_vocab: Optional[int] = None) -> Config:
+    """Check every combination we can check before training; returns the resolved config."""
+    validate_model(cfg.model)
+    parallel = resolve_parallel(cfg.parallel, world_size)
+    t, o, c, d = cfg.train, cfg.optim, cfg.checkpoint, cfg.data
+    dp = parallel.dp
+    _positive(cfg, "train.steps", "train.global_batch_size", "train.log_interval", "data.seq_len",
+              "optim.lr", "checkpoint.keep_last")
+    _require(t.global_batch_size % dp == 0, "train.global_batch_size",
+             f"must be divisible by the data-parallel degree {dp}, got {t.global_batch_size}")
+    local = t.global_batch_size // dp
+    micro = local if t.micro_batch_size == -1 else t.micro_batch_size
+    _require(micro > 0 and local % micro == 0, "train.micro_batch_size",
+             f"must divide the per-rank batch {local} (global {t.global_batch_size} / dp {dp}), or be -1; "
+             f"got {t.micro_batch_size}")
+    _require(t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda; got {t.device!r}")
+    _require(t.dtype in ("auto", "fp32", "bf16"), "train.dtype", f"must be auto, fp32 or bf16; got {t.dtype!r}")
+    _require(t.peak_flops is None or t.peak_flops > 0, "train.peak_flops", "must be positive or null")
+    _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _require(o.decay_steps is None or o.decay_steps > 0, "optim.decay_steps", "must be positive or null")
+    for key in ("beta1", "beta2"):
+        value = getattr(o, key)
+        _require(0.0 <= value < 1.0, f"optim.{key}", f"must be in [0, 1), got {value}")
+    _require(o.eps > 0, "optim.eps", f"must be positive, got {o.eps}")
+    _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables), got {o.grad_clip}")
+    _require(c.interval >= 0, "checkpoint.interval", f"must be >= 0, got {c.interval}")
+    _require(cfg.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode",
+             f"must be offline, online or disabled; got {cfg.logging.wandb_mode!r}")
+    h = cfg.health
+    for key in ("nan_action", "spike_action", "grad_norm_action", "sdc_action"):
+        value = getattr(h, key)
+        _require(value in ACTIONS, f"health.{key}", f"must be one of {', '.join(ACTIONS)}; got {value!r}")
+    for key in ("spike_window", "spike_min_history"):
+        _require(getattr(h, key) >= 1, f"health.{key}", f"must be >= 1, got {getattr(h, key)}")
+    for key in ("max_retries", "max_rollbacks", "hang_timeout_s", "straggler_interval", "sdc_interval"):
+        _require(getattr(h, key) >= 0, f"health.{key}", f"must be >= 0, got {getattr(h, key)}")
+    _require(h.spike_zscore > 0 and h.straggler_factor > 1 and h.rollback_lr_scale > 0, "health",
+             "spike_zscore and rollback_lr_scale must be positive, straggler_factor above 1")
+    _require(c.interval_s >= 0, "checkpoint.interval_s", f"must be >= 0, got {c.interval_s}")
+    try:
+        validate_specs(list(h.faults) + specs_from_env(), world_size)
+    except ValueError as exc:
+        raise ConfigError("health.faults", str(exc)) from None
+    _require(d.seq_len <= cfg.model.max_seq_len, "data.seq_len",
+             f"{d.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    _validate_layout(cfg.model, parallel, d.seq_len, local, t.micro_batch_size)
+    model = cfg.model
+    if tokenizer_vocab is not None:
+        if model.vocab_size == -1:
+            model = dataclasses.replace(model, vocab_size=tokenizer_vocab)
+        _require(model.vocab_size >= tokenizer_vocab, "model.vocab_size",
+                 f"{model.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer_vocab}, "
+                 f"data.tokenizer={d.tokenizer!r})")
+    if dataset is not None:
+        windows = (len(dataset) - 1) // d.seq_len
+        _require(windows >= t.global_batch_size, "data.seq_len",
+                 f"data {d.path!r} ({len(dataset)} tokens) gives {windows} sequences of {d.seq_len} tokens, "
+                 f"fewer than train.global_batch_size={t.global_batch_size}; use more data or a shorter seq_len")
+    return dataclasses.replace(cfg, model=model, parallel=parallel)
