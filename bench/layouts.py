@@ -64,6 +64,7 @@ def _rank(overrides: list[str], world_size: int, steps: int, warmup: int):
     from dist_llama.parallel.env import init_distributed
     from dist_llama.train.build import build_trainer
     from dist_llama.train.cli import resolve_config
+    from dist_llama.train.step import PipelineStep
 
     cfg, dataset = resolve_config("configs/debug.yaml", [*MODEL, *overrides, f"train.steps={warmup}",
                                                           f"train.run_dir={tempfile.mkdtemp()}"], world_size)
@@ -71,8 +72,8 @@ def _rank(overrides: list[str], world_size: int, steps: int, warmup: int):
     trainer = build_trainer(cfg, env, dataset)
     trainer.fit()  # warm-up
     busy = [0.0]
-    if trainer.p.schedule is not None:
-        _time_stage_compute(trainer.p.schedule, busy)
+    if isinstance(trainer.p.step, PipelineStep):
+        _time_stage_compute(trainer.p.step.schedule, busy)
     cfg.train.steps = warmup + steps
     t0 = time.perf_counter()
     trainer.fit()
@@ -80,7 +81,7 @@ def _rank(overrides: list[str], world_size: int, steps: int, warmup: int):
     step_times = [h["step_time_s"] for h in trainer.history[warmup:]]
     dist.destroy_process_group()
     return {"step_time": statistics.median(step_times), "busy": busy[0], "elapsed": elapsed,
-            "tokens": trainer.tokens_per_step, "n_micro": trainer.p.n_micro,
+            "tokens": trainer.tokens_per_step, "n_micro": trainer.p.step.n_micro,
             "virtual": cfg.parallel.pp_virtual_stages, "pp": cfg.parallel.pp}
 
 

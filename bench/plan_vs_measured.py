@@ -48,8 +48,8 @@ def _rank(overrides: list[str], world_size: int, steps: int, warmup: int) -> dic
                                                           f"train.run_dir={tempfile.mkdtemp()}"], world_size)
     env = init_distributed("cpu")
     trainer = build_trainer(cfg, env, dataset)
-    states = StateProbe(trainer.p.model_parts, trainer.p.optimizers)
-    saved = SavedActivations(trainer.p.model_parts)
+    states = StateProbe(trainer.engine.parts, trainer.engine.optimizers)
+    saved = SavedActivations(trainer.engine.parts)
     with saved.track():
         trainer.fit()  # warm-up
         saved.reset()

@@ -61,7 +61,7 @@ def _rank(overrides: list[str], steps: int, warmup: int):
                                                           f"train.run_dir={tempfile.mkdtemp()}"], WORLD)
     env = init_distributed("cpu")
     if cfg.parallel.engine == "deepspeed":  # its imports are not the engine's memory
-        from dist_llama.parallel.zero import import_deepspeed
+        from dist_llama.train.engines.zero import import_deepspeed
 
         import_deepspeed(env.device)
     baseline = _rss_mib("VmRSS")
@@ -76,7 +76,7 @@ def _rank(overrides: list[str], steps: int, warmup: int):
     step_times = [h["step_time_s"] for h in trainer.history[warmup:]]
     losses = [h["loss"] for h in trainer.history]
     # Whole-model parameter count (FSDP's DTensors report the global size, ZeRO-3's placeholders ds_numel).
-    params = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.params)
+    params = sum(getattr(p, "ds_numel", p.numel()) for part in trainer.engine.parts for p in part.parameters())
     dist.destroy_process_group()
     return {"step_time": statistics.median(step_times), "tokens": trainer.tokens_per_step,
             "mem": peak - baseline, "losses": losses, "params": params}

@@ -69,3 +69,18 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 240, **kwargs) -> lis
             if p.is_alive():
                 p.kill()
     return [out[r] for r in range(world_size)]
+
+
+def gather_full_state_dict(parts) -> dict:
+    """The whole model's weights as plain CPU tensors on every rank, gathered over every parallel
+    dimension (for comparing layouts). Costs a full copy per rank: small models only."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    local = {}
+    for part in parts:
+        sd = get_model_state_dict(part, options=StateDictOptions(full_state_dict=True))
+        local.update({k: v.detach().cpu() for k, v in sd.items()})
+    gathered: list[dict] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return {k: v for sd in gathered for k, v in sd.items()}

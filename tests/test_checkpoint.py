@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from dist_llama.testing import free_port, run_ranks
+from dist_llama.train.checkpoint_dcp import DCPState
 
 ARGS = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16)
 
@@ -59,14 +60,14 @@ def _snapshot(model, opt) -> dict:
     """This rank's model + optimizer state (local shards), copied."""
     from torch.distributed.tensor import DTensor
 
-    from dist_llama.train.checkpoint import _state_dict
+    from dist_llama.train.checkpoint_dcp import dcp_state_dict
 
     def copy(v):
         if isinstance(v, DTensor):
             v = v.to_local()
         return v.detach().clone() if isinstance(v, torch.Tensor) else v
 
-    sd = _state_dict([model], [opt])
+    sd = dcp_state_dict([model], [opt])
     return {f"{group}/{k}": copy(v) for group in sd for k, v in sd[group].items()}
 
 
@@ -104,10 +105,10 @@ def _async_vs_sync(root: str):
 
     sync_events, async_events = Events(), Events()
     sync_ck = Checkpointer(root / "sync", 2, torch.device("cpu"), async_save=False, logger=sync_events)
-    sync_ck.save(2, [model], [opt], state)
+    sync_ck.save(2, DCPState([model], [opt]), state)
 
     async_ck = Checkpointer(root / "async", 2, torch.device("cpu"), async_save=True, logger=async_events)
-    blocked = async_ck.save(2, [model], [opt], state)
+    blocked = async_ck.save(2, DCPState([model], [opt]), state)
     # Change everything right away, while the background write is (likely) still going on.
     with torch.no_grad():
         for p in model.parameters():
@@ -123,7 +124,7 @@ def _async_vs_sync(root: str):
     for name, ck in (("sync", sync_ck), ("async", async_ck)):
         path = ck.latest()
         other, other_opt = _build(fsdp=True, seed=1, steps=1)
-        trainer_state, rng = ck.load(path, [other], [other_opt])
+        trainer_state, rng = ck.load(path, DCPState([other], [other_opt]))
         loaded[name] = (path.name, trainer_state, rng, _snapshot(other, other_opt))
     uses_own_group = async_ck._pg is not None and async_ck._pg != dist.group.WORLD
     for ck in (sync_ck, async_ck):
@@ -176,7 +177,7 @@ def _save_steps(root: Path, steps, async_save=True, keep_last=10, **kw):
     snaps = {}
     for step in steps:
         model, opt = _build(fsdp=False, seed=0, steps=step)
-        ck.save(step, [model], [opt], {"step": step})
+        ck.save(step, DCPState([model], [opt]), {"step": step})
         snaps[step] = _snapshot(model, opt)
     ck.wait()
     return ck, events, snaps
@@ -191,7 +192,7 @@ def _load_latest(root: Path):
     snap = None
     if path is not None:
         model, opt = _build(fsdp=False, seed=5, steps=1)
-        ck.load(path, [model], [opt])
+        ck.load(path, DCPState([model], [opt]))
         snap = _snapshot(model, opt)
     ck.close()
     return path, events, snap
@@ -223,7 +224,7 @@ def _save_then_hang(root: str, port: int):
     torch.save(snaps[1], root / "expected.pt")
     ck.faults = _SleepInHook(root / "in_hook")
     model, opt = _build(fsdp=False, steps=2)
-    ck.save(2, [model], [opt], {"step": 2})
+    ck.save(2, DCPState([model], [opt]), {"step": 2})
     ck.wait()  # never returns: the parent kills this process
     os._exit(1)
 
@@ -316,21 +317,21 @@ def _failing_saves(root: str, async_save: bool):
     # A hook that raises: the save fails, the tmp dir goes, training goes on, the next save works.
     ck.faults = _RaiseInHook()
     model, opt = _build(fsdp=False, steps=2)
-    ck.save(2, [model], [opt], {"step": 2})
+    ck.save(2, DCPState([model], [opt]), {"step": 2})
     ck.wait()
     out["after_raise"] = (_step_dirs(root), ck.last_error)
     ck.faults = None
     model, opt = _build(fsdp=False, steps=3)
-    ck.save(3, [model], [opt], {"step": 3})
+    ck.save(3, DCPState([model], [opt]), {"step": 3})
     out["latest_after_next_save"] = ck.latest().name
     # A hook that corrupts a shard: verification catches it, nothing is committed.
     ck.faults = _FlipByteInHook()
-    ck.save(4, [model], [opt], {"step": 4})
+    ck.save(4, DCPState([model], [opt]), {"step": 4})
     ck.wait()
     out["after_flip_verified"] = _step_dirs(root)
     # Without verification the corrupt checkpoint is committed, but latest()'s deep check skips it.
     ck.verify = False
-    ck.save(5, [model], [opt], {"step": 5})
+    ck.save(5, DCPState([model], [opt]), {"step": 5})
     ck.wait()
     out["after_flip_unverified"] = _step_dirs(root)
     out["latest_unverified"] = ck.latest().name
@@ -373,17 +374,17 @@ def _retention(root: str):
     with open(cks / "step-00000009" / "__0_0.distcp", "r+b") as f:
         f.truncate(10)
     model, opt = _build(fsdp=False, steps=1)
-    ck.save(5, [model], [opt], {"step": 5})
+    ck.save(5, DCPState([model], [opt]), {"step": 5})
     out["after_5"] = _step_dirs(root)
     # keep_last=1: the newest valid one stays, even though a newer (invalid) directory exists.
     ck.keep_last = 1
-    ck.save(6, [model], [opt], {"step": 6})
+    ck.save(6, DCPState([model], [opt]), {"step": 6})
     out["after_6"] = _step_dirs(root)
     out["latest"] = ck.latest().name
     # keep_last <= 0 keeps every valid checkpoint.
     ck.keep_last = 0
-    ck.save(7, [model], [opt], {"step": 7})
-    ck.save(8, [model], [opt], {"step": 8})
+    ck.save(7, DCPState([model], [opt]), {"step": 7})
+    ck.save(8, DCPState([model], [opt]), {"step": 8})
     out["after_8"] = _step_dirs(root)
     out["removed"] = events.of("checkpoint_removed")
     ck.close()
@@ -413,7 +414,7 @@ def _manifest(root: str):
 
 @pytest.mark.timeout(60)
 def test_manifest_lists_every_file_with_size_and_sha256(tmp_path):
-    from dist_llama.train.checkpoint import sha256_file
+    from dist_llama.train.checkpoint_integrity import sha256_file
 
     manifest = run_ranks(_manifest, 1, str(tmp_path), timeout=60)[0]
     ck = tmp_path / "checkpoints" / "step-00000003"

@@ -12,9 +12,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dist_llama.config import Config, ParallelConfig
 from dist_llama.testing import run_ranks
 from dist_llama.train.health import (RobustZScore, StepHealth, Watchdog, check_replicas, find_stragglers,
-                                     param_hash, preflight, replica_groups)
+                                     param_hash, preflight)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -250,6 +251,12 @@ def _groups_on_fake_world():
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from dist_llama.parallel.dims import ParallelDims
+    from dist_llama.train.engines import build_engine
+
+    def replica_groups(meshes, dims, engine):  # the group the engine built for this layout hands the check
+        cfg = Config(parallel=ParallelConfig(engine=engine))
+        return build_engine(cfg, dims, meshes, torch.device("cpu"), torch.float32, 1).replica_group
+
     out = {}
     for rank in (0, 5):
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=8)

@@ -10,7 +10,8 @@ from dist_llama.config import Config, DataConfig, ParallelConfig, TrainConfig, r
 from dist_llama.model.flops import count_params
 from dist_llama.model.llama import ModelArgs
 from dist_llama.plan.cli import main
-from dist_llama.plan.estimate import estimate, hardware_preset
+from dist_llama.plan.estimate import estimate
+from dist_llama.plan.hardware import hardware_preset
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -189,7 +190,6 @@ def test_dry_run_of_one_rank_agrees_with_the_estimator(config, gpus, layout, ran
 
 def test_search_lists_valid_layouts_under_the_cap_best_first():
     from dist_llama import config as config_lib
-    from dist_llama.plan.estimate import hardware_preset
     from dist_llama.plan.search import search
 
     cfg = config_lib.to_object(config_lib.load("configs/llama3_8b.yaml"))
@@ -291,7 +291,7 @@ def test_cli_reports_zero_engine(capsys):
 
 def test_cpu_preset_is_measured_and_shares_the_cores():
     from dist_llama.plan.calibrate import cores
-    from dist_llama.plan.estimate import CPU_GLOO
+    from dist_llama.plan.hardware import CPU_GLOO
 
     two, eight = hardware_preset("cpu", ranks=2), hardware_preset("cpu", ranks=8)
     assert (two.collective_latency_s, two.inter_node_bw) == CPU_GLOO[2]
@@ -317,7 +317,7 @@ def _fsdp_step_states():
                                    f"train.run_dir={tempfile.mkdtemp()}"], 2)
     env = init_distributed("cpu")
     trainer = build_trainer(cfg, env, dataset)
-    probe = StateProbe(trainer.p.model_parts, trainer.p.optimizers)
+    probe = StateProbe(trainer.engine.parts, trainer.engine.optimizers)
     trainer.fit()
     dist.destroy_process_group()
     return cfg, env.rank, probe.bytes

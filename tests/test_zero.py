@@ -21,18 +21,19 @@ STEPS = ["train.steps=10", "optim.decay_steps=10"]
 def _train_rank(overrides):
     import torch.distributed as dist
 
-    from dist_llama.train.checkpoint import gather_full_state_dict
+    from dist_llama.testing import gather_full_state_dict
+    from dist_llama.train.engines import ZeroEngine
     from dist_llama.train.cli import resolve_config, train
 
     cfg, dataset = resolve_config(DEBUG, [*TINY, *overrides], 2)
     trainer = train(cfg, dataset)
-    if trainer.p.zero is None:
-        params = gather_full_state_dict(trainer.p.model_parts)
+    if not isinstance(trainer.engine, ZeroEngine):
+        params = gather_full_state_dict(trainer.engine.parts)
     else:  # DeepSpeed's fp32 master weights, gathered from the ZeRO shards
         from deepspeed.utils import safe_get_full_fp32_param
 
         params = {name: safe_get_full_fp32_param(p).clone()
-                  for name, p in trainer.p.zero.engine.module.named_parameters()}
+                  for name, p in trainer.engine.engine.module.named_parameters()}
     dist.destroy_process_group()
     return [h["loss"] for h in trainer.history], [h["grad_norm"] for h in trainer.history], params
 
@@ -90,9 +91,9 @@ def _discard_rank(overrides):
     trainer = build_trainer(cfg, init_distributed("cpu"), dataset)
     batches = [trainer.p.loader.next_batch() for _ in range(3)]
     dropped = [t.item() for t in trainer.compute_gradients(batches[0])]
-    trainer.discard_update()
+    trainer.engine.discard()
     kept = [[t.item() for t in trainer.train_step(b)] for b in batches]
-    trainer.p.logger.close()
+    trainer.close()
     dist.destroy_process_group()
     return dropped, kept
 
@@ -158,13 +159,14 @@ def _mismatched_engine(tmp_path):
     import torch.distributed as dist
 
     from dist_llama.train.checkpoint import CheckpointError, Checkpointer
+    from dist_llama.train.checkpoint_dcp import DCPState
 
     dist.init_process_group("gloo")
     saved = tmp_path / "checkpoints" / "step-00000005"
     saved.mkdir(parents=True)
     (saved / "manifest.json").write_text(json.dumps({"step": 5, "state": "deepspeed", "world_size": 1, "files": {}}))
     try:
-        Checkpointer(tmp_path, 2, torch.device("cpu"), async_save=False).load(saved, [], [])
+        Checkpointer(tmp_path, 2, torch.device("cpu"), async_save=False).load(saved, DCPState([], []))
     except CheckpointError as e:
         return str(e)
     finally:
@@ -182,13 +184,16 @@ def _replica_groups_on_fake_world():
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from dist_llama.parallel.dims import ParallelDims
-    from dist_llama.train.health import replica_groups
+    from dist_llama.config import Config, ParallelConfig
+    from dist_llama.train.engines import build_engine
 
     dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=4)
     try:
         dims = ParallelDims(pp=1, dp_replicate=1, dp_shard=4, cp=1, tp=1)
         meshes = dims.build_mesh("cpu")
-        groups = {stage: replica_groups(meshes, dims, "deepspeed", stage) for stage in (1, 2, 3)}
+        groups = {stage: build_engine(Config(parallel=ParallelConfig(engine="deepspeed", zero_stage=stage)), dims,
+                                      meshes, torch.device("cpu"), torch.float32, 1).replica_group
+                  for stage in (1, 2, 3)}
         return {stage: group and dist.get_process_group_ranks(group) for stage, group in groups.items()}
     finally:
         dist.destroy_process_group()

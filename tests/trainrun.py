@@ -16,12 +16,12 @@ TINY = ["model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads
 
 
 def _train_rank(overrides, world_size):
-    from dist_llama.train.checkpoint import gather_full_state_dict
+    from dist_llama.testing import gather_full_state_dict
     from dist_llama.train.cli import resolve_config, train
 
     cfg, dataset = resolve_config(DEBUG, [*TINY, *overrides], world_size)
     trainer = train(cfg, dataset)
-    params = gather_full_state_dict(trainer.p.model_parts)
+    params = gather_full_state_dict(trainer.engine.parts)
     rank = dist.get_rank()
     dist.destroy_process_group()
     return [h["loss"] for h in trainer.history], (params if rank == 0 else None)

@@ -1,9 +1,10 @@
 """Build everything the training loop needs from a validated config.
 
-Parallelism is applied from outside the model, one fixed order for every layout:
-pipeline split → tensor/sequence parallel → context parallel → activation checkpointing →
-torch.compile → FSDP2/HSDP → (meta-device init) → DDP. The split comes first so each stage is
-parallelised as a whole model of its own.
+Parallelism is applied from outside the model, one fixed order for every layout: pipeline split →
+tensor/sequence parallel → context parallel → activation checkpointing → torch.compile (all in
+dist_llama.parallel.apply) → the engine's sharding (FSDP2/HSDP) → weight init on the meta-device
+path → the engine's wrapper (DDP, DeepSpeed). The split comes first so each stage is parallelised
+as a whole model of its own.
 """
 
 from __future__ import annotations
@@ -18,39 +19,36 @@ from torch import nn
 
 from dist_llama.config import Config, micro_batches, save_resolved
 from dist_llama.data import PackedLoader
+from dist_llama.faults import FaultInjector
 from dist_llama.model import Transformer
 from dist_llama.model.flops import H100_BF16_PEAK, flops_per_token, measure_cpu_peak_flops
-from dist_llama.parallel.context import apply_cp
-from dist_llama.parallel.data import apply_ac, apply_compile, apply_ddp, apply_fsdp
+from dist_llama.parallel.apply import parallelize
 from dist_llama.parallel.dims import Meshes, ParallelDims
 from dist_llama.parallel.env import DistEnv
-from dist_llama.parallel.pipeline import (build_schedule, build_stages, layers_per_stage, split_model,
-                                          stage_ids_for_rank)
-from dist_llama.parallel.tensor import apply_tp, token_loss_sum
-from dist_llama.parallel.zero import ZeroEngine, ds_config
-from dist_llama.faults import FaultInjector
+from dist_llama.parallel.pipeline import layers_per_stage, split_model, stage_ids_for_rank
+from dist_llama.train.callbacks import Faults, HangReport, ReplicaCheck, StragglerCheck
 from dist_llama.train.checkpoint import Checkpointer
-from dist_llama.train.health import StepHealth, Watchdog, preflight, replica_groups
+from dist_llama.train.engines import Engine, build_engine
+from dist_llama.train.health import NoWatchdog, StepHealth, Watchdog, preflight
 from dist_llama.train.metrics import MetricsLogger
 from dist_llama.train.optim import build_optimizer, build_scheduler
 from dist_llama.train.recovery import EXIT_RESTART, RecoveryPolicy
+from dist_llama.train.step import build_step
 from dist_llama.train.trainer import Trainer, TrainerParts
 
 
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """train.dtype, with auto = bf16 on CUDA, fp32 on CPU."""
     name = cfg.train.dtype
     if name == "auto":
         name = "bf16" if device.type == "cuda" else "fp32"
     return torch.bfloat16 if name == "bf16" else torch.float32
 
 
-def uses_fsdp(cfg: Config, dims: ParallelDims) -> bool:
-    return cfg.parallel.engine == "fsdp" and dims.dp * dims.cp > 1
-
-
 def build_model_parts(cfg: Config, dims: ParallelDims, meshes: Meshes, device: torch.device,
-                      dtype: torch.dtype) -> tuple[list[nn.Module], list[int], int]:
-    """This rank's model parts (one per pipeline stage it holds), their stage ids, the stage count.
+                      engine: Engine) -> tuple[list[nn.Module], list[int], int]:
+    """This rank's model parts (one per pipeline stage it holds), parallelised and sharded by the
+    engine but not yet wrapped; their stage ids; the stage count.
 
     Weights are identical for every layout of the same seed. On CPU the full model is initialised
     before anything is split or sharded, so any layout starts from exactly the single-process
@@ -76,52 +74,30 @@ def build_model_parts(cfg: Config, dims: ParallelDims, meshes: Meshes, device: t
     use_compile = cfg.train.compile if cfg.train.compile is not None else (device.type == "cuda"
                                                                            and p.engine != "deepspeed")
     for part in parts:
-        if dims.tp > 1:
-            apply_tp(part, meshes.world["tp"], loss_parallel=True)
-        if dims.cp > 1:
-            apply_cp(part, meshes.world["cp"])
-        if p.ac != "none":
-            apply_ac(part, p.ac, p.ac_every)
-        if use_compile:
-            apply_compile(part)
-        if uses_fsdp(cfg, dims):
-            apply_fsdp(part, dims, meshes, param_dtype=dtype, reshard_after_forward=p.reshard_after_forward)
+        parallelize(part, dims, meshes, p, use_compile)
+        engine.shard(part)
         if on_meta:
             part.to_empty(device=device)
             with torch.no_grad():
                 part.init_weights(buffer_device=device)
-    if p.engine == "ddp" and dims.dp * dims.cp > 1:
-        parts = [apply_ddp(parts[0], meshes, device)]
     return parts, stage_ids, n_stages
 
 
 def build_trainer(cfg: Config, env: DistEnv, dataset) -> Trainer:
     dims = ParallelDims.from_config(cfg.parallel)
     meshes = dims.build_mesh(env.device.type)
-    dtype = compute_dtype(cfg, env.device)
     run_dir = Path(cfg.train.run_dir)
     if env.rank == 0:
         save_resolved(cfg, run_dir)
-    parts, stage_ids, n_stages = build_model_parts(cfg, dims, meshes, env.device, dtype)
-    optimizers = [build_optimizer(part, cfg.optim) for part in parts]
     n_micro = micro_batches(cfg.train.global_batch_size // dims.dp, cfg.train.micro_batch_size, dims.pp)
-    zero = None
-    if cfg.parallel.engine == "deepspeed":  # DeepSpeed wraps the model and drives the torch optimizer
-        zero = ZeroEngine(parts[0], optimizers[0], ds_config(cfg, dims.dp, n_micro, dtype), env.device)
-        parts = [zero.engine]
-    schedulers = [build_scheduler(o, cfg.optim, cfg.train.steps) for o in optimizers]
+    engine = build_engine(cfg, dims, meshes, env.device, compute_dtype(cfg, env.device), n_micro)
+    parts, stage_ids, n_stages = build_model_parts(cfg, dims, meshes, env.device, engine)
+    engine.wrap(parts, [build_optimizer(part, cfg.optim) for part in parts])
+    schedulers = [build_scheduler(o, cfg.optim, cfg.train.steps) for o in engine.optimizers]
+    step = build_step(engine, env.device, dims, meshes, n_micro, cfg.parallel.pp_schedule, stage_ids, n_stages)
     loader = PackedLoader(dataset, seq_len=cfg.data.seq_len, global_batch_size=cfg.train.global_batch_size,
                           dp_rank=meshes.dp.get_local_rank(), dp_size=dims.dp, seed=cfg.train.seed,
                           reset_positions=cfg.data.reset_positions)
-    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
-    # Gradients are averaged over the dp x cp ranks; scaling every token's loss by this makes the
-    # result the mean over the global batch, for any layout and micro-batching.
-    loss_scale = dims.dp * dims.cp / tokens_per_step
-    schedule = None
-    if dims.pp > 1:
-        stages = build_stages(parts, stage_ids, n_stages, meshes.world["pp"], env.device)
-        schedule = build_schedule(cfg.parallel.pp_schedule, stages, n_micro,
-                                  lambda logits, labels: token_loss_sum(logits, labels) * loss_scale)
     if cfg.train.peak_flops is not None:
         peak = cfg.train.peak_flops
     elif env.device.type == "cuda":
@@ -134,35 +110,29 @@ def build_trainer(cfg: Config, env: DistEnv, dataset) -> Trainer:
     logger.event("process_start", 0, started=os.stat(f"/proc/{os.getpid()}").st_mtime
                  if os.path.exists(f"/proc/{os.getpid()}") else None,
                  restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
-    faults = FaultInjector.from_config(cfg.health, env.rank, run_dir, on_fire=logger.fault_fired)
-    if cfg.health.preflight:
+    h = cfg.health
+    faults = FaultInjector.from_config(h, env.rank, run_dir, on_fire=logger.fault_fired)
+    if h.preflight:
         preflight(env.device)
-    watchdog = None
-    if cfg.health.hang_timeout_s > 0:
-        watchdog = Watchdog(cfg.health.hang_timeout_s, run_dir / "hangs", env.rank,
+    watchdog = NoWatchdog()
+    if h.hang_timeout_s > 0:
+        watchdog = Watchdog(h.hang_timeout_s, run_dir / "hangs", env.rank,
                             on_hang=lambda: _exit_on_hang(logger, watchdog))
-    replica_group = (replica_groups(meshes, dims, cfg.parallel.engine, cfg.parallel.zero_stage)
-                     if cfg.health.sdc_interval else None)
-    if cfg.health.sdc_interval and replica_group is None:
+    callbacks = [HangReport(logger), Faults(faults, engine.parts)]
+    if h.straggler_interval:
+        callbacks.append(StragglerCheck(h.straggler_interval, h.straggler_factor, watchdog, logger))
+    if h.sdc_interval and engine.replica_group is not None:
+        callbacks.append(ReplicaCheck(h.sdc_interval, engine.replica_group, engine.parts, env.device, watchdog))
+    elif h.sdc_interval:
         logger.event("sdc_check_inactive", 0, reason="no data-parallel replicas hold identical parameters "
                      "in this layout (pure FSDP, ZeRO-3); use HSDP, DDP or ZeRO-1/2 to compare replicas")
-    parts_ = TrainerParts(
-        cfg=cfg, device=env.device, model_parts=parts, optimizers=optimizers, schedulers=schedulers,
-        loader=loader, logger=logger,
-        checkpointer=Checkpointer(run_dir, cfg.checkpoint.keep_last, env.device, async_save=cfg.checkpoint.async_save,
-                                  verify=cfg.checkpoint.verify, logger=logger, faults=faults, zero=zero),
-        loss_scale=loss_scale, n_micro=n_micro,
-        loss_groups=[meshes.dp_cp.get_group()] + ([meshes.world["pp"].get_group()] if dims.pp > 1 else []),
-        pp_group=meshes.world["pp"].get_group() if dims.pp > 1 else None,
-        schedule=schedule, has_first_stage=0 in stage_ids, has_last_stage=n_stages - 1 in stage_ids,
-        cp_rank=meshes.world["cp"].get_local_rank(), cp=dims.cp, tp=dims.tp,
-        # FSDP's mixed-precision policy or DeepSpeed's bf16 mode cast the weights instead.
-        autocast_dtype=None if (dtype == torch.float32 or uses_fsdp(cfg, dims) or zero is not None) else dtype,
-        flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len), peak_flops=peak,
-        world_size=env.world_size, layout=dataclasses.asdict(dims),
-        health=StepHealth(cfg.health), policy=RecoveryPolicy(cfg.health), faults=faults, watchdog=watchdog,
-        replica_group=replica_group, zero=zero)
-    return Trainer(parts_)
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep_last, env.device, async_save=cfg.checkpoint.async_save,
+                                verify=cfg.checkpoint.verify, logger=logger, faults=faults)
+    return Trainer(TrainerParts(
+        cfg=cfg, device=env.device, engine=engine, step=step, schedulers=schedulers, loader=loader,
+        checkpointer=checkpointer, logger=logger, health=StepHealth(h), policy=RecoveryPolicy(h), faults=faults,
+        watchdog=watchdog, callbacks=callbacks, flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
+        peak_flops=peak, world_size=env.world_size, layout=dataclasses.asdict(dims)))
 
 
 def _exit_on_hang(logger, watchdog) -> None:

@@ -54,7 +54,7 @@ def train(cfg: Config, dataset):
     try:
         trainer.fit()
     finally:
-        trainer.p.logger.close()
+        trainer.close()
     return trainer
 
 

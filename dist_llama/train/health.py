@@ -237,6 +237,22 @@ class Watchdog:
             faulthandler.dump_traceback(f, all_threads=True)
 
 
+class NoWatchdog:
+    """health.hang_timeout_s=0: the loop's beats go nowhere."""
+
+    def beat(self, step: int, phase: str) -> None:
+        pass
+
+    def pause(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
 # --- stragglers ----------------------------------------------------------------------------------
 def _collective_device(group) -> torch.device:
     """NCCL-only groups take CUDA tensors; gloo (and cpu:gloo,cuda:nccl) take CPU tensors."""
@@ -286,28 +302,6 @@ def param_hash(parts: list[nn.Module]) -> int:
             raw = local.contiguous().reshape(-1).view(torch.uint8).cpu()
             h.update(memoryview(raw.numpy()))
     return int.from_bytes(h.digest(), "little")
-
-
-def replica_groups(meshes, dims, engine: str, zero_stage: int = 3) -> Optional[dist.ProcessGroup]:
-    """The group of ranks whose LOCAL parameter data must be byte-identical to this rank's, or None
-    when the layout has no such replicas.
-
-    - ddp: every dp x cp rank holds the full model (apply_ddp replicates over dp_cp).
-    - fsdp with dp_replicate > 1 (HSDP): apply_fsdp shards over (dp_replicate, dp_shard_cp), so the
-      ranks along dp_replicate hold the same shard (same pp stage, tp slice, shard index).
-    - fsdp with dp_replicate == 1: each dp_shard x cp rank holds a different shard -> None.
-    - deepspeed: ZeRO-1/2 shard optimizer state (and gradients) but every dp rank holds the whole
-      model, all-gathered after each update; ZeRO-3 shards the parameters -> None.
-    Replicas stay identical because their gradients come out of the same all-reduce and the
-    optimizer step is deterministic.
-    """
-    if engine == "ddp":
-        return meshes.dp_cp.get_group() if dims.dp * dims.cp > 1 else None
-    if engine == "fsdp":
-        return meshes.world["dp_replicate"].get_group() if dims.dp_replicate > 1 else None
-    if engine == "deepspeed":
-        return meshes.dp.get_group() if zero_stage < 3 and dims.dp > 1 else None
-    raise ValueError(f"replica_groups: unknown engine {engine!r} (fsdp, ddp or deepspeed)")
 
 
 def check_replicas(parts: list[nn.Module], group) -> list[int]:

@@ -32,15 +32,27 @@ def lr_factor(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: floa
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, optim, total_steps: int):
+class ScaledLambdaLR(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR whose factor is multiplied by `scale` (rollbacks may lower it). The scale is part
+    of state_dict(), so a resumed run keeps it."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr_lambda):
+        self.scale = 1.0
+        super().__init__(optimizer, lr_lambda)
+
+    def get_lr(self) -> list[float]:
+        return [base_lr * (lmbda(self.last_epoch) * self.scale)
+                for lmbda, base_lr in zip(self.lr_lambdas, self.base_lrs)]
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim, total_steps: int) -> ScaledLambdaLR:
     decay_steps = optim.decay_steps or total_steps
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, optim.warmup_steps, decay_steps, optim.min_lr_ratio))
+    return ScaledLambdaLR(optimizer, lambda step: lr_factor(step, optim.warmup_steps, decay_steps, optim.min_lr_ratio))
 
 
 @torch.no_grad()
-def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, pp_group=None) -> torch.Tensor:
-    """Clip to the norm over all ranks' gradients; returns that norm (before clipping).
+def global_grad_norm(params: list[nn.Parameter], pp_group=None) -> torch.Tensor:
+    """The L2 norm over all ranks' gradients of `params`.
 
     With FSDP / TP the gradients are DTensors and full_tensor() reduces over their shards; pipeline
     stages hold disjoint parameters, so their squared norms add up over the pp group.
@@ -53,6 +65,17 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, pp_group=None) 
         norm = norm**2
         dist.all_reduce(norm, group=pp_group)
         norm = norm.sqrt()
+    return norm
+
+
+@torch.no_grad()
+def clip_grads_with_norm_(params: list[nn.Parameter], max_norm: float, norm: torch.Tensor) -> None:
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+
+
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, pp_group=None) -> torch.Tensor:
+    """Clip to the norm over all ranks' gradients; returns that norm (before clipping)."""
+    norm = global_grad_norm(params, pp_group)
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+        clip_grads_with_norm_(params, max_norm, norm)
     return norm

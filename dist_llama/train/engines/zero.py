@@ -13,22 +13,27 @@ clips with; `discard()` runs DeepSpeed's own `step()` with the torch optimizer's
 so DeepSpeed releases its gradient buffers however the stage keeps them, and nothing else changes.
 Both are covered by tests against FSDP (tests/test_zero.py); DeepSpeed is pinned below 0.20 for them.
 
-DeepSpeed is imported only when this engine is chosen (about 4 s). On CPU it runs with
+DeepSpeed is imported only when this engine is chosen (about 4 s), in `wrap`. On CPU it runs with
 DS_ACCELERATOR=cpu over the job's gloo group, with torch's AdamW and the shared-memory comm op off,
 so nothing is compiled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from dist_llama.train.checkpoint import HashingStream, sha256_file
+from dist_llama.parallel.dims import Meshes, ParallelDims
+from dist_llama.train.checkpoint_integrity import CheckpointError, Digests, HashingStream, sha256_file
 
 CHECKPOINT_TAG = "deepspeed"
 """DeepSpeed writes its files into <checkpoint dir>/deepspeed/."""
@@ -75,28 +80,47 @@ def ds_config(cfg, dp: int, n_micro: int, dtype: torch.dtype) -> dict:
 
 
 class ZeroEngine:
-    """A DeepSpeedEngine around the model and the torch optimizer, with the operations the loop uses.
+    """A DeepSpeedEngine around the model and the torch optimizer (the Engine interface of
+    dist_llama.train.engines.base). After `wrap`, parts == [the DeepSpeedEngine]: call it like the
+    model (it gathers ZeRO-3 parameters as needed)."""
 
-    `engine` is an nn.Module: call it like the model (it gathers ZeRO-3 parameters as needed)."""
+    format = "deepspeed"
+    required: tuple[str, ...] = ()
+    autocast_dtype = None  # DeepSpeed's bf16 mode casts the weights itself
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: dict, device: torch.device):
-        deepspeed = import_deepspeed(device)
-        # The process group exists already (init_distributed); DeepSpeed uses it.
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
-                                               dist_init_required=False)
-        self.optimizer = optimizer
-        """The torch optimizer inside DeepSpeed's ZeRO optimizer (its param groups hold the fp32
-        shards this rank updates); the LR scheduler steps it."""
+    def __init__(self, config: dict, dims: ParallelDims, meshes: Meshes, device: torch.device):
+        self.config = config
+        self.device = device
         self.stage = config["zero_optimization"]["stage"]
+        # ZeRO-1/2 shard optimizer state (and gradients) but every dp rank holds the whole model,
+        # all-gathered after each update; ZeRO-3 shards the parameters.
+        self.replica_group = meshes.dp.get_group() if self.stage < 3 and dims.dp > 1 else None
+        self.parts: list[nn.Module] = []
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.engine = None
+
+    def shard(self, part: nn.Module) -> None:
+        pass  # DeepSpeed partitions at initialize (wrap)
+
+    def wrap(self, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> None:
+        (model,), (optimizer,) = parts, optimizers
+        deepspeed = import_deepspeed(self.device)
+        # The process group exists already (init_distributed); DeepSpeed uses it.
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config,
+                                               dist_init_required=False)
         self.engine.checkpoint_engine = _hashing_checkpoint_engine()
+        # The torch optimizer inside DeepSpeed's ZeRO optimizer (its param groups hold the fp32
+        # shards this rank updates); the LR scheduler steps it.
+        self.parts, self.optimizers = [self.engine], [optimizer]
 
     # --- one step ---------------------------------------------------------------------------------
-    def set_last_micro_batch(self, last: bool) -> None:
-        """Before each micro-batch's forward: reduce (and, at step(), update) after the last one."""
-        self.engine.set_gradient_accumulation_boundary(last)
+    def grad_sync(self, part: nn.Module, last_micro_batch: bool) -> ContextManager:
+        """Reduce (and, at step(), update) after the last micro-batch."""
+        self.engine.set_gradient_accumulation_boundary(last_micro_batch)
+        return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        # The loss is already scaled for the global per-token mean (the trainer's loss_scale):
+        # The loss is already scaled for the global per-token mean (the step strategy's scale):
         # DeepSpeed must not divide it again by the accumulation steps.
         self.engine.backward(loss, scale_wrt_gas=False)
 
@@ -110,16 +134,18 @@ class ZeroEngine:
         return (norm / opt.loss_scale).float()
 
     def step(self) -> None:
-        """Clip to the global norm, update, release the gradients."""
+        """DeepSpeed clips to the global norm, updates through the torch optimizer and clears its own
+        gradient buffers (the optimizer's zero_grad would drop the ones ZeRO-Offload keeps)."""
         self.engine.step()
 
     def discard(self) -> None:
         """Drop this step's gradients without an update (skip, retry, rollback)."""
-        self.optimizer.step = lambda closure=None: None  # shadows the class's step for this call
+        (optimizer,) = self.optimizers
+        optimizer.step = lambda closure=None: None  # shadows the class's step for this call
         try:
             self.engine.step()
         finally:
-            del self.optimizer.step
+            del optimizer.step
 
     def poison_gradients(self) -> None:
         """Make this step's gradients NaN where ZeRO keeps them (fault injection, like a real overflow)."""
@@ -130,10 +156,20 @@ class ZeroEngine:
                                              device=param.device))
 
     # --- checkpoints --------------------------------------------------------------------------------
-    def save(self, directory: Path) -> dict[str, tuple[int, str]]:
-        """Write this rank's part of the engine state into directory/deepspeed/. Collective. Returns
-        {path relative to directory: (size, sha256)} of the files this rank wrote, hashed as written.
-        Raises if any of them failed (after taking part in every collective, so no rank hangs)."""
+    def save(self, directory: Path, on_written: Callable[[Digests], None], group, stager=None) -> Future:
+        """Write this rank's part of the engine state into directory/deepspeed/, synchronously, each
+        file hashed as written; then a barrier on `group`, so every rank's digest list is complete
+        when the future is. A failure is the future's (after every collective, so no rank hangs)."""
+        done: Future = Future()
+        try:
+            on_written(self._save(directory))
+            done.set_result(None)
+        except Exception as e:  # noqa: BLE001 (becomes checkpoint_failed, like a failed DCP write)
+            done.set_exception(e)
+        dist.barrier(group=group)
+        return done
+
+    def _save(self, directory: Path) -> Digests:
         ckpt = self.engine.checkpoint_engine
         ckpt.written, ckpt.errors = {}, []
         self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
@@ -145,9 +181,13 @@ class ZeroEngine:
                 written[script.name] = (script.stat().st_size, sha256_file(script))
         return written
 
-    def load(self, directory: Path) -> None:
+    def load(self, directory: Path, manifest: dict) -> None:
         """Load weights and optimizer state saved by `save` under the same data-parallel degree.
         The caller has checked every file against the manifest's sha256 (Checkpointer.latest)."""
+        world_size = dist.get_world_size()
+        if manifest["world_size"] != world_size:
+            raise CheckpointError(f"{directory} was saved by DeepSpeed on {manifest['world_size']} ranks; its ZeRO "
+                                  f"shards load on as many ranks only (this run has {world_size})")
         path, _ = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if path is None:

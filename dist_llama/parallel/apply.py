@@ -1,0 +1,26 @@
+"""The one place a layout is applied to a model part (a whole model, or one pipeline stage after the
+split), in a fixed order: tensor/sequence parallel → context parallel → activation checkpointing →
+torch.compile. The data-parallel engine shards or wraps the result next (FSDP2/HSDP per part before
+weights are initialised; DDP or DeepSpeed around the initialised model): see
+dist_llama.train.build.build_model_parts."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from dist_llama.config import ParallelConfig
+from dist_llama.parallel.context import apply_cp
+from dist_llama.parallel.data import apply_ac, apply_compile
+from dist_llama.parallel.dims import Meshes, ParallelDims
+from dist_llama.parallel.tensor import apply_tp
+
+
+def parallelize(part: nn.Module, dims: ParallelDims, meshes: Meshes, p: ParallelConfig, compile: bool) -> None:
+    if dims.tp > 1:
+        apply_tp(part, meshes.world["tp"], loss_parallel=True)
+    if dims.cp > 1:
+        apply_cp(part, meshes.world["cp"])
+    if p.ac != "none":
+        apply_ac(part, p.ac, p.ac_every)
+    if compile:
+        apply_compile(part)

@@ -1,0 +1,131 @@
+"""What the loop calls at named points but does not itself do: fault injection, hang reports after a
+restart, straggler and silent-data-corruption checks. Each is a Callback; the loop calls every
+callback's hooks in list order:
+
+  on_train_start()                  once, before resuming
+  on_step_start(step)               before the step's forward (step numbers count from 1)
+  on_update(step, elapsed_s)        after the optimizer update, before the step is timed
+  on_step_end(record)               after the step is recorded; returns findings for the recovery
+                                    policy, already agreed by every rank
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+
+from dist_llama.faults import FaultInjector
+from dist_llama.train.health import check_replicas, find_stragglers
+from dist_llama.train.metrics import MetricsLogger
+from dist_llama.train.recovery import agree
+
+PHASES = ("step_start", "forward_backward", "health_agreement", "optimizer", "straggler_check", "sdc_check",
+          "checkpoint")
+"""The order of the watchdog's phases within a step (a hang report ranks ranks by progress)."""
+
+
+@dataclass
+class Finding:
+    """A check that fired on some rank, agreed by all: the loop asks the recovery policy what to do
+    and logs `event` with the fields and that action."""
+
+    check: str
+    event: str
+    fields: dict = field(default_factory=dict)
+
+
+class Callback:
+    def on_train_start(self) -> None:
+        pass
+
+    def on_step_start(self, step: int) -> None:
+        pass
+
+    def on_update(self, step: int, elapsed_s: float) -> None:
+        pass
+
+    def on_step_end(self, record: dict) -> list[Finding]:
+        return []
+
+
+class Faults(Callback):
+    """Injected faults at the loop's points (kill, sigterm, hang at step start; bitflip, slow after
+    the update). NaN losses and checkpoint faults are injected where they happen."""
+
+    def __init__(self, injector: FaultInjector, parts):
+        self.injector = injector
+        self.parts = parts
+
+    def on_step_start(self, step: int) -> None:
+        self.injector.at_step_start(step)
+
+    def on_update(self, step: int, elapsed_s: float) -> None:
+        self.injector.after_step(step, elapsed_s, self.parts)
+
+
+class HangReport(Callback):
+    """After a restart caused by a hang: which ranks were stuck. Every rank's watchdog fires (the
+    others wait for it in a collective), but the stuck ranks are those furthest behind."""
+
+    def __init__(self, logger: MetricsLogger):
+        self.logger = logger
+
+    def on_train_start(self) -> None:
+        logger = self.logger
+        events_file = logger.run_dir / "events.jsonl"
+        if logger.rank != 0 or not events_file.exists():
+            return
+        hangs = []
+        for line in events_file.read_text().splitlines():
+            event = json.loads(line)
+            if event["event"] == "train_start":
+                hangs = []
+            elif event["event"] == "hang_detected":
+                hangs.append(event)
+        if not hangs:
+            return
+        progress = {e["rank"]: (e["step"], PHASES.index(e["last_phase"]) if e["last_phase"] in PHASES else -1)
+                    for e in hangs}
+        behind = min(progress.values())
+        logger.event("hang_report", hangs[0]["step"], stuck_ranks=sorted(r for r, v in progress.items() if v == behind),
+                     last_phases={e["rank"]: e["last_phase"] for e in hangs}, dumps=sorted(e["dump"] for e in hangs))
+
+
+class StragglerCheck(Callback):
+    """Every `interval` steps, ranks slower than factor x the median step time are reported. Those
+    steps start with a barrier, so each rank's step time is its own, not a wait for others."""
+
+    def __init__(self, interval: int, factor: float, watchdog, logger: MetricsLogger):
+        self.interval, self.factor, self.watchdog, self.logger = interval, factor, watchdog, logger
+
+    def on_step_start(self, step: int) -> None:
+        if step % self.interval == 0:
+            dist.barrier()
+
+    def on_step_end(self, record: dict) -> list[Finding]:
+        if record["step"] % self.interval == 0:
+            self.watchdog.beat(record["step"], "straggler_check")
+            slow = find_stragglers(record["step_time_s"], factor=self.factor)
+            if slow:
+                self.logger.event("stragglers", record["step"], ranks=[r for r, _ in slow],
+                                  step_times=[round(t, 4) for _, t in slow], factor=self.factor)
+        return []
+
+
+class ReplicaCheck(Callback):
+    """Every `interval` steps, data-parallel replicas compare a hash of their parameters; a replica
+    that differs from the majority is silent data corruption."""
+
+    def __init__(self, interval: int, group, parts, device, watchdog):
+        self.interval, self.group, self.parts, self.device, self.watchdog = interval, group, parts, device, watchdog
+
+    def on_step_end(self, record: dict) -> list[Finding]:
+        if record["step"] % self.interval:
+            return []
+        self.watchdog.beat(record["step"], "sdc_check")
+        divergent = check_replicas(self.parts, self.group)
+        if not agree({"sdc": bool(divergent)}, self.device)["sdc"]:
+            return []
+        return [Finding("sdc", "sdc_detected", {"divergent_ranks": divergent, "all_ranks": bool(divergent)})]

@@ -1,0 +1,169 @@
+"""What makes a checkpoint directory trustworthy: files hashed as written, durable writes, the
+per-rank digest lists rank 0 merges, the manifest, and the check a directory must pass to be loaded.
+
+A directory is a valid checkpoint iff its manifest.json exists and every file it lists exists with
+the listed size (and, in the deep check, the listed sha256).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+TMP_PREFIX = ".tmp-"
+STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
+DIGESTS_DIR = "digests"
+MANIFEST_FORMAT = 1
+
+Digests = dict[str, tuple[int, str]]
+"""{path relative to the checkpoint directory: (size, sha256)}."""
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def step_of(path: Path) -> Optional[int]:
+    m = re.search(r"step-(\d{8})", Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: Path, data: bytes) -> tuple[int, str]:
+    """Write, flush to disk; returns (size, sha256) of what was written."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+class HashingStream(io.IOBase):
+    """Passes writes through to a file and keeps the sha256 and size of the bytes written."""
+
+    def __init__(self, raw):
+        super().__init__()
+        self._raw = raw
+        self._sha = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        view = memoryview(b)
+        n = self._raw.write(view)
+        if n is not None and n != view.nbytes:
+            raise OSError(f"short write ({n} of {view.nbytes} bytes)")
+        self._sha.update(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def flush(self) -> None:
+        if not self._raw.closed:
+            self._raw.flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                super().close()
+            finally:
+                self._raw.close()
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+def write_rank_files(directory: Path, rank: int, rng: dict[str, torch.Tensor], digests: Digests) -> None:
+    """This rank's RNG file, then the list of every file it wrote with (size, sha256), which rank 0
+    checks and merges into the manifest."""
+    buf = io.BytesIO()
+    torch.save(rng, buf)
+    (directory / "rng").mkdir(exist_ok=True)
+    rel = f"rng/rank-{rank:05d}.pt"
+    digests = {**digests, rel: write_durable(directory / rel, buf.getvalue())}
+    (directory / DIGESTS_DIR).mkdir(exist_ok=True)
+    write_durable(directory / DIGESTS_DIR / f"rank-{rank:05d}.json",
+                  json.dumps({k: list(v) for k, v in digests.items()}).encode())
+
+
+def read_rank_digests(directory: Path, world_size: int) -> Digests:
+    """Every rank's digest list, merged (rank 0, at commit)."""
+    expected: Digests = {}
+    for r in range(world_size):
+        sidecar = directory / DIGESTS_DIR / f"rank-{r:05d}.json"
+        try:
+            expected.update({k: tuple(v) for k, v in json.loads(sidecar.read_text()).items()})
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"rank {r}'s digest list is unreadable ({e})") from None
+    return expected
+
+
+def read_manifest(path: Path) -> dict:
+    return json.loads((Path(path) / MANIFEST).read_text())
+
+
+def check_checkpoint(path: Path, deep: bool = False, files: Optional[list[str]] = None) -> Optional[str]:
+    """Why `path` is not a valid checkpoint, or None if it is. Cheap: manifest.json exists and
+    every file it lists exists with the listed size. Deep: also every sha256 matches (restricted to
+    `files` when given: ranks share that work)."""
+    path = Path(path)
+    try:
+        manifest = read_manifest(path)
+        listed: dict = manifest["files"]
+        step = int(manifest["step"])
+        # Manifests written before "required" was recorded hold DCP or DeepSpeed state.
+        required = manifest.get("required") or (
+            [STATE_FILE, ".metadata"] if manifest.get("state", "dcp") == "dcp" else [STATE_FILE])
+    except FileNotFoundError:
+        return "no manifest.json"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable manifest.json ({type(e).__name__}: {e})"
+    if STEP_DIR.match(path.name) and step != step_of(path):
+        return f"manifest says step {step}, directory says {step_of(path)}"
+    for rel in required:
+        if rel not in listed:
+            return f"manifest does not list {rel}"
+    for rel, info in listed.items():
+        try:
+            size = (path / rel).stat().st_size
+        except OSError:
+            return f"missing file {rel}"
+        if size != info["size"]:
+            return f"{rel}: {size} bytes, manifest says {info['size']}"
+    if deep:
+        for rel in (files if files is not None else listed):
+            if sha256_file(path / rel) != listed[rel]["sha256"]:
+                return f"{rel}: sha256 differs from the manifest"
+    return None

@@ -1,0 +1,142 @@
+"""Step strategies: how one optimizer step's forward and backward run on this rank, and the loss
+normalisation every layout shares. Two implementations behind one interface: micro-batch
+accumulation (`MicroBatchStep`) and the pipeline schedule (`PipelineStep`).
+
+The loss is the mean over the counted label tokens of the global batch (labels equal to
+IGNORE_INDEX don't count), whatever the layout: the ranks agree on that count N first, then each
+token's loss is scaled by (dp x cp) / N, the factor the gradient averaging of DDP/FSDP/ZeRO over the
+dp x cp ranks divides out again. So accumulation, pipelining and data/context parallelism change
+nothing. Context-parallel ranks shard the sequence here; tensor parallel computes the loss on
+vocab-sharded logits (loss parallel).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from dist_llama.parallel.context import cp_shard_batch
+from dist_llama.parallel.pipeline import build_schedule, build_stages
+from dist_llama.parallel.tensor import loss_parallel_context, token_loss_sum
+from dist_llama.train.engines import Engine
+
+IGNORE_INDEX = -100
+"""Labels with this value are not predicted (prompt tokens, padding): they add no loss and don't count."""
+
+Batch = dict[str, torch.Tensor]
+
+
+class StepStrategy(Protocol):
+    def count_tokens(self, batch: Batch) -> torch.Tensor:
+        """The global number of counted label tokens in this step's batch. Collective."""
+
+    def forward_backward(self, batch: Batch, n_tokens: int) -> torch.Tensor:
+        """Gradients of the global mean loss into the engine; returns this rank's share of the
+        loss, still scaled (reduce it with `global_loss`)."""
+
+    def global_loss(self, local: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        """The global mean loss from every rank's share. Collective."""
+
+
+class _Step:
+    """What both strategies share: counting, scaling, context parallel and loss parallel."""
+
+    def __init__(self, engine: Engine, device: torch.device, groups, cp: int, cp_rank: int, tp: int, n_micro: int):
+        self.engine = engine
+        self.n_micro = n_micro
+        """Micro-batches per step (gradient accumulation, or pipeline micro-batches)."""
+        self.device = device
+        self.dp_group, self.loss_groups = groups
+        """Data-parallel ranks (different batches); the groups whose loss shares add up (dp x cp, then pp)."""
+        self.cp, self.cp_rank, self.tp = cp, cp_rank, tp
+        self.dp_cp = dist.get_world_size(self.loss_groups[0])
+        """dp x cp: what the gradient averaging divides by."""
+        self.scale = 0.0
+        """This step's factor on each token's loss: dp x cp / counted tokens."""
+
+    def count_tokens(self, batch: Batch) -> torch.Tensor:
+        count = (batch["labels"] != IGNORE_INDEX).sum()
+        dist.all_reduce(count, group=self.dp_group)
+        return count
+
+    def forward_backward(self, batch: Batch, n_tokens: int) -> torch.Tensor:
+        self.scale = self.dp_cp / max(n_tokens, 1)
+        if self.cp > 1:
+            batch = cp_shard_batch(batch, self.cp_rank, self.cp)
+        with loss_parallel_context(self.tp > 1):
+            return self._run(batch)
+
+    def _run(self, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return token_loss_sum(logits, labels, ignore_index=IGNORE_INDEX) * self.scale
+
+    def global_loss(self, local: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        for group in self.loss_groups:
+            dist.all_reduce(local, group=group)
+        return local / (self.scale * n_tokens) if n_tokens else local
+
+
+class MicroBatchStep(_Step):
+    """The local batch cut into n_micro micro-batches; gradients accumulate, and the engine
+    reduces them after the last one."""
+
+    def _run(self, batch: Batch) -> torch.Tensor:
+        (model,) = self.engine.parts
+        dtype = self.engine.autocast_dtype
+        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        loss_acc = torch.zeros((), device=self.device)
+        micro_batches = [dict(zip(batch, parts)) for parts in zip(*(t.chunk(self.n_micro) for t in batch.values()))]
+        for i, mb in enumerate(micro_batches):
+            with self.engine.grad_sync(model, i == len(micro_batches) - 1):
+                with autocast:
+                    logits = model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"])
+                loss = self.loss(logits, mb["labels"])
+                self.engine.backward(loss)
+            loss_acc += _local(loss.detach())
+        return loss_acc
+
+
+class PipelineStep(_Step):
+    """The schedule splits the batch into micro-batches; tokens enter the first stage, labels the
+    last; document ids and positions go to every stage."""
+
+    def __init__(self, engine: Engine, device: torch.device, groups, cp: int, cp_rank: int, tp: int, n_micro: int,
+                 schedule_name: str, stage_ids: list[int], n_stages: int, pp_mesh):
+        super().__init__(engine, device, groups, cp, cp_rank, tp, n_micro)
+        stages = build_stages(engine.parts, stage_ids, n_stages, pp_mesh, device)
+        self.schedule = build_schedule(schedule_name, stages, n_micro, self.loss)
+        self.has_first_stage = 0 in stage_ids
+        self.has_last_stage = n_stages - 1 in stage_ids
+
+    def _run(self, batch: Batch) -> torch.Tensor:
+        losses: list[torch.Tensor] = []
+        args = (batch["tokens"],) if self.has_first_stage else ()
+        target = batch["labels"] if self.has_last_stage else None
+        self.schedule.step(*args, target=target, losses=losses, doc_ids=batch["doc_ids"],
+                           positions=batch["positions"])
+        if not self.has_last_stage:
+            return torch.zeros((), device=self.device)
+        return torch.stack([_local(loss.detach()) for loss in losses]).sum()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A loss computed under loss parallel is a replicated DTensor; the loop keeps plain tensors."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def build_step(engine: Engine, device: torch.device, dims, meshes, n_micro: int, schedule_name: str,
+               stage_ids: list[int], n_stages: int) -> StepStrategy:
+    groups = (meshes.dp.get_group(),
+              [meshes.dp_cp.get_group()] + ([meshes.world["pp"].get_group()] if dims.pp > 1 else []))
+    common = (engine, device, groups, dims.cp, meshes.world["cp"].get_local_rank(), dims.tp, n_micro)
+    if dims.pp > 1:
+        return PipelineStep(*common, schedule_name, stage_ids, n_stages, meshes.world["pp"])
+    return MicroBatchStep(*common)
+
+
