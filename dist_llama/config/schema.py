@@ -138,6 +138,12 @@ class TrainConfig:
     peak_flops: Optional[float] = None
     """Per-device peak FLOP/s for MFU; None = H100 dense BF16 on cuda, a matmul probe on cpu."""
 
+    def compute_dtype(self, device_type: str) -> str:
+        """`dtype` resolved for a device: auto is bf16 on cuda, fp32 elsewhere."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bf16" if device_type == "cuda" else "fp32"
+
 
 @dataclass
 class CheckpointConfig:

@@ -210,12 +210,8 @@ DEEPSPEED_PREFETCH_BUCKET = 5e7
 
 
 def compute_bytes(cfg: Config, hw: Hardware) -> int:
-    """Bytes per element of the compute dtype: train.dtype, auto being fp32 on cpu and bf16 on
-    GPUs (as dist_llama.train.build.compute_dtype decides)."""
-    name = cfg.train.dtype
-    if name == "auto":
-        name = "fp32" if hw.name == "cpu" else "bf16"
-    return 4 if name == "fp32" else 2
+    """Bytes per element of the compute dtype the training would use on this hardware."""
+    return 4 if cfg.train.compute_dtype("cpu" if hw.name == "cpu" else "cuda") == "fp32" else 2
 
 
 def zero_shards(p) -> int:

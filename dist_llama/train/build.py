@@ -38,11 +38,7 @@ from dist_llama.train.trainer import Trainer, TrainerParts
 
 
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    """train.dtype, with auto = bf16 on CUDA, fp32 on CPU."""
-    name = cfg.train.dtype
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" else "fp32"
-    return torch.bfloat16 if name == "bf16" else torch.float32
+    return torch.bfloat16 if cfg.train.compute_dtype(device.type) == "bf16" else torch.float32
 
 
 def build_model_parts(cfg: Config, dims: ParallelDims, meshes: Meshes, device: torch.device,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import time
 import uuid
@@ -14,6 +15,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 WANDB_ID_FILE = "wandb_id.txt"
+
+
+def peak_memory_gib(device) -> float:
+    """Peak memory: CUDA allocator peak on GPU, peak RSS of this process on CPU."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
 def _append_jsonl(path: Path, record: dict) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 import time
 from dataclasses import dataclass
 
@@ -14,13 +13,13 @@ import torch
 
 from dist_llama.config import Config
 from dist_llama.data import PackedLoader
+from dist_llama.faults import FaultInjector
 from dist_llama.model.flops import mfu
 from dist_llama.train.callbacks import Callback
 from dist_llama.train.checkpoint import Checkpointer
 from dist_llama.train.engines import Engine
-from dist_llama.faults import FaultInjector
 from dist_llama.train.health import NoWatchdog, StepHealth, Watchdog
-from dist_llama.train.metrics import MetricsLogger
+from dist_llama.train.metrics import MetricsLogger, peak_memory_gib
 from dist_llama.train.optim import ScaledLambdaLR
 from dist_llama.train.recovery import (EXIT_OK, EXIT_PREEMPTED, EXIT_RESTART, EXIT_UNRECOVERABLE, STOP_FILE_ENV,
                                        PreemptionFlag, RecoveryPolicy, TrainingExit, agree)
@@ -253,7 +252,7 @@ class Trainer:
         record = {"step": self.step, "loss": loss, "lr": p.schedulers[0].get_last_lr()[0], "grad_norm": grad_norm,
                   "tokens": self.progress.tokens, "tokens_per_sec": self.tokens_per_step / step_time,
                   "mfu": mfu(self.tokens_per_step / step_time / p.world_size, p.flops_per_token, p.peak_flops),
-                  "step_time_s": step_time, "mem_gib": _memory_gib(p.device), "time": time.time(),
+                  "step_time_s": step_time, "mem_gib": peak_memory_gib(p.device), "time": time.time(),
                   "goodput": self.goodput.effective()}
         self.history.append(record)
         return record
@@ -294,10 +293,3 @@ class Trainer:
         if source == "stop_file":
             raise TrainingExit(EXIT_OK, f"stopped at step {self.step}: the launcher asked (stop file), state saved")
         raise TrainingExit(EXIT_PREEMPTED, f"preempted ({source}) at step {self.step}")
-
-
-def _memory_gib(device: torch.device) -> float:
-    """Peak memory: CUDA allocator peak on GPU, peak RSS of this process on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
