@@ -55,5 +55,10 @@ class Meshes:
     dp_cp: DeviceMesh
     """Ranks whose gradients are averaged and whose token counts add up to the global batch."""
 
+    @property
+    def pp_group(self):
+        """The pipeline's process group, or None without pipeline parallelism."""
+        return self.world["pp"].get_group() if self.world["pp"].size() > 1 else None
+
     def __getitem__(self, names):
         return self.world[names]

@@ -133,7 +133,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def build_step(engine: Engine, device: torch.device, dims, meshes, n_micro: int, schedule_name: str,
                stage_ids: list[int], n_stages: int) -> StepStrategy:
     groups = (meshes.dp.get_group(),
-              [meshes.dp_cp.get_group()] + ([meshes.world["pp"].get_group()] if dims.pp > 1 else []))
+              [meshes.dp_cp.get_group()] + ([meshes.pp_group] if meshes.pp_group is not None else []))
     common = (engine, device, groups, dims.cp, meshes.world["cp"].get_local_rank(), dims.tp, n_micro)
     if dims.pp > 1:
         return PipelineStep(*common, schedule_name, stage_ids, n_stages, meshes.world["pp"])

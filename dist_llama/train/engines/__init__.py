@@ -23,7 +23,7 @@ def build_engine(cfg: Config, dims: ParallelDims, meshes: Meshes, device: torch.
     if p.engine == "deepspeed":
         return ZeroEngine(ds_config(cfg, dims.dp, n_micro, dtype), dims, meshes, device)
     if not dims.data_parallel:
-        return LocalEngine(dtype, clip, meshes.world["pp"].get_group() if dims.pp > 1 else None)
+        return LocalEngine(dtype, clip, meshes.pp_group)
     if p.engine == "ddp":
         return DDPEngine(meshes, device, dtype, clip)
     return FSDPEngine(dims, meshes, dtype, clip, p.reshard_after_forward)

@@ -18,7 +18,7 @@ from dist_llama.train.engines.base import LocalEngine
 class FSDPEngine(LocalEngine):
     def __init__(self, dims: ParallelDims, meshes: Meshes, dtype: torch.dtype, grad_clip: float,
                  reshard_after_forward: bool):
-        super().__init__(dtype, grad_clip, meshes.world["pp"].get_group() if dims.pp > 1 else None)
+        super().__init__(dtype, grad_clip, meshes.pp_group)
         self.autocast_dtype = None  # FSDP's mixed-precision policy casts the weights instead
         self.dims, self.meshes, self.dtype = dims, meshes, dtype
         self.reshard_after_forward = reshard_after_forward
