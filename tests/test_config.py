@@ -46,6 +46,15 @@ BAD = [
     (DEBUG, ["health.faults=[explode:step=3]"], 1, "health.faults"),
     (DEBUG, ["health.faults=[kill:rank=5:step=3]"], 2, "health.faults"),  # no rank 5 in a 2-rank job
     (DEBUG, ["health.hang_timeout_s=-1"], 1, "health.hang_timeout_s"),
+    # Check parameters that would silently switch a check off or make its action impossible.
+    (DEBUG, ["health.spike_window=5"], 1, "health.spike_window"),  # < spike_min_history=10
+    (DEBUG, ["health.spike_min_history=1"], 1, "health.spike_min_history"),
+    (DEBUG, ["health.spike_zscore=0"], 1, "health.spike_zscore"),
+    (DEBUG, ["health.grad_norm_max=-1"], 1, "health.grad_norm_max"),
+    (DEBUG, ["health.rollback_lr_scale=2"], 1, "health.rollback_lr_scale"),
+    (DEBUG, ["health.straggler_factor=1"], 2, "health.straggler_factor"),
+    (DEBUG, ["health.sdc_interval=5", "health.sdc_action=skip"], 2, "health.sdc_action"),
+    (DEBUG, ["health.nan_action=rollback", "checkpoint.enabled=false"], 1, "health.nan_action"),
     (DEBUG, ["checkpoint.interval_s=-5"], 1, "checkpoint.interval_s"),
     (DEBUG, ["parallel.engine=horovod"], 1, "parallel.engine"),
     (DEBUG, ["train.global_batch_size=7"], 2, "train.global_batch_size"),

@@ -114,6 +114,17 @@ def test_state_round_trip_through_json():
     assert list(small.loss.values) == state["loss"]["values"][-5:]
 
 
+def test_a_window_smaller_than_the_history_it_needs_is_refused():
+    """Such a window never holds min_history values, so the spike and explosion checks would never fire:
+    after 100 healthy steps a loss of 50 and a gradient norm of 1e6 went unnoticed."""
+    with pytest.raises(ValueError, match="min_history <= window"):
+        StepHealth(health_cfg(spike_window=5, spike_min_history=10))
+    h = StepHealth(health_cfg(spike_window=10, spike_min_history=10))
+    for i in range(100):
+        h.accept(2.0 + 0.01 * (i % 3), 1.0 + 0.01 * (i % 5))
+    assert set(h.check(50.0, 1e6)) == {"loss_spike", "grad_norm_explosion"}
+
+
 # --- watchdog ------------------------------------------------------------------------------------
 def _stuck_in_a_collective_for_the_test(event: threading.Event):
     event.wait(10)

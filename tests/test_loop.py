@@ -104,7 +104,7 @@ def _drive(run_dir, losses, grad_norms, overrides):
     dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
     cfg = config_lib.to_object(config_lib.load(None, [
         f"train.run_dir={run_dir}", "train.steps=5", "checkpoint.interval=2", "checkpoint.async_save=false",
-        "logging.console=false", "logging.wandb_mode=disabled", "health.spike_min_history=100", *overrides]))
+        "logging.console=false", "logging.wandb_mode=disabled", "health.spike_window=100", "health.spike_min_history=100", *overrides]))
     calls: list[str] = []
     engine, step = FakeEngine(calls, grad_norms), FakeStep(calls, losses)
     scheduler = build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), cfg.optim, 5)

@@ -25,6 +25,32 @@ def _positive(cfg: Config, *keys: str) -> None:
         _require(value is not None and value > 0, key, f"must be a positive number, got {value}")
 
 
+def _validate_health(h, checkpoints: bool) -> None:
+    """Every check's parameters, so that no setting silently turns a check off."""
+    for key in ("max_retries", "max_rollbacks", "hang_timeout_s", "straggler_interval", "sdc_interval"):
+        _require(getattr(h, key) >= 0, f"health.{key}", f"must be >= 0, got {getattr(h, key)}")
+    _require(h.spike_min_history >= 2, "health.spike_min_history",
+             f"must be >= 2 (a median and a spread need two values), got {h.spike_min_history}")
+    # The history holds at most spike_window values: a smaller window never reaches min_history,
+    # and the spike and gradient-norm z-score checks would never fire.
+    _require(h.spike_window >= h.spike_min_history, "health.spike_window",
+             f"must be >= health.spike_min_history={h.spike_min_history} or the spike and gradient-norm "
+             f"checks never fire; got {h.spike_window}")
+    _require(h.spike_zscore > 0, "health.spike_zscore", f"must be positive, got {h.spike_zscore}")
+    _require(h.grad_norm_max is None or h.grad_norm_max > 0, "health.grad_norm_max",
+             f"must be positive or null (z-score test only), got {h.grad_norm_max}")
+    _require(0 < h.rollback_lr_scale <= 1, "health.rollback_lr_scale",
+             f"must be in (0, 1] (a rollback may lower the LR, not raise it), got {h.rollback_lr_scale}")
+    _require(h.straggler_factor > 1, "health.straggler_factor", f"must be above 1, got {h.straggler_factor}")
+    # A replica check runs after the update: the step cannot be skipped or retried any more.
+    _require(h.sdc_action in ("log", "rollback", "restart", "abort"), "health.sdc_action",
+             f"must be log, rollback, restart or abort (the update is already applied); got {h.sdc_action!r}")
+    for key in ("nan_action", "spike_action", "grad_norm_action", "sdc_action"):
+        if getattr(h, key) == "rollback" and (key != "sdc_action" or h.sdc_interval):
+            _require(checkpoints, f"health.{key}", "rollback needs checkpoints to roll back to; "
+                     "set checkpoint.enabled=true or choose another action")
+
+
 def validate_model(m: ModelArgs) -> None:
     _positive(Config(model=m), "model.dim", "model.n_layers", "model.n_heads", "model.multiple_of",
               "model.norm_eps", "model.rope_theta", "model.max_seq_len")
@@ -152,12 +178,7 @@ def validate(cfg: Config, world_size: int, dataset=None, tokenizer_vocab: Option
     for key in ("nan_action", "spike_action", "grad_norm_action", "sdc_action"):
         value = getattr(h, key)
         _require(value in ACTIONS, f"health.{key}", f"must be one of {', '.join(ACTIONS)}; got {value!r}")
-    for key in ("spike_window", "spike_min_history"):
-        _require(getattr(h, key) >= 1, f"health.{key}", f"must be >= 1, got {getattr(h, key)}")
-    for key in ("max_retries", "max_rollbacks", "hang_timeout_s", "straggler_interval", "sdc_interval"):
-        _require(getattr(h, key) >= 0, f"health.{key}", f"must be >= 0, got {getattr(h, key)}")
-    _require(h.spike_zscore > 0 and h.straggler_factor > 1 and h.rollback_lr_scale > 0, "health",
-             "spike_zscore and rollback_lr_scale must be positive, straggler_factor above 1")
+    _validate_health(h, c.enabled)
     _require(c.interval_s >= 0, "checkpoint.interval_s", f"must be >= 0, got {c.interval_s}")
     try:
         validate_specs(list(h.faults) + specs_from_env(), world_size)

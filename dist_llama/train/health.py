@@ -47,8 +47,9 @@ class RobustZScore:
     """
 
     def __init__(self, window: int, min_history: int, rel_floor: float = 1e-3):
-        if window < 1 or min_history < 1:
-            raise ValueError(f"window and min_history must be >= 1, got {window}, {min_history}")
+        if not 1 <= min_history <= window:
+            # A window smaller than min_history never fills enough: the check would never fire.
+            raise ValueError(f"need 1 <= min_history <= window, got window={window}, min_history={min_history}")
         self.window = window
         self.min_history = min_history
         self.rel_floor = rel_floor
