@@ -38,10 +38,12 @@ class FakeEngine:
 
     format, required, autocast_dtype, replica_group = "fake", ("fake.json",), None, None
 
-    def __init__(self, calls, grad_norms):
+    def __init__(self, calls, grad_norms, optimizer):
         self.calls, self.grad_norms = calls, grad_norms
         self.updates = 0
-        self.parts, self.optimizers = [], []
+        self.parts, self.optimizers = [], [optimizer]
+        self.lrs: list[float] = []
+        """The LR of each update, as the optimizer held it when stepping."""
 
     def grad_norm(self):
         self.calls.append("grad_norm")
@@ -50,6 +52,7 @@ class FakeEngine:
     def step(self):
         self.calls.append("step")
         self.updates += 1
+        self.lrs.append(self.optimizers[0].param_groups[0]["lr"])
 
     def discard(self):
         self.calls.append("discard")
@@ -62,13 +65,17 @@ class FakeEngine:
 
         self.calls.append("save")
         Path(directory).mkdir(parents=True, exist_ok=True)
-        on_written({"fake.json": write_durable(Path(directory) / "fake.json", json.dumps(self.updates).encode())})
+        # Like a real optimizer's state, the saved state carries the LR of the last update.
+        state = {"updates": self.updates, "lr": self.optimizers[0].param_groups[0]["lr"]}
+        on_written({"fake.json": write_durable(Path(directory) / "fake.json", json.dumps(state).encode())})
         done = Future()
         done.set_result(None)
         return done
 
     def load(self, directory, manifest):
-        self.updates = json.loads((Path(directory) / "fake.json").read_text())
+        state = json.loads((Path(directory) / "fake.json").read_text())
+        self.updates = state["updates"]
+        self.optimizers[0].param_groups[0]["lr"] = state["lr"]
         self.calls.append(f"load:{self.updates}")
 
 
@@ -89,7 +96,7 @@ class FakeStep:
         return local
 
 
-def _drive(run_dir, losses, grad_norms, overrides):
+def _drive(run_dir, losses, grad_norms, overrides, lrs=None):
     import torch.distributed as dist
 
     from dist_llama import config as config_lib
@@ -106,8 +113,9 @@ def _drive(run_dir, losses, grad_norms, overrides):
         f"train.run_dir={run_dir}", "train.steps=5", "checkpoint.interval=2", "checkpoint.async_save=false",
         "logging.console=false", "logging.wandb_mode=disabled", "health.spike_window=100", "health.spike_min_history=100", *overrides]))
     calls: list[str] = []
-    engine, step = FakeEngine(calls, grad_norms), FakeStep(calls, losses)
-    scheduler = build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), cfg.optim, 5)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
+    engine, step = FakeEngine(calls, grad_norms, optimizer), FakeStep(calls, losses)
+    scheduler = build_scheduler(optimizer, cfg.optim, 5)
     logger = MetricsLogger(Path(run_dir), 0, 5, cfg.logging, {})
     faults = FaultInjector([], 0, Path(run_dir))
     trainer = Trainer(TrainerParts(
@@ -120,6 +128,8 @@ def _drive(run_dir, losses, grad_norms, overrides):
     finally:
         trainer.close()
         dist.destroy_process_group()
+    if lrs is not None:
+        lrs.extend((engine.lrs, [h["lr"] for h in history]))
     return calls, [h["step"] for h in history], engine.updates
 
 
@@ -168,3 +178,26 @@ def test_a_rollback_discards_loads_the_last_checkpoint_and_recomputes(tmp_path):
     assert calls == [*_steps(0, 1), "save", *_steps(2), "fb:3", "grad_norm", "discard", "load:2",
                      *_steps(4, 5), "save", *_steps(6), "save"]
     assert steps == [1, 2, 3, 3, 4, 5] and updates == 5
+
+
+def _drive_lrs(run_dir, losses, overrides):
+    lrs = []
+    _drive(run_dir, losses, [], overrides, lrs)
+    return lrs
+
+
+@pytest.mark.timeout(90)
+def test_the_rollback_lr_scale_applies_from_the_first_rerun_step_and_records_log_the_lr_used(tmp_path):
+    # Closed form: warmup 0, peak 1e-3, cosine over 5 steps to 0.1 x peak; step s (1-based) uses
+    # 1e-3 * (0.1 + 0.45 * (1 + cos(pi * (s - 1) / 5))), times 0.5 after the rollback.
+    def lr(step, scale=1.0):
+        return 1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - 1) / 5))) * scale
+
+    used, logged = run_ranks(_drive_lrs, 1, str(tmp_path), [1.0, 1.0, 1.0, math.nan], [
+        "optim.warmup_steps=0", "optim.lr=1e-3", "health.nan_action=rollback", "health.rollback_lr_scale=0.5"],
+        timeout=60)[0]
+    # Steps 1-3, then NaN at step 4: back to step 2's checkpoint; steps 3-5 again at half the LR.
+    expected = [lr(1), lr(2), lr(3), lr(3, 0.5), lr(4, 0.5), lr(5, 0.5)]
+    assert used == pytest.approx(expected, rel=1e-12)
+    assert logged == pytest.approx(expected, rel=1e-12)
+    assert logged[0] == 1e-3

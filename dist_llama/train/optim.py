@@ -44,6 +44,14 @@ class ScaledLambdaLR(torch.optim.lr_scheduler.LambdaLR):
         return [base_lr * (lmbda(self.last_epoch) * self.scale)
                 for lmbda, base_lr in zip(self.lr_lambdas, self.base_lrs)]
 
+    def rescale(self, factor: float) -> None:
+        """Multiply the scale by `factor` from the next optimizer step on: the optimizer's LR is set
+        now, not at the next scheduler.step(), which would be one step late."""
+        self.scale *= factor
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+            group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim, total_steps: int) -> ScaledLambdaLR:
     decay_steps = optim.decay_steps or total_steps

@@ -74,6 +74,11 @@ class Trainer:
     def step(self) -> int:
         return self.progress.step
 
+    @property
+    def lr(self) -> float:
+        """The LR the next optimizer step uses (what the optimizer holds, not the schedule's plan)."""
+        return self.p.schedulers[0].optimizer.param_groups[0]["lr"]
+
     # --- one optimizer step -------------------------------------------------------------------
     def compute_gradients(self, batch: Batch, n_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward/backward, no update yet. Returns (global mean loss, global grad norm) as device
@@ -207,6 +212,7 @@ class Trainer:
                     self._preempt()
                 continue
             self._beat("optimizer")
+            lr = self.lr
             self.apply_update()
             p.health.accept(loss, grad_norm)
             for callback in p.callbacks:
@@ -216,7 +222,7 @@ class Trainer:
             self.progress.tokens += self.tokens_per_step
             steps_done += 1
             self.goodput.productive_s += step_time
-            record = self._record(loss, grad_norm, step_time)
+            record = self._record(loss, grad_norm, lr, step_time)
             if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps:
                 elapsed = time.perf_counter() - started
                 self.logger.log_step(record, eta_s=elapsed / steps_done * (cfg.train.steps - self.step))
@@ -247,9 +253,9 @@ class Trainer:
         flags["save"] = bool(ck.enabled and ck.interval_s and time.time() - self._last_save[1] >= ck.interval_s)
         return agree(flags, self.p.device)
 
-    def _record(self, loss: float, grad_norm: float, step_time: float) -> dict:
+    def _record(self, loss: float, grad_norm: float, lr: float, step_time: float) -> dict:
         p = self.p
-        record = {"step": self.step, "loss": loss, "lr": p.schedulers[0].get_last_lr()[0], "grad_norm": grad_norm,
+        record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens": self.progress.tokens, "tokens_per_sec": self.tokens_per_step / step_time,
                   "mfu": mfu(self.tokens_per_step / step_time / p.world_size, p.flops_per_token, p.peak_flops),
                   "step_time_s": step_time, "mem_gib": peak_memory_gib(p.device), "time": time.time(),
@@ -275,7 +281,7 @@ class Trainer:
         self.load(path, keep_data_position=h.rollback_skip_data)
         p.policy.rollbacks = rollbacks  # the count lives on across the rollback itself
         for scheduler in p.schedulers:
-            scheduler.scale *= h.rollback_lr_scale
+            scheduler.rescale(h.rollback_lr_scale)
         self.logger.event("rollback", self.step, reason=reason, failed_step=failed_step, checkpoint=str(path),
                           lr_scale=p.schedulers[0].scale, skipped_data=h.rollback_skip_data)
         self._prefetch()
