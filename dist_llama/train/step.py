@@ -73,8 +73,16 @@ class _Step:
     def _run(self, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
 
+    def autocast(self):
+        """The one mixed-precision decision for every strategy: the engine's (autocast to its dtype,
+        or nothing when it casts the weights itself or computes in fp32)."""
+        dtype = self.engine.autocast_dtype
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return token_loss_sum(logits, labels, ignore_index=IGNORE_INDEX) * self.scale
+        # In fp32 whatever the compute dtype (the pipeline schedule calls this inside autocast).
+        with torch.autocast(self.device.type, enabled=False):
+            return token_loss_sum(logits, labels, ignore_index=IGNORE_INDEX) * self.scale
 
     def global_loss(self, local: torch.Tensor, n_tokens: int) -> torch.Tensor:
         for group in self.loss_groups:
@@ -88,13 +96,11 @@ class MicroBatchStep(_Step):
 
     def _run(self, batch: Batch) -> torch.Tensor:
         (model,) = self.engine.parts
-        dtype = self.engine.autocast_dtype
-        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         loss_acc = torch.zeros((), device=self.device)
         micro_batches = [dict(zip(batch, parts)) for parts in zip(*(t.chunk(self.n_micro) for t in batch.values()))]
         for i, mb in enumerate(micro_batches):
             with self.engine.grad_sync(model, i == len(micro_batches) - 1):
-                with autocast:
+                with self.autocast():
                     logits = model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"])
                 loss = self.loss(logits, mb["labels"])
                 self.engine.backward(loss)
@@ -118,8 +124,11 @@ class PipelineStep(_Step):
         losses: list[torch.Tensor] = []
         args = (batch["tokens"],) if self.has_first_stage else ()
         target = batch["labels"] if self.has_last_stage else None
-        self.schedule.step(*args, target=target, losses=losses, doc_ids=batch["doc_ids"],
-                           positions=batch["positions"])
+        # Forward and backward interleave inside the schedule, so autocast covers both; backward
+        # ops keep the dtypes their forward ops were given.
+        with self.autocast():
+            self.schedule.step(*args, target=target, losses=losses, doc_ids=batch["doc_ids"],
+                               positions=batch["positions"])
         if not self.has_last_stage:
             return torch.zeros((), device=self.device)
         return torch.stack([_local(loss.detach()) for loss in losses]).sum()
