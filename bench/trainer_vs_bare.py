@@ -35,7 +35,7 @@ def bare_loop(cfg, device, dtype, batches):
     torch.manual_seed(cfg.train.seed)
     with torch.device(device):
         model = Transformer(cfg.model)
-    model.init_weights()
+    model.init_weights(cfg.train.seed)
     if cfg.train.compile if cfg.train.compile is not None else device.type == "cuda":
         for block in model.layers.values():
             block.compile()

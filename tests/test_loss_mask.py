@@ -44,7 +44,7 @@ def _masked_losses(overrides, world_size):
     if dist.get_rank() == 0:  # the reference: plain PyTorch on the whole global batch, one process
         torch.manual_seed(cfg.train.seed)
         model = Transformer(cfg.model)
-        model.init_weights()
+        model.init_weights(cfg.train.seed)
         full = _mask(PackedLoader(dataset, cfg.data.seq_len, cfg.train.global_batch_size, 0, 1,
                                   seed=cfg.train.seed).next_batch())
         with torch.no_grad():

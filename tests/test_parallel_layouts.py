@@ -1,6 +1,6 @@
-"""Tensor, sequence, pipeline and context parallelism, alone and composed on one mesh: 3 fp32
-training steps of the tiny model give the single-process losses (≤ 1e-5) and final weights
-(≤ 1e-4), and checkpoints move between layouts."""
+"""Tensor, sequence, pipeline and context parallelism, alone and composed on one mesh, on both init
+paths (train.meta_init): 3 fp32 training steps of the tiny model give the single-process losses
+(≤ 1e-5) and final weights (≤ 1e-4), and checkpoints move between layouts."""
 
 import pytest
 
@@ -38,10 +38,13 @@ LAYOUTS = [
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("meta_init", [False, True], ids=["whole_init", "meta_init"])
 @pytest.mark.parametrize("name,world,overrides", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
-def test_layout_matches_single_process(reference, tmp_path, name, world, overrides):
+def test_layout_matches_single_process(reference, tmp_path, name, world, overrides, meta_init):
+    """Either init path (the whole model initialised then split and sharded, or each rank
+    initialising its shard of a meta-device build) trains like the single process."""
     run = train(world, f"train.run_dir={tmp_path}", "checkpoint.enabled=false", f"train.steps={STEPS}",
-                *overrides, timeout=280)
+                f"train.meta_init={meta_init}", *overrides, timeout=280)
     assert_same_run(reference, run, steps=STEPS)
 
 

@@ -133,6 +133,8 @@ class TrainConfig:
     """Compute dtype: auto (bf16 on cuda, fp32 on cpu), fp32 or bf16; reductions stay fp32."""
     compile: Optional[bool] = None
     """torch.compile each transformer block; None = on for cuda (except under parallel.engine=deepspeed), off for cpu."""
+    meta_init: Optional[bool] = None
+    """Build on the meta device and initialise after sharding (no rank holds the whole model); None = on for cuda, off for cpu."""
     log_interval: int = 1
     """Log metrics every this many steps."""
     peak_flops: Optional[float] = None
@@ -143,6 +145,10 @@ class TrainConfig:
         if self.dtype != "auto":
             return self.dtype
         return "bf16" if device_type == "cuda" else "fp32"
+
+    def uses_meta_init(self, device_type: str) -> bool:
+        """`meta_init` resolved for a device: None is on for cuda, off elsewhere."""
+        return self.meta_init if self.meta_init is not None else device_type == "cuda"
 
 
 @dataclass

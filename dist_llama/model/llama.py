@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
 
 from .args import ModelArgs, ffn_hidden_dim
+from .init import Init, canonical_name, init_param_
 
 
 class RMSNorm(nn.Module):
@@ -32,9 +33,6 @@ class RMSNorm(nn.Module):
         # Normalise in fp32 even under bf16: the mean of squares loses too much in bf16.
         output = self._norm(x.float()).type_as(x)
         return output * self.weight
-
-    def init_weights(self):
-        nn.init.ones_(self.weight)
 
 
 def apply_scaling(
@@ -198,11 +196,6 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.core = CoreAttention()
 
-    def init_weights(self, init_std: float):
-        for linear in (self.wq, self.wk, self.wv):
-            nn.init.trunc_normal_(linear.weight, mean=0.0, std=0.02)
-        nn.init.trunc_normal_(self.wo.weight, mean=0.0, std=init_std)
-
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: Mask):
         bsz, seqlen, _ = x.shape
         xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
@@ -228,11 +221,6 @@ class FeedForward(nn.Module):
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
-    def init_weights(self, init_std: float):
-        nn.init.trunc_normal_(self.w1.weight, mean=0.0, std=0.02)
-        for linear in (self.w2, self.w3):
-            nn.init.trunc_normal_(linear.weight, mean=0.0, std=init_std)
-
 
 class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs):
@@ -242,19 +230,10 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(dim=args.dim, hidden_dim=ffn_hidden_dim(args))
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
-        # Depth-scaled init of the residual-writing projections (as torchtitan), so that the
-        # residual stream does not grow with depth at initialisation.
-        self.weight_init_std = 0.02 / (2 * (layer_id + 1)) ** 0.5
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: Mask):
         h = x + self.attention(self.attention_norm(x), freqs_cis, mask)
         return h + self.feed_forward(self.ffn_norm(h))
-
-    def init_weights(self):
-        self.attention_norm.init_weights()
-        self.ffn_norm.init_weights()
-        self.attention.init_weights(self.weight_init_std)
-        self.feed_forward.init_weights(self.weight_init_std)
 
 
 class Transformer(nn.Module):
@@ -294,31 +273,36 @@ class Transformer(nn.Module):
             args.rope_old_context_len,
         )
 
-    def init_weights(self, buffer_device: Optional[torch.device] = None):
-        """(Re)compute freqs_cis and initialise every parameter in place.
+    def init_weights(self, seed: int = 0, buffer_device: Optional[torch.device] = None):
+        """(Re)compute freqs_cis and initialise every parameter in place, each from its own random
+        stream seeded by (seed, its name): the same values for the whole model, a pipeline stage
+        (modules set to None and removed layers simply are not there) or a sharded copy.
 
         Call after `to_empty(device=...)` of a meta-built model (or any time to re-init).
         buffer_device: where freqs_cis is built; default: where it currently lives.
-
-        Init: RMSNorm weights 1; tok_embeddings N(0, 1); wq/wk/wv/w1 truncated normal std 0.02;
-        wo/w2/w3 truncated normal std 0.02 / sqrt(2 * (layer_id + 1)); output truncated normal
-        std dim**-0.5 cut at +-3 std. (The std-0.02 truncations use nn.init's default +-2 bounds,
-        i.e. effectively untruncated, as torchtitan.) Modules set to None (pipeline stages) and
-        removed layers are skipped.
         """
         buffer_device = buffer_device if buffer_device is not None else self.freqs_cis.device
         with torch.device(buffer_device):
             self.freqs_cis = self._precompute_freqs_cis()
-        if self.tok_embeddings is not None:
-            nn.init.normal_(self.tok_embeddings.weight)
-        for layer in self.layers.values():
-            if layer is not None:
-                layer.init_weights()
-        if self.norm is not None:
-            self.norm.init_weights()
-        if self.output is not None:
+        for name, param in self.named_parameters():
+            init_param_(param, name, seed, self.param_init(canonical_name(name)))
+
+    def param_init(self, name: str) -> Init:
+        """How the parameter `name` starts: RMSNorm weights 1; tok_embeddings N(0, 1); wq/wk/wv/w1
+        truncated normal std 0.02; wo/w2/w3 std 0.02 / sqrt(2 (layer_id + 1)), depth-scaled (as
+        torchtitan) so that the residual stream does not grow with depth; output std dim**-0.5 cut
+        at +-3 std. (The std-0.02 truncations keep nn.init's +-2 bounds: effectively untruncated.)"""
+        *path, module, _ = name.split(".")
+        if module.endswith("norm"):
+            return lambda t, generator: nn.init.ones_(t)
+        if module == "tok_embeddings":
+            return nn.init.normal_
+        if module == "output":
             std = self.args.dim**-0.5
-            nn.init.trunc_normal_(self.output.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+            return functools.partial(nn.init.trunc_normal_, std=std, a=-3 * std, b=3 * std)
+        layer_id = int(path[1])  # layers.{i}.attention.wq.weight
+        std = 0.02 if module in ("wq", "wk", "wv", "w1") else 0.02 / (2 * (layer_id + 1)) ** 0.5
+        return functools.partial(nn.init.trunc_normal_, std=std)
 
     def forward(
         self,

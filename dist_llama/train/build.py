@@ -46,18 +46,19 @@ def build_model_parts(cfg: Config, dims: ParallelDims, meshes: Meshes, device: t
     """This rank's model parts (one per pipeline stage it holds), parallelised and sharded by the
     engine but not yet wrapped; their stage ids; the stage count.
 
-    Weights are identical for every layout of the same seed. On CPU the full model is initialised
-    before anything is split or sharded, so any layout starts from exactly the single-process
-    weights (what the layout tests compare against). On CUDA the model is built on the meta device
-    and initialised after sharding, so no rank ever holds the full model.
+    Initial weights depend only on (train.seed, parameter name), so every layout starts from the
+    single-process weights on either path: with train.meta_init (the default on CUDA) the model is
+    built on the meta device and each rank initialises only what it holds, after the split and the
+    sharding, so no rank ever holds the full model; without it the full model is initialised on
+    the device first and then split and sharded.
     """
     p = cfg.parallel
     torch.manual_seed(cfg.train.seed)
-    on_meta = device.type == "cuda"
+    on_meta = cfg.train.uses_meta_init(device.type)
     with torch.device("meta" if on_meta else device):
         model = Transformer(cfg.model)
     if not on_meta:
-        model.init_weights()
+        model.init_weights(cfg.train.seed)
     n_stages = dims.pp * p.pp_virtual_stages
     if dims.pp > 1:
         counts = layers_per_stage(cfg.model.n_layers, n_stages, p.pp_lighter_ends, p.pp_layers_per_stage)
@@ -75,7 +76,7 @@ def build_model_parts(cfg: Config, dims: ParallelDims, meshes: Meshes, device: t
         if on_meta:
             part.to_empty(device=device)
             with torch.no_grad():
-                part.init_weights(buffer_device=device)
+                part.init_weights(cfg.train.seed, buffer_device=device)
     return parts, stage_ids, n_stages
 
 
