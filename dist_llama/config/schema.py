@@ -163,6 +163,8 @@ class CheckpointConfig:
     """Save when training ends."""
     resume: bool = True
     """Resume from the newest valid checkpoint in the run directory, if any."""
+    init_from: Optional[str] = None
+    """Start from these weights (Hugging Face dir, Meta dir, dist_llama run or step dir) unless the run directory has a checkpoint to resume."""
     interval_s: float = 0.0
     """Also save when this many seconds passed since the last save (0 = off)."""
     async_save: bool = True

@@ -35,16 +35,19 @@ from dist_llama.train.optim import build_optimizer, build_scheduler
 from dist_llama.train.recovery import EXIT_RESTART, RecoveryPolicy
 from dist_llama.train.step import build_step
 from dist_llama.train.trainer import Trainer, TrainerParts
+from dist_llama.weights import open_weights
+from dist_llama.weights.load import load_into
 
 
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cfg.train.compute_dtype(device.type) == "bf16" else torch.float32
 
 
-def build_model_parts(cfg: Config, dims: ParallelDims, meshes: Meshes, device: torch.device,
-                      engine: Engine) -> tuple[list[nn.Module], list[int], int]:
+def build_model_parts(cfg: Config, dims: ParallelDims, meshes: Meshes, device: torch.device, engine: Engine,
+                      init_from=None) -> tuple[list[nn.Module], list[int], int]:
     """This rank's model parts (one per pipeline stage it holds), parallelised and sharded by the
-    engine but not yet wrapped; their stage ids; the stage count.
+    engine but not yet wrapped; their stage ids; the stage count. `init_from`: a weight source
+    (dist_llama.weights) each part then takes its values from, reading only what it holds.
 
     Initial weights depend only on (train.seed, parameter name), so every layout starts from the
     single-process weights on either path: with train.meta_init (the default on CUDA) the model is
@@ -77,6 +80,8 @@ def build_model_parts(cfg: Config, dims: ParallelDims, meshes: Meshes, device: t
             part.to_empty(device=device)
             with torch.no_grad():
                 part.init_weights(cfg.train.seed, buffer_device=device)
+        if init_from is not None:
+            load_into(part, init_from)
     return parts, stage_ids, n_stages
 
 
@@ -86,9 +91,30 @@ def build_trainer(cfg: Config, env: DistEnv, dataset) -> Trainer:
     run_dir = Path(cfg.train.run_dir)
     if env.rank == 0:
         save_resolved(cfg, run_dir)
+    logger = MetricsLogger(run_dir, env.rank, cfg.train.steps, cfg.logging,
+                           OmegaConf.to_container(OmegaConf.structured(cfg)))
+    # When this process started (Linux /proc), for restart-time accounting in events.jsonl.
+    logger.event("process_start", 0, started=os.stat(f"/proc/{os.getpid()}").st_mtime
+                 if os.path.exists(f"/proc/{os.getpid()}") else None,
+                 restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+    h, ck = cfg.health, cfg.checkpoint
+    faults = FaultInjector.from_config(h, env.rank, run_dir, on_fire=logger.fault_fired)
+    checkpointer = Checkpointer(run_dir, ck.keep_last, env.device, async_save=ck.async_save, verify=ck.verify,
+                                logger=logger, faults=faults)
+    # Known before the model is built: initial weights are read only when there is nothing to resume.
+    resume = checkpointer.latest() if ck.enabled and ck.resume else None
+    init_from = None
+    if ck.init_from and resume is not None:
+        logger.event("init_from_ignored", 0, init_from=ck.init_from, resume=str(resume),
+                     reason="the run directory has a checkpoint of its own: resuming it")
+    elif ck.init_from:
+        init_from = open_weights(ck.init_from, max_seq_len=cfg.model.max_seq_len)
+
     n_micro = micro_batches(cfg.train.global_batch_size // dims.dp, cfg.train.micro_batch_size, dims.pp)
     engine = build_engine(cfg, dims, meshes, env.device, compute_dtype(cfg, env.device), n_micro)
-    parts, stage_ids, n_stages = build_model_parts(cfg, dims, meshes, env.device, engine)
+    parts, stage_ids, n_stages = build_model_parts(cfg, dims, meshes, env.device, engine, init_from)
+    if init_from is not None:
+        logger.event("init_from", 0, path=str(init_from.path), source=init_from.kind)
     engine.wrap(parts, [build_optimizer(part, cfg.optim) for part in parts])
     schedulers = [build_scheduler(o, cfg.optim, cfg.train.steps) for o in engine.optimizers]
     step = build_step(engine, env.device, dims, meshes, n_micro, cfg.parallel.pp_schedule, stage_ids, n_stages)
@@ -101,14 +127,6 @@ def build_trainer(cfg: Config, env: DistEnv, dataset) -> Trainer:
         peak = H100_BF16_PEAK
     else:
         peak = measure_cpu_peak_flops()
-    logger = MetricsLogger(run_dir, env.rank, cfg.train.steps, cfg.logging,
-                           OmegaConf.to_container(OmegaConf.structured(cfg)))
-    # When this process started (Linux /proc), for restart-time accounting in events.jsonl.
-    logger.event("process_start", 0, started=os.stat(f"/proc/{os.getpid()}").st_mtime
-                 if os.path.exists(f"/proc/{os.getpid()}") else None,
-                 restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
-    h = cfg.health
-    faults = FaultInjector.from_config(h, env.rank, run_dir, on_fire=logger.fault_fired)
     if h.preflight:
         preflight(env.device)
     watchdog = NoWatchdog()
@@ -123,13 +141,11 @@ def build_trainer(cfg: Config, env: DistEnv, dataset) -> Trainer:
     elif h.sdc_interval:
         logger.event("sdc_check_inactive", 0, reason="no data-parallel replicas hold identical parameters "
                      "in this layout (pure FSDP, ZeRO-3); use HSDP, DDP or ZeRO-1/2 to compare replicas")
-    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep_last, env.device, async_save=cfg.checkpoint.async_save,
-                                verify=cfg.checkpoint.verify, logger=logger, faults=faults)
     return Trainer(TrainerParts(
         cfg=cfg, device=env.device, engine=engine, step=step, schedulers=schedulers, loader=loader,
         checkpointer=checkpointer, logger=logger, health=StepHealth(h), policy=RecoveryPolicy(h), faults=faults,
         watchdog=watchdog, callbacks=callbacks, flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
-        peak_flops=peak, world_size=env.world_size, layout=dataclasses.asdict(dims)))
+        peak_flops=peak, world_size=env.world_size, layout=dataclasses.asdict(dims), resume=resume))
 
 
 def _exit_on_hang(logger, watchdog) -> None:

@@ -42,7 +42,22 @@ def resolve_config(config_path: Optional[str], overrides: Sequence[str], world_s
         dataset = open_dataset(cfg.data.path, tokenizer, cfg.data.cache_dir)
     except (ValueError, OSError) as exc:
         raise ConfigError("data.path", str(exc)) from None
-    return config_lib.validate(cfg, world_size, dataset, tokenizer.vocab_size), dataset
+    cfg = config_lib.validate(cfg, world_size, dataset, tokenizer.vocab_size)
+    if cfg.checkpoint.init_from:
+        check_init_from(cfg)
+    return cfg, dataset
+
+
+def check_init_from(cfg: Config) -> None:
+    """The initial weights fit the model: architecture, then every tensor (headers only)."""
+    from dist_llama.weights import WeightsError, open_weights
+    from dist_llama.weights.load import check_source
+
+    try:
+        source = open_weights(cfg.checkpoint.init_from, max_seq_len=cfg.model.max_seq_len)
+    except WeightsError as exc:
+        raise ConfigError("checkpoint.init_from", str(exc)) from None
+    check_source(source, cfg.model)
 
 
 def train(cfg: Config, dataset):

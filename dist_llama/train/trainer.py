@@ -8,6 +8,8 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -55,6 +57,8 @@ class TrainerParts:
     peak_flops: float
     world_size: int
     layout: dict
+    resume: Optional[Path] = None
+    """The checkpoint to resume from (the newest valid one when training was built), if any."""
 
 
 class Trainer:
@@ -177,8 +181,8 @@ class Trainer:
         for callback in p.callbacks:
             callback.on_train_start()
         ck = cfg.checkpoint
-        if ck.enabled and ck.resume and (path := p.checkpointer.latest()) is not None:
-            self.load(path)
+        if p.resume is not None:
+            self.load(p.resume)
         self._last_save = (self.step, time.time())
         self.logger.event("train_start", self.step, total_steps=cfg.train.steps, layout=p.layout)
         started, steps_done = time.perf_counter(), 0

@@ -1,0 +1,72 @@
+"""checkpoint.init_from: check a weight source against the model config before any weight is read,
+then load it into this rank's model parts, whatever the layout.
+
+A rank reads only what it holds: a sharded (DTensor) parameter takes the box of the global tensor
+its local shard covers (safetensors slices, memory-mapped .pth files, DCP chunks), a pipeline stage
+only its own layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from dist_llama.config import ConfigError
+from dist_llama.model.args import ModelArgs, ffn_hidden_dim
+from dist_llama.model.init import canonical_name
+from dist_llama.weights.sources import DCPSource, expected_shapes
+
+_ARCHITECTURE = ("dim", "n_layers", "n_heads", "kv_heads", "vocab_size", "norm_eps", "rope_theta", "use_scaled_rope")
+_SCALED_ROPE = ("rope_scale_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_old_context_len")
+
+
+def check_source(source, args: ModelArgs) -> None:
+    """Raise ConfigError unless `source` holds exactly the parameters of a model with `args`:
+    first the architecture (naming the key and both values), then every tensor's name and shape."""
+    fields = _ARCHITECTURE + (_SCALED_ROPE if args.use_scaled_rope or source.args.use_scaled_rope else ())
+    for field in fields:
+        ours, theirs = getattr(args, field), getattr(source.args, field)
+        if ours != theirs:
+            key = "model.n_kv_heads" if field == "kv_heads" else f"model.{field}"
+            raise ConfigError(key, f"checkpoint has {theirs}, config has {ours} (checkpoint.init_from={source.path})")
+    if ffn_hidden_dim(args) != ffn_hidden_dim(source.args):
+        raise ConfigError("model.ffn_dim_multiplier", f"checkpoint's FFN hidden size is {ffn_hidden_dim(source.args)}, "
+                          f"the config's (ffn_dim_multiplier={args.ffn_dim_multiplier}, multiple_of="
+                          f"{args.multiple_of}) is {ffn_hidden_dim(args)} (checkpoint.init_from={source.path})")
+    expected = expected_shapes(args)
+    names = set(source.names())
+    for name, shape in expected.items():
+        if name not in names:
+            raise ConfigError("checkpoint.init_from", f"{source.path}: tensor {name} is missing")
+        if tuple(source.shape(name)) != shape:
+            raise ConfigError("checkpoint.init_from", f"{source.path}: tensor {name} has shape "
+                              f"{tuple(source.shape(name))}, the model needs {shape}")
+    extra = sorted(names - set(expected))
+    if extra:
+        raise ConfigError("checkpoint.init_from", f"{source.path}: tensor {extra[0]} is not a parameter of "
+                          f"this model ({len(extra)} such)")
+
+
+def _local_box(param: DTensor) -> tuple[slice, ...]:
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return tuple(slice(o, o + s) for o, s in zip(offset, shape))
+
+
+@torch.no_grad()
+def load_into(part: nn.Module, source) -> None:
+    """Copy the source's values into every parameter of `part` (plain or sharded, any dtype)."""
+    params = {canonical_name(name): p for name, p in part.named_parameters()}
+    if isinstance(source, DCPSource):
+        import torch.distributed.checkpoint as dcp
+
+        # DCP reshards by itself: each rank reads the chunks its DTensor shards overlap.
+        dcp.load({DCPSource.PREFIX + name: p for name, p in params.items()}, storage_reader=source.reader,
+                 no_dist=True)
+        return
+    for name, param in params.items():
+        if isinstance(param, DTensor):
+            param.to_local().copy_(source.read(name, _local_box(param)))
+        else:
+            param.copy_(source.read(name))

@@ -1,0 +1,276 @@
+"""Where weights come from: a Hugging Face model directory, a Meta original directory, or a
+dist_llama checkpoint. Each source knows its architecture (as ModelArgs), the names and shapes of
+its tensors in dist_llama's (Meta's) naming, and reads a tensor or a slice of one without reading
+the rest: safetensors slices lazily, Meta's .pth files are memory-mapped, DCP reads only the chunks
+a request overlaps. Nothing is unpickled beyond what `torch.load(weights_only=True)` allows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+
+from dist_llama.model.args import ModelArgs, ffn_hidden_dim
+from dist_llama.model.hf import _LAYER_MAP, _TOP_MAP, _hf_to_meta_rows, args_from_hf_config
+
+Index = tuple[slice, ...]
+"""A box of a tensor: one slice per leading dimension (missing trailing ones: everything)."""
+
+
+class WeightsError(ValueError):
+    """A checkpoint that cannot be read, or does not fit: the message names the file or tensor."""
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every parameter of a model with these args, in dist_llama's names, and its shape."""
+    head_dim = args.dim // args.n_heads
+    hidden = ffn_hidden_dim(args)
+    shapes = {"tok_embeddings.weight": (args.vocab_size, args.dim), "norm.weight": (args.dim,),
+              "output.weight": (args.vocab_size, args.dim)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "attention.wq.weight": (args.n_heads * head_dim, args.dim),
+            p + "attention.wk.weight": (args.kv_heads * head_dim, args.dim),
+            p + "attention.wv.weight": (args.kv_heads * head_dim, args.dim),
+            p + "attention.wo.weight": (args.dim, args.n_heads * head_dim),
+            p + "feed_forward.w1.weight": (hidden, args.dim),
+            p + "feed_forward.w2.weight": (args.dim, hidden),
+            p + "feed_forward.w3.weight": (hidden, args.dim),
+            p + "attention_norm.weight": (args.dim,),
+            p + "ffn_norm.weight": (args.dim,),
+        })
+    return shapes
+
+
+def _box(shape: tuple[int, ...], index: Index) -> list[tuple[int, int]]:
+    """(start, stop) per dimension of `index` applied to `shape`."""
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    return [s.indices(n)[:2] for s, n in zip(index, shape)]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"{path}: not readable JSON ({exc})") from None
+
+
+# --- Hugging Face ---------------------------------------------------------------------------------
+class HFSource:
+    """A `save_pretrained` directory: config.json + model.safetensors, or shards with
+    model.safetensors.index.json. wq/wk rows are permuted back to Meta's RoPE layout on read."""
+
+    kind = "hf"
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = path
+        config = _read_json(path / "config.json")
+        try:
+            self.args = args_from_hf_config(SimpleNamespace(**config))
+        except (AttributeError, KeyError, ValueError) as exc:
+            raise WeightsError(f"{path / 'config.json'}: not a Llama config this model can take ({exc})") from None
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted(set(_read_json(index)["weight_map"].values()))
+        elif (path / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            raise WeightsError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                               "(only safetensors weights are read: .bin files would need unpickling)")
+        self._where: dict[str, object] = {}
+        for name in files:
+            try:
+                handle = safe_open(str(path / name), framework="pt")
+            except Exception as exc:  # noqa: BLE001 (safetensors raises its own types)
+                raise WeightsError(f"{path / name}: not a readable safetensors file ({exc})") from None
+            _check_safetensors_size(path / name)
+            for key in handle.keys():
+                self._where[key] = handle
+        self._hf_names = {}
+        for key in self._where:
+            ours = _from_hf_name(key)
+            if ours is not None:
+                self._hf_names[ours] = key
+        if "output.weight" not in self._hf_names and "tok_embeddings.weight" in self._hf_names:
+            self._hf_names["output.weight"] = self._hf_names["tok_embeddings.weight"]  # tied embeddings
+        self.tokenizer = _hf_tokenizer(path)
+
+    def names(self) -> list[str]:
+        return list(self._hf_names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        key = self._hf_names[name]
+        return tuple(self._where[key].get_slice(key).get_shape())
+
+    def read(self, name: str, index: Index = ()) -> torch.Tensor:
+        key = self._hf_names[name]
+        sliced = self._where[key].get_slice(key)
+        box = _box(self.shape(name), index)
+        module = name.split(".")[-2]
+        if module not in ("wq", "wk"):
+            return sliced[tuple(slice(a, b) for a, b in box)]
+        # HF rotates half-split pairs: rows are permuted within each head. Read the whole heads
+        # the requested rows fall in, permute them back, keep the requested rows.
+        head_dim = self.args.dim // self.args.n_heads
+        (r0, r1), *rest = box
+        h0, h1 = r0 // head_dim, math.ceil(r1 / head_dim)
+        block = sliced[(slice(h0 * head_dim, h1 * head_dim), *(slice(a, b) for a, b in rest))]
+        block = _hf_to_meta_rows(block, h1 - h0) if h1 > h0 else block
+        return block[r0 - h0 * head_dim: r1 - h0 * head_dim]
+
+
+_HF_TO_OURS_LAYER = {v: k for k, v in _LAYER_MAP.items()}
+_HF_TO_OURS_TOP = {v: k for k, v in _TOP_MAP.items()}
+
+
+def _from_hf_name(key: str) -> Optional[str]:
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", key)
+    if m and m.group(2) in _HF_TO_OURS_LAYER:
+        return f"layers.{m.group(1)}.{_HF_TO_OURS_LAYER[m.group(2)]}.weight"
+    if key.endswith(".weight") and key[: -len(".weight")] in _HF_TO_OURS_TOP:
+        return _HF_TO_OURS_TOP[key[: -len(".weight")]] + ".weight"
+    # Not one of ours (kept under its own name, so the check can name it); inv_freq is derived.
+    return None if key.endswith("rotary_emb.inv_freq") else key
+
+
+def _check_safetensors_size(path: Path) -> None:
+    """A truncated file: the header promises more bytes than the file has."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError:
+            raise WeightsError(f"{path}: corrupt safetensors header") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    size = path.stat().st_size
+    if 8 + header_len + end > size:
+        raise WeightsError(f"{path}: truncated ({size} bytes, the header describes {8 + header_len + end})")
+
+
+def _hf_tokenizer(path: Path) -> Optional[str]:
+    for name in ("tokenizer.json", "tokenizer.model", "original/tokenizer.model"):
+        if (path / name).is_file():
+            return str(path / name)
+    return None
+
+
+# --- Meta -----------------------------------------------------------------------------------------
+class MetaSource:
+    """Meta's original release: params.json + consolidated.NN.pth, one file per model-parallel rank.
+    A tensor split over the files is merged along the dimension its shards differ from the full
+    shape in (Llama 2 splits the embedding along dim, Llama 3 along the vocabulary)."""
+
+    kind = "meta"
+
+    def __init__(self, path: Path, max_seq_len: int):
+        self.path = path
+        params = _read_json(path / "params.json")
+        self.args = _args_from_meta_params(params, max_seq_len, path / "params.json")
+        files = sorted(path.glob("consolidated.*.pth"))
+        self.shards = []
+        for f in files:
+            try:
+                self.shards.append(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
+            except Exception as exc:  # noqa: BLE001 (truncated zip, unsafe pickle, ...)
+                raise WeightsError(f"{f}: not a readable weights-only checkpoint ({exc})") from None
+        if not self.shards:
+            raise WeightsError(f"{path}: no consolidated.*.pth files")
+        self.full = expected_shapes(self.args)
+        self.tokenizer = str(path / "tokenizer.model") if (path / "tokenizer.model").is_file() else None
+
+    def names(self) -> list[str]:
+        return [n for n in self.shards[0] if not n.endswith("rope.freqs")]
+
+    def _split_dim(self, name: str) -> Optional[int]:
+        piece = self.shards[0][name].shape
+        full = self.full.get(name, piece)
+        diff = [d for d, (a, b) in enumerate(zip(piece, full)) if a != b]
+        return diff[0] if len(self.shards) > 1 and diff else None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        shape = list(self.shards[0][name].shape)
+        dim = self._split_dim(name)
+        if dim is not None:
+            shape[dim] = sum(s[name].shape[dim] for s in self.shards)
+        return tuple(shape)
+
+    def read(self, name: str, index: Index = ()) -> torch.Tensor:
+        box = _box(self.shape(name), index)
+        dim = self._split_dim(name)
+        if dim is None:
+            return self.shards[0][name][tuple(slice(a, b) for a, b in box)].clone()
+        pieces, start = [], 0
+        for shard in self.shards:
+            t = shard[name]
+            stop = start + t.shape[dim]
+            lo, hi = max(box[dim][0], start), min(box[dim][1], stop)
+            if lo < hi:
+                local = list(box)
+                local[dim] = (lo - start, hi - start)
+                pieces.append(t[tuple(slice(a, b) for a, b in local)])
+            start = stop
+        return torch.cat(pieces, dim=dim) if pieces else torch.empty(
+            [b - a for a, b in box], dtype=self.shards[0][name].dtype)
+
+
+def _args_from_meta_params(p: dict, max_seq_len: int, where: Path) -> ModelArgs:
+    try:
+        args = ModelArgs(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
+                         n_kv_heads=p.get("n_kv_heads"), vocab_size=p["vocab_size"],
+                         multiple_of=p.get("multiple_of", 256), ffn_dim_multiplier=p.get("ffn_dim_multiplier"),
+                         norm_eps=p.get("norm_eps", 1e-5), rope_theta=float(p.get("rope_theta", 10000.0)),
+                         max_seq_len=max_seq_len)
+    except KeyError as exc:
+        raise WeightsError(f"{where}: missing {exc}") from None
+    if p.get("use_scaled_rope"):
+        # Meta's Llama 3.1 scaling: fixed constants in the reference code, not in params.json.
+        args.use_scaled_rope = True
+        args.rope_scale_factor = float(p.get("rope_scaling_factor", 8.0))
+    return args
+
+
+# --- dist_llama -----------------------------------------------------------------------------------
+class DCPSource:
+    """One dist_llama checkpoint in DCP format (any layout): tensors are read from the chunks each
+    request overlaps. The architecture comes from the run's config.yaml."""
+
+    kind = "dist_llama"
+    PREFIX = "model."
+
+    def __init__(self, step_dir: Path, config: dict):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self.path = step_dir
+        model = dict(config.get("model", {}))
+        self.args = ModelArgs(**{k: v for k, v in model.items() if k in ModelArgs.__dataclass_fields__})
+        self.tokenizer = (config.get("data") or {}).get("tokenizer")
+        self.reader = FileSystemReader(str(step_dir))
+        try:
+            metadata = self.reader.read_metadata()
+        except Exception as exc:  # noqa: BLE001
+            raise WeightsError(f"{step_dir / '.metadata'}: not readable ({exc})") from None
+        self._meta = {k[len(self.PREFIX):]: v for k, v in metadata.state_dict_metadata.items()
+                      if k.startswith(self.PREFIX)}
+
+    def names(self) -> list[str]:
+        return list(self._meta)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._meta[name].size)
+
+    def read(self, name: str, index: Index = ()) -> torch.Tensor:
+        import torch.distributed.checkpoint as dcp
+
+        meta = self._meta[name]
+        full = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        dcp.load({self.PREFIX + name: full}, storage_reader=self.reader, no_dist=True)
+        return full[tuple(slice(a, b) for a, b in _box(full.shape, index))]
