@@ -1,12 +1,24 @@
-"""Tokenizers: byte, tiktoken (Llama 3 format) and Hugging Face, built from the KJV at test time."""
+"""Tokenizers: byte, tiktoken (Llama 3 format), SentencePiece (Llama 2 format) and Hugging Face,
+built from the KJV at test time; files are recognised by content, not by name."""
 
 import base64
 import gzip
+import io
 import json
+import math
+import shutil
 
+import numpy as np
 import pytest
 
-from dist_llama.data import ByteTokenizer, HFTokenizer, TiktokenTokenizer, build_tokenizer
+from dist_llama.data import (
+    ByteTokenizer,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    TiktokenTokenizer,
+    TokenDataset,
+    build_tokenizer,
+)
 from dist_llama.data.sources import KJV_PATH
 from dist_llama.data.tokenizer import LLAMA3_PAT_STR, LLAMA3_SPECIAL_TOKENS
 
@@ -52,6 +64,28 @@ def train_hf(kjv_texts, special_tokens):
 def hf_file(tmp_path_factory, kjv_texts):
     path = tmp_path_factory.mktemp("hf") / "tokenizer.json"
     train_hf(kjv_texts, ["<s>", "</s>"]).save(str(path))
+    return path
+
+
+def train_sentencepiece(kjv_texts, vocab_size=500, **overrides):
+    """A SentencePiece BPE model trained like Llama 2's tokenizer.model (identity normalization,
+    whitespace kept, digits split, byte fallback; unk 0, BOS 1, EOS 2, no pad): serialized bytes."""
+    import sentencepiece
+
+    lines = [line for t in kjv_texts[:3] for line in t.splitlines() if line.strip()]
+    options = dict(model_type="bpe", vocab_size=vocab_size, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                   normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+                   byte_fallback=True, character_coverage=1.0, num_threads=1, minloglevel=2)
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model,
+                                             **(options | overrides))
+    return model.getvalue()
+
+
+@pytest.fixture(scope="module")
+def sp_file(tmp_path_factory, kjv_texts):
+    path = tmp_path_factory.mktemp("sp") / "tokenizer.model"
+    path.write_bytes(train_sentencepiece(kjv_texts))
     return path
 
 
@@ -140,6 +174,73 @@ def test_tiktoken_bad_file(tmp_path):
         TiktokenTokenizer(bad)
 
 
+# --- SentencePiece ---------------------------------------------------------------------------
+EDGE_TEXTS = ["", " ", "  leading and trailing  ", "a  b\t\tc", "\n\n\t\r\n", "x\x00y", "12345 678",
+              "<s> and </s> are text", UNICODE, "🦙" * 5]
+
+
+@pytest.mark.timeout(60)
+def test_sentencepiece_ids_are_the_library_encode_with_llama2_framing(sp_file, kjv_texts):
+    import sentencepiece
+
+    ref = sentencepiece.SentencePieceProcessor(model_file=str(sp_file))
+    tok = SentencePieceTokenizer(sp_file)
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (500, 1, 2)
+    assert ref.id_to_piece([0, 1, 2]) == ["<unk>", "<s>", "</s>"]
+    assert tok.name.startswith("sentencepiece:")
+    texts = kjv_texts[3:6] + EDGE_TEXTS
+    for text in texts:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text)
+        assert tok.encode(text, bos=True) == [1] + ref.encode(text)
+        assert tok.encode(text, eos=True) == ref.encode(text) + [2]
+        assert tok.encode(text, bos=True, eos=True) == ref.encode(text, add_bos=True, add_eos=True)
+        assert all(0 <= i < 500 for i in ids) and 1 not in ids and 2 not in ids
+    text = kjv_texts[4]
+    assert len(tok.encode(text)) < 0.8 * len(text.encode())  # merges learned from the KJV are used
+    assert [a.tolist() for a in tok.encode_arrays(texts, bos=True, eos=True)] == [
+        tok.encode(t, bos=True, eos=True) for t in texts]
+    assert tok.encode_arrays([]) == []
+
+
+@pytest.mark.timeout(60)
+def test_sentencepiece_round_trips_exactly(sp_file, kjv_texts):
+    import sentencepiece
+
+    ref = sentencepiece.SentencePieceProcessor(model_file=str(sp_file))
+    tok = SentencePieceTokenizer(sp_file)
+    for text in kjv_texts[3:6] + EDGE_TEXTS:
+        assert tok.decode(tok.encode(text)) == text
+        # BOS / EOS show as their pieces, like the other tokenizers' special tokens
+        assert tok.decode(tok.encode(text, bos=True, eos=True)) == "<s>" + text + "</s>"
+    two_docs = tok.encode(" one", eos=True) + tok.encode(" two", bos=True)
+    assert tok.decode(np.asarray(two_docs)) == " one</s><s> two"
+    # The one exception, SentencePiece's own (and Llama 2's): its whitespace marker U+2581 in the
+    # text comes back as a space.
+    marker = "a ▁ b"
+    assert tok.encode(marker) == ref.encode(marker)
+    assert tok.decode(tok.encode(marker)) == ref.decode(ref.encode(marker)) == "a   b"
+
+
+@pytest.mark.timeout(60)
+def test_sentencepiece_name_bos_and_eos_come_from_the_model(sp_file, kjv_texts, tmp_path):
+    assert SentencePieceTokenizer(sp_file).name == SentencePieceTokenizer(sp_file).name
+    other = tmp_path / "other.model"
+    other.write_bytes(train_sentencepiece(kjv_texts, vocab_size=400))
+    b = SentencePieceTokenizer(other)
+    assert b.vocab_size == 400 and b.name != SentencePieceTokenizer(sp_file).name
+    no_bos = tmp_path / "no_bos.model"
+    no_bos.write_bytes(train_sentencepiece(kjv_texts, bos_id=-1, eos_id=1))
+    tok = SentencePieceTokenizer(no_bos)
+    assert tok.bos_id is None and tok.eos_id == 1
+    with pytest.raises(ValueError, match="no BOS"):
+        tok.encode("x", bos=True)
+    no_eos = tmp_path / "no_eos.model"
+    no_eos.write_bytes(train_sentencepiece(kjv_texts, eos_id=-1))
+    with pytest.raises(ValueError, match=r"no_eos\.model.*EOS"):
+        build_tokenizer(str(no_eos))
+
+
 # --- Hugging Face ----------------------------------------------------------------------------
 def test_hf_round_trip(hf_file, kjv_texts):
     tok = HFTokenizer(hf_file)
@@ -189,3 +290,78 @@ def test_build_tokenizer(tiktoken_file, hf_file, tmp_path):
     bad_json.write_text("{not json")
     with pytest.raises(ValueError, match="broken.json"):
         build_tokenizer(str(bad_json))
+
+
+@pytest.mark.timeout(60)
+def test_build_tokenizer_recognises_the_format_by_content(sp_file, tiktoken_file, hf_file, tmp_path):
+    def renamed(src, name):
+        dst = tmp_path / name
+        shutil.copyfile(src, dst)
+        return str(dst)
+
+    sp_name = SentencePieceTokenizer(sp_file).name
+    for name in ["tokenizer.model", "tokenizer.json.bak", "foo.bin", "tokenizer.json"]:
+        tok = build_tokenizer(renamed(sp_file, name))
+        assert isinstance(tok, SentencePieceTokenizer) and tok.name == sp_name
+    tik = build_tokenizer(renamed(tiktoken_file[0], "vocab.json"))
+    assert isinstance(tik, TiktokenTokenizer) and tik.name == TiktokenTokenizer(tiktoken_file[0]).name
+    hf = build_tokenizer(renamed(hf_file, "tokenizer.model"))
+    assert isinstance(hf, HFTokenizer) and hf.name == HFTokenizer(hf_file).name
+    with open(tiktoken_file[0]) as f:  # tiktoken skips blank lines, and so does the recognition
+        (tmp_path / "blank_first.model").write_text("\n\n" + f.read())
+    assert isinstance(build_tokenizer(str(tmp_path / "blank_first.model")), TiktokenTokenizer)
+
+    garbage = {"text.model": b"this is not a tokenizer at all\n", "empty.model": b"",
+               "binary.bin": bytes([0x0A, 0x05]) + bytes(range(256)) * 4}
+    for name, content in garbage.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError) as e:
+            build_tokenizer(str(tmp_path / name))
+        msg = str(e.value)
+        assert name in msg and "tokenizer.json" in msg and "tiktoken" in msg and "SentencePiece" in msg, msg
+
+
+@pytest.mark.timeout(60)
+def test_training_rejects_a_file_that_is_no_tokenizer(tmp_path, capsys):
+    from trainrun import DEBUG
+
+    from dist_llama.train.cli import EXIT_CONFIG, main
+
+    bad = tmp_path / "tokenizer.model"
+    bad.write_bytes(b"\x00\x01 not a model")
+    code = main(["--config", DEBUG, f"train.run_dir={tmp_path}/run", f"data.tokenizer={bad}"])
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_CONFIG and len(err.splitlines()) == 1 and "data.tokenizer" in err and str(bad) in err, err
+
+
+# --- SentencePiece end to end ----------------------------------------------------------------
+@pytest.mark.timeout(240)
+def test_sentencepiece_prepare_then_train(sp_file, kjv_texts, tmp_path):
+    """dist-llama-prepare with Llama 2's tokenizer format (under a name that says nothing), then a
+    short training run whose model takes its vocabulary from it."""
+    import sentencepiece
+    from trainrun import train
+
+    from dist_llama.data.prepare import main as prepare_main
+
+    spec = tmp_path / "foo.bin"
+    shutil.copyfile(sp_file, spec)
+    docs = kjv_texts[:6]
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    out = tmp_path / "shards"
+    assert prepare_main(["--tokenizer", str(spec), "--out", str(out), "--quiet", str(src)]) == 0
+
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["tokenizer"] == SentencePieceTokenizer(sp_file).name
+    assert (meta["vocab_size"], meta["bos_id"], meta["eos_id"], meta["dtype"]) == (500, 1, 2, "uint16")
+    ref = sentencepiece.SentencePieceProcessor(model_file=str(sp_file))
+    expected = [i for d in docs for i in ref.encode(d, add_bos=True, add_eos=True)]
+    ds = TokenDataset.open(out)
+    assert ds.n_docs == len(docs) and ds.tokens(0, len(ds)).tolist() == expected
+
+    losses, params = train(1, f"data.path={out}", f"data.tokenizer={spec}", "train.steps=2",
+                           f"train.run_dir={tmp_path / 'run'}", "checkpoint.enabled=false")
+    assert params["tok_embeddings.weight"].shape[0] == 500  # model.vocab_size=-1: from the tokenizer
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert abs(losses[0] - math.log(500)) < 1.0, losses  # a fresh model is near-uniform over 500 ids

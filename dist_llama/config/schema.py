@@ -84,7 +84,8 @@ class DataConfig:
     path: str = "kjv"
     """Prepared token-shard directory (dist-llama-prepare), or the builtin corpus name 'kjv'."""
     tokenizer: str = "byte"
-    """'byte', a tiktoken tokenizer.model file, or a Hugging Face tokenizer.json."""
+    """'byte', or a tokenizer file recognised by content: a Hugging Face tokenizer.json, a tiktoken
+    BPE file (Llama 3 tokenizer.model) or a SentencePiece model (Llama 2 tokenizer.model)."""
     seq_len: int = 256
     """Tokens per training sequence."""
     reset_positions: bool = True

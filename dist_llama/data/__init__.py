@@ -10,13 +10,21 @@ from .dataset import TokenDataset
 from .loader import PackedLoader
 from .prepare import InputError, prepare
 from .sources import BUILTIN_DATASETS, default_cache_dir, open_dataset
-from .tokenizer import ByteTokenizer, HFTokenizer, TiktokenTokenizer, Tokenizer, build_tokenizer
+from .tokenizer import (
+    ByteTokenizer,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    TiktokenTokenizer,
+    Tokenizer,
+    build_tokenizer,
+)
 
 __all__ = [
     "Tokenizer",
     "ByteTokenizer",
     "TiktokenTokenizer",
     "HFTokenizer",
+    "SentencePieceTokenizer",
     "build_tokenizer",
     "prepare",
     "InputError",

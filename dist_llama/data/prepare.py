@@ -328,7 +328,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Tokenize .txt / .jsonl / .jsonl.gz files into memory-mapped token shards.",
     )
     p.add_argument("--tokenizer", required=True,
-                   help="'byte', a Hugging Face tokenizer.json, or a tiktoken file (Llama 3 tokenizer.model)")
+                   help="'byte' or a tokenizer file, recognised by content: a Hugging Face tokenizer.json, "
+                        "a tiktoken file (Llama 3 tokenizer.model) or a SentencePiece model (Llama 2's)")
     p.add_argument("--out", required=True, help="output directory (created atomically)")
     p.add_argument("--text-key", default="text", help="JSON key of the document text (default: text)")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,

@@ -1,4 +1,6 @@
-"""Tokenizers: a small common interface over bytes, tiktoken (Llama 3) and Hugging Face files.
+"""Tokenizers: a small common interface over bytes, tiktoken (Llama 3), SentencePiece (Llama 2) and
+Hugging Face files. ``build_tokenizer`` tells the file formats apart by content, not by file name
+(Llama 2 and Llama 3 both call theirs ``tokenizer.model``).
 
 Every tokenizer has ``encode(text, bos=False, eos=False) -> list[int]``, ``decode(ids) -> str``,
 ``vocab_size``, ``bos_id``, ``eos_id`` and ``name``. ``name`` is a short fingerprint that changes
@@ -23,6 +25,7 @@ __all__ = [
     "ByteTokenizer",
     "TiktokenTokenizer",
     "HFTokenizer",
+    "SentencePieceTokenizer",
     "build_tokenizer",
     "LLAMA3_PAT_STR",
     "LLAMA3_SPECIAL_TOKENS",
@@ -319,17 +322,124 @@ class HFTokenizer(Tokenizer):
         return self._name
 
 
+class _NotSentencePiece(ValueError):
+    """The file does not parse as a SentencePiece model (as opposed to a model that is unusable)."""
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model (a serialized ``ModelProto``): Llama 2's ``tokenizer.model``.
+
+    Ids are the library's own ``encode`` with BOS / EOS framed around them as Meta's Llama 2
+    tokenizer does; BOS / EOS / vocabulary come from the model (Llama 2: unk 0, BOS 1, EOS 2, no
+    pad, 32000 ids). Control symbols in the text (``<s>``, ``</s>``) stay plain text, as
+    SentencePiece never produces them from text. Round trips are exact for models trained like
+    Llama 2's (identity normalization, no whitespace folding, byte fallback), except for the
+    library's own whitespace marker U+2581 in the text, which comes back as a space; a model that
+    NFKC-normalizes or folds whitespace changes the text by design.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        import sentencepiece
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ValueError(f"SentencePiece model file not found: {path}")
+        # Loaded from the bytes that were hashed, so the name always describes the loaded model.
+        data, sha = _file_sha256(path)
+        try:
+            if not data:  # the library would silently skip loading empty bytes
+                raise ValueError("the file is empty")
+            self.model = sentencepiece.SentencePieceProcessor(model_proto=data)
+        except Exception as e:  # RuntimeError from the C++ parser (which also checks the model)
+            raise _NotSentencePiece(f"{path}: not a SentencePiece model (serialized ModelProto): {e}") from None
+        self.path = path
+        self._vocab_size = self.model.vocab_size()
+        bos, eos = self.model.bos_id(), self.model.eos_id()
+        self._bos = bos if bos >= 0 else None
+        if eos < 0:
+            raise ValueError(f"{path}: the SentencePiece model has no EOS token (eos_id=-1); documents "
+                             "need one to be separated in the token stream")
+        self._eos = eos
+        # sentencepiece's decode drops control ids (BOS / EOS); the other tokenizers show them as
+        # text, so decode splits around them.
+        self._control = frozenset(i for i in range(self._vocab_size) if self.model.is_control(i))
+        self._name = f"sentencepiece:{sha[:16]}"
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        return self._frame(list(self.model.encode(text)), bos, eos)
+
+    def encode_arrays(self, texts: Sequence[str], bos: bool = False, eos: bool = False) -> list[np.ndarray]:
+        encoded = self.model.encode(list(texts)) if texts else []  # multi-threaded in the library
+        return [np.asarray(self._frame(ids, bos, eos), dtype=np.int64) for ids in encoded]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        out: list[str] = []
+        run: list[int] = []
+        for i in map(int, ids):
+            if i in self._control:
+                out += [self.model.decode(run), self.model.id_to_piece(i)]
+                run = []
+            else:
+                run.append(i)
+        out.append(self.model.decode(run))
+        return "".join(out)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._bos
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+
+_FORMATS = (
+    "a Hugging Face tokenizer.json (JSON), a tiktoken BPE file (Llama 3 tokenizer.model: lines "
+    "'base64(token) rank') or a SentencePiece model (Llama 2 tokenizer.model: a serialized ModelProto)"
+)
+# The first line of a tiktoken file: printable ASCII only. JSON starts with "{", and a SentencePiece
+# ModelProto's first record holds the binary score and type of its first piece (NUL bytes and
+# control codes), so none of the three formats is mistaken for another.
+_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} [0-9]+\r?")
+
+
+def _sniff(path: str) -> str:
+    """``"hf"``, ``"tiktoken"`` or ``"sentencepiece"`` (the last one to be confirmed by loading)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
+        return "hf"
+    first = head.lstrip(b" \t\r\n").split(b"\n", 1)[0]  # tiktoken skips blank lines
+    if _TIKTOKEN_LINE.fullmatch(first):
+        return "tiktoken"
+    return "sentencepiece"
+
+
 def build_tokenizer(spec: str) -> Tokenizer:
-    """``"byte"`` → ByteTokenizer; ``*.json`` file → HFTokenizer; any other existing file →
-    TiktokenTokenizer (Llama 3 ``tokenizer.model``). Anything else → ValueError."""
+    """``"byte"`` → ByteTokenizer; an existing file → HFTokenizer, TiktokenTokenizer or
+    SentencePieceTokenizer, whichever format its content is in (not its name). Anything else →
+    ValueError naming the file and the accepted formats."""
     spec = os.fspath(spec)
     if spec == "byte":
         return ByteTokenizer()
-    if os.path.isfile(spec):
-        if spec.endswith(".json"):
-            return HFTokenizer(spec)
+    if not os.path.isfile(spec):
+        raise ValueError(
+            f"unknown tokenizer {spec!r}: expected 'byte' or a tokenizer file ({_FORMATS}); no such file exists"
+        )
+    kind = _sniff(spec)
+    if kind == "hf":
+        return HFTokenizer(spec)
+    if kind == "tiktoken":
         return TiktokenTokenizer(spec)
-    raise ValueError(
-        f"unknown tokenizer {spec!r}: expected 'byte', a Hugging Face tokenizer.json file, or a "
-        "tiktoken BPE file (Llama 3 tokenizer.model); no such file exists"
-    )
+    try:
+        return SentencePieceTokenizer(spec)
+    except _NotSentencePiece:
+        raise ValueError(f"{spec}: not a tokenizer file; expected 'byte' or {_FORMATS}") from None
