@@ -95,3 +95,196 @@ def test_init_from_hugging_face_gives_transformers_loss(hf_dir, tmp_path, world,
     reference = hf_loss(hf_dir, batch)
     for rank_loss, _, _ in results:
         assert rank_loss == pytest.approx(reference, rel=1e-5), (rank_loss, reference)
+
+
+def _train_from(overrides, world_size):
+    import torch.distributed as dist
+
+    from dist_llama.train.cli import resolve_config, train
+
+    cfg, dataset = resolve_config(DEBUG, [*TINY, *MODEL, *overrides], world_size)
+    trainer = train(cfg, dataset)
+    dist.destroy_process_group()
+    return [h["loss"] for h in trainer.history]
+
+
+def our_logits(path, tokens):
+    """dist_llama's logits from a checkpoint, one process: the reference the export must match."""
+    from dist_llama.model import Transformer
+    from dist_llama.weights import open_weights
+
+    source = open_weights(path)
+    model = Transformer(source.args).eval()
+    model.load_state_dict({name: source.read(name) for name in source.names()}, strict=True)
+    with torch.no_grad():
+        return model(tokens)
+
+
+@pytest.mark.timeout(300)
+def test_train_from_hugging_face_then_export_loads_in_transformers(hf_dir, tmp_path):
+    """init_from a HF directory under FSDP-2, 5 steps, export the run (sharded safetensors): the
+    export loads in transformers as it is and gives dist_llama's logits; the weights did change."""
+    import transformers
+
+    from dist_llama.weights.export import main as export
+
+    run = tmp_path / "run"
+    losses = run_ranks(_train_from, 2, [f"train.run_dir={run}", f"checkpoint.init_from={hf_dir}", "train.steps=5",
+                                        "checkpoint.interval=0"], 2, timeout=200)[0]
+    assert len(losses) == 5
+    out = tmp_path / "export"
+    assert export(["--checkpoint", str(run), "--out", str(out), "--dtype", "fp32", "--max-shard-gb", "0.0002"]) == 0
+    assert (out / "model.safetensors.index.json").is_file() and (out / "generation_config.json").is_file()
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_scaling"]["rope_type"] == "llama3" and config["num_key_value_heads"] == 2
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
+    tokens = torch.randint(0, 258, (2, 48), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        theirs = exported(input_ids=tokens).logits
+        before = transformers.LlamaForCausalLM.from_pretrained(hf_dir, attn_implementation="eager")(input_ids=tokens).logits
+    ours = our_logits(run, tokens)
+    assert ((theirs - ours).abs().max() / ours.abs().max()).item() <= 1e-5
+    assert (theirs - before).abs().max() > 1e-3  # trained: not the initial weights passed through
+    # bf16 export: half the bytes, same model within bf16 rounding.
+    out16 = tmp_path / "export16"
+    assert export(["--checkpoint", str(run), "--out", str(out16)]) == 0
+    assert json.loads((out16 / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
+    assert 0.45 < size(out16) / size(out) < 0.55
+
+
+def _meta_dir(hf_dir, path, shards: int):
+    """Meta's original format of the HF weights: params.json and `shards` model-parallel files, split
+    as Meta's fairscale layers split them (Llama 2: the embedding along dim)."""
+    from dist_llama.weights import open_weights
+
+    source = open_weights(hf_dir)
+    a = source.args
+    path.mkdir()
+    (path / "params.json").write_text(json.dumps({
+        "dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.kv_heads,
+        "vocab_size": a.vocab_size, "multiple_of": a.multiple_of, "ffn_dim_multiplier": a.ffn_dim_multiplier,
+        "norm_eps": a.norm_eps, "rope_theta": a.rope_theta, "use_scaled_rope": a.use_scaled_rope}))
+    column = ("wq", "wk", "wv", "w1", "w3", "output")
+    row = ("wo", "w2", "tok_embeddings")
+    files = [{} for _ in range(shards)]
+    for name in source.names():
+        t = source.read(name)
+        module = name.split(".")[-2]
+        dim = 0 if module in column else 1 if module in row else None
+        for i in range(shards):
+            files[i][name] = t.chunk(shards, dim)[i].clone() if dim is not None else t.clone()
+    for i, sd in enumerate(files):
+        torch.save(sd, path / f"consolidated.{i:02d}.pth")
+    return path
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("shards", [1, 2])
+def test_meta_import_equals_hugging_face_import(hf_dir, tmp_path, shards):
+    from dist_llama.weights import open_weights
+
+    # Our (no-RoPE-scaling-constant) params.json: Meta's records only use_scaled_rope, with the
+    # reference's fixed constants; this model's original context is 32, so compare the tensors.
+    meta = open_weights(_meta_dir(hf_dir, tmp_path / "meta", shards))
+    hf = open_weights(hf_dir)
+    assert sorted(meta.names()) == sorted(hf.names())
+    for name in hf.names():
+        assert meta.shape(name) == hf.shape(name), name
+        assert torch.equal(meta.read(name), hf.read(name)), name
+        # a slice (what a sharded rank reads) across the shard boundary
+        rows = hf.shape(name)[0]
+        box = (slice(rows // 4, 3 * rows // 4),)
+        assert torch.equal(meta.read(name, box), hf.read(name)[box]), name
+
+
+def _bad_hf_dirs(hf_dir, tmp_path):
+    """Copies of the HF directory each broken in one way, with the word the error must name."""
+    from safetensors.torch import load_file, save_file
+
+    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
+    victim = index["weight_map"]["model.layers.1.mlp.down_proj.weight"]
+    cases = {}
+    for case in ("missing", "shape", "extra", "truncated", "corrupt"):
+        d = tmp_path / case
+        shutil.copytree(hf_dir, d)
+        tensors = load_file(d / victim)
+        if case == "missing":
+            del tensors["model.layers.1.mlp.down_proj.weight"]
+        elif case == "shape":
+            tensors["model.layers.1.mlp.down_proj.weight"] = tensors["model.layers.1.mlp.down_proj.weight"][:, :-1].contiguous()
+        elif case == "extra":
+            tensors["model.layers.1.mlp.gate_bias.weight"] = torch.zeros(3)
+        if case in ("missing", "shape", "extra"):
+            save_file(tensors, d / victim, metadata={"format": "pt"})
+        elif case == "truncated":
+            data = (d / victim).read_bytes()
+            (d / victim).write_bytes(data[: len(data) - 100])
+        else:
+            (d / victim).write_bytes(b"\x00garbage" * 10)
+        cases[case] = (d, {"missing": "layers.1.feed_forward.w2.weight is missing",
+                           "shape": "layers.1.feed_forward.w2.weight has shape",
+                           "extra": "model.layers.1.mlp.gate_bias.weight",
+                           "truncated": victim, "corrupt": victim}[case])
+    return cases
+
+
+@pytest.mark.timeout(120)
+def test_bad_initial_weights_exit_2_naming_the_key_or_file(hf_dir, tmp_path, capsys, monkeypatch):
+    import torch.distributed as dist
+
+    from dist_llama.config import EXIT_CONFIG
+    from dist_llama.train.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    cases = [(["checkpoint.init_from=" + str(hf_dir), "model.n_kv_heads=4"],
+              "model.n_kv_heads: checkpoint has 2, config has 4"),
+             (["checkpoint.init_from=" + str(hf_dir), "model.rope_old_context_len=64"],
+              "model.rope_old_context_len: checkpoint has 32, config has 64"),
+             ([f"checkpoint.init_from={tmp_path}/nowhere"], "nowhere")]
+    cases += [([f"checkpoint.init_from={d}"], expect) for d, expect in _bad_hf_dirs(hf_dir, tmp_path).values()]
+    for overrides, expect in cases:
+        run = tmp_path / "run"
+        code = main(["--config", DEBUG, f"train.run_dir={run}", *TINY, *MODEL, *overrides])
+        err = capsys.readouterr().err.strip()
+        assert code == EXIT_CONFIG, (overrides, err)
+        assert len(err.splitlines()) == 1 and expect in err and "Traceback" not in err, (expect, err)
+        assert "checkpoint.init_from" in err or "model." in err, err
+        assert not run.exists() and not dist.is_initialized()
+
+
+def _plain_loss(path, batch) -> float:
+    """One process, no dist_llama training code: the model from the checkpoint on the whole batch."""
+    from dist_llama.model import Transformer
+    from dist_llama.weights import open_weights
+
+    source = open_weights(path)
+    model = Transformer(source.args).eval()
+    model.load_state_dict({name: source.read(name) for name in source.names()}, strict=True)
+    with torch.no_grad():
+        logits = model(batch["tokens"], doc_ids=batch["doc_ids"], positions=batch["positions"])
+    return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100).item()
+
+
+@pytest.mark.timeout(300)
+def test_init_from_a_dist_llama_run_into_other_layouts_and_resume_wins(hf_dir, tmp_path):
+    """A run saved under FSDP-2 starts runs under tp2 and pp2 (DCP reads the chunks each shard
+    needs); a run directory with a checkpoint of its own resumes it and says init_from was not used."""
+    from rundir import events
+
+    first = tmp_path / "first"
+    run_ranks(_train_from, 2, [f"train.run_dir={first}", f"checkpoint.init_from={hf_dir}", "train.steps=2",
+                               "checkpoint.interval=0"], 2, timeout=200)
+    for layout in (["parallel.tp=2", "parallel.dp_shard=1"],
+                   ["parallel.pp=2", "parallel.dp_shard=1", "train.micro_batch_size=4"]):
+        results = run_ranks(_first_loss, 2, [f"train.run_dir={tmp_path}/{layout[0]}", f"checkpoint.init_from={first}",
+                                             "checkpoint.enabled=false", *layout], 2, timeout=200)
+        loss, batch, _ = results[0]
+        assert loss == pytest.approx(_plain_loss(first, batch), rel=1e-5), layout
+    # The first run's own directory: resume (step 2 → 3), not a fresh start from init_from.
+    losses = run_ranks(_train_from, 2, [f"train.run_dir={first}", f"checkpoint.init_from={hf_dir}", "train.steps=3",
+                                        "checkpoint.interval=0"], 2, timeout=200)[0]
+    assert len(losses) == 1
+    ignored = [e for e in events(first) if e["event"] == "init_from_ignored"]
+    assert len(ignored) == 1 and "step-00000002" in ignored[0]["resume"]
+    assert [e["event"] for e in events(first)].count("init_from") == 1
