@@ -74,10 +74,17 @@ def baseline_rss() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--make", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.make:  # the child that writes the checkpoint
+        print(json.dumps(make_checkpoint(Path(args.make))))
+        return
     work = Path(args.workdir or tempfile.mkdtemp(prefix="export-bench-"))
     try:
-        total, largest = make_checkpoint(work / "hf")
+        # In a child: a peak RSS high-water mark survives fork, so this process must stay small.
+        made = subprocess.run([sys.executable, __file__, "--make", str(work / "hf")], capture_output=True, text=True,
+                              check=True)
+        total, largest = json.loads(made.stdout.strip().splitlines()[-1])
         floor = baseline_rss()
         gib = 2**30
         print(f"checkpoint: {total / gib:.2f} GiB of fp32 weights, largest tensor {largest / gib:.3f} GiB; "

@@ -157,8 +157,9 @@ def copy_tokenizer(spec: Optional[str], out: Path) -> Optional[str]:
         config = {"tokenizer_class": "PreTrainedTokenizerFast"}
     else:
         shutil.copyfile(spec, out / "tokenizer.model")
-        config = {"tokenizer_class": "LlamaTokenizer" if "sentencepiece" in tok.name.lower() else
-                  "PreTrainedTokenizerFast"}
+        # Llama 2's tokenizer prepends BOS to every text, as LlamaTokenizer does when told so.
+        config = ({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False}
+                  if tok.name.startswith("sentencepiece") else {"tokenizer_class": "PreTrainedTokenizerFast"})
     decode = tok.decode
     config.update(bos_token=decode([tok.bos_id]) if tok.bos_id is not None else None,
                   eos_token=decode([tok.eos_id]), model_max_length=1 << 30)

@@ -70,8 +70,6 @@ class HFSource:
     kind = "hf"
 
     def __init__(self, path: Path):
-        from safetensors import safe_open
-
         self.path = path
         config = _read_json(path / "config.json")
         try:
@@ -86,14 +84,10 @@ class HFSource:
         else:
             raise WeightsError(f"{path}: no model.safetensors or model.safetensors.index.json "
                                "(only safetensors weights are read: .bin files would need unpickling)")
-        self._where: dict[str, object] = {}
+        self._where: dict[str, SafetensorsFile] = {}
         for name in files:
-            try:
-                handle = safe_open(str(path / name), framework="pt")
-            except Exception as exc:  # noqa: BLE001 (safetensors raises its own types)
-                raise WeightsError(f"{path / name}: not a readable safetensors file ({exc})") from None
-            _check_safetensors_size(path / name)
-            for key in handle.keys():
+            handle = SafetensorsFile(path / name)
+            for key in handle.tensors:
                 self._where[key] = handle
         self._hf_names = {}
         for key in self._where:
@@ -109,21 +103,21 @@ class HFSource:
 
     def shape(self, name: str) -> tuple[int, ...]:
         key = self._hf_names[name]
-        return tuple(self._where[key].get_slice(key).get_shape())
+        return self._where[key].tensors[key][1]
 
     def read(self, name: str, index: Index = ()) -> torch.Tensor:
         key = self._hf_names[name]
-        sliced = self._where[key].get_slice(key)
+        file = self._where[key]
         box = _box(self.shape(name), index)
         module = name.split(".")[-2]
         if module not in ("wq", "wk"):
-            return sliced[tuple(slice(a, b) for a, b in box)]
+            return file.read(key, box)
         # HF rotates half-split pairs: rows are permuted within each head. Read the whole heads
         # the requested rows fall in, permute them back, keep the requested rows.
         head_dim = self.args.dim // self.args.n_heads
         (r0, r1), *rest = box
         h0, h1 = r0 // head_dim, math.ceil(r1 / head_dim)
-        block = sliced[(slice(h0 * head_dim, h1 * head_dim), *(slice(a, b) for a, b in rest))]
+        block = file.read(key, [(h0 * head_dim, h1 * head_dim), *rest])
         block = _hf_to_meta_rows(block, h1 - h0) if h1 > h0 else block
         return block[r0 - h0 * head_dim: r1 - h0 * head_dim]
 
@@ -142,18 +136,56 @@ def _from_hf_name(key: str) -> Optional[str]:
     return None if key.endswith("rotary_emb.inv_freq") else key
 
 
-def _check_safetensors_size(path: Path) -> None:
-    """A truncated file: the header promises more bytes than the file has."""
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+class SafetensorsFile:
+    """A safetensors file read with plain positioned reads (no mmap: mapped pages would stay in this
+    process's memory for as long as the file is open, so memory would grow with the model)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
         try:
-            header = json.loads(f.read(header_len))
-        except ValueError:
-            raise WeightsError(f"{path}: corrupt safetensors header") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    size = path.stat().st_size
-    if 8 + header_len + end > size:
-        raise WeightsError(f"{path}: truncated ({size} bytes, the header describes {8 + header_len + end})")
+            with open(path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                if not 0 < header_len <= size - 8:
+                    raise ValueError(f"header length {header_len}")
+                header = json.loads(f.read(header_len))
+            self.tensors: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
+            """name -> (dtype, shape, offset of its first byte in the file)."""
+            end = 0
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                begin, stop = info["data_offsets"]
+                self.tensors[name] = (_ST_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + header_len + begin)
+                end = max(end, stop)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from None
+        if 8 + header_len + end > size:
+            raise WeightsError(f"{path}: truncated ({size} bytes, the header describes {8 + header_len + end})")
+
+    def read(self, name: str, box: list[tuple[int, int]]) -> torch.Tensor:
+        """The box [(start, stop) per dimension] of tensor `name`, reading only its bytes (whole
+        rows when the box spans every column, else one read per row)."""
+        dtype, shape, offset = self.tensors[name]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        row = itemsize * math.prod(shape[1:])
+        (r0, r1), *rest = box
+        out = torch.empty([r1 - r0, *(b - a for a, b in rest)], dtype=dtype)
+        buf = out.view(torch.uint8).numpy().reshape(-1)
+        with open(self.path, "rb", buffering=0) as f:
+            if all((a, b) == (0, n) for (a, b), n in zip(rest, shape[1:])):
+                f.seek(offset + r0 * row)
+                f.readinto(memoryview(buf))
+            else:  # a column range of a matrix
+                (c0, c1), = rest
+                width = (c1 - c0) * itemsize
+                for i in range(r1 - r0):
+                    f.seek(offset + (r0 + i) * row + c0 * itemsize)
+                    f.readinto(memoryview(buf[i * width:(i + 1) * width]))
+        return out
 
 
 def _hf_tokenizer(path: Path) -> Optional[str]:
@@ -175,51 +207,52 @@ class MetaSource:
         self.path = path
         params = _read_json(path / "params.json")
         self.args = _args_from_meta_params(params, max_seq_len, path / "params.json")
-        files = sorted(path.glob("consolidated.*.pth"))
-        self.shards = []
-        for f in files:
-            try:
-                self.shards.append(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
-            except Exception as exc:  # noqa: BLE001 (truncated zip, unsafe pickle, ...)
-                raise WeightsError(f"{f}: not a readable weights-only checkpoint ({exc})") from None
-        if not self.shards:
+        self.files = sorted(path.glob("consolidated.*.pth"))
+        if not self.files:
             raise WeightsError(f"{path}: no consolidated.*.pth files")
+        # Only the shapes are kept: a mapped file's pages would stay in memory while it is open.
+        self.shards = [{name: t.shape for name, t in self._open(f).items()} for f in self.files]
         self.full = expected_shapes(self.args)
         self.tokenizer = str(path / "tokenizer.model") if (path / "tokenizer.model").is_file() else None
+
+    @staticmethod
+    def _open(file: Path) -> dict[str, torch.Tensor]:
+        try:
+            return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 (truncated zip, a pickle that is not plain weights, ...)
+            raise WeightsError(f"{file}: not a readable weights-only checkpoint ({exc})") from None
 
     def names(self) -> list[str]:
         return [n for n in self.shards[0] if not n.endswith("rope.freqs")]
 
     def _split_dim(self, name: str) -> Optional[int]:
-        piece = self.shards[0][name].shape
+        piece = self.shards[0][name]
         full = self.full.get(name, piece)
         diff = [d for d, (a, b) in enumerate(zip(piece, full)) if a != b]
         return diff[0] if len(self.shards) > 1 and diff else None
 
     def shape(self, name: str) -> tuple[int, ...]:
-        shape = list(self.shards[0][name].shape)
+        shape = list(self.shards[0][name])
         dim = self._split_dim(name)
         if dim is not None:
-            shape[dim] = sum(s[name].shape[dim] for s in self.shards)
+            shape[dim] = sum(s[name][dim] for s in self.shards)
         return tuple(shape)
 
     def read(self, name: str, index: Index = ()) -> torch.Tensor:
         box = _box(self.shape(name), index)
         dim = self._split_dim(name)
-        if dim is None:
-            return self.shards[0][name][tuple(slice(a, b) for a, b in box)].clone()
+        if dim is None or any(a == b for a, b in box):  # replicated, or an empty shard
+            return self._open(self.files[0])[name][tuple(slice(a, b) for a, b in box)].clone()
         pieces, start = [], 0
-        for shard in self.shards:
-            t = shard[name]
-            stop = start + t.shape[dim]
+        for file, shapes in zip(self.files, self.shards):
+            stop = start + shapes[name][dim]
             lo, hi = max(box[dim][0], start), min(box[dim][1], stop)
             if lo < hi:
                 local = list(box)
                 local[dim] = (lo - start, hi - start)
-                pieces.append(t[tuple(slice(a, b) for a, b in local)])
+                pieces.append(self._open(file)[name][tuple(slice(a, b) for a, b in local)].clone())
             start = stop
-        return torch.cat(pieces, dim=dim) if pieces else torch.empty(
-            [b - a for a, b in box], dtype=self.shards[0][name].dtype)
+        return torch.cat(pieces, dim=dim)
 
 
 def _args_from_meta_params(p: dict, max_seq_len: int, where: Path) -> ModelArgs:
