@@ -211,3 +211,29 @@ def test_cli_bad_input_exits_2_naming_the_flag(argv, flag, hf_dir, tmp_path, cap
     assert main([a.format(**names) for a in argv]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and flag in err, err
+
+
+@pytest.mark.timeout(60)
+def test_cli_uses_the_checkpoints_tokenizer_and_stops_at_eot(hf_dir, tmp_path, capsys):
+    """A tokenizer.json beside the weights is used without --tokenizer; its EOS and <|eot_id|> stop."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from dist_llama.data import build_tokenizer
+    from dist_llama.generate import _stop_ids
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(hf_dir[0], ckpt)
+    words = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<unk>", "in", "the", "beginning"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(ckpt / "tokenizer.json"))
+    assert open_weights(ckpt).tokenizer == str(ckpt / "tokenizer.json")
+    assert _stop_ids(build_tokenizer(str(ckpt / "tokenizer.json"))) == [1, 2]
+    assert _stop_ids(build_tokenizer("byte")) == [257]
+
+    assert main(["--checkpoint", str(ckpt), "--prompt", "in the beginning", "--max-new-tokens", "5", "--json"]) == 0
+    (obj,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert obj["prompt_ids"] == [0, 4, 5, 6]
+    assert len(obj["ids"]) <= 5 and all(i not in (1, 2) for i in obj["ids"][:-1])
