@@ -1,15 +1,17 @@
 # Llama 2/3 decoder, written to read like Meta's reference model (meta-llama/llama-models,
 # models/llama3/model.py): same module names, same parameter names, same interleaved-pair RoPE,
 # so Meta checkpoints load as they are. What differs from the reference is what training needs:
-# no KV cache, per-token positions and document masking for packed sequences, SDPA/FlexAttention,
+# per-token positions and document masking for packed sequences, SDPA/FlexAttention,
 # meta-device construction with explicit init_weights, blocks held in a ModuleDict so that
 # pipeline stages can drop layers, and mask building and the attention kernel in parameterless
 # submodules (Transformer.mask, Attention.core) so that context parallelism can swap them.
+# The KV cache of Meta's inference path is here too, but held by the caller (KVCache, passed to
+# forward) rather than allocated inside Attention, so the training path carries no state.
 # Nothing here knows about parallelism.
 
 import functools
 import math
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -183,6 +185,31 @@ class CoreAttention(nn.Module):
         return output.transpose(1, 2)
 
 
+def cached_attention_mask(start_pos: int, seqlen: int, device: torch.device) -> torch.Tensor:
+    """Boolean [seqlen, start_pos + seqlen] mask (True = attend) for queries at positions
+    start_pos.. against every cached key before them. Explicit even for one query: SDPA's
+    is_causal aligns the diagonal top-left, which is wrong once there are more keys than queries."""
+    return torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=device).tril(diagonal=start_pos)
+
+
+class KVCache:
+    """One layer's keys and values for positions 0..max_seq_len-1 (Meta's cache_k / cache_v):
+    [batch, max_seq_len, n_kv_heads, head_dim]. Inference on one process only."""
+
+    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (batch_size, max_seq_len, n_kv_heads, head_dim)
+        self.cache_k = torch.zeros(shape, dtype=dtype, device=device)
+        self.cache_v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, start_pos: int, xk: torch.Tensor, xv: torch.Tensor):
+        """Store this call's keys and values at start_pos..; return those of positions 0.. so far."""
+        bsz, seqlen = xk.shape[:2]
+        self.cache_k[:bsz, start_pos : start_pos + seqlen] = xk
+        self.cache_v[:bsz, start_pos : start_pos + seqlen] = xv
+        return self.cache_k[:bsz, : start_pos + seqlen], self.cache_v[:bsz, : start_pos + seqlen]
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -196,7 +223,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.core = CoreAttention()
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: Mask):
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: Mask,
+                cache: Optional[KVCache] = None, start_pos: int = 0):
         bsz, seqlen, _ = x.shape
         xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
 
@@ -206,6 +234,9 @@ class Attention(nn.Module):
         xk = xk.view(bsz, seqlen, -1, self.head_dim)
         xv = xv.view(bsz, seqlen, -1, self.head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)
+        if cache is not None:
+            # The queries of this call attend to the keys of every earlier position as well.
+            xk, xv = cache.update(start_pos, xk, xv)
 
         output = self.core(xq, xk, xv, mask)
         return self.wo(output.reshape(bsz, seqlen, -1))
@@ -231,8 +262,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: Mask):
-        h = x + self.attention(self.attention_norm(x), freqs_cis, mask)
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: Mask,
+                cache: Optional[KVCache] = None, start_pos: int = 0):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, mask, cache, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -281,11 +313,22 @@ class Transformer(nn.Module):
         Call after `to_empty(device=...)` of a meta-built model (or any time to re-init).
         buffer_device: where freqs_cis is built; default: where it currently lives.
         """
+        self.init_buffers(buffer_device)
+        for name, param in self.named_parameters():
+            init_param_(param, name, seed, self.param_init(canonical_name(name)))
+
+    def init_buffers(self, buffer_device: Optional[torch.device] = None):
+        """(Re)compute freqs_cis only: after to_empty() of a model whose weights are then loaded."""
         buffer_device = buffer_device if buffer_device is not None else self.freqs_cis.device
         with torch.device(buffer_device):
             self.freqs_cis = self._precompute_freqs_cis()
-        for name, param in self.named_parameters():
-            init_param_(param, name, seed, self.param_init(canonical_name(name)))
+
+    def new_cache(self, batch_size: int, max_seq_len: int) -> Dict[str, KVCache]:
+        """An empty KVCache per layer (keyed like self.layers), on the weights' device and dtype."""
+        wk = next(iter(self.layers.values())).attention.wk.weight
+        head_dim = self.args.dim // self.args.n_heads
+        return {key: KVCache(batch_size, max_seq_len, self.args.kv_heads, head_dim, wk.dtype, wk.device)
+                for key in self.layers}
 
     def param_init(self, name: str) -> Init:
         """How the parameter `name` starts: RMSNorm weights 1; tok_embeddings N(0, 1); wq/wk/wv/w1
@@ -309,11 +352,16 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         doc_ids: Optional[torch.Tensor] = None,
         positions: Optional[torch.Tensor] = None,
+        start_pos: int = 0,
+        cache: Optional[Dict[str, KVCache]] = None,
     ) -> torch.Tensor:
         """tokens: [B, S] int64 token ids, or [B, S, dim] hidden states when this module has no
         tok_embeddings (a later pipeline stage).
         doc_ids: [B, S]; attention stays within equal ids (causal block-diagonal). None: plain causal.
         positions: [B, S] int64 RoPE positions (may restart per document). None: 0..S-1 per row.
+        cache: inference (from new_cache): the tokens sit at positions start_pos..start_pos+S-1 and
+        attend to the cached keys and values of positions < start_pos, then join them. No doc_ids
+        or positions with it; the training path (cache None) is untouched.
         Returns fp32 logits [B, S, vocab], or hidden states [B, S, dim] when output is None."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         seqlen = h.shape[1]
@@ -321,15 +369,20 @@ class Transformer(nn.Module):
         # Module.to(dtype) casts complex buffers too and silently drops the imaginary part;
         # model.bfloat16() / FSDP mixed precision leave it alone.
         assert self.freqs_cis.is_complex(), "freqs_cis was cast to a real dtype; call init_weights() again"
-        if positions is None:
-            freqs_cis = self.freqs_cis[:seqlen].unsqueeze(0)
+        if cache is not None:
+            assert doc_ids is None and positions is None, "the KV cache path takes neither doc_ids nor positions"
+            freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen].unsqueeze(0)
+            mask = cached_attention_mask(start_pos, seqlen, h.device)
+            for key, layer in self.layers.items():
+                h = layer(h, freqs_cis, mask, cache[key], start_pos)
         else:
-            freqs_cis = self.freqs_cis[positions]
-
-        mask = self.mask(doc_ids, seqlen, h.device)
-
-        for layer in self.layers.values():
-            h = layer(h, freqs_cis, mask)
+            if positions is None:
+                freqs_cis = self.freqs_cis[:seqlen].unsqueeze(0)
+            else:
+                freqs_cis = self.freqs_cis[positions]
+            mask = self.mask(doc_ids, seqlen, h.device)
+            for layer in self.layers.values():
+                h = layer(h, freqs_cis, mask)
 
         if self.norm is not None:
             h = self.norm(h)
