@@ -155,12 +155,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     stops = _stop_ids(tokenizer)
     outputs = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                        args.seed, stop_ids=stops, use_cache=not args.no_cache)
-    for prompt, ids in zip(prompt_ids, outputs):
+    for i, (text_in, prompt, ids) in enumerate(zip(prompts, prompt_ids, outputs)):
         text = tokenizer.decode(ids[:-1] if ids and ids[-1] in stops else ids)
         if args.json:
             print(json.dumps({"prompt_ids": prompt, "ids": ids, "text": text}), flush=True)
-        else:
-            print(text, flush=True)
+        else:  # the prompt, then its continuation (which may well start with a space)
+            print(("\n" if i else "") + text_in + text, flush=True)
     return 0
 
 

@@ -160,7 +160,7 @@ def test_cli_prints_a_continuation(hf_dir, ours, capsys, tmp_path):
                  "--max-new-tokens", "12"]) == 0
     expected = generate(ours, [PROMPT], 12, stop_ids=[257])[0]
     text = bytes(i for i in expected if i < 256).decode("utf-8", errors="replace")
-    assert capsys.readouterr().out == text + "\n"
+    assert capsys.readouterr().out == "In the beginning" + text + "\n"  # the prompt, then its continuation
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("In the beginning\n\nAnd God said\n")

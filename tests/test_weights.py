@@ -133,7 +133,8 @@ def test_train_from_hugging_face_then_export_loads_in_transformers(hf_dir, tmp_p
                                         "checkpoint.interval=0"], 2, timeout=200)[0]
     assert len(losses) == 5
     out = tmp_path / "export"
-    assert export(["--checkpoint", str(run), "--out", str(out), "--dtype", "fp32", "--max-shard-gb", "0.0002"]) == 0
+    # The default is fp32: the master weights, exactly.
+    assert export(["--checkpoint", str(run), "--out", str(out), "--max-shard-gb", "0.0002"]) == 0
     assert (out / "model.safetensors.index.json").is_file() and (out / "generation_config.json").is_file()
     config = json.loads((out / "config.json").read_text())
     assert config["rope_scaling"]["rope_type"] == "llama3" and config["num_key_value_heads"] == 2
@@ -147,7 +148,7 @@ def test_train_from_hugging_face_then_export_loads_in_transformers(hf_dir, tmp_p
     assert (theirs - before).abs().max() > 1e-3  # trained: not the initial weights passed through
     # bf16 export: half the bytes, same model within bf16 rounding.
     out16 = tmp_path / "export16"
-    assert export(["--checkpoint", str(run), "--out", str(out16)]) == 0
+    assert export(["--checkpoint", str(run), "--out", str(out16), "--dtype", "bf16"]) == 0
     assert json.loads((out16 / "config.json").read_text())["torch_dtype"] == "bfloat16"
     size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
     assert 0.45 < size(out16) / size(out) < 0.55
@@ -288,3 +289,18 @@ def test_init_from_a_dist_llama_run_into_other_layouts_and_resume_wins(hf_dir, t
     ignored = [e for e in events(first) if e["event"] == "init_from_ignored"]
     assert len(ignored) == 1 and "step-00000002" in ignored[0]["resume"]
     assert [e["event"] for e in events(first)].count("init_from") == 1
+
+
+@pytest.mark.timeout(120)
+def test_fields_the_config_leaves_unset_come_from_the_checkpoint(tmp_path):
+    """A transformers save with its own defaults (rms_norm_eps 1e-6, a larger vocabulary): the debug
+    preset does not set those, so they are taken from the checkpoint; what it sets must agree."""
+    import transformers
+
+    from dist_llama.train.cli import resolve_config
+
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                                      num_attention_heads=8, num_key_value_heads=4, rope_theta=10000.0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    cfg, _ = resolve_config(DEBUG, [f"checkpoint.init_from={tmp_path / 'hf'}"], 1)
+    assert (cfg.model.norm_eps, cfg.model.vocab_size, cfg.model.dim) == (1e-6, 300, 128)

@@ -8,7 +8,7 @@ the CLI turns into one line and exit code 2. Nothing here imports torch: the nam
 """
 
 from dist_llama.config.errors import EXIT_CONFIG, ConfigError
-from dist_llama.config.loading import CONFIG_DIR, load, save_resolved, to_object
+from dist_llama.config.loading import CONFIG_DIR, explicit_keys, load, save_resolved, to_object
 from dist_llama.config.schema import (CheckpointConfig, Config, DataConfig, Degrees, HealthConfig, LoggingConfig,
                                       OptimConfig, ParallelConfig, TrainConfig)
 from dist_llama.config.validation import micro_batches, resolve_parallel, validate, validate_model
@@ -18,6 +18,6 @@ __all__ = [
     "EXIT_CONFIG", "ConfigError",
     "Config", "ModelArgs", "ParallelConfig", "DataConfig", "OptimConfig", "TrainConfig", "CheckpointConfig",
     "HealthConfig", "LoggingConfig", "Degrees",
-    "CONFIG_DIR", "load", "to_object", "save_resolved",
+    "CONFIG_DIR", "load", "to_object", "save_resolved", "explicit_keys",
     "validate", "validate_model", "resolve_parallel", "micro_batches",
 ]

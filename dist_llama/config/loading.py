@@ -74,6 +74,25 @@ def load(config_path: Optional[str], overrides: Sequence[str] = (), schema: type
     return cfg
 
 
+def explicit_keys(config_path: Optional[str], overrides: Sequence[str] = ()) -> set[str]:
+    """The dotted keys a preset or an override sets (what the schema defaults do not decide)."""
+    keys: set[str] = set()
+
+    def walk(node, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                keys.add(f"{prefix}{key}")
+
+    if config_path:
+        path = Path(config_path)
+        path = path if path.is_file() else CONFIG_DIR / path.name
+        walk(yaml.safe_load(path.read_text()) or {}, "")
+    keys.update(item.split("=", 1)[0] for item in _parse_overrides(overrides))
+    return keys
+
+
 def to_object(cfg: DictConfig) -> Config:
     return OmegaConf.to_object(cfg)
 

@@ -8,6 +8,7 @@ or a checkpoint the run cannot resume from);
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Optional, Sequence
 
@@ -33,6 +34,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[Optional[str], list[str]]
 def resolve_config(config_path: Optional[str], overrides: Sequence[str], world_size: int):
     """Load and validate everything checkable without a process group. Raises ConfigError."""
     cfg = config_lib.to_object(config_lib.load(config_path, overrides))
+    source = None
+    if cfg.checkpoint.init_from:
+        source = open_initial_weights(cfg)
+        cfg.model = adopt_architecture(cfg.model, source, config_lib.explicit_keys(config_path, overrides))
     config_lib.validate_model(cfg.model)
     try:
         tokenizer = build_tokenizer(cfg.data.tokenizer)
@@ -43,21 +48,34 @@ def resolve_config(config_path: Optional[str], overrides: Sequence[str], world_s
     except (ValueError, OSError) as exc:
         raise ConfigError("data.path", str(exc)) from None
     cfg = config_lib.validate(cfg, world_size, dataset, tokenizer.vocab_size)
-    if cfg.checkpoint.init_from:
-        check_init_from(cfg)
+    if source is not None:
+        from dist_llama.weights.load import check_source
+
+        check_source(source, cfg.model)  # architecture, then every tensor's name and shape (headers only)
     return cfg, dataset
 
 
-def check_init_from(cfg: Config) -> None:
-    """The initial weights fit the model: architecture, then every tensor (headers only)."""
+def open_initial_weights(cfg: Config):
     from dist_llama.weights import WeightsError, open_weights
-    from dist_llama.weights.load import check_source
 
     try:
-        source = open_weights(cfg.checkpoint.init_from, max_seq_len=cfg.model.max_seq_len)
+        return open_weights(cfg.checkpoint.init_from, max_seq_len=cfg.model.max_seq_len)
     except WeightsError as exc:
         raise ConfigError("checkpoint.init_from", str(exc)) from None
-    check_source(source, cfg.model)
+
+
+def adopt_architecture(model, source, explicit: set[str]):
+    """The checkpoint decides every architecture field the preset and overrides leave unset
+    (vocab_size -1 included); the fields they set must agree with it (checked after validation)."""
+    from dist_llama.weights.load import ARCHITECTURE_FIELDS
+
+    taken = {}
+    for field in ARCHITECTURE_FIELDS:
+        key = f"model.{field}"
+        unset = key not in explicit or (field == "vocab_size" and model.vocab_size == -1)
+        if unset:
+            taken[field] = getattr(source.args, field)
+    return dataclasses.replace(model, **taken)
 
 
 def train(cfg: Config, dataset):

@@ -171,7 +171,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="dist-llama-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="run directory, step directory, HF or Meta directory")
     parser.add_argument("--out", required=True, help="output directory (created; must be empty if it exists)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="fp32 (default: lossless, the training master weights) or bf16 (half the size)")
     parser.add_argument("--format", choices=("hf", "meta"), default="hf")
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file (hf format)")
     args = parser.parse_args(argv)
