@@ -164,7 +164,9 @@ def _meta_dir(hf_dir, path, shards: int):
     path.mkdir()
     (path / "params.json").write_text(json.dumps({
         "dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.kv_heads,
-        "vocab_size": a.vocab_size, "multiple_of": a.multiple_of, "ffn_dim_multiplier": a.ffn_dim_multiplier,
+        # Llama 2's params.json leaves the vocabulary to the weights.
+        "vocab_size": a.vocab_size if shards == 1 else -1, "multiple_of": a.multiple_of,
+        "ffn_dim_multiplier": a.ffn_dim_multiplier,
         "norm_eps": a.norm_eps, "rope_theta": a.rope_theta, "use_scaled_rope": a.use_scaled_rope}))
     column = ("wq", "wk", "wv", "w1", "w3", "output")
     row = ("wo", "w2", "tok_embeddings")
@@ -304,3 +306,70 @@ def test_fields_the_config_leaves_unset_come_from_the_checkpoint(tmp_path):
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
     cfg, _ = resolve_config(DEBUG, [f"checkpoint.init_from={tmp_path / 'hf'}"], 1)
     assert (cfg.model.norm_eps, cfg.model.vocab_size, cfg.model.dim) == (1e-6, 300, 128)
+
+
+class _Published:
+    """A checkpoint's architecture as published, with exactly the tensors such a model has."""
+
+    def __init__(self, args):
+        from dist_llama.weights import expected_shapes
+
+        self.args, self.path, self._shapes = args, "published", expected_shapes(args)
+
+    def names(self):
+        return list(self._shapes)
+
+    def shape(self, name):
+        return self._shapes[name]
+
+
+# Hugging Face config.json and Meta params.json values of the published checkpoints.
+_HF = dict(rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False)
+_LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
+PUBLISHED_HF = {
+    "llama2_7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, rope_theta=10000.0, max_position_embeddings=4096),
+    "llama2_13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                       num_key_value_heads=40, vocab_size=32000, rope_theta=10000.0, max_position_embeddings=4096),
+    "llama2_70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=32000, rope_theta=10000.0, max_position_embeddings=4096),
+    "llama3_8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072,
+                      rope_scaling=_LLAMA31_ROPE),
+    "llama3_70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072,
+                       rope_scaling=_LLAMA31_ROPE),
+    "llama3_405b": dict(hidden_size=16384, intermediate_size=53248, num_hidden_layers=126, num_attention_heads=128,
+                        num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072,
+                        rope_scaling=_LLAMA31_ROPE),
+}
+PUBLISHED_META = {  # (params.json, vocabulary of the output layer)
+    "llama2_7b": ({"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05,
+                   "vocab_size": -1}, 32000),
+    "llama2_70b": ({"dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "n_heads": 64, "n_kv_heads": 8,
+                    "n_layers": 80, "norm_eps": 1e-05, "vocab_size": -1}, 32000),
+    "llama3_8b": ({"dim": 4096, "ffn_dim_multiplier": 1.3, "multiple_of": 1024, "n_heads": 32, "n_kv_heads": 8,
+                   "n_layers": 32, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True,
+                   "vocab_size": 128256}, 128256),
+    "llama3_405b": ({"dim": 16384, "ffn_dim_multiplier": 1.2, "multiple_of": 4096, "n_heads": 128,
+                     "n_kv_heads": 8, "n_layers": 126, "norm_eps": 1e-05, "rope_theta": 500000.0,
+                     "use_scaled_rope": True, "vocab_size": 128256}, 128256),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED_HF))
+def test_presets_take_the_published_checkpoints_as_they_are(preset):
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from dist_llama import config as config_lib
+    from dist_llama.model.hf import args_from_hf_config
+    from dist_llama.weights.load import check_source
+    from dist_llama.weights.sources import _args_from_meta_params
+
+    model = config_lib.to_object(config_lib.load(f"{preset}.yaml")).model
+    check_source(_Published(args_from_hf_config(SimpleNamespace(**_HF, **PUBLISHED_HF[preset]))), model)
+    if preset in PUBLISHED_META:
+        params, vocab = PUBLISHED_META[preset]
+        check_source(_Published(_args_from_meta_params(params, model.max_seq_len, Path("params.json"), vocab)), model)

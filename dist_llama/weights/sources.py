@@ -206,12 +206,15 @@ class MetaSource:
     def __init__(self, path: Path, max_seq_len: int):
         self.path = path
         params = _read_json(path / "params.json")
-        self.args = _args_from_meta_params(params, max_seq_len, path / "params.json")
         self.files = sorted(path.glob("consolidated.*.pth"))
         if not self.files:
             raise WeightsError(f"{path}: no consolidated.*.pth files")
         # Only the shapes are kept: a mapped file's pages would stay in memory while it is open.
         self.shards = [{name: t.shape for name, t in self._open(f).items()} for f in self.files]
+        # Llama 2's params.json says vocab_size -1 (the tokenizer's); the output layer knows it,
+        # split over the files along the vocabulary.
+        vocab = sum(shard.get("output.weight", (0,))[0] for shard in self.shards)
+        self.args = _args_from_meta_params(params, max_seq_len, path / "params.json", vocab)
         self.full = expected_shapes(self.args)
         self.tokenizer = str(path / "tokenizer.model") if (path / "tokenizer.model").is_file() else None
 
@@ -255,10 +258,11 @@ class MetaSource:
         return torch.cat(pieces, dim=dim)
 
 
-def _args_from_meta_params(p: dict, max_seq_len: int, where: Path) -> ModelArgs:
+def _args_from_meta_params(p: dict, max_seq_len: int, where: Path, vocab_from_weights: int) -> ModelArgs:
+    vocab = p.get("vocab_size", -1)
     try:
         args = ModelArgs(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
-                         n_kv_heads=p.get("n_kv_heads"), vocab_size=p["vocab_size"],
+                         n_kv_heads=p.get("n_kv_heads"), vocab_size=vocab if vocab > 0 else vocab_from_weights,
                          multiple_of=p.get("multiple_of", 256), ffn_dim_multiplier=p.get("ffn_dim_multiplier"),
                          norm_eps=p.get("norm_eps", 1e-5), rope_theta=float(p.get("rope_theta", 10000.0)),
                          max_seq_len=max_seq_len)
