@@ -365,3 +365,27 @@ def test_sentencepiece_prepare_then_train(sp_file, kjv_texts, tmp_path):
     assert params["tok_embeddings.weight"].shape[0] == 500  # model.vocab_size=-1: from the tokenizer
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     assert abs(losses[0] - math.log(500)) < 1.0, losses  # a fresh model is near-uniform over 500 ids
+
+
+# --- carried into an exported Hugging Face directory ----------------------------------------------
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["tiktoken", "sentencepiece", "hf"])
+def test_exported_tokenizer_loads_in_transformers_with_the_same_ids(kind, tiktoken_file, sp_file, hf_file, kjv_texts,
+                                                                     tmp_path):
+    """dist-llama-export's tokenizer files: AutoTokenizer gives our ids (tiktoken through a converted
+    tokenizer.json, SentencePiece through LlamaTokenizer with Llama 2's BOS, a tokenizer.json as is)."""
+    import transformers
+
+    from dist_llama.weights.export import copy_tokenizer
+
+    spec = str({"tiktoken": tiktoken_file[0], "sentencepiece": sp_file, "hf": hf_file}[kind])
+    ours = build_tokenizer(spec)
+    copy_tokenizer(spec, tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    bos = kind == "sentencepiece"  # Llama 2 prepends BOS to every text
+    texts = [kjv_texts[1][:3000], "digits 12345 and ünïcödé ✓"]
+    if kind != "sentencepiece":  # transformers' SentencePiece conversion splits runs of spaces its own way
+        texts.append("  two  spaces, tabs\tand\r\nnewlines")
+    for text in texts:
+        assert theirs(text)["input_ids"] == ours.encode(text, bos=bos), text[:50]
+        assert theirs.decode(ours.encode(text), skip_special_tokens=True) == text

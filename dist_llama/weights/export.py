@@ -155,6 +155,12 @@ def copy_tokenizer(spec: Optional[str], out: Path) -> Optional[str]:
     if spec.endswith(".json"):
         shutil.copyfile(spec, out / "tokenizer.json")
         config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    elif tok.name.startswith("tiktoken"):
+        from dist_llama.weights.hf_tokenizer import write_tokenizer_json
+
+        write_tokenizer_json(tok, out / "tokenizer.json")
+        shutil.copyfile(spec, out / "original_tokenizer.model")
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False}
     else:
         shutil.copyfile(spec, out / "tokenizer.model")
         # Llama 2's tokenizer prepends BOS to every text, as LlamaTokenizer does when told so.
