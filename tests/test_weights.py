@@ -87,7 +87,10 @@ def _first_loss(overrides, world_size):
     (2, ["parallel.pp=2", "parallel.dp_shard=1", "train.micro_batch_size=4"]),
     (2, ["parallel.dp_shard=2", "train.meta_init=true"]),
     (4, ["parallel.dp_shard=2", "parallel.tp=2", "train.meta_init=true"]),
-], ids=["1rank", "fsdp2", "tp2", "pp2", "fsdp2_meta", "fsdp2_tp2_meta"])
+    (2, ["parallel.engine=ddp"]),
+    (2, ["parallel.cp=2", "parallel.dp_shard=1"]),
+    (2, ["parallel.engine=deepspeed", "parallel.zero_stage=3"]),
+], ids=["1rank", "fsdp2", "tp2", "pp2", "fsdp2_meta", "fsdp2_tp2_meta", "ddp2", "cp2", "zero3_2"])
 def test_init_from_hugging_face_gives_transformers_loss(hf_dir, tmp_path, world, layout):
     results = run_ranks(_first_loss, world, [f"train.run_dir={tmp_path}", f"checkpoint.init_from={hf_dir}",
                                              "checkpoint.enabled=false", *layout], world, timeout=200)
