@@ -81,7 +81,7 @@ def _rank(overrides: list[str], world_size: int, steps: int, warmup: int):
     step_times = [h["step_time_s"] for h in trainer.history[warmup:]]
     dist.destroy_process_group()
     return {"step_time": statistics.median(step_times), "busy": busy[0], "elapsed": elapsed,
-            "tokens": trainer.tokens_per_step, "n_micro": trainer.p.step.n_micro,
+            "tokens": cfg.train.global_batch_size * cfg.data.seq_len, "n_micro": trainer.p.step.n_micro,
             "virtual": cfg.parallel.pp_virtual_stages, "pp": cfg.parallel.pp}
 
 

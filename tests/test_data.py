@@ -233,6 +233,15 @@ def random_ds(tmp_path_factory):
     return ds, stream, starts
 
 
+def window_order(n_windows, seed, epoch, source=0, stage=0):
+    """The loader's order of a source's windows in an epoch: its keyed permutation, which must be one."""
+    from dist_llama.data.permutation import KeyedPermutation, mix_key
+
+    order = KeyedPermutation(n_windows, mix_key(seed, source, stage, epoch))(np.arange(n_windows))
+    assert sorted(order.tolist()) == list(range(n_windows))
+    return order
+
+
 def brute_window(stream, starts, w, L, reset=True):
     s = w * L
     chunk = stream[s : s + L + 1]
@@ -249,7 +258,7 @@ def test_packing_brute_force(random_ds, seq_len):
     gbs = min(4, n_windows)
     for reset in (True, False):
         loader = PackedLoader(ds, seq_len, gbs, 0, 1, seed=3, reset_positions=reset)
-        perm = np.random.default_rng([3, 0]).permutation(n_windows)
+        perm = window_order(n_windows, seed=3, epoch=0)
         seen_mid, seen_multi = False, False
         for step in range(min(6, n_windows // gbs)):
             b = loader.next_batch()
@@ -258,7 +267,7 @@ def test_packing_brute_force(random_ds, seq_len):
                 toks, labels, doc_ids, pos = brute_window(stream, starts, w, seq_len, reset)
                 assert b["tokens"][row].tolist() == toks
                 assert b["labels"][row].tolist() == labels
-                assert b["doc_ids"][row].tolist() == doc_ids
+                assert b["doc_ids"][row].tolist() == [d - doc_ids[0] for d in doc_ids]  # numbered per row
                 assert b["positions"][row].tolist() == pos
                 seen_mid |= reset and starts[doc_ids[0]] < w * seq_len
                 seen_multi |= len(set(doc_ids)) > 1
@@ -324,7 +333,7 @@ def test_exact_resume_and_reshard(random_ds, dp_before, dp_after):
     full, _ = global_batches(ds, 7, 1)
     _, state = global_batches(ds, 3, dp_before)
     assert state["consumed"] == 12 and state["dp_size"] == dp_before
-    assert all(isinstance(v, (int, str)) for v in state.values())
+    assert all(isinstance(v, (int, str, dict)) for v in state.values())  # JSON, no arrays
     rest, _ = global_batches(ds, 4, dp_after, state=state)
     assert same(full[3:], rest)
 
@@ -357,16 +366,18 @@ def test_epoch_boundary(tmp_path):
     ds = make_ds(tmp_path, ["abcdefghij", "klmnopqrstuvw"])  # 27 tokens -> 5 windows of seq_len 5
     stream = ds.tokens(0, len(ds)).tolist()
     window = lambda w: stream[5 * w : 5 * w + 5]  # noqa: E731
-    order = np.concatenate([np.random.default_rng([7, e]).permutation(5) for e in range(4)])
+    order = np.concatenate([window_order(5, seed=7, epoch=e) for e in range(4)])
     loader = PackedLoader(ds, 5, 2, 0, 1, seed=7)
-    assert loader.num_windows == 5
+    assert loader.num_windows_for(ds, 5) == 5
     # 20 samples = 4 epochs; steps 3 and 8 straddle epochs 0/1 and 2/3
     got = [row for _ in range(10) for row in loader.next_batch()["tokens"].tolist()]
     assert got == [window(w) for w in order]
     assert loader.epoch == 4 and loader.consumed == 20
     # resuming right before a step that crosses an epoch is exact too
+    two_steps = PackedLoader(ds, 5, 2, 0, 1, seed=7)
+    two_steps.next_batch(), two_steps.next_batch()
     resumed = PackedLoader(ds, 5, 2, 0, 1, seed=7)
-    resumed.load_state_dict({**loader.state_dict(), "consumed": 4})
+    resumed.load_state_dict(two_steps.state_dict())
     assert resumed.next_batch()["tokens"].tolist() == [window(w) for w in order[4:6]]
 
 

@@ -18,6 +18,8 @@ from dist_llama.testing import run_ranks
 class FakeLoader:
     """Batch i is {"id": i}; its position is the next id."""
 
+    new_epochs, global_batch_size, seq_len, tokens_by_source = [], 1, 1, {}
+
     def __init__(self):
         self.next_id = 0
 
@@ -122,7 +124,7 @@ def _drive(run_dir, losses, grad_norms, overrides, lrs=None):
         cfg=cfg, device=torch.device("cpu"), engine=engine, step=step, schedulers=[scheduler], loader=FakeLoader(),
         checkpointer=Checkpointer(Path(run_dir), 3, torch.device("cpu"), async_save=False, logger=logger),
         logger=logger, health=StepHealth(cfg.health), policy=RecoveryPolicy(cfg.health), faults=faults,
-        watchdog=NoWatchdog(), callbacks=[], flops_per_token=1.0, peak_flops=1.0, world_size=1, layout={}))
+        watchdog=NoWatchdog(), callbacks=[], flops_per_token=lambda seq_len: 1.0, peak_flops=1.0, world_size=1, layout={}))
     try:
         history = trainer.fit()
     finally:

@@ -7,7 +7,7 @@ types; validation.py rejects impossible combinations.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from dist_llama.model.args import ModelArgs
 
@@ -80,9 +80,35 @@ class ParallelConfig(Degrees):
 
 
 @dataclass
+class SourceConfig:
+    name: str = ""
+    """Name of the source (in weights, tokens_by_source and events)."""
+    path: str = ""
+    """Prepared token-shard directory (dist-llama-prepare), or a builtin corpus name ('kjv')."""
+    weight: float = 1.0
+    """Share of the sequences drawn from this source (normalised over the sources)."""
+
+
+@dataclass
+class StageConfig:
+    until_tokens: Optional[int] = None
+    """Input tokens (since the start of training) at which the next stage begins; None: to the end (last stage only)."""
+    seq_len: Optional[int] = None
+    """Tokens per sequence in this stage; None: the previous stage's (stage 0: data.seq_len)."""
+    global_batch_size: Optional[int] = None
+    """Sequences per step in this stage; None: the previous stage's (stage 0: train.global_batch_size)."""
+    weights: Optional[Dict[str, float]] = None
+    """Source weights by name in this stage; None: the previous stage's (stage 0: the sources' own)."""
+
+
+@dataclass
 class DataConfig:
     path: str = "kjv"
-    """Prepared token-shard directory (dist-llama-prepare), or the builtin corpus name 'kjv'."""
+    """Prepared token-shard directory (dist-llama-prepare), or the builtin corpus name 'kjv' (one source; see sources)."""
+    sources: Optional[List[SourceConfig]] = None
+    """A weighted mixture: [{name, path, weight}, ...]; None: the one source data.path, named after it."""
+    stages: Optional[List[StageConfig]] = None
+    """Curriculum: [{until_tokens, seq_len, global_batch_size, weights}, ...], switching at a step boundary."""
     tokenizer: str = "byte"
     """'byte', or a tokenizer file recognised by content: a Hugging Face tokenizer.json, a tiktoken
     BPE file (Llama 3 tokenizer.model) or a SentencePiece model (Llama 2 tokenizer.model)."""

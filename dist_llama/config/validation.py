@@ -7,6 +7,7 @@ import dataclasses
 import functools
 from typing import Optional
 
+from dist_llama.config.data_plan import validate_data_plan
 from dist_llama.config.errors import ConfigError
 from dist_llama.config.fault_specs import specs_from_env, validate_specs
 from dist_llama.config.names import ACTIONS, ENGINES, MULTI_STAGE, SCHEDULES, schedule_constraint
@@ -144,21 +145,35 @@ def _validate_layout(m: ModelArgs, p: ParallelConfig, seq_len: int, local_batch:
         _require(problem is None, "train.micro_batch_size", f"{problem} (per-rank batch {local_batch})")
 
 
+def _check_stage(cfg: Config, parallel: ParallelConfig, seq_len: int, global_batch: int, prefix: str) -> None:
+    """One stage's sequence length and batch against the model and the layout. Errors of stages
+    after the first name the stage's key (data.stages[i].seq_len / .global_batch_size)."""
+    t, dp = cfg.train, parallel.dp
+    try:
+        _require(global_batch % dp == 0, "train.global_batch_size",
+                 f"must be divisible by the data-parallel degree {dp}, got {global_batch}")
+        local = global_batch // dp
+        micro = local if t.micro_batch_size == -1 else t.micro_batch_size
+        _require(micro > 0 and local % micro == 0, "train.micro_batch_size",
+                 f"must divide the per-rank batch {local} (global {global_batch} / dp {dp}), or be -1; "
+                 f"got {t.micro_batch_size}")
+        _require(seq_len <= cfg.model.max_seq_len, "data.seq_len",
+                 f"{seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+        _validate_layout(cfg.model, parallel, seq_len, local, t.micro_batch_size)
+    except ConfigError as exc:
+        if not prefix or prefix == "data.stages[0].":
+            raise
+        field = "global_batch_size" if exc.key.startswith("train.") else "seq_len"
+        raise ConfigError(prefix + field, exc.message) from None
+
+
 def validate(cfg: Config, world_size: int, dataset=None, tokenizer_vocab: Optional[int] = None) -> Config:
     """Check every combination we can check before training; returns the resolved config."""
     validate_model(cfg.model)
     parallel = resolve_parallel(cfg.parallel, world_size)
     t, o, c, d = cfg.train, cfg.optim, cfg.checkpoint, cfg.data
-    dp = parallel.dp
     _positive(cfg, "train.steps", "train.global_batch_size", "train.log_interval", "data.seq_len",
               "optim.lr", "checkpoint.keep_last")
-    _require(t.global_batch_size % dp == 0, "train.global_batch_size",
-             f"must be divisible by the data-parallel degree {dp}, got {t.global_batch_size}")
-    local = t.global_batch_size // dp
-    micro = local if t.micro_batch_size == -1 else t.micro_batch_size
-    _require(micro > 0 and local % micro == 0, "train.micro_batch_size",
-             f"must divide the per-rank batch {local} (global {t.global_batch_size} / dp {dp}), or be -1; "
-             f"got {t.micro_batch_size}")
     _require(t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda; got {t.device!r}")
     _require(t.dtype in ("auto", "fp32", "bf16"), "train.dtype", f"must be auto, fp32 or bf16; got {t.dtype!r}")
     _require(t.peak_flops is None or t.peak_flops > 0, "train.peak_flops", "must be positive or null")
@@ -184,9 +199,7 @@ def validate(cfg: Config, world_size: int, dataset=None, tokenizer_vocab: Option
         validate_specs(list(h.faults) + specs_from_env(), world_size)
     except ValueError as exc:
         raise ConfigError("health.faults", str(exc)) from None
-    _require(d.seq_len <= cfg.model.max_seq_len, "data.seq_len",
-             f"{d.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
-    _validate_layout(cfg.model, parallel, d.seq_len, local, t.micro_batch_size)
+    validate_data_plan(cfg, parallel, functools.partial(_check_stage, cfg, parallel))
     model = cfg.model
     if tokenizer_vocab is not None:
         if model.vocab_size == -1:
@@ -194,7 +207,7 @@ def validate(cfg: Config, world_size: int, dataset=None, tokenizer_vocab: Option
         _require(model.vocab_size >= tokenizer_vocab, "model.vocab_size",
                  f"{model.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer_vocab}, "
                  f"data.tokenizer={d.tokenizer!r})")
-    if dataset is not None:
+    if dataset is not None and not d.sources and not d.stages:
         windows = (len(dataset) - 1) // d.seq_len
         _require(windows >= t.global_batch_size, "data.seq_len",
                  f"data {d.path!r} ({len(dataset)} tokens) gives {windows} sequences of {d.seq_len} tokens, "

@@ -73,15 +73,16 @@ class TokenDataset:
             raise bad(f"shards hold {total} tokens but n_tokens is {meta['n_tokens']}")
         docs_path = os.path.join(path, "docs.npy")
         try:
-            doc_starts = np.load(docs_path, allow_pickle=False)
+            # Memory-mapped: billions of documents cost address space, not memory, on every rank.
+            doc_starts = np.load(docs_path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as e:
             raise bad(f"cannot be read ({e})", docs_path) from None
         if doc_starts.dtype != np.int64 or doc_starts.ndim != 1 or len(doc_starts) != meta["n_docs"]:
             raise bad(f"expected {meta['n_docs']} int64 offsets, got {doc_starts.dtype} {doc_starts.shape}",
                       docs_path)
-        if len(doc_starts) == 0 or doc_starts[0] != 0 or np.any(np.diff(doc_starts) <= 0) \
-                or doc_starts[-1] >= total:
-            raise bad("document offsets must start at 0 and increase within the stream", docs_path)
+        # The ends only: a full monotonicity check would read the whole index (prepare wrote it sorted).
+        if len(doc_starts) == 0 or doc_starts[0] != 0 or doc_starts[-1] >= total:
+            raise bad("document offsets must start at 0 and stay within the stream", docs_path)
         return cls(path, meta, shards, doc_starts)
 
     # --- properties -------------------------------------------------------------------------
@@ -133,6 +134,13 @@ class TokenDataset:
             pos += take
             i += 1
         return out
+
+    def doc_starts_in(self, start: int, stop: int) -> np.ndarray:
+        """Start offsets of the documents overlapping ``[start, stop)`` (the first one <= start)."""
+        start, stop = self._check(start, stop)
+        first = int(np.searchsorted(self.doc_starts, start, side="right")) - 1
+        last = int(np.searchsorted(self.doc_starts, stop, side="left"))
+        return np.asarray(self.doc_starts[first:max(last, first + 1)], dtype=np.int64)
 
     def doc_ids(self, start: int, stop: int) -> np.ndarray:
         """Global document index (int64) of each token in ``[start, stop)``."""

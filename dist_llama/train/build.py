@@ -10,6 +10,7 @@ as a whole model of its own.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from dist_llama.config import Config, micro_batches, save_resolved
-from dist_llama.data import PackedLoader
+from dist_llama.config.data_plan import stages_of
+from dist_llama.data.loader import PackedLoader, Stage
 from dist_llama.faults import FaultInjector
 from dist_llama.model import Transformer
 from dist_llama.model.flops import H100_BF16_PEAK, flops_per_token, measure_cpu_peak_flops
@@ -41,6 +43,13 @@ from dist_llama.weights.load import load_into
 
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cfg.train.compute_dtype(device.type) == "bf16" else torch.float32
+
+
+def build_loader(cfg: Config, sources: list, dp_rank: int, dp_size: int) -> PackedLoader:
+    """The loader of the config's sources and stages for one data-parallel rank."""
+    stages = [Stage(st.seq_len, st.global_batch_size, st.weights, st.until_tokens) for st in stages_of(cfg)]
+    return PackedLoader(sources, cfg.data.seq_len, cfg.train.global_batch_size, dp_rank, dp_size,
+                        seed=cfg.train.seed, reset_positions=cfg.data.reset_positions, stages=stages)
 
 
 def build_model_parts(cfg: Config, dims: ParallelDims, meshes: Meshes, device: torch.device, engine: Engine,
@@ -85,7 +94,8 @@ def build_model_parts(cfg: Config, dims: ParallelDims, meshes: Meshes, device: t
     return parts, stage_ids, n_stages
 
 
-def build_trainer(cfg: Config, env: DistEnv, dataset) -> Trainer:
+def build_trainer(cfg: Config, env: DistEnv, sources) -> Trainer:
+    """sources: the data sources resolve_config opened (dist_llama.data.loader.Source)."""
     dims = ParallelDims.from_config(cfg.parallel)
     meshes = dims.build_mesh(env.device.type)
     run_dir = Path(cfg.train.run_dir)
@@ -117,10 +127,9 @@ def build_trainer(cfg: Config, env: DistEnv, dataset) -> Trainer:
         logger.event("init_from", 0, path=str(init_from.path), source=init_from.kind)
     engine.wrap(parts, [build_optimizer(part, cfg.optim) for part in parts])
     schedulers = [build_scheduler(o, cfg.optim, cfg.train.steps) for o in engine.optimizers]
-    step = build_step(engine, env.device, dims, meshes, n_micro, cfg.parallel.pp_schedule, stage_ids, n_stages)
-    loader = PackedLoader(dataset, seq_len=cfg.data.seq_len, global_batch_size=cfg.train.global_batch_size,
-                          dp_rank=meshes.dp.get_local_rank(), dp_size=dims.dp, seed=cfg.train.seed,
-                          reset_positions=cfg.data.reset_positions)
+    step = build_step(engine, env.device, dims, meshes, n_micro, cfg.parallel.pp_schedule, stage_ids, n_stages,
+                      cfg.train.micro_batch_size)
+    loader = build_loader(cfg, sources, dp_rank=meshes.dp.get_local_rank(), dp_size=dims.dp)
     if cfg.train.peak_flops is not None:
         peak = cfg.train.peak_flops
     elif env.device.type == "cuda":
@@ -144,7 +153,7 @@ def build_trainer(cfg: Config, env: DistEnv, dataset) -> Trainer:
     return Trainer(TrainerParts(
         cfg=cfg, device=env.device, engine=engine, step=step, schedulers=schedulers, loader=loader,
         checkpointer=checkpointer, logger=logger, health=StepHealth(h), policy=RecoveryPolicy(h), faults=faults,
-        watchdog=watchdog, callbacks=callbacks, flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
+        watchdog=watchdog, callbacks=callbacks, flops_per_token=functools.partial(flops_per_token, cfg.model),
         peak_flops=peak, world_size=env.world_size, layout=dataclasses.asdict(dims), resume=resume))
 
 

@@ -16,7 +16,9 @@ import torch.distributed as dist
 
 from dist_llama import config as config_lib
 from dist_llama.config import EXIT_CONFIG, Config, ConfigError
+from dist_llama.config.data_plan import sources_of
 from dist_llama.data import build_tokenizer, open_dataset
+from dist_llama.data.loader import Source
 from dist_llama.parallel.env import init_distributed, world_size_from_env
 from dist_llama.train.checkpoint import CheckpointError
 from dist_llama.train.recovery import EXIT_OK, TrainingExit
@@ -43,16 +45,25 @@ def resolve_config(config_path: Optional[str], overrides: Sequence[str], world_s
         tokenizer = build_tokenizer(cfg.data.tokenizer)
     except (ValueError, OSError) as exc:
         raise ConfigError("data.tokenizer", str(exc)) from None
-    try:
-        dataset = open_dataset(cfg.data.path, tokenizer, cfg.data.cache_dir)
-    except (ValueError, OSError) as exc:
-        raise ConfigError("data.path", str(exc)) from None
-    cfg = config_lib.validate(cfg, world_size, dataset, tokenizer.vocab_size)
+    sources = []
+    for i, spec in enumerate(sources_of(cfg)):
+        key = f"data.sources[{i}].path" if cfg.data.sources else "data.path"
+        try:
+            sources.append(Source(spec.name, open_dataset(spec.path, tokenizer, cfg.data.cache_dir), spec.weight))
+        except (ValueError, OSError) as exc:
+            raise ConfigError(key, str(exc)) from None
+    cfg = config_lib.validate(cfg, world_size, sources[0].data if len(sources) == 1 else None, tokenizer.vocab_size)
+    from dist_llama.train.build import build_loader
+
+    try:  # every stage has windows to draw from every source it weighs
+        build_loader(cfg, sources, dp_rank=0, dp_size=cfg.parallel.dp)
+    except ValueError as exc:
+        raise ConfigError("data.stages" if cfg.data.stages else "data.sources", str(exc)) from None
     if source is not None:
         from dist_llama.weights.load import check_source
 
         check_source(source, cfg.model)  # architecture, then every tensor's name and shape (headers only)
-    return cfg, dataset
+    return cfg, sources
 
 
 def open_initial_weights(cfg: Config):
@@ -78,12 +89,12 @@ def adopt_architecture(model, source, explicit: set[str]):
     return dataclasses.replace(model, **taken)
 
 
-def train(cfg: Config, dataset):
+def train(cfg: Config, sources):
     """Train in an already-configured environment (torchrun env vars, or none for one process)."""
     from dist_llama.train.build import build_trainer
 
     env = init_distributed(cfg.train.device)
-    trainer = build_trainer(cfg, env, dataset)
+    trainer = build_trainer(cfg, env, sources)
     try:
         trainer.fit()
     finally:
@@ -94,13 +105,13 @@ def train(cfg: Config, dataset):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     config_path, overrides = parse_args(argv)
     try:
-        cfg, dataset = resolve_config(config_path, overrides, world_size_from_env())
+        cfg, sources = resolve_config(config_path, overrides, world_size_from_env())
     except ConfigError as exc:
         print(f"dist_llama: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     together = False  # every rank leaves at the same point: finished, or a collectively agreed exit
     try:
-        train(cfg, dataset)
+        train(cfg, sources)
         together = True
     except TrainingExit as exc:
         together = True

@@ -91,13 +91,20 @@ class _Step:
 
 
 class MicroBatchStep(_Step):
-    """The local batch cut into n_micro micro-batches; gradients accumulate, and the engine
+    """The local batch cut into micro-batches of `micro_batch_size` sequences (-1: one micro-batch;
+    a curriculum stage with a larger batch gets more of them); gradients accumulate, and the engine
     reduces them after the last one."""
+
+    def __init__(self, *args, micro_batch_size: int = -1):
+        super().__init__(*args)
+        self.micro_batch_size = micro_batch_size
 
     def _run(self, batch: Batch) -> torch.Tensor:
         (model,) = self.engine.parts
         loss_acc = torch.zeros((), device=self.device)
-        micro_batches = [dict(zip(batch, parts)) for parts in zip(*(t.chunk(self.n_micro) for t in batch.values()))]
+        rows = len(batch["tokens"])
+        n = rows // self.micro_batch_size if self.micro_batch_size > 0 else 1
+        micro_batches = [dict(zip(batch, parts)) for parts in zip(*(t.chunk(n) for t in batch.values()))]
         for i, mb in enumerate(micro_batches):
             with self.engine.grad_sync(model, i == len(micro_batches) - 1):
                 with self.autocast():
@@ -140,12 +147,12 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def build_step(engine: Engine, device: torch.device, dims, meshes, n_micro: int, schedule_name: str,
-               stage_ids: list[int], n_stages: int) -> StepStrategy:
+               stage_ids: list[int], n_stages: int, micro_batch_size: int = -1) -> StepStrategy:
     groups = (meshes.dp.get_group(),
               [meshes.dp_cp.get_group()] + ([meshes.pp_group] if meshes.pp_group is not None else []))
     common = (engine, device, groups, dims.cp, meshes.world["cp"].get_local_rank(), dims.tp, n_micro)
     if dims.pp > 1:
         return PipelineStep(*common, schedule_name, stage_ids, n_stages, meshes.world["pp"])
-    return MicroBatchStep(*common)
+    return MicroBatchStep(*common, micro_batch_size=micro_batch_size)
 
 

@@ -9,7 +9,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -34,6 +34,20 @@ EXITS = {"restart": EXIT_RESTART, "abort": EXIT_UNRECOVERABLE}
 
 
 @dataclass
+class Prefetched:
+    """The next step's batch, and what the loader said about it when it was drawn."""
+
+    batch: Batch
+    n_tokens: int
+    """Global count of counted label tokens (the loss normaliser)."""
+    tokens: int
+    """Input tokens of the global batch (global batch x seq_len of its stage)."""
+    seq_len: int
+    tokens_by_source: dict[str, int]
+    """Input tokens drawn from each source so far, this batch included."""
+
+
+@dataclass
 class TrainerParts:
     """What the loop needs; built by dist_llama.train.build."""
 
@@ -53,7 +67,8 @@ class TrainerParts:
     """Injected faults (inert unless configured): NaN losses here, the rest through callbacks."""
     watchdog: Watchdog | NoWatchdog
     callbacks: list[Callback]
-    flops_per_token: float
+    flops_per_token: Callable[[int], float]
+    """Model FLOPs per token at a sequence length (attention grows with it)."""
     peak_flops: float
     world_size: int
     layout: dict
@@ -68,10 +83,8 @@ class Trainer:
         self.progress = Progress()
         self.goodput = Goodput()
         self.history: list[dict] = []
-        self.tokens_per_step = self.cfg.train.global_batch_size * self.cfg.data.seq_len
         self.preemption = PreemptionFlag(os.environ.get(STOP_FILE_ENV))
-        self._next: tuple[Batch, int] | None = None
-        """The prefetched batch and its global count of counted label tokens."""
+        self._next: Prefetched | None = None
         self._last_save = (0, time.time())
 
     @property
@@ -142,13 +155,19 @@ class Trainer:
                           saved_layout=state["layout"], layout=p.layout)
 
     # --- the loop ------------------------------------------------------------------------------
-    def _prefetch(self, batch: Batch | None = None) -> None:
-        """Fetch the next step's batch (or take `batch` again) while the device still works on
+    def _prefetch(self, again: Prefetched | None = None) -> None:
+        """Fetch the next step's batch (or take `again` again) while the device still works on
         this one, with the data position before it: what a checkpoint at this boundary records."""
-        if batch is None:
-            self.progress.data = self.p.loader.state_dict()
-            batch = {k: v.to(self.p.device, non_blocking=True) for k, v in self.p.loader.next_batch().items()}
-        self._next = (batch, int(self.p.step.count_tokens(batch).item()))
+        if again is not None:
+            self._next = again
+            return
+        loader = self.p.loader
+        self.progress.data = loader.state_dict()
+        batch = {k: v.to(self.p.device, non_blocking=True) for k, v in loader.next_batch().items()}
+        for source, epoch in loader.new_epochs:
+            self.logger.event("data_epoch", self.step + 1, source=source, epoch=epoch)
+        self._next = Prefetched(batch, int(self.p.step.count_tokens(batch).item()),
+                                loader.global_batch_size * loader.seq_len, loader.seq_len, loader.tokens_by_source)
 
     @contextlib.contextmanager
     def _unwatched(self):
@@ -194,7 +213,7 @@ class Trainer:
                 callback.on_step_start(self.step + 1)
             self._beat("forward_backward")
             t0 = time.perf_counter()
-            batch, n_tokens = self._next
+            batch, n_tokens = (fetched := self._next).batch, self._next.n_tokens
             loss_t, grad_norm_t = self.compute_gradients(batch, n_tokens)
             self._prefetch()
             loss, grad_norm = loss_t.item(), grad_norm_t.item()
@@ -210,7 +229,7 @@ class Trainer:
                 self.goodput.lost_s += time.perf_counter() - t0
                 if action == "retry":  # the same batch again; the loader resumes after it
                     p.loader.load_state_dict(self.progress.data)
-                    self._prefetch(batch)
+                    self._prefetch(fetched)
                 self._act(action, ",".join(fired))
                 if flags["preempt"]:
                     self._preempt()
@@ -223,10 +242,10 @@ class Trainer:
                 callback.on_update(self.step + 1, time.perf_counter() - t0)
             step_time = time.perf_counter() - t0
             self.progress.step += 1
-            self.progress.tokens += self.tokens_per_step
+            self.progress.tokens += fetched.tokens
             steps_done += 1
             self.goodput.productive_s += step_time
-            record = self._record(loss, grad_norm, lr, step_time)
+            record = self._record(loss, grad_norm, lr, step_time, fetched)
             if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps:
                 elapsed = time.perf_counter() - started
                 self.logger.log_step(record, eta_s=elapsed / steps_done * (cfg.train.steps - self.step))
@@ -257,11 +276,13 @@ class Trainer:
         flags["save"] = bool(ck.enabled and ck.interval_s and time.time() - self._last_save[1] >= ck.interval_s)
         return agree(flags, self.p.device)
 
-    def _record(self, loss: float, grad_norm: float, lr: float, step_time: float) -> dict:
+    def _record(self, loss: float, grad_norm: float, lr: float, step_time: float, fetched: Prefetched) -> dict:
         p = self.p
         record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "tokens": self.progress.tokens, "tokens_per_sec": self.tokens_per_step / step_time,
-                  "mfu": mfu(self.tokens_per_step / step_time / p.world_size, p.flops_per_token, p.peak_flops),
+                  "tokens": self.progress.tokens, "tokens_per_sec": fetched.tokens / step_time,
+                  "mfu": mfu(fetched.tokens / step_time / p.world_size, p.flops_per_token(fetched.seq_len),
+                             p.peak_flops),
+                  "seq_len": fetched.seq_len, "tokens_by_source": fetched.tokens_by_source,
                   "step_time_s": step_time, "mem_gib": peak_memory_gib(p.device), "time": time.time(),
                   "goodput": self.goodput.effective()}
         self.history.append(record)
