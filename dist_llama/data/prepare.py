@@ -13,29 +13,41 @@ documents). Everything is written into a temporary directory next to the output 
 place at the end, so a crash never leaves a half-written dataset.
 
     dist-llama-prepare --tokenizer SPEC --out DIR [--text-key text] [--shard-tokens N] [--no-bos]
-                       [--force] INPUT...
+                       [--workers N] [--quiet] [--force] INPUT...
 
 Inputs: ``.txt`` (one document per file), ``.jsonl`` / ``.jsonl.gz`` (one JSON object per line,
-the document under ``--text-key``; blank lines are skipped). Bad input exits with code 2 and one
-line naming the file (and line).
+the document under ``--text-key``; blank lines are skipped) and ``.parquet`` (the document in the
+string column ``--text-key``, read one row group at a time; see :mod:`.prepare_inputs`). Bad
+input exits with code 2 and one line naming the file (and line or row).
+
+Tokenisation runs in ``--workers`` processes (default: the usable cores; 1 runs in-process). This
+process reads the inputs in order and cuts them into batches of up to 256 documents; the workers
+decode and tokenise the batches, each with its own tokenizer built from ``--tokenizer``; the
+results are written strictly in input order, with at most two batches per worker in flight, so
+memory stays bounded and the output is byte-identical whatever the number of workers. A progress
+bar on stderr (a terminal only, not with ``--quiet``) shows input bytes and tokens/s.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
+import functools
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
+import time
 import uuid
-import zlib
-from typing import Callable, Iterable, Iterator, Sequence
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from .prepare_inputs import Batch, InputError, batch_documents, check_inputs, iter_batches, text_batches
 from .tokenizer import Tokenizer, build_tokenizer
 
 __all__ = ["prepare", "main", "InputError", "FORMAT", "FORMAT_VERSION", "DEFAULT_SHARD_TOKENS"]
@@ -43,90 +55,7 @@ __all__ = ["prepare", "main", "InputError", "FORMAT", "FORMAT_VERSION", "DEFAULT
 FORMAT = "dist_llama.tokens"
 FORMAT_VERSION = 1
 DEFAULT_SHARD_TOKENS = 1 << 28  # 256 Mi tokens: 512 MiB uint16 / 1 GiB uint32 per shard
-SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
-_BATCH_DOCS = 256
-_BATCH_CHARS = 8 << 20
-
-
-class InputError(ValueError):
-    """Bad input data or arguments; the message names the file (and line)."""
-
-
-def _suffix(path: str) -> str | None:
-    for s in SUFFIXES:
-        if path.endswith(s):
-            return s
-    return None
-
-
-def _check_inputs(inputs: Sequence[str]) -> list[str]:
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    inputs = [os.fspath(p) for p in inputs]
-    if not inputs:
-        raise InputError("no input files given")
-    for p in inputs:
-        if _suffix(p) is None:
-            raise InputError(f"{p}: unsupported input type (expected {', '.join(SUFFIXES)})")
-        if not os.path.isfile(p):
-            raise InputError(f"{p}: no such file")
-    return inputs
-
-
-def _iter_documents(path: str, text_key: str, progress: Callable[[int], None]) -> Iterator[str]:
-    """Yield the documents of one input file; ``progress(n)`` is told of bytes read from disk."""
-    suffix = _suffix(path)
-    if suffix == ".txt":
-        with open(path, "rb") as f:
-            data = f.read()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise InputError(f"{path}: not valid UTF-8 text (byte {e.start})") from None
-        progress(len(data))
-        yield text
-        return
-    with open(path, "rb") as raw:
-        stream = gzip.GzipFile(fileobj=raw, mode="rb") if suffix == ".jsonl.gz" else raw
-        last = 0
-        lineno = 0
-        try:
-            for lineno, line in enumerate(stream, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except UnicodeDecodeError:
-                    raise InputError(f"{path}:{lineno}: not valid UTF-8") from None
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{lineno}: bad JSON ({e.msg}, column {e.colno})") from None
-                if not isinstance(obj, dict):
-                    raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-                if text_key not in obj:
-                    raise InputError(f"{path}:{lineno}: no key {text_key!r} (keys: {', '.join(map(str, obj)) or 'none'})")
-                text = obj[text_key]
-                if not isinstance(text, str):
-                    raise InputError(f"{path}:{lineno}: {text_key!r} is {type(text).__name__}, expected a string")
-                pos = raw.tell()
-                if pos != last:
-                    progress(pos - last)
-                    last = pos
-                yield text
-        except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
-            raise InputError(f"{path}:{lineno + 1}: cannot read ({e})") from None
-        progress(raw.tell() - last)
-
-
-def _iter_batches(docs: Iterable[str]) -> Iterator[list[str]]:
-    batch, chars = [], 0
-    for d in docs:
-        batch.append(d)
-        chars += len(d)
-        if len(batch) >= _BATCH_DOCS or chars >= _BATCH_CHARS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
+IN_FLIGHT_PER_WORKER = 2  # batches handed out ahead of the writer: workers never wait, memory stays bounded
 
 
 def dtype_for_vocab(vocab_size: int) -> str:
@@ -178,6 +107,75 @@ class _ShardWriter:
             self._f = None
 
 
+def _encode(batch: Batch, tokenizer: Tokenizer, text_key: str, bos: bool) -> tuple[np.ndarray, np.ndarray, int]:
+    """Tokenise one batch: (its ids in the storage dtype, back to back; each document's length;
+    the input bytes it accounts for)."""
+    docs = batch_documents(batch, text_key)
+    dtype = np.dtype(dtype_for_vocab(tokenizer.vocab_size)).newbyteorder("<")
+    if not docs:
+        return np.empty(0, dtype=dtype), np.empty(0, dtype=np.int64), batch.nbytes
+    arrays = tokenizer.encode_arrays(docs, bos=bos, eos=True)
+    lens = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+    flat = np.concatenate(arrays)
+    if len(flat) and (flat.min() < 0 or flat.max() >= tokenizer.vocab_size):
+        raise ValueError(f"tokenizer {tokenizer.name} produced ids outside [0, {tokenizer.vocab_size})")
+    # converted here, in the worker: half or a quarter of the int64 bytes go back to the writer
+    return flat.astype(dtype), lens, batch.nbytes
+
+
+@functools.lru_cache(maxsize=1)
+def _worker_tokenizer(spec: str) -> Tokenizer:
+    # built once per worker process (loading a tokenizer file takes up to seconds), kept for its batches
+    return build_tokenizer(spec)
+
+
+def _encode_in_worker(spec: str, name: str, text_key: str, bos: bool, batch: Batch):
+    tok = _worker_tokenizer(spec)
+    if tok.name != name:  # the file was replaced after the parent read it: the ids would mix two tokenizers
+        raise ValueError(f"{spec}: the tokenizer changed while preparing ({name} became {tok.name})")
+    return _encode(batch, tok, text_key, bos)
+
+
+def _init_worker() -> None:
+    # The pool is the parallelism: Hugging Face tokenizers' own thread pool in every worker would
+    # only oversubscribe the cores. Set before the worker first imports tokenizers.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def _tokenize_in_order(batches: Iterable[Batch], tokenizer: Tokenizer, consume: Callable, *,
+                       text_key: str, bos: bool, workers: int, spec: str | None) -> None:
+    """``consume(ids, lens, nbytes)`` for every batch, strictly in input order; batches are
+    tokenised in this process (``workers == 1``) or in ``workers`` processes."""
+    if workers == 1:
+        for batch in batches:
+            consume(*_encode(batch, tokenizer, text_key, bos))
+        return
+    task = functools.partial(_encode_in_worker, spec, tokenizer.name, text_key, bos)
+    # spawn, not fork: the parent may hold threads (tiktoken's and sentencepiece's batch encoders,
+    # the tokenizers' rayon pool, torch's) whose locks a forked child would inherit mid-use.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
+    pending: deque = deque()
+    try:
+        reader = iter(batches)
+        while True:
+            try:
+                batch = next(reader)
+            except StopIteration:
+                break
+            except Exception:
+                # A reading error is reported after the errors of the batches before it, as with one worker.
+                while pending:
+                    consume(*pending.popleft().result())
+                raise
+            pending.append(pool.submit(task, batch))
+            if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
+                consume(*pending.popleft().result())
+        while pending:
+            consume(*pending.popleft().result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def write_dataset(
     documents: Iterable[str],
     tokenizer: Tokenizer,
@@ -189,24 +187,45 @@ def write_dataset(
 ) -> dict:
     """Tokenize ``documents`` into the existing, empty directory ``out_dir`` (no atomicity here:
     see :func:`prepare`). Returns the meta dict (also written to ``meta.json``, last)."""
+    return write_batches(text_batches(documents), tokenizer, out_dir, shard_tokens=shard_tokens, bos=bos,
+                         sources=sources)
+
+
+def write_batches(
+    batches: Iterable[Batch],
+    tokenizer: Tokenizer,
+    out_dir: str,
+    *,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    bos: bool = True,
+    sources: Sequence[str] = (),
+    text_key: str = "text",
+    workers: int = 1,
+    spec: str | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> dict:
+    """:func:`write_dataset` of batches from :mod:`.prepare_inputs`, tokenised by ``workers``
+    processes that build the tokenizer from ``spec``; ``on_batch(input bytes, tokens)`` after each
+    batch is written. The output does not depend on ``workers``."""
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
     if bos and tokenizer.bos_id is None:
         raise InputError(f"tokenizer {tokenizer.name} has no BOS token: prepare without BOS (--no-bos)")
+    if workers > 1 and spec is None:
+        raise ValueError("workers > 1 needs the tokenizer spec ('byte' or a file) to rebuild it in each worker")
     dtype = dtype_for_vocab(tokenizer.vocab_size)
     writer = _ShardWriter(out_dir, dtype, shard_tokens)
     starts: list[np.ndarray] = []
-    try:
-        for batch in _iter_batches(documents):
-            arrays = tokenizer.encode_arrays(batch, bos=bos, eos=True)
-            lens = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+
+    def consume(ids: np.ndarray, lens: np.ndarray, nbytes: int) -> None:
+        if len(lens):
             starts.append(writer.n_tokens + np.concatenate(([0], np.cumsum(lens)[:-1])))
-            flat = np.concatenate(arrays)
-            if len(flat) and (flat.min() < 0 or flat.max() >= tokenizer.vocab_size):
-                raise ValueError(
-                    f"tokenizer {tokenizer.name} produced ids outside [0, {tokenizer.vocab_size})"
-                )
-            writer.write(flat)
+        writer.write(ids)
+        if on_batch is not None:
+            on_batch(nbytes, len(ids))
+
+    try:
+        _tokenize_in_order(batches, tokenizer, consume, text_key=text_key, bos=bos, workers=workers, spec=spec)
     finally:
         writer.close()
     if writer.n_tokens == 0:
@@ -266,17 +285,25 @@ def prepare(
     bos: bool = True,
     force: bool = False,
     progress: bool = True,
+    workers: int = 1,
 ) -> dict:
     """Tokenize ``inputs`` into a new dataset directory ``out_dir``; returns its meta dict.
 
-    Raises :class:`InputError` (a ValueError) for bad inputs, an existing non-empty ``out_dir``
-    without ``force``, or no documents. ``out_dir`` appears complete or not at all.
+    ``workers > 1`` tokenises in that many processes, each building the tokenizer from its spec
+    (so ``tokenizer`` must then be the spec, ``"byte"`` or a file, not a Tokenizer object); the
+    output is byte-identical for any number of workers. ``progress`` shows a bar on stderr when it
+    is a terminal. Raises :class:`InputError` (a ValueError) for bad inputs, an existing non-empty
+    ``out_dir`` without ``force``, or no documents. ``out_dir`` appears complete or not at all.
     """
     from tqdm import tqdm
 
-    inputs = _check_inputs(inputs)
-    if isinstance(tokenizer, str):
-        tokenizer = build_tokenizer(tokenizer)
+    if workers < 1:
+        raise InputError(f"workers must be >= 1, got {workers}")
+    inputs = check_inputs(inputs)
+    spec = None
+    if isinstance(tokenizer, (str, os.PathLike)):
+        spec = os.fspath(tokenizer)
+        tokenizer = build_tokenizer(spec)
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise InputError(f"{out_dir}: exists and is not a directory")
@@ -285,15 +312,20 @@ def prepare(
 
     total = sum(os.path.getsize(p) for p in inputs)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True)
+               disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True)
+    start, tokens = time.monotonic(), 0
 
-    def documents():
-        for p in inputs:
-            yield from _iter_documents(p, text_key, bar.update)
+    def on_batch(nbytes: int, ntokens: int) -> None:
+        nonlocal tokens
+        tokens += ntokens
+        rate = tokens / max(time.monotonic() - start, 1e-6)
+        bar.set_postfix_str(f"{tqdm.format_sizeof(rate)}tok/s", refresh=False)
+        bar.update(nbytes)
 
     tmp = make_temp_dir(out_dir)
     try:
-        meta = write_dataset(documents(), tokenizer, tmp, shard_tokens=shard_tokens, bos=bos, sources=inputs)
+        meta = write_batches(iter_batches(inputs, text_key), tokenizer, tmp, shard_tokens=shard_tokens, bos=bos,
+                             sources=inputs, text_key=text_key, workers=workers, spec=spec, on_batch=on_batch)
         bar.close()
         commit_dir(tmp, out_dir, replace=force)
     except BaseException:
@@ -325,20 +357,30 @@ def commit_dir(tmp: str, out_dir: str, *, replace: bool) -> bool:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dist-llama-prepare",
-        description="Tokenize .txt / .jsonl / .jsonl.gz files into memory-mapped token shards.",
+        description="Tokenize .txt / .jsonl / .jsonl.gz / .parquet files into memory-mapped token shards.",
     )
     p.add_argument("--tokenizer", required=True,
                    help="'byte' or a tokenizer file, recognised by content: a Hugging Face tokenizer.json, "
                         "a tiktoken file (Llama 3 tokenizer.model) or a SentencePiece model (Llama 2's)")
     p.add_argument("--out", required=True, help="output directory (created atomically)")
-    p.add_argument("--text-key", default="text", help="JSON key of the document text (default: text)")
+    p.add_argument("--text-key", default="text",
+                   help="JSON key or Parquet column of the document text (default: text)")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
                    help=f"tokens per shard file (default: {DEFAULT_SHARD_TOKENS})")
     p.add_argument("--no-bos", action="store_true", help="do not start documents with BOS")
     p.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--workers", type=int, default=None,
+                   help="tokenizing processes; the output is the same for any number (default: the usable cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt, .jsonl or .jsonl.gz files")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt, .jsonl, .jsonl.gz or .parquet files")
     return p
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what this process may run on (taskset, Slurm, containers)
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -346,10 +388,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.shard_tokens < 1:
         parser.error(f"--shard-tokens must be >= 1, got {args.shard_tokens}")
+    workers = _usable_cores() if args.workers is None else args.workers
+    if workers < 1:
+        parser.error(f"--workers must be >= 1, got {workers}")
     try:
-        tok = build_tokenizer(args.tokenizer)
-        meta = prepare(args.inputs, tok, args.out, text_key=args.text_key, shard_tokens=args.shard_tokens,
-                       bos=not args.no_bos, force=args.force, progress=not args.quiet)
+        meta = prepare(args.inputs, args.tokenizer, args.out, text_key=args.text_key, shard_tokens=args.shard_tokens,
+                       bos=not args.no_bos, force=args.force, progress=not args.quiet, workers=workers)
     except ValueError as e:  # InputError, tokenizer errors
         print(f"dist-llama-prepare: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
