@@ -49,7 +49,7 @@ def validate_data_plan(cfg: Config, parallel: ParallelConfig, check_layout) -> N
     names = [s.name for s in sources]
     for i, s in enumerate(sources if cfg.data.sources else []):
         key = f"data.sources[{i}]"
-        _require(bool(s.name) and names.count(s.name) == 1, f"{key}.name", f"must be a unique non-empty name, got {s.name!r}")
+        _require(bool(s.name) and s.name not in names[:i], f"{key}.name", f"must be a unique non-empty name, got {s.name!r}")
         _require(bool(s.path), f"{key}.path", "must name a prepared dataset directory or a builtin corpus")
         _require(s.weight >= 0, f"{key}.weight", f"must be >= 0, got {s.weight}")
     _require(sum(s.weight for s in sources) > 0, "data.sources", "the weights must not all be 0")
