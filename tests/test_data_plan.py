@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dist_llama.data.loader import PackedLoader, Source, Stage, steps_to_tokens
+from dist_llama.config.data_plan import token_clock
+from dist_llama.data.loader import PackedLoader, Source, Stage
 
 
 class ArraySource:
@@ -75,7 +76,7 @@ def test_stages_switch_at_the_first_step_starting_past_the_boundary():
     batches, _ = global_steps(1, 12)
     shapes = [tuple(b["tokens"].shape) for b in batches]
     assert shapes == [(8, 16)] * 5 + [(4, 32)] * 4 + [(16, 8)] * 3
-    assert steps_to_tokens(STAGES, 12)[5] == 16 * 8 * 5
+    assert token_clock(STAGES, 12)[5] == 16 * 8 * 5
     # stage weights apply: stage 2 draws from source a only
     assert all((source_of(b["tokens"]) == 0).all() for b in batches[9:])
 
@@ -135,8 +136,8 @@ def _config_error(overrides, world=1):
     (["data.stages=[{until_tokens: 1000}, {until_tokens: 500}]"], 1, "data.stages[1].until_tokens"),
     (["data.stages=[{seq_len: 64}, {seq_len: 128}]"], 1, "data.stages[0].until_tokens"),
     (["data.stages=[{until_tokens: 1000}, {weights: {nope: 1.0}}]"], 1, "data.stages[1].weights"),
-    (["data.stages=[{until_tokens: 1000}, {seq_len: 64}]", "parallel.pp=2", "parallel.dp_shard=1"], 2,
-     "data.stages[1].seq_len"),
+    (["data.stages=[{until_tokens: 1000}, {global_batch_size: 16}]", "parallel.engine=deepspeed"], 2,
+     "data.stages[1].global_batch_size"),
     (["data.sources=[{name: a, path: kjv, weight: 1}, {name: a, path: kjv, weight: 1}]"], 1, "data.sources[1].name"),
     (["data.sources=[{name: a, path: /nonexistent, weight: 1}]"], 1, "data.sources[0].path"),
 ])
@@ -154,7 +155,7 @@ def _train(overrides, world_size):
                                                       "model.n_layers=2", *overrides], world_size)
     trainer = train(cfg, srcs)
     dist.destroy_process_group()
-    return [(h["loss"], h["seq_len"], h["tokens"], h["tokens_by_source"]) for h in trainer.history]
+    return [(h["loss"], h["seq_len"], h["tokens"], h["tokens_by_source"], h["lr"]) for h in trainer.history]
 
 
 @pytest.mark.timeout(300)
@@ -173,3 +174,47 @@ def test_training_with_a_mixture_resumes_bit_exact_across_a_stage_switch(tmp_pat
     rest = run_ranks(_train, 2, [f"train.run_dir={tmp_path}/cut", *common], 2, timeout=250)[0]
     assert [r[0] for r in first + rest] == [r[0] for r in full]
     assert [r[3] for r in first + rest] == [r[3] for r in full]
+
+
+@pytest.mark.timeout(200)
+def test_annealing_takes_the_lr_linearly_to_0_on_its_own_mixture(tmp_path):
+    """10 steps of 8 x 128 tokens, the last 3000 annealed on kjv only: steps 9 and 10 (starting at or
+    after token 7240) draw from kjv only, and their LR falls linearly from the schedule's value at
+    step 9 towards 0 after step 10."""
+    import math
+
+    from dist_llama.config.data_plan import anneal_start_step
+    from dist_llama.testing import run_ranks
+    from dist_llama.train.cli import resolve_config
+
+    overrides = [f"train.run_dir={tmp_path}", "checkpoint.enabled=false", "train.steps=10", "optim.warmup_steps=0",
+                 "optim.lr=1e-3", "data.anneal_tokens=3000", "data.anneal_weights={kjv: 1.0}",
+                 "data.sources=[{name: kjv, path: kjv, weight: 0.5}, {name: rev, path: kjv, weight: 0.5}]"]
+    cfg, _ = resolve_config("configs/debug.yaml", overrides, 1)
+    assert anneal_start_step(cfg) == 8
+    records = run_ranks(_train, 1, overrides, 1, timeout=180)[0]
+    rev = [r[3]["rev"] for r in records]
+    assert rev[7] > 0 and rev[9] == rev[8] == rev[7]  # nothing from rev while annealing
+
+    def cosine(step):  # 0-based step, decay over 10 steps to 0.1 x
+        return 1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * step / 10)))
+
+    lrs = [r[4] for r in records]
+    assert lrs[:8] == pytest.approx([cosine(s) for s in range(8)], rel=1e-12)
+    assert lrs[8:] == pytest.approx([cosine(8), cosine(8) / 2], rel=1e-12)
+
+
+
+@pytest.mark.timeout(300)
+def test_a_pipeline_follows_a_stage_switch_like_one_process(tmp_path):
+    """pp=2 rebuilds its stages and schedule for the new sequence length and batch: the losses on
+    both sides of the switch equal the single-process run's."""
+    from dist_llama.testing import run_ranks
+
+    common = ["data.stages=[{until_tokens: 2048, seq_len: 64}, {seq_len: 128, global_batch_size: 4}]",
+              "train.steps=6", "checkpoint.enabled=false", "optim.warmup_steps=2", "train.global_batch_size=8"]
+    one = run_ranks(_train, 1, [f"train.run_dir={tmp_path}/one", *common], 1, timeout=250)[0]
+    pp = run_ranks(_train, 2, [f"train.run_dir={tmp_path}/pp", *common, "parallel.pp=2", "parallel.dp_shard=1",
+                               "train.micro_batch_size=2"], 2, timeout=250)[0]
+    assert [r[1] for r in one] == [64] * 4 + [128] * 2
+    assert [r[0] for r in pp] == pytest.approx([r[0] for r in one], rel=1e-5)

@@ -29,7 +29,45 @@ def sources_of(cfg: Config) -> list[SourceConfig]:
 
 def stages_of(cfg: Config) -> list[PlannedStage]:
     """The stages with left-out fields taken from the previous stage (stage 0: data.seq_len,
-    train.global_batch_size and the sources' weights); no data.stages: one stage of those."""
+    train.global_batch_size and the sources' weights); no data.stages: one stage of those. With
+    data.anneal_tokens, the stage in effect at (total tokens - anneal_tokens) is cut there and an
+    annealing stage (data.anneal_weights) runs to the end."""
+    stages = _declared_stages(cfg)
+    d = cfg.data
+    if d.anneal_tokens <= 0:
+        return stages
+    start = token_clock(stages, cfg.train.steps)[-1] - d.anneal_tokens
+    i = next((i for i, st in enumerate(stages) if st.until_tokens is None or st.until_tokens > start), len(stages) - 1)
+    last = stages[i]
+    weights = {k: float(v) for k, v in d.anneal_weights.items()} if d.anneal_weights else last.weights
+    anneal = PlannedStage(last.seq_len, last.global_batch_size, weights, None)
+    begins = stages[i - 1].until_tokens if i else 0
+    if start <= begins:  # the annealing starts where stage i would: it replaces it
+        return stages[:i] + [anneal]
+    return stages[:i] + [PlannedStage(last.seq_len, last.global_batch_size, last.weights, start), anneal]
+
+
+def token_clock(stages: list[PlannedStage], steps: int) -> list[int]:
+    """Input tokens consumed before each of steps + 1 step boundaries."""
+    out, tokens, t = [0], 0, 0
+    for _ in range(steps):
+        while t + 1 < len(stages) and stages[t].until_tokens is not None and tokens >= stages[t].until_tokens:
+            t += 1
+        tokens += stages[t].seq_len * stages[t].global_batch_size
+        out.append(tokens)
+    return out
+
+
+def anneal_start_step(cfg: Config) -> Optional[int]:
+    """The first (0-based) step of the annealing stage, or None without annealing."""
+    if cfg.data.anneal_tokens <= 0:
+        return None
+    stages = stages_of(cfg)
+    start = stages[-2].until_tokens if len(stages) > 1 else 0
+    return next(s for s, tokens in enumerate(token_clock(stages, cfg.train.steps)) if tokens >= start)
+
+
+def _declared_stages(cfg: Config) -> list[PlannedStage]:
     seq_len, batch = cfg.data.seq_len, cfg.train.global_batch_size
     weights = {s.name: float(s.weight) for s in sources_of(cfg)}
     out = []
@@ -53,6 +91,18 @@ def validate_data_plan(cfg: Config, parallel: ParallelConfig, check_layout) -> N
         _require(bool(s.path), f"{key}.path", "must name a prepared dataset directory or a builtin corpus")
         _require(s.weight >= 0, f"{key}.weight", f"must be >= 0, got {s.weight}")
     _require(sum(s.weight for s in sources) > 0, "data.sources", "the weights must not all be 0")
+    d = cfg.data
+    _require(d.anneal_tokens >= 0, "data.anneal_tokens", f"must be >= 0, got {d.anneal_tokens}")
+    if d.anneal_tokens:
+        total = token_clock(_declared_stages(cfg), cfg.train.steps)[-1]
+        _require(d.anneal_tokens < total, "data.anneal_tokens",
+                 f"must be below the {total} tokens of the whole run (train.steps={cfg.train.steps}), got {d.anneal_tokens}")
+    _require(not d.anneal_weights or d.anneal_tokens > 0, "data.anneal_weights", "needs data.anneal_tokens > 0")
+    if d.anneal_weights:
+        unknown = sorted(set(d.anneal_weights) - set(names))
+        _require(not unknown and all(w >= 0 for w in d.anneal_weights.values())
+                 and sum(d.anneal_weights.values()) > 0, "data.anneal_weights",
+                 f"must give non-negative weights, not all 0, to sources among {names}; got {dict(d.anneal_weights)}")
     stages = stages_of(cfg)
     multi = bool(cfg.data.stages)
     previous = 0
@@ -72,14 +122,10 @@ def validate_data_plan(cfg: Config, parallel: ParallelConfig, check_layout) -> N
             _require(until is None or until > previous, f"{prefix}until_tokens",
                      f"must be above the previous stage's ({previous}), got {until}")
             previous = until if until is not None else previous
-            if parallel.pp > 1 or parallel.engine == "deepspeed":
-                first = stages[0]
-                what = "pipeline parallel (parallel.pp > 1)" if parallel.pp > 1 else "parallel.engine=deepspeed"
-                _require(st.seq_len == first.seq_len or parallel.pp == 1, f"{prefix}seq_len",
-                         f"{what} needs one seq_len for every stage ({first.seq_len}), got {st.seq_len}")
-                _require(st.global_batch_size == first.global_batch_size, f"{prefix}global_batch_size",
-                         f"{what} needs one global batch for every stage ({first.global_batch_size}), "
-                         f"got {st.global_batch_size}")
+            if parallel.engine == "deepspeed":  # its config fixes train_batch_size at initialize
+                _require(st.global_batch_size == stages[0].global_batch_size, f"{prefix}global_batch_size",
+                         f"parallel.engine=deepspeed needs one global batch for every stage "
+                         f"({stages[0].global_batch_size}), got {st.global_batch_size}")
         check_layout(st.seq_len, st.global_batch_size, prefix)
 
 

@@ -109,6 +109,10 @@ class DataConfig:
     """A weighted mixture: [{name, path, weight}, ...]; None: the one source data.path, named after it."""
     stages: Optional[List[StageConfig]] = None
     """Curriculum: [{until_tokens, seq_len, global_batch_size, weights}, ...], switching at a step boundary."""
+    anneal_tokens: int = 0
+    """Annealing: over the last this many input tokens of training the LR goes linearly to 0 (0 = off)."""
+    anneal_weights: Optional[Dict[str, float]] = None
+    """Source weights while annealing (e.g. upsampling high-quality sources); None: keep the stage's."""
     tokenizer: str = "byte"
     """'byte', or a tokenizer file recognised by content: a Hugging Face tokenizer.json, a tiktoken
     BPE file (Llama 3 tokenizer.model) or a SentencePiece model (Llama 2 tokenizer.model)."""

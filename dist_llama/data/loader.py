@@ -304,15 +304,3 @@ class PackedLoader:
     def epoch(self) -> int:
         """Epoch of the next sample of the first source (single-source loaders)."""
         return self.pos.per_source[self.sources[0].name] // self.num_windows_for(self.sources[0].data, self.seq_len)
-
-
-def steps_to_tokens(stages: Sequence[Stage], steps: int) -> list[int]:
-    """Input tokens consumed before each of `steps` + 1 step boundaries (the stage plan's token clock)."""
-    out, tokens, t = [0], 0, 0
-    for _ in range(steps):
-        while t + 1 < len(stages) and stages[t].until_tokens is not None and tokens >= stages[t].until_tokens:
-            t += 1
-        tokens += stages[t].seq_len * stages[t].global_batch_size
-        out.append(tokens)
-    return out
-

@@ -43,6 +43,8 @@ def param_seed(seed: int, name: str) -> int:
 def init_param_(param: torch.Tensor, name: str, seed: int, init: Init) -> None:
     """Fill `param` (plain or a DTensor shard) with `init`'s draws from the generator of (seed, name)."""
     local = param.to_local() if isinstance(param, DTensor) else param
+    if local.is_meta:  # a dry run (dist-llama-plan): shapes only, nothing to draw
+        return
     generator = torch.Generator(device=local.device).manual_seed(param_seed(seed, name))
     if not isinstance(param, DTensor):
         init(param, generator=generator)

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from dist_llama.config import Config, micro_batches, save_resolved
-from dist_llama.config.data_plan import stages_of
+from dist_llama.config.data_plan import anneal_start_step, stages_of
 from dist_llama.data.loader import PackedLoader, Stage
 from dist_llama.faults import FaultInjector
 from dist_llama.model import Transformer
@@ -126,7 +126,7 @@ def build_trainer(cfg: Config, env: DistEnv, sources) -> Trainer:
     if init_from is not None:
         logger.event("init_from", 0, path=str(init_from.path), source=init_from.kind)
     engine.wrap(parts, [build_optimizer(part, cfg.optim) for part in parts])
-    schedulers = [build_scheduler(o, cfg.optim, cfg.train.steps) for o in engine.optimizers]
+    schedulers = [build_scheduler(o, cfg.optim, cfg.train.steps, anneal_start_step(cfg)) for o in engine.optimizers]
     step = build_step(engine, env.device, dims, meshes, n_micro, cfg.parallel.pp_schedule, stage_ids, n_stages,
                       cfg.train.micro_batch_size)
     loader = build_loader(cfg, sources, dp_rank=meshes.dp.get_local_rank(), dp_size=dims.dp)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -53,9 +54,19 @@ class ScaledLambdaLR(torch.optim.lr_scheduler.LambdaLR):
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, optim, total_steps: int) -> ScaledLambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, optim, total_steps: int,
+                    anneal_start: Optional[int] = None) -> ScaledLambdaLR:
+    """Warmup + cosine; from the (0-based) step `anneal_start` on, linearly from the LR of that step
+    to 0 after the last step (data.anneal_tokens: Llama 3's final annealing)."""
     decay_steps = optim.decay_steps or total_steps
-    return ScaledLambdaLR(optimizer, lambda step: lr_factor(step, optim.warmup_steps, decay_steps, optim.min_lr_ratio))
+
+    def factor(step: int) -> float:
+        if anneal_start is None or step < anneal_start:
+            return lr_factor(step, optim.warmup_steps, decay_steps, optim.min_lr_ratio)
+        at_start = lr_factor(anneal_start, optim.warmup_steps, decay_steps, optim.min_lr_ratio)
+        return at_start * max(0, total_steps - step) / (total_steps - anneal_start)
+
+    return ScaledLambdaLR(optimizer, factor)
 
 
 @torch.no_grad()

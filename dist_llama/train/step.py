@@ -117,25 +117,43 @@ class MicroBatchStep(_Step):
 
 class PipelineStep(_Step):
     """The schedule splits the batch into micro-batches; tokens enter the first stage, labels the
-    last; document ids and positions go to every stage."""
+    last; document ids and positions go to every stage. The stages learn their activation shapes at
+    the first step, so a curriculum stage with another sequence length or batch gets its own
+    pipeline stages and schedule (built once, at its first step)."""
 
     def __init__(self, engine: Engine, device: torch.device, groups, cp: int, cp_rank: int, tp: int, n_micro: int,
-                 schedule_name: str, stage_ids: list[int], n_stages: int, pp_mesh):
+                 schedule_name: str, stage_ids: list[int], n_stages: int, pp_mesh, micro_rows: int = 1):
         super().__init__(engine, device, groups, cp, cp_rank, tp, n_micro)
-        stages = build_stages(engine.parts, stage_ids, n_stages, pp_mesh, device)
-        self.schedule = build_schedule(schedule_name, stages, n_micro, self.loss)
+        self.schedule_name, self.stage_ids, self.n_stages, self.pp_mesh = schedule_name, stage_ids, n_stages, pp_mesh
+        self.micro_rows = micro_rows
+        """Sequences per micro-batch."""
+        self._schedules: dict[tuple[int, ...], object] = {}
         self.has_first_stage = 0 in stage_ids
         self.has_last_stage = n_stages - 1 in stage_ids
 
+    def schedule_for(self, shape: tuple[int, ...]):
+        """The schedule for batches of this [rows, seq_len] shape."""
+        if shape not in self._schedules:
+            stages = build_stages(self.engine.parts, self.stage_ids, self.n_stages, self.pp_mesh, self.device)
+            self.n_micro = shape[0] // self.micro_rows
+            self._schedules[shape] = build_schedule(self.schedule_name, stages, self.n_micro, self.loss)
+        return self._schedules[shape]
+
+    @property
+    def schedule(self):
+        """The schedule of the latest batch shape (benchmarks and tests look at it)."""
+        return next(reversed(self._schedules.values()))
+
     def _run(self, batch: Batch) -> torch.Tensor:
+        schedule = self.schedule_for(tuple(batch["tokens"].shape))
         losses: list[torch.Tensor] = []
         args = (batch["tokens"],) if self.has_first_stage else ()
         target = batch["labels"] if self.has_last_stage else None
         # Forward and backward interleave inside the schedule, so autocast covers both; backward
         # ops keep the dtypes their forward ops were given.
         with self.autocast():
-            self.schedule.step(*args, target=target, losses=losses, doc_ids=batch["doc_ids"],
-                               positions=batch["positions"])
+            schedule.step(*args, target=target, losses=losses, doc_ids=batch["doc_ids"],
+                          positions=batch["positions"])
         if not self.has_last_stage:
             return torch.zeros((), device=self.device)
         return torch.stack([_local(loss.detach()) for loss in losses]).sum()
@@ -152,7 +170,8 @@ def build_step(engine: Engine, device: torch.device, dims, meshes, n_micro: int,
               [meshes.dp_cp.get_group()] + ([meshes.pp_group] if meshes.pp_group is not None else []))
     common = (engine, device, groups, dims.cp, meshes.world["cp"].get_local_rank(), dims.tp, n_micro)
     if dims.pp > 1:
-        return PipelineStep(*common, schedule_name, stage_ids, n_stages, meshes.world["pp"])
+        return PipelineStep(*common, schedule_name, stage_ids, n_stages, meshes.world["pp"],
+                            micro_rows=micro_batch_size if micro_batch_size > 0 else 1)
     return MicroBatchStep(*common, micro_batch_size=micro_batch_size)
 
 
