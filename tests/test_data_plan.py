@@ -206,15 +206,17 @@ def test_annealing_takes_the_lr_linearly_to_0_on_its_own_mixture(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_a_pipeline_follows_a_stage_switch_like_one_process(tmp_path):
-    """pp=2 rebuilds its stages and schedule for the new sequence length and batch: the losses on
-    both sides of the switch equal the single-process run's."""
+@pytest.mark.parametrize("layout", [["parallel.pp=2", "parallel.dp_shard=1", "train.micro_batch_size=2"],
+                                    ["parallel.cp=2", "parallel.dp_shard=1"]], ids=["pp2", "cp2"])
+def test_layouts_follow_a_stage_switch_like_one_process(tmp_path, layout):
+    """A pipeline rebuilds its stages and schedule for the new sequence length and batch, context
+    parallel shards the longer sequences: the losses on both sides of the switch equal the
+    single-process run's."""
     from dist_llama.testing import run_ranks
 
     common = ["data.stages=[{until_tokens: 2048, seq_len: 64}, {seq_len: 128, global_batch_size: 4}]",
               "train.steps=6", "checkpoint.enabled=false", "optim.warmup_steps=2", "train.global_batch_size=8"]
     one = run_ranks(_train, 1, [f"train.run_dir={tmp_path}/one", *common], 1, timeout=250)[0]
-    pp = run_ranks(_train, 2, [f"train.run_dir={tmp_path}/pp", *common, "parallel.pp=2", "parallel.dp_shard=1",
-                               "train.micro_batch_size=2"], 2, timeout=250)[0]
+    other = run_ranks(_train, 2, [f"train.run_dir={tmp_path}/other", *common, *layout], 2, timeout=250)[0]
     assert [r[1] for r in one] == [64] * 4 + [128] * 2
-    assert [r[0] for r in pp] == pytest.approx([r[0] for r in one], rel=1e-5)
+    assert [r[0] for r in other] == pytest.approx([r[0] for r in one], rel=1e-5)
