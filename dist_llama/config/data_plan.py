@@ -27,6 +27,11 @@ def sources_of(cfg: Config) -> list[SourceConfig]:
     return list(d.sources)
 
 
+def held_out_of(cfg: Config) -> bool:
+    """Whether the config holds data out for validation (data.eval_sources, or data.eval_fraction)."""
+    return bool(cfg.data.eval_sources) or cfg.data.eval_fraction > 0
+
+
 def stages_of(cfg: Config) -> list[PlannedStage]:
     """The stages with left-out fields taken from the previous stage (stage 0: data.seq_len,
     train.global_batch_size and the sources' weights); no data.stages: one stage of those. With
@@ -127,6 +132,25 @@ def validate_data_plan(cfg: Config, parallel: ParallelConfig, check_layout) -> N
                          f"parallel.engine=deepspeed needs one global batch for every stage "
                          f"({stages[0].global_batch_size}), got {st.global_batch_size}")
         check_layout(st.seq_len, st.global_batch_size, prefix)
+    _validate_eval(cfg)
+
+
+def _validate_eval(cfg: Config) -> None:
+    """Held-out data and the validation cadence. Whether each held-out source has a window is
+    checked once the sources are open (train/cli.py)."""
+    d, t = cfg.data, cfg.train
+    _require(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}")
+    _require(not (d.eval_sources and d.eval_fraction > 0), "data.eval_sources",
+             f"set either data.eval_sources or data.eval_fraction (={d.eval_fraction}), not both")
+    names = [s.name for s in d.eval_sources or []]
+    for i, s in enumerate(d.eval_sources or []):
+        key = f"data.eval_sources[{i}]"
+        _require(bool(s.name) and names.count(s.name) == 1, f"{key}.name", f"must be a unique non-empty name, got {s.name!r}")
+        _require(bool(s.path), f"{key}.path", "must name a prepared dataset directory or a builtin corpus")
+    _require(t.eval_interval >= 0, "train.eval_interval", f"must be >= 0 (0 = never), got {t.eval_interval}")
+    _require(t.eval_tokens > 0, "train.eval_tokens", f"must be positive, got {t.eval_tokens}")
+    _require(t.eval_interval == 0 or held_out_of(cfg), "train.eval_interval",
+             "validation needs held-out data: set data.eval_sources or data.eval_fraction > 0")
 
 
 def _require(ok: bool, key: str, message: str) -> None:

@@ -113,6 +113,10 @@ class DataConfig:
     """Annealing: over the last this many input tokens of training the LR goes linearly to 0 (0 = off)."""
     anneal_weights: Optional[Dict[str, float]] = None
     """Source weights while annealing (e.g. upsampling high-quality sources); None: keep the stage's."""
+    eval_sources: Optional[List[SourceConfig]] = None
+    """Held-out sources for validation: [{name, path}, ...] (weights ignored); None: see eval_fraction."""
+    eval_fraction: float = 0.0
+    """Hold out the last fraction of each training source (cut at a document start) for validation; training never reads it."""
     tokenizer: str = "byte"
     """'byte', or a tokenizer file recognised by content: a Hugging Face tokenizer.json, a tiktoken
     BPE file (Llama 3 tokenizer.model) or a SentencePiece model (Llama 2 tokenizer.model)."""
@@ -168,6 +172,10 @@ class TrainConfig:
     """Build on the meta device and initialise after sharding (no rank holds the whole model); None = on for cuda, off for cpu."""
     log_interval: int = 1
     """Log metrics every this many steps."""
+    eval_interval: int = 0
+    """Validate on the held-out data every this many steps and at the last step (0 = never)."""
+    eval_tokens: int = 65536
+    """Input tokens evaluated per held-out source per validation (its first windows, in order)."""
     peak_flops: Optional[float] = None
     """Per-device peak FLOP/s for MFU; None = H100 dense BF16 on cuda, a matmul probe on cpu."""
 

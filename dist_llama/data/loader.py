@@ -32,7 +32,7 @@ import numpy as np
 
 from .permutation import KeyedPermutation, mix_key, uniform
 
-__all__ = ["PackedLoader", "Source", "Stage", "TokenSource"]
+__all__ = ["PackedLoader", "Source", "Stage", "TokenSource", "pack_windows"]
 
 
 class TokenSource(Protocol):
@@ -208,8 +208,6 @@ class PackedLoader:
         ``tokens``, ``labels``, ``doc_ids`` (document of each token, numbered from 0 in each row) and ``positions``
         (restarting at the window start and at each document start; 0..seq_len-1 without
         reset_positions)."""
-        import torch
-
         self._advance_stage()
         L, B = self.seq_len, self.global_batch_size
         start = self.pos.stage_samples
@@ -228,31 +226,15 @@ class PackedLoader:
             self.pos.per_source[source.name] = before + len(rows)
             self.pos.tokens_by_source[source.name] += len(rows) * L
         lo = self.dp_rank * self.local_batch_size
-        tokens = np.empty((self.local_batch_size, L + 1), dtype=np.int64)
-        doc_ids = np.empty((self.local_batch_size, L), dtype=np.int64)
-        positions = np.empty((self.local_batch_size, L), dtype=np.int64)
-        ar = np.arange(L, dtype=np.int64)
-        for row, (s, k) in enumerate(zip(which[lo:lo + self.local_batch_size], index[lo:lo + self.local_batch_size])):
+        windows = []
+        for s, k in zip(which[lo:lo + self.local_batch_size], index[lo:lo + self.local_batch_size]):
             data = self.sources[s].data
             n = self.num_windows_for(data, L)
-            w = int(self._perm(int(s), n, int(k) // n)(int(k) % n)[0])
-            first = w * L
-            tokens[row] = data.tokens(first, first + L + 1)
-            starts = np.asarray(data.doc_starts_in(first, first + L))
-            ids = np.searchsorted(starts, first + ar, side="right") - 1
-            doc_ids[row] = ids
-            # Positions count from the window start or the document start, whichever is later, so
-            # they stay below seq_len (a long document's tail is a fresh sequence to the model).
-            positions[row] = (first + ar - np.maximum(starts[ids], first)) if self.reset_positions else ar
+            windows.append((data, int(self._perm(int(s), n, int(k) // n)(int(k) % n)[0]) * L))
         self.pos.samples += B
         self.pos.stage_samples += B
         self.pos.tokens += B * L
-        return {
-            "tokens": torch.from_numpy(np.ascontiguousarray(tokens[:, :-1])),
-            "labels": torch.from_numpy(np.ascontiguousarray(tokens[:, 1:])),
-            "doc_ids": torch.from_numpy(doc_ids),
-            "positions": torch.from_numpy(positions),
-        }
+        return pack_windows(windows, L, self.reset_positions)
 
     def __iter__(self):
         while True:
@@ -304,3 +286,29 @@ class PackedLoader:
     def epoch(self) -> int:
         """Epoch of the next sample of the first source (single-source loaders)."""
         return self.pos.per_source[self.sources[0].name] // self.num_windows_for(self.sources[0].data, self.seq_len)
+
+
+def pack_windows(windows: Sequence[tuple[TokenSource, int]], seq_len: int, reset_positions: bool) -> dict:
+    """Rows of a batch from (source, first token) windows of ``seq_len + 1`` tokens: int64 tensors
+    ``[rows, seq_len]`` of tokens, labels, doc_ids and positions (see PackedLoader.next_batch)."""
+    import torch
+
+    L = seq_len
+    tokens = np.empty((len(windows), L + 1), dtype=np.int64)
+    doc_ids = np.empty((len(windows), L), dtype=np.int64)
+    positions = np.empty((len(windows), L), dtype=np.int64)
+    ar = np.arange(L, dtype=np.int64)
+    for row, (data, first) in enumerate(windows):
+        tokens[row] = data.tokens(first, first + L + 1)
+        starts = np.asarray(data.doc_starts_in(first, first + L))
+        ids = np.searchsorted(starts, first + ar, side="right") - 1
+        doc_ids[row] = ids
+        # Positions count from the window start or the document start, whichever is later, so
+        # they stay below seq_len (a long document's tail is a fresh sequence to the model).
+        positions[row] = (first + ar - np.maximum(starts[ids], first)) if reset_positions else ar
+    return {
+        "tokens": torch.from_numpy(np.ascontiguousarray(tokens[:, :-1])),
+        "labels": torch.from_numpy(np.ascontiguousarray(tokens[:, 1:])),
+        "doc_ids": torch.from_numpy(doc_ids),
+        "positions": torch.from_numpy(positions),
+    }

@@ -31,6 +31,7 @@ from dist_llama.parallel.pipeline import layers_per_stage, split_model, stage_id
 from dist_llama.train.callbacks import Faults, HangReport, ReplicaCheck, StragglerCheck
 from dist_llama.train.checkpoint import Checkpointer
 from dist_llama.train.engines import Engine, build_engine
+from dist_llama.train.evaluate import Evaluator
 from dist_llama.train.health import NoWatchdog, StepHealth, Watchdog, preflight
 from dist_llama.train.metrics import MetricsLogger
 from dist_llama.train.optim import build_optimizer, build_scheduler
@@ -95,7 +96,8 @@ def build_model_parts(cfg: Config, dims: ParallelDims, meshes: Meshes, device: t
 
 
 def build_trainer(cfg: Config, env: DistEnv, sources) -> Trainer:
-    """sources: the data sources resolve_config opened (dist_llama.data.loader.Source)."""
+    """sources: the data sources resolve_config opened (a list of dist_llama.data.loader.Source;
+    the held-out ones in its `held_out`, when it has one)."""
     dims = ParallelDims.from_config(cfg.parallel)
     meshes = dims.build_mesh(env.device.type)
     run_dir = Path(cfg.train.run_dir)
@@ -130,6 +132,9 @@ def build_trainer(cfg: Config, env: DistEnv, sources) -> Trainer:
     step = build_step(engine, env.device, dims, meshes, n_micro, cfg.parallel.pp_schedule, stage_ids, n_stages,
                       cfg.train.micro_batch_size)
     loader = build_loader(cfg, sources, dp_rank=meshes.dp.get_local_rank(), dp_size=dims.dp)
+    evaluator = Evaluator(getattr(sources, "held_out", ()), cfg.train.eval_interval, cfg.train.steps,
+                          cfg.train.eval_tokens, cfg.data.reset_positions, meshes.dp.get_local_rank(), dims.dp,
+                          env.device)
     if cfg.train.peak_flops is not None:
         peak = cfg.train.peak_flops
     elif env.device.type == "cuda":
@@ -154,7 +159,8 @@ def build_trainer(cfg: Config, env: DistEnv, sources) -> Trainer:
         cfg=cfg, device=env.device, engine=engine, step=step, schedulers=schedulers, loader=loader,
         checkpointer=checkpointer, logger=logger, health=StepHealth(h), policy=RecoveryPolicy(h), faults=faults,
         watchdog=watchdog, callbacks=callbacks, flops_per_token=functools.partial(flops_per_token, cfg.model),
-        peak_flops=peak, world_size=env.world_size, layout=dataclasses.asdict(dims), resume=resume))
+        peak_flops=peak, world_size=env.world_size, layout=dataclasses.asdict(dims), resume=resume,
+        evaluator=evaluator))
 
 
 def _exit_on_hang(logger, watchdog) -> None:

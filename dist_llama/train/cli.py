@@ -16,8 +16,9 @@ import torch.distributed as dist
 
 from dist_llama import config as config_lib
 from dist_llama.config import EXIT_CONFIG, Config, ConfigError
-from dist_llama.config.data_plan import sources_of
+from dist_llama.config.data_plan import sources_of, stages_of
 from dist_llama.data import build_tokenizer, open_dataset
+from dist_llama.data.heldout import DataSources, eval_windows, split_held_out
 from dist_llama.data.loader import Source
 from dist_llama.parallel.env import init_distributed, world_size_from_env
 from dist_llama.train.checkpoint import CheckpointError
@@ -45,14 +46,14 @@ def resolve_config(config_path: Optional[str], overrides: Sequence[str], world_s
         tokenizer = build_tokenizer(cfg.data.tokenizer)
     except (ValueError, OSError) as exc:
         raise ConfigError("data.tokenizer", str(exc)) from None
-    sources = []
-    for i, spec in enumerate(sources_of(cfg)):
-        key = f"data.sources[{i}].path" if cfg.data.sources else "data.path"
-        try:
-            sources.append(Source(spec.name, open_dataset(spec.path, tokenizer, cfg.data.cache_dir), spec.weight))
-        except (ValueError, OSError) as exc:
-            raise ConfigError(key, str(exc)) from None
+    sources = open_sources(cfg, tokenizer)
     cfg = config_lib.validate(cfg, world_size, sources[0].data if len(sources) == 1 else None, tokenizer.vocab_size)
+    seq_len = max(st.seq_len for st in stages_of(cfg))
+    for i, s in enumerate(sources.held_out):  # every validation of every stage has a window to read
+        key = f"data.eval_sources[{i}].path" if cfg.data.eval_sources else "data.eval_fraction"
+        if eval_windows(s.data, seq_len, 1) < 1:
+            raise ConfigError(key, f"held-out source {s.name!r} has {len(s.data)} tokens, not one window of "
+                                   f"seq_len+1 = {seq_len + 1}")
     from dist_llama.train.build import build_loader
 
     try:  # every stage has windows to draw from every source it weighs
@@ -64,6 +65,28 @@ def resolve_config(config_path: Optional[str], overrides: Sequence[str], world_s
 
         check_source(source, cfg.model)  # architecture, then every tensor's name and shape (headers only)
     return cfg, sources
+
+
+def open_sources(cfg: Config, tokenizer) -> DataSources:
+    """The training sources and the held-out ones: data.eval_sources, or with data.eval_fraction the
+    tail of each training source, which training then no longer reads."""
+    def open_one(spec, key):
+        try:
+            return Source(spec.name, open_dataset(spec.path, tokenizer, cfg.data.cache_dir), spec.weight)
+        except (ValueError, OSError) as exc:
+            raise ConfigError(key, str(exc)) from None
+
+    train = [open_one(spec, f"data.sources[{i}].path" if cfg.data.sources else "data.path")
+             for i, spec in enumerate(sources_of(cfg))]
+    held_out = [open_one(spec, f"data.eval_sources[{i}].path") for i, spec in enumerate(cfg.data.eval_sources or [])]
+    if 0 < cfg.data.eval_fraction < 1 and not held_out:  # other values: validate names the key
+        for source in train:
+            try:
+                source.data, tail = split_held_out(source.data, cfg.data.eval_fraction)
+            except ValueError as exc:
+                raise ConfigError("data.eval_fraction", f"source {source.name!r}: {exc}") from None
+            held_out.append(Source(source.name, tail))
+    return DataSources(train, held_out)
 
 
 def open_initial_weights(cfg: Config):

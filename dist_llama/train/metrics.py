@@ -53,10 +53,11 @@ class MetricsLogger:
             return
         _append_jsonl(self.run_dir / "metrics.jsonl", record)
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            self.wandb.log(_wandb_fields(record), step=record["step"])
         if self.console:
             mem = f"{record['mem_gib']:.2f} GiB" if "mem_gib" in record else "-"
-            print(f"step {record['step']:>6}/{self.total_steps}  loss {record['loss']:.4f}  "
+            val = f"  val {record['val_loss']:.4f}" if "val_loss" in record else ""
+            print(f"step {record['step']:>6}/{self.total_steps}  loss {record['loss']:.4f}{val}  "
                   f"lr {record['lr']:.3e}  gnorm {record['grad_norm']:.3f}  "
                   f"tok/s {record['tokens_per_sec']:,.0f}  mfu {100 * record['mfu']:.2f}%  "
                   f"mem {mem}  eta {_fmt_duration(eta_s)}", flush=True)
@@ -79,6 +80,15 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+def _wandb_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """The record without its step; the per-source validation losses as val_loss/<source>, one
+    chart each in wandb's val_loss section."""
+    fields = {k: v for k, v in record.items() if k not in ("step", "val_loss_by_source")}
+    for name, value in record.get("val_loss_by_source", {}).items():
+        fields[f"val_loss/{name}"] = value
+    return fields
 
 
 def _init_wandb(run_dir: Path, mode: str, project: str, config_dict: dict):

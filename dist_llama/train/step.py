@@ -41,6 +41,10 @@ class StepStrategy(Protocol):
     def global_loss(self, local: torch.Tensor, n_tokens: int) -> torch.Tensor:
         """The global mean loss from every rank's share. Collective."""
 
+    def evaluate(self, batch: Batch) -> tuple[float, int]:
+        """Forward only, no gradients, no state changed: (summed token loss, counted tokens) of the
+        global batch. Collective."""
+
 
 class _Step:
     """What both strategies share: counting, scaling, context parallel and loss parallel."""
@@ -73,6 +77,23 @@ class _Step:
     def _run(self, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
 
+    def evaluate(self, batch: Batch) -> tuple[float, int]:
+        count = self.count_tokens(batch)
+        scale, self.scale = self.scale, 1.0  # plain sums: the loss function reads the scale
+        try:
+            if self.cp > 1:
+                batch = cp_shard_batch(batch, self.cp_rank, self.cp)
+            with torch.no_grad(), loss_parallel_context(self.tp > 1):
+                local = self._forward(batch)
+        finally:
+            self.scale = scale
+        for group in self.loss_groups:  # as the training loss: dp x cp shares, then the last stage's
+            dist.all_reduce(local, group=group)
+        return local.item(), int(count.item())
+
+    def _forward(self, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
     def autocast(self):
         """The one mixed-precision decision for every strategy: the engine's (autocast to its dtype,
         or nothing when it casts the weights itself or computes in fp32)."""
@@ -99,12 +120,15 @@ class MicroBatchStep(_Step):
         super().__init__(*args)
         self.micro_batch_size = micro_batch_size
 
+    def _micro_batches(self, batch: Batch) -> list[Batch]:
+        rows = len(batch["tokens"])
+        n = rows // self.micro_batch_size if self.micro_batch_size > 0 else 1
+        return [dict(zip(batch, parts)) for parts in zip(*(t.chunk(n) for t in batch.values()))]
+
     def _run(self, batch: Batch) -> torch.Tensor:
         (model,) = self.engine.parts
         loss_acc = torch.zeros((), device=self.device)
-        rows = len(batch["tokens"])
-        n = rows // self.micro_batch_size if self.micro_batch_size > 0 else 1
-        micro_batches = [dict(zip(batch, parts)) for parts in zip(*(t.chunk(n) for t in batch.values()))]
+        micro_batches = self._micro_batches(batch)
         for i, mb in enumerate(micro_batches):
             with self.engine.grad_sync(model, i == len(micro_batches) - 1):
                 with self.autocast():
@@ -112,6 +136,17 @@ class MicroBatchStep(_Step):
                 loss = self.loss(logits, mb["labels"])
                 self.engine.backward(loss)
             loss_acc += _local(loss.detach())
+        return loss_acc
+
+    def _forward(self, batch: Batch) -> torch.Tensor:
+        # The engine's wrapper is called as in training (DDP skips its reducer under no_grad,
+        # FSDP gathers and frees as usual); no grad_sync: nothing reaches the gradients.
+        (model,) = self.engine.parts
+        loss_acc = torch.zeros((), device=self.device)
+        for mb in self._micro_batches(batch):
+            with self.autocast():
+                logits = model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"])
+            loss_acc += _local(self.loss(logits, mb["labels"]))
         return loss_acc
 
 
@@ -154,6 +189,22 @@ class PipelineStep(_Step):
         with self.autocast():
             schedule.step(*args, target=target, losses=losses, doc_ids=batch["doc_ids"],
                           positions=batch["positions"])
+        return self._sum(losses)
+
+    def _forward(self, batch: Batch) -> torch.Tensor:
+        # The schedule's forward-only pass (it rebuilds its stages' buffers when switching between
+        # eval and step, under a forked RNG); the outputs are not kept, only the losses.
+        schedule = self.schedule_for(tuple(batch["tokens"].shape))
+        losses: list[torch.Tensor] = []
+        args = (batch["tokens"],) if self.has_first_stage else ()
+        target = batch["labels"] if self.has_last_stage else None
+        with self.autocast():
+            schedule.eval(*args, target=target, losses=losses, doc_ids=batch["doc_ids"],
+                          positions=batch["positions"], return_outputs=False)
+        return self._sum(losses)
+
+    def _sum(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        """The micro-batch losses of the last stage; zero on the other stages."""
         if not self.has_last_stage:
             return torch.zeros((), device=self.device)
         return torch.stack([_local(loss.detach()) for loss in losses]).sum()

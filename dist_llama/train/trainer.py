@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -20,6 +20,7 @@ from dist_llama.model.flops import mfu
 from dist_llama.train.callbacks import Callback
 from dist_llama.train.checkpoint import Checkpointer
 from dist_llama.train.engines import Engine
+from dist_llama.train.evaluate import Evaluator
 from dist_llama.train.health import NoWatchdog, StepHealth, Watchdog
 from dist_llama.train.metrics import MetricsLogger, peak_memory_gib
 from dist_llama.train.optim import ScaledLambdaLR
@@ -74,6 +75,8 @@ class TrainerParts:
     layout: dict
     resume: Optional[Path] = None
     """The checkpoint to resume from (the newest valid one when training was built), if any."""
+    evaluator: Evaluator = field(default_factory=Evaluator)
+    """Validation on the held-out data (never due without any)."""
 
 
 class Trainer:
@@ -246,7 +249,12 @@ class Trainer:
             steps_done += 1
             self.goodput.productive_s += step_time
             record = self._record(loss, grad_norm, lr, step_time, fetched)
-            if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps:
+            if p.evaluator.due(self.step):  # after the update, before this step's checkpoint
+                self._beat("evaluate")
+                t_eval = time.perf_counter()
+                record.update(p.evaluator.evaluate(p.step, fetched.seq_len, fetched.tokens // fetched.seq_len))
+                record["val_time_s"] = time.perf_counter() - t_eval
+            if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps or "val_loss" in record:
                 elapsed = time.perf_counter() - started
                 self.logger.log_step(record, eta_s=elapsed / steps_done * (cfg.train.steps - self.step))
             for callback in p.callbacks:
