@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dist_llama.testing import run_ranks
+from dist_llama.train.compute_clock import ComputeClock
 
 
 class FakeLoader:
@@ -42,6 +43,7 @@ class FakeEngine:
         self.calls, self.grad_norms = calls, grad_norms
         self.updates = 0
         self.parts, self.optimizers = [], []
+        self.compute_clock = ComputeClock(torch.device("cpu"))
 
     def grad_norm(self):
         self.calls.append("grad_norm")

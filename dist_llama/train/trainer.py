@@ -80,7 +80,8 @@ class Trainer:
         tensors: reading them waits for the device, so the caller decides when."""
         if n_tokens is None:
             n_tokens = int(self.p.step.count_tokens(batch).item())
-        loss = self.p.step.forward_backward(batch, n_tokens)
+        with self.engine.compute_clock.window():  # this rank's own work, for the straggler check
+            loss = self.p.step.forward_backward(batch, n_tokens)
         poisoned = self.p.faults.loss(self.step + 1, loss)
         if poisoned is not loss:  # an injected NaN reaches the gradients as a real one would
             loss = poisoned
@@ -252,7 +253,7 @@ class Trainer:
         record = {"step": self.step, "loss": loss, "lr": p.schedulers[0].get_last_lr()[0], "grad_norm": grad_norm,
                   "tokens": self.progress.tokens, "tokens_per_sec": self.tokens_per_step / step_time,
                   "mfu": mfu(self.tokens_per_step / step_time / p.world_size, p.flops_per_token, p.peak_flops),
-                  "step_time_s": step_time, "mem_gib": peak_memory_gib(p.device), "time": time.time(),
+                  "step_time_s": step_time, "compute_s": self.engine.compute_clock.seconds, "mem_gib": peak_memory_gib(p.device), "time": time.time(),
                   "goodput": self.goodput.effective()}
         self.history.append(record)
         return record
