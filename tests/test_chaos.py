@@ -158,7 +158,7 @@ def test_silent_data_corruption_names_the_rank_and_rolls_back(tmp_path):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("engine", ["fsdp", "ddp"])
-def test_a_rank_slow_inside_its_forward_is_named(tmp_path, engine):
+def test_straggler_slow_inside_its_forward_is_named(tmp_path, engine):
     """Rank 1's forward takes 10x as long (a slow device). Its step ends with collectives like every
     rank's, so all step times are equal: only the compute times can name it, at every check."""
     run_dir = tmp_path / "run"
@@ -222,7 +222,7 @@ def _stop_while_it_works(pid: int, run_dir, steps: int, done: threading.Event, s
 
 
 @pytest.mark.timeout(300)
-def test_a_rank_stopped_from_outside_is_named(tmp_path):
+def test_straggler_stopped_from_outside_is_named(tmp_path):
     """Rank 1's process is stopped from outside (SIGSTOP / SIGCONT from a helper thread) for part
     of every step: its compute time grows, the others' does not, and only it is named."""
     run_dir = tmp_path / "run"
