@@ -13,7 +13,9 @@ nan         step, [rank], [times=1]         the step's loss comes back NaN (x Na
 bitflip     rank, step, [bit]               after the step's update, flip one bit of element 0 of the
                                             first (by name) parameter with local data; default bit:
                                             the top mantissa bit (finite, but a different value)
-slow        rank, factor                    after every step sleep (factor - 1) x its step time
+slow        rank, factor                    every forward of this rank's model parts takes factor x as
+                                            long: a sleep of (factor - 1) x its time inside the forward
+                                            (a slow device; the other ranks wait in its collectives)
 ckpt_fail   step, [rank]                    on_checkpoint_written raises RuntimeError
 ckpt_corrupt step, [rank]                   on_checkpoint_written flips one byte of one .distcp file
 
@@ -26,8 +28,8 @@ act again, so a fault fires once even across restarts of the job (a kill writes 
 killing). A fault with `rank` concerns that rank only. A fault without `rank` acts on every rank
 that reaches it, each with its own marker (.rankN), except ckpt_corrupt: one corrupted file is the
 drill, so the first rank to claim the shared marker does it. `nan` keeps one marker per attempt.
-`slow` is a property of a node, not an event: it acts on every step, and its marker only records
-(once) that it was switched on.
+`slow` is a property of a node, not an event: it acts on every forward from `slow_down(parts)` on,
+and its marker only records (once, at the first forward) that it was switched on.
 
 Reporting: each firing appends an event dict {"kind", "step", "rank", "spec", ...details} to
 `FaultInjector.fired` and, if given, calls `on_fire(kind, step, **details)` (details include
@@ -71,7 +73,8 @@ class FaultInjector:
         self.on_fire = on_fire
         self.fired: list[dict] = []
         """Every firing in this process, as event dicts (see the module docstring)."""
-        self._slow_reported: set[FaultSpec] = set()
+        self._step = 0
+        """The step being computed (set at its start): what a slow forward reports."""
 
     @classmethod
     def from_config(cls, health_cfg, rank: int, run_dir: Path, on_fire: Optional[Callable[..., None]] = None,
@@ -126,6 +129,7 @@ class FaultInjector:
     # --- hooks -------------------------------------------------------------------------------------
     def at_step_start(self, step: int) -> None:
         """Before the step's forward: kill, sigterm, hang."""
+        self._step = step
         if not self.specs:
             return
         for spec in self._mine("sigterm", step):
@@ -153,22 +157,31 @@ class FaultInjector:
                     return loss * float("nan")
         return loss
 
-    def after_step(self, step: int, step_time: float, parts: list[nn.Module]) -> None:
-        """After the step's optimizer update: bitflip (once), slow (every step)."""
+    def after_step(self, step: int, parts: list[nn.Module]) -> None:
+        """After the step's optimizer update: bitflip (once)."""
         if not self.specs:
             return
         for spec in self._mine("bitflip", step):
             if self._claim(self._marker(spec), step):
                 where = flip_bit(parts, spec.get("bit"))
                 self._report(spec, step, **where)
+
+    def slow_down(self, parts: list[nn.Module]) -> None:
+        """Install this rank's `slow` faults: a hook pair on each model part makes every forward
+        sleep (factor - 1) x its own time before returning, so the delay is inside the compute,
+        before the collectives that follow it, as a slow device's would be."""
         for spec in self._mine("slow"):
-            delay = (spec.get("factor") - 1.0) * step_time
-            if spec not in self._slow_reported:
-                self._slow_reported.add(spec)
-                if self._claim(self._marker(spec), step):
-                    self._report(spec, step, factor=spec.get("factor"))
-            if delay > 0:
-                time.sleep(delay)
+            for part in parts:
+                started: list[float] = []
+                # Registered after the engine's hooks: FSDP's pre-forward all-gather is not timed.
+                part.register_forward_pre_hook(lambda module, args, started=started: started.append(time.perf_counter()))
+                part.register_forward_hook(
+                    lambda module, args, out, spec=spec, started=started: self._slow_forward(spec, started.pop()))
+
+    def _slow_forward(self, spec: FaultSpec, started: float) -> None:
+        if self._claim(self._marker(spec), self._step):  # once per run directory: the switch-on
+            self._report(spec, self._step, factor=spec.get("factor"))
+        time.sleep((spec.get("factor") - 1.0) * (time.perf_counter() - started))
 
     def on_checkpoint_written(self, step: int, tmp_dir: Path) -> None:
         """After a checkpoint's files are written into tmp_dir, before verification and commit. Call

@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -156,12 +157,103 @@ def test_silent_data_corruption_names_the_rank_and_rolls_back(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_straggler_is_named(tmp_path):
+@pytest.mark.parametrize("engine", ["fsdp", "ddp"])
+def test_straggler_slow_inside_its_forward_is_named(tmp_path, engine):
+    """Rank 1's forward takes 10x as long (a slow device). Its step ends with collectives like every
+    rank's, so all step times are equal: only the compute times can name it, at every check."""
     run_dir = tmp_path / "run"
     _run([*_torchrun(2), *COMMON, f"train.run_dir={run_dir}", "train.steps=6", "checkpoint.enabled=false",
-          "health.faults=[slow:rank=1:factor=4]", "health.straggler_interval=2"])
+          f"parallel.engine={engine}", "health.faults=[slow:rank=1:factor=10]", "health.straggler_interval=2"])
     reports = [e for e in rundir.events(run_dir) if e["event"] == "stragglers"]
-    assert reports and all(e["ranks"] == [1] for e in reports)
+    assert [(e["step"], e["ranks"]) for e in reports] == [(2, [1]), (4, [1]), (6, [1])], reports
+    fast = {m["step"]: m["compute_s"] for m in rundir.read_jsonl(run_dir / "metrics.jsonl")}  # rank 0's
+    assert all(e["compute_s"][0] > 2 * fast[e["step"]] for e in reports), (reports, fast)
+
+
+def _pid_of_rank(launcher_pid: int, rank: int, timeout: float = 60) -> int:
+    """The worker process torchrun started for `rank` (its environment says which)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split()
+        for pid in children:
+            try:
+                environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in environ:
+                return int(pid)
+        time.sleep(0.05)
+    raise AssertionError(f"no worker with RANK={rank} under {launcher_pid}")
+
+
+def _running(pid: int) -> bool:
+    """Whether the process's main thread is on a CPU or ready for one (state R), not waiting."""
+    with open(f"/proc/{pid}/task/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0] == "R"
+
+
+def _steps_logged(run_dir) -> int:
+    metrics = run_dir / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+
+def _stop_while_it_works(pid: int, run_dir, steps: int, done: threading.Event, stops: list) -> None:
+    """From the first logged step to the last: whenever the process's main thread is working (not
+    waiting in a collective: stopping a rank that waits delays nobody), stop the process (SIGSTOP)
+    for 40 ms, then let it run 3 ms at least, as a stalled host or a noisy neighbour would."""
+    while not done.is_set() and _steps_logged(run_dir) < 1:
+        time.sleep(0.01)
+    try:
+        while not done.is_set() and _steps_logged(run_dir) < steps:
+            time.sleep(0.003)
+            while not done.is_set() and not _running(pid):
+                time.sleep(0.001)
+            os.kill(pid, signal.SIGSTOP)
+            stops.append(time.monotonic())
+            time.sleep(0.04)
+            os.kill(pid, signal.SIGCONT)
+    except (ProcessLookupError, FileNotFoundError):
+        pass  # the process has finished
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)  # never leave it stopped
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.timeout(300)
+def test_straggler_stopped_from_outside_is_named(tmp_path):
+    """Rank 1's process is stopped from outside (SIGSTOP / SIGCONT from a helper thread) for part
+    of every step: its compute time grows, the others' does not, and only it is named."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    # The ranks run niced, so the helper thread gets a CPU as soon as it wakes, however busy the
+    # machine: a helper that wakes late lets a whole step run without a stop.
+    proc = subprocess.Popen(["nice", "-n", "10", *_torchrun(2), *COMMON, f"train.run_dir={run_dir}", "train.steps=10",
+                             "checkpoint.enabled=false", "health.straggler_interval=1"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    done, stops = threading.Event(), []
+    helper = threading.Thread(target=_stop_while_it_works, args=(_pid_of_rank(proc.pid, 1), run_dir, 10, done, stops))
+    helper.start()
+    try:
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        done.set()
+        helper.join()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-5000:]
+    assert len(stops) >= 12, stops  # stopped in every step after the first, more than once
+    reports = rundir.events(run_dir, "stragglers")
+    fast = {m["step"]: m["compute_s"] for m in rundir.read_jsonl(run_dir / "metrics.jsonl")}  # rank 0's
+    # The stops start once step 1 is logged, when rank 1 may be into step 2 already, so checks 1
+    # and 2 see only the machine's own noise. A stop that lands while rank 1 waits in a collective
+    # counts as waiting, so a check can miss: from step 3 on, rank 1 must be named at most checks,
+    # with its compute time above twice rank 0's, and no check may name another rank.
+    named = {e["step"]: e for e in reports if e["step"] >= 3}
+    summary = ([(e["step"], e["ranks"], e["compute_s"]) for e in reports], fast)
+    assert all(e["ranks"] == [1] for e in named.values()) and len(named) >= 5, summary
+    assert all(e["compute_s"][0] > 2 * fast[step] for step, e in named.items()), summary
 
 
 @pytest.mark.timeout(300)

@@ -74,7 +74,7 @@ def test_inert_without_specs(tmp_path):
     before = _bits([m])
     f.at_step_start(1)
     assert f.loss(1, loss) is loss
-    f.after_step(1, 0.5, [m])
+    f.after_step(1, [m])
     f.on_checkpoint_written(1, tmp_path)
     assert torch.equal(_bits([m]), before) and f.fired == []
     assert not (tmp_path / "faults").exists()
@@ -136,7 +136,9 @@ def test_other_ranks_are_untouched(tmp_path):
     before = _bits([m])
     t0 = time.monotonic()
     f.at_step_start(2)
-    f.after_step(2, 0.1, [m])
+    f.after_step(2, [m])
+    f.slow_down([m])
+    m(torch.zeros(2, 3))
     assert time.monotonic() - t0 < 0.5 and torch.equal(_bits([m]), before)
     assert f.fired == [] and not (tmp_path / "faults").exists()
 
@@ -181,15 +183,15 @@ def test_bitflip_changes_exactly_one_bit_once(tmp_path):
     m1, m2 = _model(), _model()
     f = FaultInjector(["bitflip:rank=0:step=5"], rank=0, run_dir=tmp_path)
     before = _bits([m1, m2])
-    f.after_step(4, 0.0, [m1, m2])
+    f.after_step(4, [m1, m2])
     assert torch.equal(_bits([m1, m2]), before)
-    f.after_step(5, 0.0, [m1, m2])
+    f.after_step(5, [m1, m2])
     diff = _bits([m1, m2]) ^ before
     assert _popcount(diff) == 1 and diff[0] == 1 << 22  # element 0 of "0.bias" of the first part
     assert f.fired[0]["param"] == "0.bias" and f.fired[0]["bit"] == 22
     value = m1[0].bias[0].item()
     assert math.isfinite(value) and value != _model()[0].bias[0].item()
-    f.after_step(5, 0.0, [m1, m2])  # a replayed step 5 does not flip it back
+    f.after_step(5, [m1, m2])  # a replayed step 5 does not flip it back
     assert _popcount(_bits([m1, m2]) ^ before) == 1
 
 
@@ -205,7 +207,7 @@ def _bitflip_dtensor():
         lin.weight = nn.Parameter(distribute_tensor(lin.weight.detach(), mesh, [Shard(0)]))
         before = lin.weight.to_local().clone()
         with tempfile.TemporaryDirectory() as d:
-            FaultInjector(["bitflip:rank=1:step=1"], dist.get_rank(), d).after_step(1, 0.0, [lin])
+            FaultInjector(["bitflip:rank=1:step=1"], dist.get_rank(), d).after_step(1, [lin])
         after = lin.weight.to_local()
         return _popcount(after.reshape(-1).view(torch.int32) ^ before.reshape(-1).view(torch.int32))
     finally:
@@ -216,14 +218,25 @@ def test_bitflip_hits_the_local_shard_of_a_dtensor():
     assert run_ranks(_bitflip_dtensor, 2) == [0, 1]
 
 
-def test_slow_sleeps_every_step(tmp_path):
+class _Sleeper(nn.Module):
+    """A forward that takes 50 ms."""
+
+    def forward(self, x):
+        time.sleep(0.05)
+        return x
+
+
+def test_slow_makes_every_forward_factor_times_longer(tmp_path):
     events = []
     f = FaultInjector(["slow:rank=0:factor=3"], rank=0, run_dir=tmp_path,
                       on_fire=lambda kind, step, **kw: events.append((kind, step, kw)))
+    m = _Sleeper()
+    f.slow_down([m])
     for step in (1, 2):
+        f.at_step_start(step)
         t0 = time.monotonic()
-        f.after_step(step, 0.05, [])
-        assert 0.1 <= time.monotonic() - t0 < 0.5
+        m(torch.zeros(1))  # the delay is inside the forward call, not after the step
+        assert 0.15 <= time.monotonic() - t0 < 0.5
     assert events == [("slow", 1, {"spec": "slow:rank=0:factor=3.0", "factor": 3.0})]
 
 

@@ -290,3 +290,17 @@ def test_replica_groups_follow_the_data_parallel_layout():
     # mesh [pp=1, dp_replicate=2, dp_shard=2, cp=1, tp=2]: rank = 4*rep + 2*shard + tp
     assert out[0] == {"hsdp": [0, 4], "ddp": [0, 2, 4, 6], "fsdp": None}
     assert out[5] == {"hsdp": [1, 5], "ddp": [1, 3, 5, 7], "fsdp": None}
+
+
+def test_straggler_check_says_when_the_layout_is_unmeasured():
+    """A layout whose waits the engine cannot time gets one event with the reason and no check (no
+    collective: this runs without a process group)."""
+    from dist_llama.train.callbacks import StragglerCheck
+    from dist_llama.train.compute_clock import Unmeasured
+
+    events = []
+    logger = SimpleNamespace(event=lambda name, step, **kw: events.append((name, step, kw)))
+    check = StragglerCheck(1, 2.0, Unmeasured("tp=2: not timed"), SimpleNamespace(beat=lambda *a: None), logger)
+    check.on_train_start()
+    assert check.on_step_end({"step": 1, "compute_s": None}) == []
+    assert events == [("straggler_check_unavailable", 0, {"reason": "tp=2: not timed"})]

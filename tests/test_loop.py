@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dist_llama.testing import run_ranks
+from dist_llama.train.compute_clock import ComputeClock
 
 
 class FakeLoader:
@@ -46,6 +47,7 @@ class FakeEngine:
         self.parts, self.optimizers = [], [optimizer]
         self.lrs: list[float] = []
         """The LR of each update, as the optimizer held it when stepping."""
+        self.compute_clock = ComputeClock(torch.device("cpu"))
 
     def grad_norm(self):
         self.calls.append("grad_norm")

@@ -239,9 +239,10 @@ class HealthConfig:
     hang_timeout_s: float = 0.0
     """Heartbeat watchdog: a step or collective stuck this long dumps stacks and exits to restart (0 = off)."""
     straggler_interval: int = 0
-    """Every this many steps compare per-rank step times (0 = off)."""
+    """Every this many steps compare per-rank compute times, `compute_s` (0 = off; train/compute_clock.py)."""
     straggler_factor: float = 2.0
-    """Ranks slower than this times the median step time are reported as stragglers."""
+    """Ranks whose compute time (forward/backward without waits in collectives) is above this times the
+    lower median are reported as stragglers."""
     sdc_interval: int = 0
     """Every this many steps compare a parameter hash across data-parallel replicas (0 = off)."""
     sdc_action: str = "rollback"

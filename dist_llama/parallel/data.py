@@ -46,7 +46,11 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, meshes: Meshes, param_dtype
 
 
 def apply_ddp(model: nn.Module, meshes: Meshes, device: torch.device) -> nn.Module:
-    """Replicate over every data-parallel and context-parallel rank (dp_replicate x dp_shard x cp)."""
+    """Replicate over every data-parallel and context-parallel rank (dp_replicate x dp_shard x cp).
+
+    Buffers are not broadcast: the model's only buffer (RoPE frequencies) is computed alike on every
+    rank, and a broadcast at the start of each forward would be a blocking collective inside the
+    compute time the straggler check measures."""
     return DistributedDataParallel(
-        model, process_group=meshes.dp_cp.get_group(),
+        model, process_group=meshes.dp_cp.get_group(), broadcast_buffers=False,
         device_ids=[device.index] if device.type == "cuda" else None)

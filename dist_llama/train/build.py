@@ -149,7 +149,8 @@ def build_trainer(cfg: Config, env: DistEnv, sources) -> Trainer:
                             on_hang=lambda: _exit_on_hang(logger, watchdog))
     callbacks = [HangReport(logger), Faults(faults, engine.parts)]
     if h.straggler_interval:
-        callbacks.append(StragglerCheck(h.straggler_interval, h.straggler_factor, watchdog, logger))
+        callbacks.append(StragglerCheck(h.straggler_interval, h.straggler_factor, engine.compute_clock, watchdog,
+                                        logger))
     if h.sdc_interval and engine.replica_group is not None:
         callbacks.append(ReplicaCheck(h.sdc_interval, engine.replica_group, engine.parts, env.device, watchdog))
     elif h.sdc_interval:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-import torch.distributed as dist
 
 from dist_llama.faults import FaultInjector
+from dist_llama.train.compute_clock import ComputeClock
 from dist_llama.train.health import check_replicas, find_stragglers
 from dist_llama.train.metrics import MetricsLogger
 from dist_llama.train.recovery import agree
@@ -51,18 +51,22 @@ class Callback:
 
 
 class Faults(Callback):
-    """Injected faults at the loop's points (kill, sigterm, hang at step start; bitflip, slow after
-    the update). NaN losses and checkpoint faults are injected where they happen."""
+    """Injected faults at the loop's points (slow forwards from the start; kill, sigterm, hang at
+    step start; bitflip after the update). NaN losses and checkpoint faults are injected where they
+    happen."""
 
     def __init__(self, injector: FaultInjector, parts):
         self.injector = injector
         self.parts = parts
 
+    def on_train_start(self) -> None:
+        self.injector.slow_down(self.parts)
+
     def on_step_start(self, step: int) -> None:
         self.injector.at_step_start(step)
 
     def on_update(self, step: int, elapsed_s: float) -> None:
-        self.injector.after_step(step, elapsed_s, self.parts)
+        self.injector.after_step(step, self.parts)
 
 
 class HangReport(Callback):
@@ -94,23 +98,26 @@ class HangReport(Callback):
 
 
 class StragglerCheck(Callback):
-    """Every `interval` steps, ranks slower than factor x the median step time are reported. Those
-    steps start with a barrier, so each rank's step time is its own, not a wait for others."""
+    """Every `interval` steps, ranks whose compute time (`compute_s`: the step's forward/backward
+    without the time the rank was blocked in collectives, train/compute_clock.py) is above factor x
+    the median are reported. Step times cannot be compared: in lockstep training every rank waits
+    for the slowest, so all step times come out equal. A layout whose compute time the engine
+    cannot measure gets one `straggler_check_unavailable` event with the reason, and no check."""
 
-    def __init__(self, interval: int, factor: float, watchdog, logger: MetricsLogger):
-        self.interval, self.factor, self.watchdog, self.logger = interval, factor, watchdog, logger
+    def __init__(self, interval: int, factor: float, clock: ComputeClock, watchdog, logger: MetricsLogger):
+        self.interval, self.factor, self.clock, self.watchdog, self.logger = interval, factor, clock, watchdog, logger
 
-    def on_step_start(self, step: int) -> None:
-        if step % self.interval == 0:
-            dist.barrier()
+    def on_train_start(self) -> None:
+        if self.clock.unmeasured is not None:
+            self.logger.event("straggler_check_unavailable", 0, reason=self.clock.unmeasured)
 
     def on_step_end(self, record: dict) -> list[Finding]:
-        if record["step"] % self.interval == 0:
+        if record["step"] % self.interval == 0 and self.clock.unmeasured is None:
             self.watchdog.beat(record["step"], "straggler_check")
-            slow = find_stragglers(record["step_time_s"], factor=self.factor)
+            slow = find_stragglers(record["compute_s"], factor=self.factor)
             if slow:
                 self.logger.event("stragglers", record["step"], ranks=[r for r, _ in slow],
-                                  step_times=[round(t, 4) for _, t in slow], factor=self.factor)
+                                  compute_s=[round(t, 4) for _, t in slow], factor=self.factor)
         return []
 
 

@@ -105,7 +105,8 @@ class Trainer:
         tensors: reading them waits for the device, so the caller decides when."""
         if n_tokens is None:
             n_tokens = int(self.p.step.count_tokens(batch).item())
-        loss = self.p.step.forward_backward(batch, n_tokens)
+        with self.engine.compute_clock.window():  # this rank's own work, for the straggler check
+            loss = self.p.step.forward_backward(batch, n_tokens)
         poisoned = self.p.faults.loss(self.step + 1, loss)
         if poisoned is not loss:  # an injected NaN reaches the gradients as a real one would
             loss = poisoned
@@ -291,7 +292,8 @@ class Trainer:
                   "mfu": mfu(fetched.tokens / step_time / p.world_size, p.flops_per_token(fetched.seq_len),
                              p.peak_flops),
                   "seq_len": fetched.seq_len, "tokens_by_source": fetched.tokens_by_source,
-                  "step_time_s": step_time, "mem_gib": peak_memory_gib(p.device), "time": time.time(),
+                  "step_time_s": step_time, "compute_s": self.engine.compute_clock.seconds,
+                  "mem_gib": peak_memory_gib(p.device), "time": time.time(),
                   "goodput": self.goodput.effective()}
         self.history.append(record)
         return record

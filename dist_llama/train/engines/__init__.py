@@ -7,6 +7,7 @@ import torch
 
 from dist_llama.config import Config
 from dist_llama.parallel.dims import Meshes, ParallelDims
+from dist_llama.train.compute_clock import ComputeClock
 from dist_llama.train.engines.base import Engine, LocalEngine
 from dist_llama.train.engines.ddp import DDPEngine
 from dist_llama.train.engines.fsdp import FSDPEngine
@@ -23,7 +24,8 @@ def build_engine(cfg: Config, dims: ParallelDims, meshes: Meshes, device: torch.
     if p.engine == "deepspeed":
         return ZeroEngine(ds_config(cfg, dims.dp, n_micro, dtype), dims, meshes, device)
     if not dims.data_parallel:
-        return LocalEngine(dtype, clip, meshes.pp_group)
+        alone = dims.tp == 1 and dims.pp == 1  # nothing to wait for
+        return LocalEngine(dtype, clip, meshes.pp_group, ComputeClock(device) if alone else None)
     if p.engine == "ddp":
         return DDPEngine(meshes, device, dtype, clip)
     return FSDPEngine(dims, meshes, dtype, clip, p.reshard_after_forward)

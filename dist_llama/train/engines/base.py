@@ -3,8 +3,9 @@ rank, or tensor / pipeline parallel only), which FSDP and DDP build on.
 
 An engine owns what differs between data-parallel implementations: how model parts are sharded or
 wrapped, gradient synchronisation per micro-batch, backward, the global gradient norm, the update,
-dropping a step, its checkpoint state, the replicas the corruption check compares, and whether
-autocast or the engine itself handles the compute dtype. The loop and the step strategies call only
+dropping a step, its checkpoint state, the replicas the corruption check compares, whether
+autocast or the engine itself handles the compute dtype, and the clock that times this rank's own
+compute without the time it waits for others in the engine's collectives (train/compute_clock.py). The loop and the step strategies call only
 this interface; adding an engine means adding one module and one line to `build_engine`.
 """
 
@@ -22,6 +23,7 @@ from torch.distributed.checkpoint.staging import DefaultStager
 
 from dist_llama.train.checkpoint_dcp import DCPState
 from dist_llama.train.checkpoint_integrity import Digests
+from dist_llama.train.compute_clock import ComputeClock, Unmeasured
 from dist_llama.train.optim import clip_grads_with_norm_, global_grad_norm
 
 
@@ -43,6 +45,9 @@ class Engine(Protocol):
     """The checkpoint state format, recorded in the manifest."""
     required: tuple[str, ...]
     """Files a checkpoint of this format cannot be valid without."""
+    compute_clock: ComputeClock
+    """Around forward/backward (`window()`): this rank's own compute time, without its waits in
+    collectives (the straggler check's input); `unmeasured` says why a layout has none."""
 
     def shard(self, part: nn.Module) -> None: ...
     def wrap(self, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> None: ...
@@ -65,12 +70,17 @@ class Engine(Protocol):
 
 class LocalEngine:
     """No data parallelism: gradients stay where backward leaves them (`.grad`, DTensors under TP).
-    Pipeline stages hold disjoint parameters, so the norm adds up over the pp group."""
+    Pipeline stages hold disjoint parameters, so the norm adds up over the pp group. Its compute
+    clock is given: one rank has nothing to wait for, while tensor or pipeline parallel ranks wait
+    inside the model or the schedule, where no clock sees it."""
 
     format = DCPState.format
     required = DCPState.required
 
-    def __init__(self, dtype: torch.dtype, grad_clip: float, pp_group: Optional[dist.ProcessGroup]):
+    def __init__(self, dtype: torch.dtype, grad_clip: float, pp_group: Optional[dist.ProcessGroup],
+                 compute_clock: Optional[ComputeClock] = None):
+        self.compute_clock = compute_clock or Unmeasured("tensor or pipeline parallel without data parallelism: "
+                                                         "their collectives are inside the model or the schedule")
         self.autocast_dtype = None if dtype == torch.float32 else dtype
         self.grad_clip = grad_clip
         self.pp_group = pp_group

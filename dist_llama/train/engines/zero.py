@@ -34,6 +34,7 @@ from torch import nn
 
 from dist_llama.parallel.dims import Meshes, ParallelDims
 from dist_llama.train.checkpoint_integrity import CheckpointError, Digests, HashingStream, sha256_file
+from dist_llama.train.compute_clock import Unmeasured
 
 CHECKPOINT_TAG = "deepspeed"
 """DeepSpeed writes its files into <checkpoint dir>/deepspeed/."""
@@ -95,6 +96,7 @@ class ZeroEngine:
         # ZeRO-1/2 shard optimizer state (and gradients) but every dp rank holds the whole model,
         # all-gathered after each update; ZeRO-3 shards the parameters.
         self.replica_group = meshes.dp.get_group() if self.stage < 3 and dims.dp > 1 else None
+        self.compute_clock = Unmeasured("DeepSpeed ZeRO: its collectives are DeepSpeed's own and not timed")
         self.parts: list[nn.Module] = []
         self.optimizers: list[torch.optim.Optimizer] = []
         self.engine = None
