@@ -164,11 +164,10 @@ def test_kjv_split_cuts_at_a_document_start():
 @pytest.mark.parametrize("overrides,key", [
     (["data.eval_fraction=1.0"], "data.eval_fraction"),
     (["data.eval_fraction=-0.1"], "data.eval_fraction"),
-    (["data.eval_fraction=0.0000001"], "data.eval_fraction"),  # no document starts in the tail
+    (["data.eval_fraction=0.0000001", "train.eval_interval=5"], "data.eval_fraction"),  # no document in the tail
     (["train.eval_interval=-1"], "train.eval_interval"),
-    (["train.eval_interval=5"], "train.eval_interval"),  # nothing held out
+    (["train.eval_interval=5", "data.eval_fraction=0"], "train.eval_interval"),  # nothing held out
     (["data.eval_fraction=0.1", "train.eval_tokens=0"], "train.eval_tokens"),
-    (["data.eval_fraction=0.1", "data.eval_sources=[{name: a, path: kjv}]"], "data.eval_sources"),
     (["data.eval_sources=[{name: a, path: /nonexistent}]"], "data.eval_sources[0].path"),
     (["data.eval_sources=[{name: a, path: kjv}, {name: a, path: kjv}]"], "data.eval_sources[0].name"),
 ])

@@ -140,8 +140,6 @@ def _validate_eval(cfg: Config) -> None:
     checked once the sources are open (train/cli.py)."""
     d, t = cfg.data, cfg.train
     _require(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}")
-    _require(not (d.eval_sources and d.eval_fraction > 0), "data.eval_sources",
-             f"set either data.eval_sources or data.eval_fraction (={d.eval_fraction}), not both")
     names = [s.name for s in d.eval_sources or []]
     for i, s in enumerate(d.eval_sources or []):
         key = f"data.eval_sources[{i}]"

@@ -114,9 +114,9 @@ class DataConfig:
     anneal_weights: Optional[Dict[str, float]] = None
     """Source weights while annealing (e.g. upsampling high-quality sources); None: keep the stage's."""
     eval_sources: Optional[List[SourceConfig]] = None
-    """Held-out sources for validation: [{name, path}, ...] (weights ignored); None: see eval_fraction."""
-    eval_fraction: float = 0.0
-    """Hold out the last fraction of each training source (cut at a document start) for validation; training never reads it."""
+    """Held-out sources for validation: [{name, path}, ...] (weights ignored); they replace eval_fraction's split."""
+    eval_fraction: float = 0.01
+    """Hold out the last fraction of each training source (cut at a document start) for validation, whether or not it runs, so turning it on changes no training batch; 0 = none."""
     tokenizer: str = "byte"
     """'byte', or a tokenizer file recognised by content: a Hugging Face tokenizer.json, a tiktoken
     BPE file (Llama 3 tokenizer.model) or a SentencePiece model (Llama 2 tokenizer.model)."""

@@ -80,12 +80,16 @@ def open_sources(cfg: Config, tokenizer) -> DataSources:
              for i, spec in enumerate(sources_of(cfg))]
     held_out = [open_one(spec, f"data.eval_sources[{i}].path") for i, spec in enumerate(cfg.data.eval_sources or [])]
     if 0 < cfg.data.eval_fraction < 1 and not held_out:  # other values: validate names the key
+        unsplit = []
         for source in train:
             try:
                 source.data, tail = split_held_out(source.data, cfg.data.eval_fraction)
-            except ValueError as exc:
-                raise ConfigError("data.eval_fraction", f"source {source.name!r}: {exc}") from None
+            except ValueError as exc:  # too few documents: trained on whole, not evaluated
+                unsplit.append(f"source {source.name!r}: {exc}")
+                continue
             held_out.append(Source(source.name, tail))
+        if cfg.train.eval_interval and not held_out:
+            raise ConfigError("data.eval_fraction", f"nothing to evaluate: {'; '.join(unsplit)}")
     return DataSources(train, held_out)
 
 
