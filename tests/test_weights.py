@@ -376,3 +376,28 @@ def test_presets_take_the_published_checkpoints_as_they_are(preset):
     if preset in PUBLISHED_META:
         params, vocab = PUBLISHED_META[preset]
         check_source(_Published(_args_from_meta_params(params, model.max_seq_len, Path("params.json"), vocab)), model)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_deepspeed_run_is_read_as_weights(hf_dir, tmp_path, stage):
+    """A run saved by DeepSpeed ZeRO-2/3 on 2 ranks: its fp32 master weights equal what DeepSpeed's
+    own zero_to_fp32 reassembles, and it starts an FSDP run at the plain model's loss."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from dist_llama.weights import open_weights
+
+    run = tmp_path / "ds"
+    run_ranks(_train_from, 2, [f"train.run_dir={run}", f"checkpoint.init_from={hf_dir}", "train.steps=2",
+                               "checkpoint.interval=0", "parallel.engine=deepspeed",
+                               f"parallel.zero_stage={stage}"], 2, timeout=250)
+    source = open_weights(run)
+    step_dir = next((run / "checkpoints").iterdir())
+    # The reference unpickles DeepSpeed's files: fine here, this test wrote them.
+    reference = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="deepspeed")
+    assert sorted(source.names()) == sorted(k for k in reference if k.endswith(".weight"))
+    for name in source.names():
+        assert torch.equal(source.read(name), reference[name].float()), name
+    loss, batch, _ = run_ranks(_first_loss, 2, [f"train.run_dir={tmp_path}/fsdp", f"checkpoint.init_from={run}",
+                                                "checkpoint.enabled=false"], 2, timeout=200)[0]
+    assert loss == pytest.approx(_plain_loss(run, batch), rel=1e-5)

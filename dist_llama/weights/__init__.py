@@ -12,9 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
-from dist_llama.weights.sources import DCPSource, HFSource, MetaSource, WeightsError, expected_shapes
+from dist_llama.weights.sources import (DCPSource, DeepSpeedSource, HFSource, MetaSource, WeightsError,
+                                        expected_shapes)
 
-WeightSource = Union[HFSource, MetaSource, DCPSource]
+WeightSource = Union[HFSource, MetaSource, DCPSource, DeepSpeedSource]
 
 __all__ = ["open_weights", "WeightSource", "WeightsError", "expected_shapes", "newest_checkpoint"]
 
@@ -56,12 +57,11 @@ def open_weights(path: Union[str, Path], max_seq_len: Optional[int] = None) -> W
         raise WeightsError(f"{path}: not a Hugging Face directory (config.json), a Meta directory "
                            "(params.json) or a dist_llama run or checkpoint directory (manifest.json)")
     state = read_manifest(step_dir).get("state", "dcp")
-    if state != "dcp":
-        raise WeightsError(f"{step_dir}: holds {state} state (parallel.engine=deepspeed); only DCP "
-                           "checkpoints (fsdp, ddp, single-process engines) can be read as weights")
+    if state not in ("dcp", "deepspeed"):
+        raise WeightsError(f"{step_dir}: holds {state} state, which is not read as weights")
     config_file = run_dir / "config.yaml"
     try:
         config = yaml.safe_load(config_file.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise WeightsError(f"{config_file}: the run's config is needed for the architecture ({exc})") from None
-    return DCPSource(step_dir, config)
+    return DCPSource(step_dir, config) if state == "dcp" else DeepSpeedSource(step_dir, config)

@@ -207,9 +207,6 @@ def _hashing_checkpoint_engine():
       DeepSpeed types, allowed here by name.
     """
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
 
     class HashingCheckpointEngine(TorchCheckpointEngine):
         def __init__(self):
@@ -229,7 +226,17 @@ def _hashing_checkpoint_engine():
                 self.errors.append(f"{path}: {type(e).__name__}: {e}")
 
         def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-                return torch.load(path, map_location=map_location, weights_only=True)
+            return safe_load(path, map_location)
 
     return HashingCheckpointEngine()
+
+
+def safe_load(path, map_location=None):
+    """A DeepSpeed checkpoint file with weights_only=True: tensors and plain containers, plus the
+    three DeepSpeed types its files hold, allowed by name (DeepSpeed's own loader unpickles anything)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True)
