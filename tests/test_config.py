@@ -67,6 +67,15 @@ BAD = [
     (DEBUG, ["optim.min_lr_ratio=2"], 1, "optim.min_lr_ratio"),
     (DEBUG, ["train.dtype=fp8"], 1, "train.dtype"),
     (DEBUG, ["logging.wandb_mode=cloud"], 1, "logging.wandb_mode"),
+    # Values that trained into NaN and a restart loop, or crashed late with a traceback.
+    (DEBUG, ["optim.lr=inf"], 1, "optim.lr"),
+    (DEBUG, ["optim.weight_decay=inf"], 1, "optim.weight_decay"),
+    (DEBUG, ["model.norm_eps=inf"], 1, "model.norm_eps"),
+    (DEBUG, ["health.spike_zscore=nan"], 1, "health.spike_zscore"),
+    (DEBUG, ["train.seed=-1"], 1, "train.seed"),
+    (DEBUG, ["train.seed=18446744073709551616"], 1, "train.seed"),
+    (DEBUG, ["train.steps=${nope.x}"], 1, "train.steps"),
+    (DEBUG, ["train.run_dir=/proc/version"], 1, "train.run_dir"),  # a file
     (str(ROOT / "configs" / "nope.yaml"), [], 1, "--config"),
 ]
 
@@ -141,3 +150,13 @@ def test_resolved_config_round_trips(tmp_path):
     again = config_lib.to_object(config_lib.load(str(path)))
     assert again.train.steps == 3 and again.parallel.dp_shard == 1
     assert yaml.safe_load(path.read_text())["model"]["dim"] == 128
+
+
+@pytest.mark.timeout(60)
+def test_a_section_that_is_not_a_mapping_exits_2_naming_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    preset = tmp_path / "bad.yaml"
+    preset.write_text("model: 5\ntrain:\n  steps: 3\n")
+    assert main(["--config", str(preset), f"train.run_dir={tmp_path}/run"]) == EXIT_CONFIG
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("dist_llama: config error: model:"), err

@@ -448,3 +448,25 @@ def test_open_dataset_concurrent(tmp_path):
     assert results[0] == results[1] and not results[0].startswith("error")
     assert os.listdir(tmp_path) == ["kjv-byte"]
     assert TokenDataset.open(tmp_path / "kjv-byte").fingerprint == results[0]
+
+
+def test_token_ids_outside_the_vocabulary_are_caught_with_the_file_named(tmp_path):
+    """prepare records the largest id; a dataset whose ids do not fit its vocabulary is refused when it
+    opens, and a shard changed afterwards is named at the read instead of an IndexError in the model."""
+    import json
+
+    ds = make_ds(tmp_path, DOCS)
+    assert ds.meta["max_id"] == max(int(ds.tokens(0, len(ds)).max()), 0) < ds.vocab_size
+    meta_path = tmp_path / "ds" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "max_id": meta["vocab_size"]}))
+    with pytest.raises(ValueError, match="do not fit the vocabulary"):
+        TokenDataset.open(tmp_path / "ds")
+    meta_path.write_text(json.dumps(meta))
+    shard = tmp_path / "ds" / meta["shards"][0]["file"]
+    data = np.fromfile(shard, dtype="<u2")
+    data[5] = 60000
+    data.tofile(shard)
+    ds = TokenDataset.open(tmp_path / "ds")
+    with pytest.raises(ValueError, match=r"token id 60000 at position 5 is outside the vocabulary"):
+        ds.tokens(0, 10)

@@ -63,6 +63,10 @@ def load(config_path: Optional[str], overrides: Sequence[str] = (), schema: type
             raise ConfigError("--config", f"{config_path} is not valid YAML: {str(exc).splitlines()[0]}") from None
         if not isinstance(preset, dict):
             raise ConfigError("--config", f"{config_path} must hold a mapping of sections")
+        for section, value in preset.items():
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(str(section), f"must be a mapping of keys (in {config_path}), got "
+                                                f"{type(value).__name__} {value!r}")
         cfg = _merge(cfg, preset, str(config_path))
     dotlist = _parse_overrides(overrides)
     for item in dotlist:
@@ -94,7 +98,12 @@ def explicit_keys(config_path: Optional[str], overrides: Sequence[str] = ()) -> 
 
 
 def to_object(cfg: DictConfig) -> Config:
-    return OmegaConf.to_object(cfg)
+    """The typed config; an interpolation that does not resolve (`${...}`) is a ConfigError naming its key."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        key = _key_of(exc, "config")
+        raise ConfigError(key, f"cannot be resolved: {str(exc.msg or exc).splitlines()[0]}") from None
 
 
 def save_resolved(cfg: Config, run_dir: Path) -> Path:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import os
+from pathlib import Path
 from typing import Optional
 
 from dist_llama.config.data_plan import validate_data_plan
@@ -167,8 +170,31 @@ def _check_stage(cfg: Config, parallel: ParallelConfig, seq_len: int, global_bat
         raise ConfigError(prefix + field, exc.message) from None
 
 
+def _finite(node, prefix: str = "") -> None:
+    """Every float in the config is finite: an `inf` LR or eps trains into NaN and a restart loop."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _finite(value, key + ".")
+        elif isinstance(value, float):
+            _require(math.isfinite(value), key, f"must be a finite number, got {value}")
+
+
+def _run_dir_writable(path: str) -> None:
+    """The run directory is a directory this process can write, or can be created."""
+    p = Path(path)
+    _require(not p.exists() or p.is_dir(), "train.run_dir", f"{path} exists and is not a directory")
+    existing = next(q for q in [p, *p.parents] if q.exists())
+    _require(existing.is_dir() and os.access(existing, os.W_OK | os.X_OK), "train.run_dir",
+             f"{existing} is not writable, so {path} cannot hold checkpoints and logs")
+
+
 def validate(cfg: Config, world_size: int, dataset=None, tokenizer_vocab: Optional[int] = None) -> Config:
     """Check every combination we can check before training; returns the resolved config."""
+    _finite(cfg)
+    _require(0 <= cfg.train.seed < 2**63, "train.seed", f"must be in [0, 2**63), got {cfg.train.seed}")
+    _run_dir_writable(cfg.train.run_dir)
     validate_model(cfg.model)
     parallel = resolve_parallel(cfg.parallel, world_size)
     t, o, c, d = cfg.train, cfg.optim, cfg.checkpoint, cfg.data

@@ -71,6 +71,9 @@ class TokenDataset:
             total += n
         if total != meta["n_tokens"]:
             raise bad(f"shards hold {total} tokens but n_tokens is {meta['n_tokens']}")
+        max_id = meta.get("max_id")
+        if max_id is not None and not (isinstance(max_id, int) and max_id < meta["vocab_size"]):
+            raise bad(f"token ids up to {max_id} do not fit the vocabulary of {meta['vocab_size']}")
         docs_path = os.path.join(path, "docs.npy")
         try:
             # Memory-mapped: billions of documents cost address space, not memory, on every rank.
@@ -133,6 +136,12 @@ class TokenDataset:
             out[pos - start : pos - start + take] = self._shards[i][pos - s0 : pos - s0 + take]
             pos += take
             i += 1
+        # A shard changed after it was prepared: one clear error instead of an IndexError deep in the
+        # embedding (or a device-side assert on CUDA).
+        if len(out) and int(out.max()) >= self.vocab_size:
+            bad = int(np.argmax(out >= self.vocab_size))
+            raise ValueError(f"{self.path}: token id {int(out[bad])} at position {start + bad} is outside the "
+                             f"vocabulary of {self.vocab_size} (a shard was changed after dist-llama-prepare)")
         return out
 
     def doc_starts_in(self, start: int, stop: int) -> np.ndarray:

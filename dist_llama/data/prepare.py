@@ -6,7 +6,8 @@ Output directory layout (format version 1)::
                            the shards concatenated form one stream, documents may span shards
     docs.npy               int64 start offset of every document in that stream (allow_pickle=False)
     meta.json              format, version, tokenizer (name), vocab_size, dtype, n_tokens, n_docs,
-                           bos, bos_id, eos_id, sha256 (of the stream), shards [{file, n_tokens}]
+                           bos, bos_id, eos_id, sha256 (of the stream), max_id (the largest token
+                           id), shards [{file, n_tokens}]
 
 Each document is ``[bos] + tokens + [eos]`` (no BOS with ``--no-bos``; EOS always separates
 documents). Everything is written into a temporary directory next to the output and renamed into
@@ -74,11 +75,15 @@ class _ShardWriter:
         self.shard_tokens = shard_tokens
         self.shards: list[dict] = []
         self.n_tokens = 0
+        self.max_id = -1
+        """The largest token id written: recorded so that a reader can check it against a vocabulary."""
         self._f = None
         self._left = 0
         self.sha = hashlib.sha256()
 
     def write(self, arr: np.ndarray) -> None:
+        if len(arr):
+            self.max_id = max(self.max_id, int(arr.max()))
         data = arr.astype(self.np_dtype, copy=False)
         while len(data):
             if self._left == 0:
@@ -244,6 +249,7 @@ def write_batches(
         "bos_id": tokenizer.bos_id,
         "eos_id": tokenizer.eos_id,
         "sha256": writer.sha.hexdigest(),
+        "max_id": int(writer.max_id),
         "shards": writer.shards,
         "sources": [os.path.basename(s) for s in sources],
     }
