@@ -1,12 +1,9 @@
 """Reading a run directory's JSONL records (metrics.jsonl, events.jsonl) in tests."""
 
-import json
 from pathlib import Path
 from typing import Optional
 
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+from dist_llama.train.metrics import read_jsonl  # the loop's own reader: torn lines are skipped
 
 
 def losses(run_dir: Path) -> list[float]:

@@ -35,7 +35,8 @@ from dist_llama.train.evaluate import Evaluator
 from dist_llama.train.health import NoWatchdog, StepHealth, Watchdog, preflight
 from dist_llama.train.metrics import MetricsLogger
 from dist_llama.train.optim import build_optimizer, build_scheduler
-from dist_llama.train.recovery import EXIT_RESTART, RecoveryPolicy
+from dist_llama.config import EXIT_CONFIG
+from dist_llama.train.recovery import EXIT_RESTART, RecoveryPolicy, TrainingExit
 from dist_llama.train.step import build_step
 from dist_llama.train.trainer import Trainer, TrainerParts
 from dist_llama.weights import open_weights
@@ -115,6 +116,10 @@ def build_trainer(cfg: Config, env: DistEnv, sources) -> Trainer:
                                 logger=logger, faults=faults)
     # Known before the model is built: initial weights are read only when there is nothing to resume.
     resume = checkpointer.latest() if ck.enabled and ck.resume else None
+    if resume is None and ck.enabled and ck.resume and checkpointer.has_checkpoints():
+        # Every checkpoint failed the deep check (the cheap one passed at start): never overwrite them.
+        raise TrainingExit(EXIT_CONFIG, f"{run_dir / 'checkpoints'} holds checkpoints and none is valid (see "
+                           "checkpoint_skipped in events.jsonl); move them away to start over")
     init_from = None
     if ck.init_from and resume is not None:
         logger.event("init_from_ignored", 0, init_from=ck.init_from, resume=str(resume),

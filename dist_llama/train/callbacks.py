@@ -11,14 +11,13 @@ callback's hooks in list order:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 
 from dist_llama.faults import FaultInjector
 from dist_llama.train.compute_clock import ComputeClock
 from dist_llama.train.health import check_replicas, find_stragglers
-from dist_llama.train.metrics import MetricsLogger
+from dist_llama.train.metrics import MetricsLogger, read_jsonl
 from dist_llama.train.recovery import agree
 
 PHASES = ("step_start", "forward_backward", "health_agreement", "optimizer", "straggler_check", "sdc_check",
@@ -82,8 +81,7 @@ class HangReport(Callback):
         if logger.rank != 0 or not events_file.exists():
             return
         hangs = []
-        for line in events_file.read_text().splitlines():
-            event = json.loads(line)
+        for event in read_jsonl(events_file):
             if event["event"] == "train_start":
                 hangs = []
             elif event["event"] == "hang_detected":

@@ -203,14 +203,17 @@ class Checkpointer:
                 self._event("checkpoint_saved", step, **fields)
                 self._retention()
         except BaseException as e:  # noqa: BLE001 (a failed save must never end training)
-            reason = f"{type(e).__name__}: {e}"
-            if len(reason) > 2000:
-                reason = reason[:2000] + " ..."
+            reason = failure_reason(e)
             self.last_error = reason
             log.warning("checkpoint at step %d failed: %s", step, reason)
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             self._event("checkpoint_failed", step, path=str(tmp), reason=reason)
+
+    def committed_step(self) -> Optional[int]:
+        """The step of the newest committed checkpoint (cheap check), or None."""
+        valid = [p for p in self._step_dirs() if check_checkpoint(p) is None]
+        return step_of(valid[-1]) if valid else None
 
     def _commit(self, step: int, tmp: Path, final: Path, state_json: str, state_format: str,
                 required: tuple[str, ...], extra: Digests) -> int:
@@ -264,6 +267,10 @@ class Checkpointer:
                 shutil.rmtree(p, ignore_errors=True)
                 self._event("checkpoint_tmp_removed", step_of(p) or 0, path=str(p),
                             reason="incomplete save from an earlier process")
+
+    def has_checkpoints(self) -> bool:
+        """Any step directory, valid or not."""
+        return bool(self._step_dirs())
 
     def _step_dirs(self) -> list[Path]:
         """step-* directories, oldest first."""
@@ -340,3 +347,20 @@ class Checkpointer:
         if rng_restored:
             _set_rng_state(torch.load(rng_file, weights_only=True), self.device)
         return json.loads((Path(path) / STATE_FILE).read_text()), rng_restored
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line for a failed save that names the cause: the operating system's error and its file
+    when there is one (`No space left on device: /run/checkpoints/.tmp-...`), found through DCP's
+    per-rank failures and exception chains; else the exception itself."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.strerror:
+            return f"{e.strerror}: {e.filename}" if e.filename else f"{type(e).__name__}: {e.strerror}"
+        todo += [e.__cause__, e.__context__, *getattr(e, "failures", {}).values()]
+    reason = f"{type(exc).__name__}: {exc}"
+    return reason if len(reason) <= 2000 else reason[:2000] + " ..."

@@ -22,6 +22,7 @@ from dist_llama.data.heldout import DataSources, eval_windows, split_held_out
 from dist_llama.data.loader import Source
 from dist_llama.parallel.env import init_distributed, world_size_from_env
 from dist_llama.train.checkpoint import CheckpointError
+from dist_llama.train.resume_check import check_run_dir
 from dist_llama.train.recovery import EXIT_OK, TrainingExit
 
 
@@ -64,6 +65,7 @@ def resolve_config(config_path: Optional[str], overrides: Sequence[str], world_s
         from dist_llama.weights.load import check_source
 
         check_source(source, cfg.model)  # architecture, then every tensor's name and shape (headers only)
+    check_run_dir(cfg)
     return cfg, sources
 
 

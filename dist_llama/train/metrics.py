@@ -27,8 +27,32 @@ def peak_memory_gib(device) -> float:
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One line per record. A torn last line (a full disk, a crash mid-write) is closed off first so
+    the new record stays readable; a failed write is reported once and never stops training."""
+    try:
+        with open(path, "a+b") as f:
+            f.seek(0, 2)
+            torn = False
+            if f.tell():
+                f.seek(-1, 2)
+                torn = f.read(1) != b"\n"
+            f.write((b"\n" if torn else b"") + (json.dumps(record) + "\n").encode())
+    except OSError as exc:
+        print(f"dist_llama: could not append to {path}: {exc}", file=sys.stderr, flush=True)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of an append-only log, skipping torn or garbled lines."""
+    out = []
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+    return out
 
 
 class MetricsLogger:

@@ -24,6 +24,9 @@ from dist_llama.config.names import ACTIONS
 EXIT_OK = 0
 EXIT_UNRECOVERABLE = 3
 """Abort: a fault the policy may not retry (action=abort), or restarts cannot help."""
+EXIT_SAVE_FAILED = 74
+"""Training finished but its final checkpoint could not be committed (say, a full disk): the work since
+the last committed checkpoint is not saved; the message names that step and the cause."""
 EXIT_RESTART = 75
 """Restart me (health abort, hang): the launcher restarts the job, which resumes from the newest valid checkpoint."""
 EXIT_PREEMPTED = 76

@@ -24,8 +24,9 @@ from dist_llama.train.evaluate import Evaluator
 from dist_llama.train.health import NoWatchdog, StepHealth, Watchdog
 from dist_llama.train.metrics import MetricsLogger, peak_memory_gib
 from dist_llama.train.optim import ScaledLambdaLR
-from dist_llama.train.recovery import (EXIT_OK, EXIT_PREEMPTED, EXIT_RESTART, EXIT_UNRECOVERABLE, STOP_FILE_ENV,
-                                       PreemptionFlag, RecoveryPolicy, TrainingExit, agree)
+from dist_llama.train.recovery import (EXIT_OK, EXIT_PREEMPTED, EXIT_RESTART, EXIT_SAVE_FAILED, EXIT_UNRECOVERABLE,
+                                       STOP_FILE_ENV, PreemptionFlag, RecoveryPolicy, TrainingExit, agree)
+from dist_llama.train.resume_check import model_record
 from dist_llama.train.state import Goodput, Progress
 from dist_llama.train.step import Batch, StepStrategy
 
@@ -131,7 +132,7 @@ class Trainer:
         return {"step": self.step, "tokens": self.progress.tokens, "data": self.progress.data,
                 "scheduler": p.schedulers[0].state_dict(), "wandb_id": self.logger.wandb_id, "layout": p.layout,
                 "world_size": p.world_size, "health": p.health.state_dict(), "rollbacks": p.policy.rollbacks,
-                "goodput": self.goodput.state_dict()}
+                "goodput": self.goodput.state_dict(), "model": model_record(self.cfg)}
 
     def save(self, wait: bool = False) -> None:
         blocked = self.p.checkpointer.save(self.step, self.engine, self.trainer_state())
@@ -272,10 +273,21 @@ class Trainer:
             if ck.enabled and ck.save_final and self._last_save[0] != self.step:
                 self.save()
             p.checkpointer.wait()
+        if ck.enabled and ck.save_final:
+            self._check_final_save()
         losses = {"first_loss": self.history[0]["loss"], "last_loss": self.history[-1]["loss"]} if self.history else {}
         self.logger.event("train_end", self.step, tokens=self.progress.tokens, **losses)
         self.logger.event("goodput", self.step, **self.goodput.summary())
         return self.history
+
+    def _check_final_save(self) -> None:
+        """Finishing without the final checkpoint committed loses work: say so with its own exit code."""
+        committed = self.p.checkpointer.committed_step()
+        if agree({"save": committed != self.step}, self.p.device)["save"]:
+            reason = self.p.checkpointer.last_error or "see checkpoint_failed in events.jsonl"
+            self.logger.event("final_checkpoint_failed", self.step, last_committed=committed, reason=reason)
+            raise TrainingExit(EXIT_SAVE_FAILED, f"the final checkpoint (step {self.step}) was not committed "
+                               f"({reason}); the last committed checkpoint is step {committed}")
 
     def _agree(self, loss: float, grad_norm: float) -> dict[str, bool]:
         """Every rank's health checks, preemption request and time-based save, agreed by all."""

@@ -1,0 +1,74 @@
+"""What a run directory's checkpoints say about a new start, checked before any process group exists
+and before anything is written (config.yaml included): exit 2 instead of a traceback, a silent
+restart from step 0, or a resumed run that quietly trains another model.
+
+- The newest checkpoint that passes the cheap check (manifest and sizes) must hold the same model
+  (every architecture field), seed and current-stage sequence length as the config: a mismatch names
+  the key and both values.
+- checkpoint.resume=false in a directory that holds checkpoints is refused: retention and resume would
+  mix the old run's checkpoints with the new run's.
+- Checkpoints that all fail the check stop the job: starting over would overwrite them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional
+
+from dist_llama.config import Config, ConfigError
+from dist_llama.config.data_plan import stages_of
+from dist_llama.train.checkpoint_integrity import STATE_FILE, STEP_DIR, check_checkpoint
+
+MODEL_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+                "norm_eps", "rope_theta", "use_scaled_rope", "rope_scale_factor", "rope_low_freq_factor",
+                "rope_high_freq_factor", "rope_old_context_len")
+"""ModelArgs fields a checkpoint's weights depend on."""
+
+
+def model_record(cfg: Config) -> dict:
+    """What a checkpoint records of the model it holds (trainer_state.json "model")."""
+    args = dataclasses.asdict(cfg.model)
+    return {k: args[k] for k in MODEL_FIELDS}
+
+
+def check_run_dir(cfg: Config) -> None:
+    """Raise ConfigError if starting `cfg` in its run directory would lose or mix up saved work."""
+    root = Path(cfg.train.run_dir) / "checkpoints"
+    steps = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name)) if root.is_dir() else []
+    if not steps or not cfg.checkpoint.enabled:
+        return
+    if not cfg.checkpoint.resume:
+        raise ConfigError("checkpoint.resume", f"false, but {root} holds checkpoints (newest {steps[-1].name}): "
+                          "a new run there would mix with them; use another train.run_dir or remove them")
+    reasons = {p.name: check_checkpoint(p) for p in reversed(steps)}
+    newest = next((p for p in reversed(steps) if reasons[p.name] is None), None)
+    if newest is None:
+        first = next(iter(reasons.items()))
+        raise ConfigError("train.run_dir", f"{root} holds {len(steps)} checkpoints and none is valid "
+                          f"({first[0]}: {first[1]}); starting over would overwrite them: move them away to "
+                          "start over, or restore one")
+    _compare(cfg, newest)
+
+
+def _compare(cfg: Config, step_dir: Path) -> None:
+    try:
+        state = json.loads((step_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return  # the deep check at resume time reports it
+    saved: Optional[dict] = state.get("model")
+    if saved is not None:
+        ours = model_record(cfg)
+        for key in MODEL_FIELDS:
+            if key in saved and saved[key] != ours[key]:
+                raise ConfigError(f"model.{key}", f"checkpoint {step_dir.name} has {saved[key]}, config has "
+                                  f"{ours[key]} (resume needs the same model; use another train.run_dir)")
+    data = state.get("data") or {}
+    if "seed" in data and data["seed"] != cfg.train.seed:
+        raise ConfigError("train.seed", f"checkpoint {step_dir.name} has {data['seed']}, config has {cfg.train.seed}")
+    stages = stages_of(cfg)
+    stage = data.get("stage", 0)
+    if "seq_len" in data and stage < len(stages) and data["seq_len"] != stages[stage].seq_len:
+        key = f"data.stages[{stage}].seq_len" if cfg.data.stages else "data.seq_len"
+        raise ConfigError(key, f"checkpoint {step_dir.name} has {data['seq_len']}, config has {stages[stage].seq_len}")
