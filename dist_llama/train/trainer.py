@@ -282,8 +282,10 @@ class Trainer:
 
     def _check_final_save(self) -> None:
         """Finishing without the final checkpoint committed loses work: say so with its own exit code."""
+        # Rank 0 commits (the others' wait() returns once their own files are written): its view counts.
         committed = self.p.checkpointer.committed_step()
-        if agree({"save": committed != self.step}, self.p.device)["save"]:
+        failed = self.p.checkpointer.rank == 0 and committed != self.step
+        if agree({"save": failed}, self.p.device)["save"]:
             reason = self.p.checkpointer.last_error or "see checkpoint_failed in events.jsonl"
             self.logger.event("final_checkpoint_failed", self.step, last_committed=committed, reason=reason)
             raise TrainingExit(EXIT_SAVE_FAILED, f"the final checkpoint (step {self.step}) was not committed "
