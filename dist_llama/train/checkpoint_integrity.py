@@ -2,7 +2,8 @@
 per-rank digest lists rank 0 merges, the manifest, and the check a directory must pass to be loaded.
 
 A directory is a valid checkpoint iff its manifest.json exists and every file it lists exists with
-the listed size (and, in the deep check, the listed sha256).
+the listed size (and, in the deep check, the listed sha256, and a DCP .metadata that the restricted
+unpickler of dcp_metadata.py accepts).
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ from typing import Optional
 
 import torch
 
+from dist_llama.train.dcp_metadata import MetadataError, read_metadata
+
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 TMP_PREFIX = ".tmp-"
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
 DIGESTS_DIR = "digests"
+DCP_METADATA = ".metadata"
 MANIFEST_FORMAT = 1
 
 Digests = dict[str, tuple[int, str]]
@@ -137,7 +141,8 @@ def read_manifest(path: Path) -> dict:
 def check_checkpoint(path: Path, deep: bool = False, files: Optional[list[str]] = None) -> Optional[str]:
     """Why `path` is not a valid checkpoint, or None if it is. Cheap: manifest.json exists and
     every file it lists exists with the listed size. Deep: also every sha256 matches (restricted to
-    `files` when given: ranks share that work)."""
+    `files` when given: ranks share that work) and DCP's .metadata, if checked, is plain metadata
+    (dcp_metadata's restricted unpickler)."""
     path = Path(path)
     try:
         manifest = read_manifest(path)
@@ -145,7 +150,7 @@ def check_checkpoint(path: Path, deep: bool = False, files: Optional[list[str]] 
         step = int(manifest["step"])
         # Manifests written before "required" was recorded hold DCP or DeepSpeed state.
         required = manifest.get("required") or (
-            [STATE_FILE, ".metadata"] if manifest.get("state", "dcp") == "dcp" else [STATE_FILE])
+            [STATE_FILE, DCP_METADATA] if manifest.get("state", "dcp") == "dcp" else [STATE_FILE])
     except FileNotFoundError:
         return "no manifest.json"
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -166,4 +171,12 @@ def check_checkpoint(path: Path, deep: bool = False, files: Optional[list[str]] 
         for rel in (files if files is not None else listed):
             if sha256_file(path / rel) != listed[rel]["sha256"]:
                 return f"{rel}: sha256 differs from the manifest"
+            if rel == DCP_METADATA and manifest.get("state", "dcp") == "dcp":
+                # A matching hash only says nobody changed it since the manifest was written; one
+                # who can write both could make it run code when DCP unpickles it, so parse it
+                # with the restricted unpickler here and refuse the checkpoint if it is not plain.
+                try:
+                    read_metadata(path)
+                except MetadataError as e:
+                    return f"unsafe {rel} ({e})"
     return None
