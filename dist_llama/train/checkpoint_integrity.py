@@ -1,5 +1,6 @@
-"""What makes a checkpoint directory trustworthy: files hashed as written, durable writes, the
-per-rank digest lists rank 0 merges, the manifest, and the check a directory must pass to be loaded.
+"""What makes a checkpoint directory trustworthy: files hashed as written, durable writes, each
+rank's check of its own files, the digest lists with verdicts that rank 0 merges, the manifest,
+and the check a directory must pass to be loaded.
 
 A directory is a valid checkpoint iff its manifest.json exists and every file it lists exists with
 the listed size (and, in the deep check, the listed sha256, and a DCP .metadata that the restricted
@@ -109,28 +110,53 @@ class HashingStream(io.IOBase):
         return self._sha.hexdigest()
 
 
-def write_rank_files(directory: Path, rank: int, rng: dict[str, torch.Tensor], digests: Digests) -> None:
-    """This rank's RNG file, then the list of every file it wrote with (size, sha256), which rank 0
-    checks and merges into the manifest."""
+def write_rng_file(directory: Path, rank: int, rng: dict[str, torch.Tensor]) -> Digests:
+    """This rank's RNG file; returns its digest entry."""
     buf = io.BytesIO()
     torch.save(rng, buf)
     (directory / "rng").mkdir(exist_ok=True)
     rel = f"rng/rank-{rank:05d}.pt"
-    digests = {**digests, rel: write_durable(directory / rel, buf.getvalue())}
+    return {rel: write_durable(directory / rel, buf.getvalue())}
+
+
+def verify_written(directory: Path, digests: Digests, deep: bool) -> Optional[str]:
+    """Why the files this rank wrote are not what it wrote, or None: sizes, and with `deep` a
+    re-read of every byte against the sha256 taken while writing. Each rank checks only its own
+    files, so the check costs a rank the same at any world size."""
+    for rel, (size, digest) in sorted(digests.items()):
+        try:
+            actual = (directory / rel).stat().st_size
+        except OSError:
+            return f"{rel} is missing"
+        if actual != size:
+            return f"{rel}: {actual} bytes on disk, {size} written"
+        if deep and sha256_file(directory / rel) != digest:
+            return f"verification failed: {rel} differs from what was written"
+    return None
+
+
+def write_rank_digests(directory: Path, rank: int, digests: Digests, problem: Optional[str]) -> None:
+    """This rank's verdict on its own files: every file it wrote with (size, sha256), and why they
+    are not good (None if they are). Rank 0 combines every rank's into the manifest."""
     (directory / DIGESTS_DIR).mkdir(exist_ok=True)
     write_durable(directory / DIGESTS_DIR / f"rank-{rank:05d}.json",
-                  json.dumps({k: list(v) for k, v in digests.items()}).encode())
+                  json.dumps({"files": {k: list(v) for k, v in digests.items()}, "problem": problem}).encode())
 
 
 def read_rank_digests(directory: Path, world_size: int) -> Digests:
-    """Every rank's digest list, merged (rank 0, at commit)."""
+    """Every rank's digest list, merged (rank 0, at commit); CheckpointError naming the first rank
+    whose own check of its files failed."""
     expected: Digests = {}
     for r in range(world_size):
         sidecar = directory / DIGESTS_DIR / f"rank-{r:05d}.json"
         try:
-            expected.update({k: tuple(v) for k, v in json.loads(sidecar.read_text()).items()})
-        except (OSError, ValueError) as e:
+            verdict = json.loads(sidecar.read_text())
+            files, problem = verdict["files"], verdict["problem"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"rank {r}'s digest list is unreadable ({e})") from None
+        if problem is not None:
+            raise CheckpointError(f"rank {r}: {problem}")
+        expected.update({k: tuple(v) for k, v in files.items()})
     return expected
 
 
