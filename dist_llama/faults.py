@@ -183,10 +183,11 @@ class FaultInjector:
             self._report(spec, self._step, factor=spec.get("factor"))
         time.sleep((spec.get("factor") - 1.0) * (time.perf_counter() - started))
 
-    def on_checkpoint_written(self, step: int, tmp_dir: Path) -> None:
-        """After a checkpoint's files are written into tmp_dir, before verification and commit. Call
-        it once every rank's files are complete (after the write barrier): ckpt_corrupt edits
-        whichever rank's file sorts first."""
+    def on_checkpoint_written(self, step: int, tmp_dir: Path, files: Optional[list[str]] = None) -> None:
+        """After this rank's checkpoint files are written into tmp_dir, before it verifies them
+        (every rank calls it; `files`: those it wrote, relative to tmp_dir). ckpt_corrupt edits the
+        first non-empty .distcp among `files` (of all of tmp_dir when not given), on whichever
+        rank claims it first, so the rank that checks the file is the one that wrote it."""
         if not self.specs:
             return
         for spec in self._mine("ckpt_fail", step):
@@ -194,10 +195,12 @@ class FaultInjector:
                 raise RuntimeError("injected checkpoint write failure")
         for spec in self._mine("ckpt_corrupt", step):
             if self._claim(self._marker(spec), step):
-                files = [f for f in sorted(Path(tmp_dir).rglob("*.distcp")) if f.stat().st_size > 0]
-                if not files:
+                candidates = (sorted(Path(tmp_dir).rglob("*.distcp")) if files is None else
+                              [Path(tmp_dir) / f for f in sorted(files) if f.endswith(".distcp")])
+                candidates = [f for f in candidates if f.stat().st_size > 0]
+                if not candidates:
                     raise FileNotFoundError(f"ckpt_corrupt: no non-empty .distcp file in {tmp_dir}")
-                path = files[0]
+                path = candidates[0]
                 offset = path.stat().st_size // 2  # the middle: tensor bytes, not a header
                 self._report(spec, step, file=str(path), offset=offset)
                 with open(path, "r+b") as f:

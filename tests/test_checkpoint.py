@@ -210,7 +210,7 @@ class _SleepInHook:
     def __init__(self, marker: Path):
         self.marker = marker
 
-    def on_checkpoint_written(self, step: int, tmp_dir: Path) -> None:
+    def on_checkpoint_written(self, step: int, tmp_dir: Path, files=None) -> None:
         self.marker.write_text(str(tmp_dir))
         time.sleep(120)
 
@@ -297,12 +297,12 @@ def test_corrupt_checkpoint_is_skipped_and_the_previous_one_chosen(tmp_path, how
 # --- failed saves ------------------------------------------------------------------------------------
 
 class _RaiseInHook:
-    def on_checkpoint_written(self, step, tmp_dir):
+    def on_checkpoint_written(self, step, tmp_dir, files=None):
         raise OSError("injected write failure")
 
 
 class _FlipByteInHook:
-    def on_checkpoint_written(self, step, tmp_dir):
+    def on_checkpoint_written(self, step, tmp_dir, files=None):
         shard = Path(tmp_dir) / "__0_0.distcp"
         data = bytearray(shard.read_bytes())
         data[100] ^= 0x01

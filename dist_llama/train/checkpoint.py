@@ -19,12 +19,15 @@ How a save goes (`Checkpointer.save`):
      reused buffers on CPU) and writes in the background; an engine with its own format may write
      synchronously. The caller
      is blocked only until the state is copied, and may change the parameters once `save` returns.
-     Each rank hashes its files while writing them, then writes its RNG file and a digest list.
+     Each rank hashes its files while writing them, writes its RNG file, calls the fault-injection
+     hook, checks its own files against those digests (with `verify`, by re-reading them; without,
+     by size) and writes a digest list with its verdict.
      Writes run over a dedicated gloo process group, never the training communicator.
-  3. Rank 0 (in the background thread with async_save, no collectives) then calls the
-     fault-injection hook, writes trainer_state.json, checks every file against the digests taken
-     at write time (with `verify`, by re-reading it; without, by size), writes manifest.json,
-     fsyncs, renames the directory to step-XXXXXXXX, applies retention, emits `checkpoint_saved`.
+  3. Rank 0 (in the background thread with async_save, no collectives) then combines the ranks'
+     verdicts (any failure fails the save), writes trainer_state.json, checks the files only it
+     wrote (.metadata, trainer_state.json) the same way, writes manifest.json, fsyncs, renames the
+     directory to step-XXXXXXXX, applies retention, emits `checkpoint_saved`. Rank 0 re-reads no
+     other rank's files, so verification costs each rank the same at any world size.
      Any failure: a `checkpoint_failed` event, the temporary directory is removed, training goes on
      and the previous checkpoint stays the newest valid one.
 A crash at any point leaves at most a .tmp-* directory, which the next run removes.
@@ -47,8 +50,9 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from dist_llama.train.checkpoint_integrity import (DIGESTS_DIR, MANIFEST, MANIFEST_FORMAT, STATE_FILE, STEP_DIR,
                                                    TMP_PREFIX, CheckpointError, Digests, check_checkpoint,
-                                                   fsync_path, read_manifest, read_rank_digests, sha256_file,
-                                                   step_dir_name, step_of, write_durable, write_rank_files)
+                                                   fsync_path, read_manifest, read_rank_digests,
+                                                   step_dir_name, step_of, verify_written, write_durable,
+                                                   write_rank_digests, write_rng_file)
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +157,7 @@ class Checkpointer:
         state_json = json.dumps(trainer_state, indent=1)  # the state as of this call
         rng = _rng_state(self.device)
         t = time.perf_counter()
-        written = state.save(tmp, lambda digests: write_rank_files(tmp, self.rank, rng, digests), self._pg,
+        written = state.save(tmp, lambda digests: self._rank_written(step, tmp, rng, digests), self._pg,
                              self._stager)
         timings["write_state"] = time.perf_counter() - t
         self.last_timings = timings
@@ -166,6 +170,19 @@ class Checkpointer:
         dist.barrier(group=self._pg)
         timings["blocked"] = blocked = time.perf_counter() - t0
         return blocked
+
+    def _rank_written(self, step: int, tmp: Path, rng: dict, digests: Digests) -> None:
+        """On every rank once its state files are written: its RNG file, the fault hook, then its
+        own check of what it wrote (a re-read with `verify`, else sizes), recorded with its digests
+        for rank 0 to combine. A failure here is a verdict, not an exception: rank 0 fails the save."""
+        digests = {**digests, **write_rng_file(tmp, self.rank, rng)}
+        try:
+            if self.faults is not None:
+                self.faults.on_checkpoint_written(step, tmp, files=sorted(digests))
+            problem = verify_written(tmp, digests, deep=self.verify)
+        except Exception as e:  # noqa: BLE001 (becomes checkpoint_failed through rank 0)
+            problem = f"{type(e).__name__}: {e}"
+        write_rank_digests(tmp, self.rank, digests, problem)
 
     def wait(self) -> float:
         """Block until the in-flight save is committed or failed; returns the seconds waited."""
@@ -217,23 +234,18 @@ class Checkpointer:
 
     def _commit(self, step: int, tmp: Path, final: Path, state_json: str, state_format: str,
                 required: tuple[str, ...], extra: Digests) -> int:
-        """Rank 0, once every rank's files are written: hook, trainer state, check, manifest, rename."""
-        if self.faults is not None:
-            self.faults.on_checkpoint_written(step, tmp)
+        """Rank 0, once every rank's files are written and checked by that rank: combine their
+        verdicts, write and check the trainer state, manifest, rename. Rank 0 re-reads only the
+        files it alone wrote (.metadata, trainer_state.json), whatever the world size."""
         expected = {**read_rank_digests(tmp, self.world_size), **extra}
         for rel in required:
             if rel not in expected:
                 raise CheckpointError(f"{rel} was not written")
-        expected[STATE_FILE] = write_durable(tmp / STATE_FILE, state_json.encode())
-        for rel, (size, digest) in sorted(expected.items()):
-            try:
-                actual = (tmp / rel).stat().st_size
-            except OSError:
-                raise CheckpointError(f"{rel} is missing") from None
-            if actual != size:
-                raise CheckpointError(f"{rel}: {actual} bytes on disk, {size} written")
-            if self.verify and sha256_file(tmp / rel) != digest:
-                raise CheckpointError(f"verification failed: {rel} differs from what was written")
+        own = {**extra, STATE_FILE: write_durable(tmp / STATE_FILE, state_json.encode())}
+        expected.update(own)
+        problem = verify_written(tmp, own, deep=self.verify)
+        if problem is not None:
+            raise CheckpointError(problem)
         shutil.rmtree(tmp / DIGESTS_DIR)
         total = sum(size for size, _ in expected.values())
         manifest = {"format": MANIFEST_FORMAT, "step": step, "state": state_format,

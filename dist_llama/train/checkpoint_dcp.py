@@ -2,7 +2,8 @@
 layout (data, tensor, context, pipeline parallel) on load. The state format of the FSDP, HSDP, DDP
 and single-process engines.
 
-Files: .metadata (rank 0) and one __<rank>_0.distcp per rank, each hashed as written.
+Files: .metadata (rank 0) and one __<rank>_0.distcp per rank, each hashed as written. .metadata is
+read only through dcp_metadata.SafeReader (a restricted unpickler).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.staging import DefaultStager
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from dist_llama.train.checkpoint_integrity import CheckpointError, Digests, HashingStream, read_rank_digests
+from dist_llama.train.dcp_metadata import SafeReader, read_metadata
 
 METADATA = ".metadata"
 
@@ -129,7 +131,8 @@ class DCPState:
 
     def load(self, directory: Path, manifest: dict) -> None:
         state = dcp_state_dict(self.parts, self.optimizers)
-        dcp.load(state, checkpoint_id=str(directory))
+        # Never checkpoint_id=: DCP would read .metadata with a plain pickle.load.
+        dcp.load(state, storage_reader=SafeReader(str(directory)))
         for part, optimizer in zip(self.parts, self.optimizers):
             # Each part takes its own keys from the merged dicts (hence strict=False).
             set_state_dict(part, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
@@ -142,7 +145,7 @@ def _metadata_digest(directory: Path, writer: _Writer, group) -> Digests:
     if METADATA not in writer.fs.digests:
         return {}
     reported = read_rank_digests(directory, dist.get_world_size(group))
-    for info in FileSystemReader(str(directory)).read_metadata().storage_data.values():
+    for info in read_metadata(directory).storage_data.values():
         if info.relative_path not in reported:
             raise CheckpointError(f"{info.relative_path} is in .metadata but no rank reported writing it")
     return {METADATA: writer.fs.digests[METADATA]}

@@ -1,8 +1,10 @@
-"""What makes a checkpoint directory trustworthy: files hashed as written, durable writes, the
-per-rank digest lists rank 0 merges, the manifest, and the check a directory must pass to be loaded.
+"""What makes a checkpoint directory trustworthy: files hashed as written, durable writes, each
+rank's check of its own files, the digest lists with verdicts that rank 0 merges, the manifest,
+and the check a directory must pass to be loaded.
 
 A directory is a valid checkpoint iff its manifest.json exists and every file it lists exists with
-the listed size (and, in the deep check, the listed sha256).
+the listed size (and, in the deep check, the listed sha256, and a DCP .metadata that the restricted
+unpickler of dcp_metadata.py accepts).
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ from typing import Optional
 
 import torch
 
+from dist_llama.train.dcp_metadata import MetadataError, read_metadata
+
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 TMP_PREFIX = ".tmp-"
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
 DIGESTS_DIR = "digests"
+DCP_METADATA = ".metadata"
 MANIFEST_FORMAT = 1
 
 Digests = dict[str, tuple[int, str]]
@@ -105,28 +110,53 @@ class HashingStream(io.IOBase):
         return self._sha.hexdigest()
 
 
-def write_rank_files(directory: Path, rank: int, rng: dict[str, torch.Tensor], digests: Digests) -> None:
-    """This rank's RNG file, then the list of every file it wrote with (size, sha256), which rank 0
-    checks and merges into the manifest."""
+def write_rng_file(directory: Path, rank: int, rng: dict[str, torch.Tensor]) -> Digests:
+    """This rank's RNG file; returns its digest entry."""
     buf = io.BytesIO()
     torch.save(rng, buf)
     (directory / "rng").mkdir(exist_ok=True)
     rel = f"rng/rank-{rank:05d}.pt"
-    digests = {**digests, rel: write_durable(directory / rel, buf.getvalue())}
+    return {rel: write_durable(directory / rel, buf.getvalue())}
+
+
+def verify_written(directory: Path, digests: Digests, deep: bool) -> Optional[str]:
+    """Why the files this rank wrote are not what it wrote, or None: sizes, and with `deep` a
+    re-read of every byte against the sha256 taken while writing. Each rank checks only its own
+    files, so the check costs a rank the same at any world size."""
+    for rel, (size, digest) in sorted(digests.items()):
+        try:
+            actual = (directory / rel).stat().st_size
+        except OSError:
+            return f"{rel} is missing"
+        if actual != size:
+            return f"{rel}: {actual} bytes on disk, {size} written"
+        if deep and sha256_file(directory / rel) != digest:
+            return f"verification failed: {rel} differs from what was written"
+    return None
+
+
+def write_rank_digests(directory: Path, rank: int, digests: Digests, problem: Optional[str]) -> None:
+    """This rank's verdict on its own files: every file it wrote with (size, sha256), and why they
+    are not good (None if they are). Rank 0 combines every rank's into the manifest."""
     (directory / DIGESTS_DIR).mkdir(exist_ok=True)
     write_durable(directory / DIGESTS_DIR / f"rank-{rank:05d}.json",
-                  json.dumps({k: list(v) for k, v in digests.items()}).encode())
+                  json.dumps({"files": {k: list(v) for k, v in digests.items()}, "problem": problem}).encode())
 
 
 def read_rank_digests(directory: Path, world_size: int) -> Digests:
-    """Every rank's digest list, merged (rank 0, at commit)."""
+    """Every rank's digest list, merged (rank 0, at commit); CheckpointError naming the first rank
+    whose own check of its files failed."""
     expected: Digests = {}
     for r in range(world_size):
         sidecar = directory / DIGESTS_DIR / f"rank-{r:05d}.json"
         try:
-            expected.update({k: tuple(v) for k, v in json.loads(sidecar.read_text()).items()})
-        except (OSError, ValueError) as e:
+            verdict = json.loads(sidecar.read_text())
+            files, problem = verdict["files"], verdict["problem"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"rank {r}'s digest list is unreadable ({e})") from None
+        if problem is not None:
+            raise CheckpointError(f"rank {r}: {problem}")
+        expected.update({k: tuple(v) for k, v in files.items()})
     return expected
 
 
@@ -137,7 +167,8 @@ def read_manifest(path: Path) -> dict:
 def check_checkpoint(path: Path, deep: bool = False, files: Optional[list[str]] = None) -> Optional[str]:
     """Why `path` is not a valid checkpoint, or None if it is. Cheap: manifest.json exists and
     every file it lists exists with the listed size. Deep: also every sha256 matches (restricted to
-    `files` when given: ranks share that work)."""
+    `files` when given: ranks share that work) and DCP's .metadata, if checked, is plain metadata
+    (dcp_metadata's restricted unpickler)."""
     path = Path(path)
     try:
         manifest = read_manifest(path)
@@ -145,7 +176,7 @@ def check_checkpoint(path: Path, deep: bool = False, files: Optional[list[str]] 
         step = int(manifest["step"])
         # Manifests written before "required" was recorded hold DCP or DeepSpeed state.
         required = manifest.get("required") or (
-            [STATE_FILE, ".metadata"] if manifest.get("state", "dcp") == "dcp" else [STATE_FILE])
+            [STATE_FILE, DCP_METADATA] if manifest.get("state", "dcp") == "dcp" else [STATE_FILE])
     except FileNotFoundError:
         return "no manifest.json"
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -166,4 +197,12 @@ def check_checkpoint(path: Path, deep: bool = False, files: Optional[list[str]] 
         for rel in (files if files is not None else listed):
             if sha256_file(path / rel) != listed[rel]["sha256"]:
                 return f"{rel}: sha256 differs from the manifest"
+            if rel == DCP_METADATA and manifest.get("state", "dcp") == "dcp":
+                # A matching hash only says nobody changed it since the manifest was written; one
+                # who can write both could make it run code when DCP unpickles it, so parse it
+                # with the restricted unpickler here and refuse the checkpoint if it is not plain.
+                try:
+                    read_metadata(path)
+                except MetadataError as e:
+                    return f"unsafe {rel} ({e})"
     return None

@@ -2,7 +2,8 @@
 dist_llama checkpoint. Each source knows its architecture (as ModelArgs), the names and shapes of
 its tensors in dist_llama's (Meta's) naming, and reads a tensor or a slice of one without reading
 the rest: safetensors slices lazily, Meta's .pth files are memory-mapped, DCP reads only the chunks
-a request overlaps. Nothing is unpickled beyond what `torch.load(weights_only=True)` allows.
+a request overlaps. Nothing is unpickled beyond what `torch.load(weights_only=True)` allows (DCP's
+.metadata: dcp_metadata.SafeReader's restricted unpickler).
 """
 
 from __future__ import annotations
@@ -284,13 +285,13 @@ class DCPSource:
     PREFIX = "model."
 
     def __init__(self, step_dir: Path, config: dict):
-        from torch.distributed.checkpoint import FileSystemReader
+        from dist_llama.train.dcp_metadata import SafeReader
 
         self.path = step_dir
         model = dict(config.get("model", {}))
         self.args = ModelArgs(**{k: v for k, v in model.items() if k in ModelArgs.__dataclass_fields__})
         self.tokenizer = (config.get("data") or {}).get("tokenizer")
-        self.reader = FileSystemReader(str(step_dir))
+        self.reader = SafeReader(str(step_dir))  # load_into reads through it too
         try:
             metadata = self.reader.read_metadata()
         except Exception as exc:  # noqa: BLE001
