@@ -32,6 +32,7 @@ from dist_llama.train.callbacks import Faults, HangReport, ReplicaCheck, Straggl
 from dist_llama.train.checkpoint import Checkpointer
 from dist_llama.train.engines import Engine, build_engine
 from dist_llama.train.evaluate import Evaluator
+from dist_llama.train.heartbeats import Heartbeats
 from dist_llama.train.health import NoWatchdog, StepHealth, Watchdog, preflight
 from dist_llama.train.metrics import MetricsLogger
 from dist_llama.train.optim import build_optimizer, build_scheduler
@@ -151,7 +152,8 @@ def build_trainer(cfg: Config, env: DistEnv, sources) -> Trainer:
     watchdog = NoWatchdog()
     if h.hang_timeout_s > 0:
         watchdog = Watchdog(h.hang_timeout_s, run_dir / "hangs", env.rank,
-                            on_hang=lambda: _exit_on_hang(logger, watchdog))
+                            on_hang=lambda: _exit_on_hang(logger, watchdog),
+                            heartbeats=Heartbeats(run_dir / "hangs", env.rank, env.world_size))
     callbacks = [HangReport(logger), Faults(faults, engine.parts)]
     if h.straggler_interval:
         callbacks.append(StragglerCheck(h.straggler_interval, h.straggler_factor, engine.compute_clock, watchdog,
@@ -173,6 +175,8 @@ def _exit_on_hang(logger, watchdog) -> None:
     """Called from the watchdog thread after it dumped every thread's stack: no cleanup is safe
     while the main thread is stuck in a collective, so leave at once for the launcher to restart."""
     _, step, phase = watchdog.history()[-1]
+    named = {"suspects": watchdog.report["suspects"], "suspect_reason": watchdog.report["reason"],
+             "ranks": watchdog.report["ranks"]} if watchdog.report is not None else {}
     logger.event("hang_detected", step, last_phase=phase, timeout_s=watchdog.timeout_s,
-                 dump=str(watchdog.dump_path), action="restart", all_ranks=True)
+                 dump=str(watchdog.dump_path), action="restart", all_ranks=True, **named)
     os._exit(EXIT_RESTART)

@@ -17,13 +17,9 @@ from dataclasses import dataclass, field
 from dist_llama.faults import FaultInjector
 from dist_llama.train.compute_clock import ComputeClock
 from dist_llama.train.health import check_replicas, find_stragglers
+from dist_llama.train.heartbeats import progress
 from dist_llama.train.metrics import MetricsLogger, read_jsonl
 from dist_llama.train.recovery import agree
-
-PHASES = ("step_start", "forward_backward", "health_agreement", "optimizer", "straggler_check", "sdc_check",
-          "checkpoint")
-"""The order of the watchdog's phases within a step (a hang report ranks ranks by progress)."""
-
 
 @dataclass
 class Finding:
@@ -69,8 +65,9 @@ class Faults(Callback):
 
 
 class HangReport(Callback):
-    """After a restart caused by a hang: which ranks were stuck. Every rank's watchdog fires (the
-    others wait for it in a collective), but the stuck ranks are those furthest behind."""
+    """After a restart caused by a hang: which ranks were stuck. Every live rank's watchdog fires
+    (the others wait for the stuck one in a collective) and names the suspects from all ranks'
+    heartbeats (train/heartbeats.py); a frozen rank's own watchdog never fires."""
 
     def __init__(self, logger: MetricsLogger):
         self.logger = logger
@@ -88,10 +85,13 @@ class HangReport(Callback):
                 hangs.append(event)
         if not hangs:
             return
-        progress = {e["rank"]: (e["step"], PHASES.index(e["last_phase"]) if e["last_phase"] in PHASES else -1)
-                    for e in hangs}
-        behind = min(progress.values())
-        logger.event("hang_report", hangs[0]["step"], stuck_ranks=sorted(r for r, v in progress.items() if v == behind),
+        # The suspects the watchdogs named from every rank's heartbeat (a frozen rank reports
+        # nothing itself); without heartbeats, the reporting ranks furthest behind.
+        stuck = sorted({r for e in hangs for r in e.get("suspects", ())})
+        if not stuck:
+            where = {e["rank"]: progress(e["step"], e["last_phase"]) for e in hangs}
+            stuck = sorted(r for r, v in where.items() if v == min(where.values()))
+        logger.event("hang_report", hangs[0]["step"], stuck_ranks=stuck,
                      last_phases={e["rank"]: e["last_phase"] for e in hangs}, dumps=sorted(e["dump"] for e in hangs))
 
 

@@ -1,7 +1,8 @@
 """`python -m dist_llama.train` / `torchrun ... -m dist_llama.train --config X.yaml [key=value ...]`.
 
 Exit codes: 0 finished; 2 bad configuration or input (one line on stderr: before any process group,
-or a checkpoint the run cannot resume from);
+or a checkpoint the run cannot resume from), or a run directory another live job holds (rank 0, before
+any process group; the other ranks are then stopped by torchrun);
 3 unrecoverable; 75 restart me (health abort, hang); 76 preempted (saved, requeue). See recovery.py.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -24,6 +26,7 @@ from dist_llama.parallel.env import init_distributed, world_size_from_env
 from dist_llama.train.checkpoint import CheckpointError
 from dist_llama.train.resume_check import check_run_dir
 from dist_llama.train.recovery import EXIT_OK, TrainingExit
+from dist_llama.train.runlock import RunDirInUse, RunLock, die_with_launcher, launched_by_torchrun
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> tuple[Optional[str], list[str]]:
@@ -122,17 +125,28 @@ def train(cfg: Config, sources):
     """Train in an already-configured environment (torchrun env vars, or none for one process)."""
     from dist_llama.train.build import build_trainer
 
-    env = init_distributed(cfg.train.device)
-    trainer = build_trainer(cfg, env, sources)
+    # Rank 0 takes the run directory before anything is written to it and before any process group:
+    # a second job on the same directory stops here (RunDirInUse) instead of training beside the first.
+    lock = RunLock(cfg.train.run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+    if lock is not None:
+        lock.acquire()
     try:
-        trainer.fit()
+        env = init_distributed(cfg.train.device)
+        trainer = build_trainer(cfg, env, sources)
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
+        if lock is not None:
+            lock.release()
     return trainer
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     config_path, overrides = parse_args(argv)
+    if launched_by_torchrun():  # no worker trains on, unsupervised, after its agent is gone
+        die_with_launcher()
     try:
         cfg, sources = resolve_config(config_path, overrides, world_size_from_env())
     except ConfigError as exc:
@@ -146,6 +160,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         together = True
         print(f"dist_llama: {exc.reason} (exit code {exc.code})", file=sys.stderr)
         return exc.code
+    except RunDirInUse as exc:
+        print(f"dist_llama: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except CheckpointError as exc:  # e.g. resuming a DeepSpeed checkpoint under another engine
         print(f"dist_llama: checkpoint error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

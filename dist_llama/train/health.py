@@ -30,6 +30,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from dist_llama.train.heartbeats import Heartbeats, attribute
+
 MAD_TO_SIGMA = 1.4826
 """MAD x this estimates the standard deviation of normal data (1 / Phi^-1(3/4))."""
 
@@ -150,13 +152,21 @@ class Watchdog:
     MAX_WAIT_S = 1.0
     """The thread re-reads the state at least this often (pause/resume/stop wake it at once)."""
 
-    def __init__(self, timeout_s: float, dump_dir: Path, rank: int, on_hang: Callable[[], None]):
+    def __init__(self, timeout_s: float, dump_dir: Path, rank: int, on_hang: Callable[[], None],
+                 heartbeats: Optional[Heartbeats] = None):
+        """heartbeats: where this rank publishes its last beat and reads the others' when it fires,
+        to name the suspects (train/heartbeats.py); None: this rank reports only for itself."""
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.timeout_s = timeout_s
         self.dump_path = Path(dump_dir) / f"hang-rank-{rank:05d}.txt"
         self.rank = rank
         self.on_hang = on_hang
+        self.heartbeats = heartbeats
+        # Publish often enough that a rank silent for 3 periods is silent well within the timeout.
+        self.period_s = min(self.MAX_WAIT_S, timeout_s / 4)
+        self.report: Optional[dict] = None
+        """Set when it fired with heartbeats: attribute()'s suspects and every rank's last beat."""
         self.fired = False
         self._history: collections.deque[tuple[float, int, str]] = collections.deque(maxlen=self.HISTORY)
         self._last_beat: Optional[float] = None  # monotonic; None = not armed
@@ -201,26 +211,37 @@ class Watchdog:
             return list(self._history)
 
     def _run(self) -> None:
-        with self._cond:
-            while not self._stopped:
-                if self._paused or self._last_beat is None:
-                    self._cond.wait(self.MAX_WAIT_S)
-                    continue
-                remaining = self._last_beat + self.timeout_s - time.monotonic()
-                if remaining > 0:
-                    # Wake exactly at the deadline; a beat meanwhile just moves the deadline on.
-                    self._cond.wait(min(remaining, self.MAX_WAIT_S))
-                    continue
-                self.fired = True
-                stalled = time.monotonic() - self._last_beat
-                history = list(self._history)
+        while True:
+            with self._cond:
+                if self._stopped:
+                    return
+                last = self._history[-1] if self._history else None
+                fire, wait = False, self.period_s
+                if not self._paused and self._last_beat is not None:
+                    remaining = self._last_beat + self.timeout_s - time.monotonic()
+                    # Wake at the deadline; a beat meanwhile just moves the deadline on.
+                    fire, wait = remaining <= 0, min(remaining, self.period_s)
+                if fire:
+                    self.fired = True
+                    stalled = time.monotonic() - self._last_beat
+                    history = list(self._history)
+            # Outside the lock: file writes, dumping and on_hang must not block beat() callers (nor
+            # deadlock if on_hang calls back into us).
+            self._publish(last)
+            if fire:
                 break
-            else:
-                return
-        # Outside the lock: dumping and on_hang must not block beat() callers (nor deadlock if
-        # on_hang calls back into us).
+            with self._cond:
+                if not self._stopped:
+                    self._cond.wait(wait)
+        if self.heartbeats is not None:
+            self.report = attribute(self.heartbeats.read(), stale_s=3 * self.period_s)
         self._dump(stalled, history)
         self.on_hang()
+
+    def _publish(self, last: Optional[tuple[float, int, str]]) -> None:
+        if self.heartbeats is not None:
+            wall, step, phase = last if last is not None else (None, None, None)
+            self.heartbeats.publish(step, phase, wall)
 
     def _dump(self, stalled: float, history: list[tuple[float, int, str]]) -> None:
         self.dump_path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,6 +250,10 @@ class Watchdog:
             f.write(f"rank {self.rank} (pid {os.getpid()}): no progress for {stalled:.1f} s "
                     f"(timeout {self.timeout_s} s)")
             f.write(f"; last phase {last[2]!r} of step {last[1]}\n" if last else "\n")
+            if self.report is not None:
+                f.write(f"\nsuspects: ranks {self.report['suspects']} ({self.report['reason']}); last beats:\n")
+                for r, b in self.report["ranks"].items():
+                    f.write(f"  rank {r}: {b if b is not None else 'never published'}\n")
             f.write(f"\nrecent phases (oldest first, last {len(history)}):\n")
             for wall, step, phase in history:
                 stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall)) + f".{int(wall % 1 * 1000):03d}"
