@@ -6,6 +6,8 @@ DIST_LLAMA_FAULTS (comma-separated, appended), so a drill can be added to any la
 
 kind        keys (required, [optional])     effect
 kill        rank, step                      SIGKILL this process at the start of the step
+crash       step, [rank]                    raise RuntimeError at the start of the step, on EVERY attempt
+                                            (no marker: a deterministic bug, the crash-loop detector's case)
 hang        rank, step                      block forever at the start of the step (the watchdog's case)
 sigterm     rank, step                      SIGTERM this process at the start of the step (preemption)
 nan         step, [rank], [times=1]         the step's loss comes back NaN (x NaN) on `times` attempts of
@@ -25,7 +27,7 @@ being computed, the `step` of its metrics line).
 Once per run directory: before a fault acts, it atomically creates a marker file
 <run_dir>/faults/<spec>[.rankN][.attemptK].fired (O_EXCL), and a fault whose marker exists does not
 act again, so a fault fires once even across restarts of the job (a kill writes its marker before
-killing). A fault with `rank` concerns that rank only. A fault without `rank` acts on every rank
+killing). `crash` is the exception: it keeps no marker and fires whenever its step is reached. A fault with `rank` concerns that rank only. A fault without `rank` acts on every rank
 that reaches it, each with its own marker (.rankN), except ckpt_corrupt: one corrupted file is the
 drill, so the first rank to claim the shared marker does it. `nan` keeps one marker per attempt.
 `slow` is a property of a node, not an event: it acts on every forward from `slow_down(parts)` on,
@@ -128,10 +130,13 @@ class FaultInjector:
 
     # --- hooks -------------------------------------------------------------------------------------
     def at_step_start(self, step: int) -> None:
-        """Before the step's forward: kill, sigterm, hang."""
+        """Before the step's forward: crash, kill, sigterm, hang."""
         self._step = step
         if not self.specs:
             return
+        for spec in self._mine("crash", step):
+            self._report(spec, step)
+            raise RuntimeError(f"injected crash at step {step} ({spec.canonical})")
         for spec in self._mine("sigterm", step):
             if self._fire_once(spec, step):
                 os.kill(os.getpid(), signal.SIGTERM)

@@ -265,3 +265,49 @@ def test_failed_checkpoint_write_keeps_training(tmp_path):
     assert [e["step"] for e in failed] == [8, 12]
     saved = [e["step"] for e in events if e["event"] == "checkpoint_saved"]
     assert saved == [4, 16]
+
+
+@pytest.mark.timeout(300)
+def test_crash_at_the_same_step_every_attempt_stops_as_a_crash_loop(tmp_path):
+    """A deterministic crash at step 7 (rank 1, every attempt): three attempts fail at 7 (the first
+    saved step 4, the next two resumed from it); the fourth exits 3 before training, naming the step
+    and the cause, and writes the launcher's exit file. torchrun itself exits 1 (restarts used up)."""
+    run_dir, exit_file = tmp_path / "run", tmp_path / "exit_status"
+    env = {**os.environ, "WANDB_MODE": "disabled", "DIST_LLAMA_EXIT_FILE": str(exit_file)}
+    proc = subprocess.run([*_torchrun(2, max_restarts=3), *COMMON, f"train.run_dir={run_dir}",
+                           "health.faults=[crash:rank=1:step=7]"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=280)
+    assert proc.returncode != 0
+    code, reason = exit_file.read_text().split(" ", 1)
+    assert int(code) == 3, reason  # EXIT_UNRECOVERABLE
+    assert "exitcode  : 3" in proc.stderr or "exitcode: 3" in proc.stderr.replace(" ", ""), proc.stderr[-3000:]
+    loop = [e for e in rundir.events(run_dir) if e["event"] == "crash_loop"]
+    assert len(loop) == 1 and loop[0]["step"] == 4, loop
+    assert "failed at step 7" in loop[0]["reason"] and "injected crash at step 7" in loop[0]["reason"], loop
+    assert "failed at step 7" in reason
+    starts = [e for e in rundir.events(run_dir) if e["event"] == "train_start"]
+    assert [e["step"] for e in starts] == [0, 4, 4], starts  # the fourth attempt stopped before training
+
+
+def test_crash_loop_needs_the_same_step_and_no_progress(tmp_path):
+    from dist_llama.train import crashloop
+
+    for step in (4, 4, 4):
+        crashloop.record_start(tmp_path, step, 0)
+        crashloop.record_failure(tmp_path, 7, 1, "RuntimeError: boom\nat line 3")
+    attempts = crashloop.read_attempts(tmp_path)
+    assert "failed at step 7" in crashloop.crash_loop(attempts, 4, 3)
+    assert "boom at line 3" in crashloop.crash_loop(attempts, 4, 3)
+    assert crashloop.crash_loop(attempts, 4, 4) is None  # only three attempts
+    assert crashloop.crash_loop(attempts, 8, 3) is None  # progress: resumed past the failing step
+    crashloop.record_start(tmp_path, 4, 0)
+    crashloop.record_failure(tmp_path, 6, 0, "OSError")
+    assert crashloop.crash_loop(crashloop.read_attempts(tmp_path), 4, 3) is None  # a different step
+    crashloop.record_start(tmp_path, 4, 0)
+    crashloop.record_end(tmp_path, 4, 0)
+    assert crashloop.crash_loop(crashloop.read_attempts(tmp_path), 4, 1) is None  # ended cleanly
+    killed = tmp_path / "killed"
+    for _ in range(2):
+        crashloop.record_start(killed, 4, 0)  # SIGKILLed: nothing recorded but the start
+    assert "no cause recorded" in crashloop.crash_loop(crashloop.read_attempts(killed), 4, 2)
+    assert crashloop.crash_loop(crashloop.read_attempts(killed), 8, 2) is None  # unknown step: same start needed

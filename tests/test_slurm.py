@@ -226,3 +226,115 @@ def test_bad_submissions_exit_2_naming_the_key(args, key, tmp_path):
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and key in out.stderr, out.stderr
     assert not (tmp_path / "run").exists()
+
+
+HOSTILE = "it's a $(touch PWNED) run"
+"""A run directory name with a space, a single quote and a command substitution."""
+
+
+def _dry_run(run_dir, *extra):
+    cmd = [sys.executable, "-m", "dist_llama.launch.slurm", *TRAIN, "--nodes", "1", f"train.run_dir={run_dir}",
+           "--dry-run", *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_a_hostile_run_directory_renders_a_script_bash_accepts(tmp_path):
+    out = _dry_run(tmp_path / HOSTILE)
+    assert out.returncode == 0, out.stderr
+    path = tmp_path / "job.sbatch"
+    path.write_text(out.stdout)
+    assert subprocess.run(["bash", "-n", str(path)], cwd=tmp_path, capture_output=True).returncode == 0
+    assert '"$SCRIPT"' in out.stdout and "{{" not in out.stdout
+    assert "#SBATCH --job-name=dist-llama-it_s_a___touch_PWNED__run\n" in out.stdout
+    assert not list(tmp_path.rglob("PWNED")) and not (ROOT / "PWNED").exists()
+
+
+@pytest.mark.parametrize("args, key", [
+    (["--job-name", "a\nrm -rf x"], "--job-name"),
+    (["--job-name", "a b"], "--job-name"),
+    (["--time", "1:00\nrm -rf x"], "--time"),
+    (["--time", "tomorrow"], "--time"),
+    (["cluster.time=1-2-3"], "cluster.time"),
+    (["cluster.partition=gpu;reboot"], "cluster.partition"),
+    (["cluster.account=$(id)"], "cluster.account"),
+    (["cluster.sbatch=[mem=0]"], "cluster.sbatch"),
+    (["--exclude", "n1 n2"], "--exclude"),
+])
+def test_values_for_the_script_are_validated_naming_the_flag(args, key, tmp_path):
+    out = _dry_run(tmp_path / "run", *args)
+    assert out.returncode == 2 and key in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not out.stdout
+
+
+def test_a_newline_in_a_preset_value_exits_2_naming_the_key(tmp_path):
+    preset = tmp_path / "cluster.yaml"
+    preset.write_text('gpus_per_node: 2\nqos: "normal\\nrm -rf /"\n')
+    cmd = [sys.executable, "-m", "dist_llama.launch.slurm", "--config", "configs/debug.yaml", "--cpu", "--nodes", "1",
+           "--cluster", str(preset), f"train.run_dir={tmp_path}/run", "--dry-run"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "cluster.qos" in out.stderr and "newline" in out.stderr, out.stderr
+
+
+def _outcome(tmp_path, rc, stop=False, exit_status=None, failures=0, requeues=0):
+    """The rendered script's own decision (between its `outcome` markers) for a torchrun exit code."""
+    script = _dry_run(tmp_path / "run", "cluster.max_failures=2", "cluster.max_requeues=5").stdout
+    run_dir = tmp_path / "run"
+    (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
+    for name in ("stop", "exit_status", "failures"):
+        (run_dir / "slurm" / name).unlink(missing_ok=True)
+    if stop:
+        (run_dir / "slurm" / "stop").touch()
+    if exit_status:
+        (run_dir / "slurm" / "exit_status").write_text(exit_status)
+    if failures:
+        (run_dir / "slurm" / "failures").write_text("failed\n" * failures)
+    block = script[script.index("# outcome RC"):script.index("# end of outcome")]
+    prelude = script[script.index("RUN_DIR="):script.index("requeues=")]
+    out = subprocess.run(["bash", "-c", f"set -u\n{prelude}requeues={requeues}\n{block}\noutcome {rc}"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_the_script_decides_by_exit_code_what_comes_next(tmp_path):
+    assert _outcome(tmp_path, 0) == "done"
+    assert _outcome(tmp_path, 0, stop=True) == "requeue-preempted"
+    assert _outcome(tmp_path, 1, stop=True, requeues=5) == "preempted"  # the requeue budget is spent
+    assert _outcome(tmp_path, 1, exit_status="2 config error: x") == "stop"
+    assert _outcome(tmp_path, 1, exit_status="3 crash loop: y") == "stop"
+    assert _outcome(tmp_path, 1) == "requeue-failure"  # torchrun's restarts exhausted
+    assert _outcome(tmp_path, 137, failures=1) == "requeue-failure"
+    assert _outcome(tmp_path, 1, failures=2) == "give-up"
+
+
+@pytest.mark.timeout(400)
+def test_hostile_run_dir_requeues_after_restarts_run_out_then_finishes(slurm, tmp_path):
+    """A rank killed with no torchrun restarts left: the script requeues the job (failure budget),
+    which resumes and finishes, in a run directory that a shell would misread if anything were
+    unquoted; no PWNED file appears anywhere."""
+    run_dir = tmp_path / HOSTILE
+    job = Job(slurm, run_dir, "--nodes", "1", "--gpus-per-node", "2", "train.steps=6", "cluster.max_restarts=0",
+              "health.faults=[kill:rank=1:step=5]")
+    assert len(job.result()) == 6
+    log = job.log()
+    assert "failure 1 of 2; requeueing job" in log and "(requeue 1)" in log, log[-3000:]
+    assert (run_dir / "slurm" / "failures").read_text().count("\n") == 1
+    assert len(events(run_dir, "train_start")) == 2  # (step 4's async save may die with the kill)
+    assert not list(tmp_path.rglob("PWNED")) and not (ROOT / "PWNED").exists()
+
+
+@pytest.mark.timeout(400)
+def test_a_crash_loop_stops_the_job_without_requeueing(slurm, tmp_path):
+    """A crash at step 3 on every attempt: torchrun's two attempts fail, the job requeues once (the
+    budget allows two), the requeued job finds two failures at step 3 and stops with exit 3."""
+    run_dir = tmp_path / HOSTILE
+    proc = _submit(slurm, run_dir, "--nodes", "1", "--gpus-per-node", "2", "train.steps=6",
+                   "health.faults=[crash:rank=1:step=3]", "health.max_failures_at_step=2")
+    job_id = _job_id(proc)
+    proc.communicate(timeout=360)
+    log = _job_log(run_dir, job_id)
+    assert proc.returncode == 3, log[-3000:]
+    assert "stopped for good, not requeueing: 3 crash loop" in log and "failed at step 3" in log, log[-3000:]
+    assert "(requeue 1)" in log and "(requeue 2)" not in log
+    assert len(events(run_dir, "crash_loop")) >= 1
+    assert not list(tmp_path.rglob("PWNED")) and not (ROOT / "PWNED").exists()

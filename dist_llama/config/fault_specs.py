@@ -14,6 +14,7 @@ _INT, _FLOAT = "int", "float"
 KINDS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     # kind: (required keys, optional keys), each key -> its type
     "kill": ({"rank": _INT, "step": _INT}, {}),
+    "crash": ({"step": _INT}, {"rank": _INT}),
     "hang": ({"rank": _INT, "step": _INT}, {}),
     "sigterm": ({"rank": _INT, "step": _INT}, {}),
     "nan": ({"step": _INT}, {"rank": _INT, "times": _INT}),

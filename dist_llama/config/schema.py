@@ -232,6 +232,8 @@ class HealthConfig:
     """Retries of one step before escalating to rollback."""
     max_rollbacks: int = 3
     """Rollbacks per run before escalating to restart."""
+    max_failures_at_step: int = 3
+    """Attempts failing in a row at one step, with no checkpoint progress, before the run stops as a crash loop (exit 3); 0 = never."""
     rollback_lr_scale: float = 1.0
     """Multiply the LR by this after each rollback (1.0 = unchanged)."""
     rollback_skip_data: bool = True

@@ -31,7 +31,7 @@ def _positive(cfg: Config, *keys: str) -> None:
 
 def _validate_health(h, checkpoints: bool) -> None:
     """Every check's parameters, so that no setting silently turns a check off."""
-    for key in ("max_retries", "max_rollbacks", "hang_timeout_s", "straggler_interval", "sdc_interval"):
+    for key in ("max_retries", "max_rollbacks", "max_failures_at_step", "hang_timeout_s", "straggler_interval", "sdc_interval"):
         _require(getattr(h, key) >= 0, f"health.{key}", f"must be >= 0, got {getattr(h, key)}")
     _require(h.spike_min_history >= 2, "health.spike_min_history",
              f"must be >= 2 (a median and a spread need two values), got {h.spike_min_history}")

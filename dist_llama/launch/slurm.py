@@ -30,6 +30,8 @@ from omegaconf import OmegaConf
 from dist_llama import config as config_lib
 from dist_llama.config import CONFIG_DIR, EXIT_CONFIG, ConfigError
 from dist_llama.launch.local import torchrun_args
+from dist_llama.launch.script_values import (NAME, check, check_line, default_job_name, sbatch_path,
+                                             validate_cluster)
 
 TEMPLATE = Path(__file__).with_name("train.sbatch")
 
@@ -66,6 +68,9 @@ class ClusterConfig:
     """Requeues after preemption notices before the job stops requeueing itself."""
     max_resubmits: int = 3
     """Resubmissions after preflight failures (each without the failing nodes)."""
+    max_failures: int = 2
+    """Requeues after an allocation whose training failed for good (torchrun's restarts exhausted);
+    never after a configuration error or a detected crash loop."""
     port_base: int = 29500
     """Rendezvous port = port_base + job id % 1000, so jobs sharing a node do not collide."""
     sbatch: list[str] = field(default_factory=list)
@@ -104,7 +109,7 @@ def sbatch_lines(cluster: ClusterConfig, nproc: int, cpu: bool) -> str:
         value = getattr(cluster, key)
         if value is not None:
             options.append(f"--{key.replace('_', '-')}={value}")
-    if cluster.exclude:
+    if cluster.exclude:  # validated: names and hostlist expressions, nothing to quote
         options.append(f"--exclude={','.join(cluster.exclude)}")
     options += cluster.sbatch
     return "".join(f"#SBATCH {o}\n" for o in options)
@@ -143,6 +148,8 @@ def build_job(config_path: Optional[str], overrides: Sequence[str], cluster: Clu
               cpu: bool, job_name: Optional[str] = None, workdir: Optional[Path] = None) -> Job:
     """Validate the config for the job's world size and render the batch script (writes nothing)."""
     workdir = (workdir or Path.cwd()).resolve()
+    if job_name is not None:
+        check("--job-name", job_name, NAME, "a job name ([A-Za-z0-9._+-])")
     overrides = list(overrides) + (["train.device=cpu"] if cpu else [])
     raw = config_lib.load(config_path, overrides)
     cfg = config_lib.to_object(raw)
@@ -151,13 +158,17 @@ def build_job(config_path: Optional[str], overrides: Sequence[str], cluster: Clu
     config_lib.validate(cfg, nodes * nproc)
     # The job runs from a snapshot, so editing the preset later cannot change a run mid-way.
     run_dir = (workdir / cfg.train.run_dir).resolve()
+    check_line("train.run_dir", str(run_dir))
+    check_line("working directory", str(workdir))
     raw.train.run_dir = str(run_dir)
     job = Job(script="", config_yaml=OmegaConf.to_yaml(raw), run_dir=run_dir, nodes=nodes, nproc=nproc)
     q = shlex.quote
     args = torchrun_args(nproc, nodes, '"$MASTER_ADDR:$MASTER_PORT"', '"$SLURM_JOB_ID"', cluster.max_restarts,
                          '"$RUN_DIR/logs/job-$SLURM_JOB_ID-$requeues"', [f"--config={q(str(job.config_path))}"])
+    # Each value is quoted here, once, for where the template puts it: q() for shell lines,
+    # sbatch_path() for #SBATCH lines; validated names and numbers need neither.
     job.script = render(TEMPLATE.read_text(), {
-        "job_name": job_name or f"dist-llama-{run_dir.name}",
+        "job_name": job_name or default_job_name(run_dir.name),
         "nodes": nodes,
         "nproc": nproc,
         "script": q(str(job.script_path)),
@@ -165,7 +176,8 @@ def build_job(config_path: Optional[str], overrides: Sequence[str], cluster: Clu
         "time": cluster.time,
         "signal_lead_s": cluster.signal_lead_s,
         "run_dir": q(str(run_dir)),
-        "workdir": q(str(workdir)),
+        "output_dir": sbatch_path("train.run_dir", f"{run_dir}/slurm", pattern=True),
+        "chdir": sbatch_path("working directory", str(workdir)),
         "python": q(cluster.python or sys.executable),
         "exclude": q(",".join(cluster.exclude)),
         "setup": "\n".join(cluster.setup),
@@ -173,6 +185,7 @@ def build_job(config_path: Optional[str], overrides: Sequence[str], cluster: Clu
         "preflight_device": "--cpu" if cpu else f"--gpus {nproc}",
         "max_resubmits": cluster.max_resubmits,
         "max_requeues": cluster.max_requeues,
+        "max_failures": cluster.max_failures,
         "torchrun_args": " \\\n    ".join(args[:args.index("-m")] + [" ".join(args[args.index("-m"):])]),
     })
     return job
@@ -198,6 +211,7 @@ def parse_args(argv: Optional[Sequence[str]]):
     parser.add_argument("--time", help="time limit per allocation, e.g. 04:00:00 (default: the preset's)")
     parser.add_argument("--exclude", help="comma-separated nodes to avoid, added to the preset's")
     parser.add_argument("--job-name", help="default: dist-llama-<run directory name>")
+    parser.add_argument("--max-failures", type=int, help="requeues after failed allocations (default: the preset's)")
     parser.add_argument("--dry-run", action="store_true", help="print the batch script; write and submit nothing")
     parser.add_argument("--wait", action="store_true", help="sbatch --wait: return when the job (and its requeues) ends")
     return parser.parse_known_args(argv)
@@ -209,10 +223,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     overrides = [o for o in rest if not o.lstrip("-").startswith("cluster.")]
     try:
         cluster = load_cluster(args.cluster, cluster_overrides)
-        flags = {"gpus_per_node": args.gpus_per_node, "time": args.time}
-        cluster = dataclasses.replace(cluster, **{k: v for k, v in flags.items() if v is not None})
+        flags = {"gpus_per_node": args.gpus_per_node, "time": args.time, "max_failures": args.max_failures}
+        given = {k: v for k, v in flags.items() if v is not None}
+        cluster = dataclasses.replace(cluster, **given)
         if args.exclude:
             cluster.exclude = cluster.exclude + [n for n in args.exclude.split(",") if n]
+            given["exclude"] = args.exclude
+        validate_cluster(cluster, {k: "--" + k.replace("_", "-") for k in given})
         job = build_job(args.config, overrides, cluster, args.nodes, args.cpu, args.job_name)
     except ConfigError as exc:
         print(f"dist-llama-submit: config error: {exc}", file=sys.stderr)

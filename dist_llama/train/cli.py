@@ -24,9 +24,28 @@ from dist_llama.data.heldout import DataSources, eval_windows, split_held_out
 from dist_llama.data.loader import Source
 from dist_llama.parallel.env import init_distributed, world_size_from_env
 from dist_llama.train.checkpoint import CheckpointError
+from dist_llama.train.recovery import EXIT_OK, EXIT_UNRECOVERABLE, TrainingExit
 from dist_llama.train.resume_check import check_run_dir
-from dist_llama.train.recovery import EXIT_OK, TrainingExit
 from dist_llama.train.runlock import RunDirInUse, RunLock, die_with_launcher, launched_by_torchrun
+
+EXIT_FILE_ENV = "DIST_LLAMA_EXIT_FILE"
+"""A launcher's file for "CODE reason" when the run stops for good (2 or 3): torchrun exits 1 for any
+failed worker group, so a launcher behind it (the Slurm batch script) cannot tell a crash it should
+requeue from a stop it must not repeat."""
+
+
+def report_final(code: int, reason: str) -> int:
+    """Write the exit file (rank 0: every rank stops for the same reason) and return the code."""
+    path = os.environ.get(EXIT_FILE_ENV)
+    if path and code in (EXIT_CONFIG, EXIT_UNRECOVERABLE) and os.environ.get("RANK", "0") == "0":
+        try:
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(f"{code} {' '.join(reason.split())}\n")
+            os.replace(tmp, path)
+        except OSError as exc:  # the exit code still says it; the launcher may requeue once too many
+            print(f"dist_llama: could not write {path}: {exc}", file=sys.stderr)
+    return code
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> tuple[Optional[str], list[str]]:
@@ -151,7 +170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg, sources = resolve_config(config_path, overrides, world_size_from_env())
     except ConfigError as exc:
         print(f"dist_llama: config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return report_final(EXIT_CONFIG, f"config error: {exc}")
     together = False  # every rank leaves at the same point: finished, or a collectively agreed exit
     try:
         train(cfg, sources)
@@ -159,13 +178,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except TrainingExit as exc:
         together = True
         print(f"dist_llama: {exc.reason} (exit code {exc.code})", file=sys.stderr)
-        return exc.code
-    except RunDirInUse as exc:
+        return report_final(exc.code, exc.reason)
+    except RunDirInUse as exc:  # no exit file: the directory (and its launcher files) is another job's
         print(f"dist_llama: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except CheckpointError as exc:  # e.g. resuming a DeepSpeed checkpoint under another engine
         print(f"dist_llama: checkpoint error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return report_final(EXIT_CONFIG, f"checkpoint error: {exc}")
     finally:
         if dist.is_initialized():
             if together:

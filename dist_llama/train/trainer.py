@@ -18,6 +18,7 @@ from dist_llama.data import PackedLoader
 from dist_llama.faults import FaultInjector
 from dist_llama.model.flops import mfu
 from dist_llama.train.callbacks import Callback
+from dist_llama.train import crashloop
 from dist_llama.train.checkpoint import Checkpointer
 from dist_llama.train.engines import Engine
 from dist_llama.train.evaluate import Evaluator
@@ -194,8 +195,22 @@ class Trainer:
     def fit(self) -> list[dict]:
         """Train to cfg.train.steps. Raises TrainingExit for restart / preemption / abort."""
         self.preemption.install()
+        run_dir, rank = Path(self.cfg.train.run_dir), self.logger.rank
         try:
-            return self._fit()
+            history = self._fit()
+        except TrainingExit as exc:
+            if exc.code in (EXIT_OK, EXIT_PREEMPTED) and rank == 0:
+                crashloop.record_end(run_dir, self.step, exc.code)
+            elif exc.code == EXIT_RESTART and rank == 0:  # every rank leaves together: one record
+                crashloop.record_failure(run_dir, self.step + 1, rank, exc.reason)
+            raise
+        except Exception as exc:  # this rank's own failure: the crash-loop detector's cause
+            crashloop.record_failure(run_dir, self.step + 1, rank, f"{type(exc).__name__}: {exc}")
+            raise
+        else:
+            if rank == 0:
+                crashloop.record_end(run_dir, self.step, EXIT_OK)
+            return history
         finally:
             self.preemption.uninstall()
             self.p.watchdog.stop()
@@ -207,6 +222,7 @@ class Trainer:
         ck = cfg.checkpoint
         if p.resume is not None:
             self.load(p.resume)
+        self._check_crash_loop()
         self._last_save = (self.step, time.time())
         self.logger.event("train_start", self.step, total_steps=cfg.train.steps, layout=p.layout)
         started, steps_done = time.perf_counter(), 0
@@ -298,6 +314,23 @@ class Trainer:
         ck = self.cfg.checkpoint
         flags["save"] = bool(ck.enabled and ck.interval_s and time.time() - self._last_save[1] >= ck.interval_s)
         return agree(flags, self.p.device)
+
+    def _check_crash_loop(self) -> None:
+        """Rank 0 reads the failure record before adding this attempt to it; every rank gets its
+        verdict (one broadcast), so all exit together or none does."""
+        run_dir, n = Path(self.cfg.train.run_dir), self.cfg.health.max_failures_at_step
+        verdict = None
+        if self.logger.rank == 0 and n > 0:
+            verdict = crashloop.crash_loop(crashloop.read_attempts(run_dir), self.step, n)
+        if torch.distributed.is_initialized():
+            box = [verdict]
+            torch.distributed.broadcast_object_list(box, src=0)
+            verdict = box[0]
+        if verdict:
+            self.logger.event("crash_loop", self.step, reason=verdict)
+            raise TrainingExit(EXIT_UNRECOVERABLE, verdict)
+        if self.logger.rank == 0:
+            crashloop.record_start(run_dir, self.step, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
 
     def _record(self, loss: float, grad_norm: float, lr: float, step_time: float, fetched: Prefetched) -> dict:
         p = self.p
