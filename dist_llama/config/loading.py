@@ -64,7 +64,9 @@ def load(config_path: Optional[str], overrides: Sequence[str] = (), schema: type
         if not isinstance(preset, dict):
             raise ConfigError("--config", f"{config_path} must hold a mapping of sections")
         for section, value in preset.items():
-            if value is not None and not isinstance(value, dict):
+            # A section the schema holds as a mapping (model, train, ...): a scalar there is a mistake.
+            expects_mapping = isinstance(cfg.get(section) if section in cfg else None, DictConfig)
+            if expects_mapping and value is not None and not isinstance(value, dict):
                 raise ConfigError(str(section), f"must be a mapping of keys (in {config_path}), got "
                                                 f"{type(value).__name__} {value!r}")
         cfg = _merge(cfg, preset, str(config_path))
