@@ -108,3 +108,16 @@ def test_a_final_save_that_fails_exits_74_naming_the_last_committed_step(tmp_pat
     assert codes == [74]
     (failed,) = events(run_dir, "final_checkpoint_failed")
     assert failed["step"] == 4 and failed["last_committed"] == 2
+
+
+@pytest.mark.timeout(120)
+def test_saves_failing_in_a_row_stop_the_run_naming_the_last_committed_step(tmp_path):
+    from rundir import events
+
+    run_dir = tmp_path / "run"
+    codes = run_ranks(_train, 1, str(run_dir), [
+        "train.steps=10", "checkpoint.async_save=false", "checkpoint.max_failed_saves=2",
+        "health.faults=[ckpt_fail:step=4,ckpt_fail:step=6,ckpt_fail:step=8]"], timeout=120)
+    assert codes == [74]
+    (stop,) = events(run_dir, "checkpoints_failing")
+    assert stop["step"] == 8 and stop["last_committed"] == 2 and stop["failed_in_a_row"] == 2

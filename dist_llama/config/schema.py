@@ -210,6 +210,8 @@ class CheckpointConfig:
     """Block the loop only to stage a copy of the state; write it in the background (one in flight)."""
     verify: bool = True
     """Re-read every written file and check its checksum before committing a checkpoint."""
+    max_failed_saves: int = 3
+    """Stop (exit 74, naming the last committed step) after this many saves in a row failed (0 = never)."""
 
 
 @dataclass

@@ -213,6 +213,7 @@ def validate(cfg: Config, world_size: int, dataset=None, tokenizer_vocab: Option
     _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables), got {o.grad_clip}")
     _require(c.interval >= 0, "checkpoint.interval", f"must be >= 0, got {c.interval}")
+    _require(c.max_failed_saves >= 0, "checkpoint.max_failed_saves", f"must be >= 0, got {c.max_failed_saves}")
     _require(cfg.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode",
              f"must be offline, online or disabled; got {cfg.logging.wandb_mode!r}")
     h = cfg.health

@@ -123,6 +123,8 @@ class Checkpointer:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-commit")
         self._inflight: Optional[Future] = None
         self.last_error: Optional[str] = None
+        self.failed_in_a_row = 0
+        """Saves that failed since the last one committed (rank 0 knows; the others see write failures)."""
         """Why the latest save failed, or None (rank 0 knows every failure; others only the writer's)."""
         self.last_timings: dict[str, float] = {}
         """Breakdown of the latest save (seconds): wait, barrier, write_state (the caller's share of
@@ -213,6 +215,7 @@ class Checkpointer:
                 now = time.perf_counter()
                 self.last_timings.update(write=now - t_blocked, total=now - t0)
                 self.last_error = None
+                self.failed_in_a_row = 0
                 fields = {"path": str(final), "bytes": nbytes, "write_s": round(now - t_blocked, 4),
                           "total_s": round(now - t0, 4)}
                 if blocked is not None:
@@ -222,6 +225,7 @@ class Checkpointer:
         except BaseException as e:  # noqa: BLE001 (a failed save must never end training)
             reason = failure_reason(e)
             self.last_error = reason
+            self.failed_in_a_row += 1
             log.warning("checkpoint at step %d failed: %s", step, reason)
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -284,6 +284,7 @@ class Trainer:
                 self._preempt()
             if ck.enabled and ((ck.interval and self.step % ck.interval == 0) or flags["save"]):
                 self._beat("checkpoint")
+                self._check_failed_saves()
                 self.save()
         with self._unwatched():
             if ck.enabled and ck.save_final and self._last_save[0] != self.step:
@@ -295,6 +296,19 @@ class Trainer:
         self.logger.event("train_end", self.step, tokens=self.progress.tokens, **losses)
         self.logger.event("goodput", self.step, **self.goodput.summary())
         return self.history
+
+    def _check_failed_saves(self) -> None:
+        """Training on while no checkpoint commits only piles up work that cannot be saved: after
+        checkpoint.max_failed_saves failures in a row, stop and say which step is the last saved."""
+        limit = self.cfg.checkpoint.max_failed_saves
+        ckpt = self.p.checkpointer
+        failing = bool(limit) and ckpt.rank == 0 and ckpt.failed_in_a_row >= limit
+        if agree({"save": failing}, self.p.device)["save"]:
+            committed = ckpt.committed_step()
+            self.logger.event("checkpoints_failing", self.step, failed_in_a_row=ckpt.failed_in_a_row,
+                              last_committed=committed, reason=ckpt.last_error)
+            raise TrainingExit(EXIT_SAVE_FAILED, f"{ckpt.failed_in_a_row} checkpoints in a row failed "
+                               f"({ckpt.last_error}); the last committed checkpoint is step {committed}")
 
     def _check_final_save(self) -> None:
         """Finishing without the final checkpoint committed loses work: say so with its own exit code."""
