@@ -7,13 +7,12 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa  # a dependency: missing is a setup failure, not a skip
+import pyarrow.parquet as pq
 import pytest
 
 from dist_llama.data import ByteTokenizer, InputError, TokenDataset, prepare
 from dist_llama.data.prepare import main
-
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
 
 
 def docs_for(name, n):

@@ -250,7 +250,32 @@ _BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>", "[BOS]")
 _EOS_NAMES = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>", "[EOS]")
 
 
-class HFTokenizer(Tokenizer):
+class _FileTokenizer(Tokenizer):
+    """A tokenizer that reads its vocabulary size, BOS, EOS and name from a file once, at construction."""
+
+    _vocab_size: int
+    _bos: int | None
+    _eos: int
+    _name: str
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._bos
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+
+class HFTokenizer(_FileTokenizer):
     """A Hugging Face ``tokenizer.json`` (via the ``tokenizers`` library).
 
     BOS / EOS come from ``bos_id`` / ``eos_id`` when given, else from the first of the usual names
@@ -305,28 +330,12 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self.model.decode([int(i) for i in ids], skip_special_tokens=False)
 
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def bos_id(self) -> int | None:
-        return self._bos
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos
-
-    @property
-    def name(self) -> str:
-        return self._name
-
 
 class _NotSentencePiece(ValueError):
     """The file does not parse as a SentencePiece model (as opposed to a model that is unusable)."""
 
 
-class SentencePieceTokenizer(Tokenizer):
+class SentencePieceTokenizer(_FileTokenizer):
     """A SentencePiece model (a serialized ``ModelProto``): Llama 2's ``tokenizer.model``.
 
     Ids are the library's own ``encode`` with BOS / EOS framed around them as Meta's Llama 2
@@ -383,22 +392,6 @@ class SentencePieceTokenizer(Tokenizer):
                 run.append(i)
         out.append(self.model.decode(run))
         return "".join(out)
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def bos_id(self) -> int | None:
-        return self._bos
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos
-
-    @property
-    def name(self) -> str:
-        return self._name
 
 
 _FORMATS = (

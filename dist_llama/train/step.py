@@ -180,27 +180,25 @@ class PipelineStep(_Step):
         return next(reversed(self._schedules.values()))
 
     def _run(self, batch: Batch) -> torch.Tensor:
-        schedule = self.schedule_for(tuple(batch["tokens"].shape))
-        losses: list[torch.Tensor] = []
-        args = (batch["tokens"],) if self.has_first_stage else ()
-        target = batch["labels"] if self.has_last_stage else None
         # Forward and backward interleave inside the schedule, so autocast covers both; backward
         # ops keep the dtypes their forward ops were given.
-        with self.autocast():
-            schedule.step(*args, target=target, losses=losses, doc_ids=batch["doc_ids"],
-                          positions=batch["positions"])
-        return self._sum(losses)
+        return self._through_schedule(batch, "step")
 
     def _forward(self, batch: Batch) -> torch.Tensor:
         # The schedule's forward-only pass (it rebuilds its stages' buffers when switching between
         # eval and step, under a forked RNG); the outputs are not kept, only the losses.
+        return self._through_schedule(batch, "eval", return_outputs=False)
+
+    def _through_schedule(self, batch: Batch, method: str, **extra) -> torch.Tensor:
+        """The batch through the schedule's `step` or `eval`: tokens into the first stage, labels
+        into the last; returns this rank's summed micro-batch losses."""
         schedule = self.schedule_for(tuple(batch["tokens"].shape))
         losses: list[torch.Tensor] = []
         args = (batch["tokens"],) if self.has_first_stage else ()
         target = batch["labels"] if self.has_last_stage else None
         with self.autocast():
-            schedule.eval(*args, target=target, losses=losses, doc_ids=batch["doc_ids"],
-                          positions=batch["positions"], return_outputs=False)
+            getattr(schedule, method)(*args, target=target, losses=losses, doc_ids=batch["doc_ids"],
+                                      positions=batch["positions"], **extra)
         return self._sum(losses)
 
     def _sum(self, losses: list[torch.Tensor]) -> torch.Tensor:

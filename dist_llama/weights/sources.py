@@ -277,6 +277,13 @@ def _args_from_meta_params(p: dict, max_seq_len: int, where: Path, vocab_from_we
 
 
 # --- dist_llama -----------------------------------------------------------------------------------
+def _run_model(config: dict) -> tuple[ModelArgs, Optional[str]]:
+    """The architecture and tokenizer a dist_llama run recorded in its config.yaml."""
+    model = dict(config.get("model", {}))
+    args = ModelArgs(**{k: v for k, v in model.items() if k in ModelArgs.__dataclass_fields__})
+    return args, (config.get("data") or {}).get("tokenizer")
+
+
 class DCPSource:
     """One dist_llama checkpoint in DCP format (any layout): tensors are read from the chunks each
     request overlaps. The architecture comes from the run's config.yaml."""
@@ -288,9 +295,7 @@ class DCPSource:
         from dist_llama.train.dcp_metadata import SafeReader
 
         self.path = step_dir
-        model = dict(config.get("model", {}))
-        self.args = ModelArgs(**{k: v for k, v in model.items() if k in ModelArgs.__dataclass_fields__})
-        self.tokenizer = (config.get("data") or {}).get("tokenizer")
+        self.args, self.tokenizer = _run_model(config)
         self.reader = SafeReader(str(step_dir))  # load_into reads through it too
         try:
             metadata = self.reader.read_metadata()
@@ -324,9 +329,7 @@ class DeepSpeedSource:
 
     def __init__(self, step_dir: Path, config: dict):
         self.path = step_dir
-        model = dict(config.get("model", {}))
-        self.args = ModelArgs(**{k: v for k, v in model.items() if k in ModelArgs.__dataclass_fields__})
-        self.tokenizer = (config.get("data") or {}).get("tokenizer")
+        self.args, self.tokenizer = _run_model(config)
         try:
             self._state = _deepspeed_fp32_state(step_dir / "deepspeed")
         except Exception as exc:  # noqa: BLE001 (missing files, unexpected content)
