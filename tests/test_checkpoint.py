@@ -294,6 +294,73 @@ def test_corrupt_checkpoint_is_skipped_and_the_previous_one_chosen(tmp_path, how
     assert len(skipped) == 1 and skipped[0]["step"] == 2 and reason in skipped[0]["reason"], skipped
 
 
+def _shared_resume_check(root: str):
+    """4 FSDP ranks save steps 1 and 2; a file of step 2 is truncated; every rank counts the
+    files it opens or stats while picking the checkpoint to resume."""
+    from dist_llama.train import checkpoint_integrity
+    from dist_llama.train.checkpoint import Checkpointer
+    from dist_llama.train.checkpoint_integrity import read_manifest
+
+    _init()
+    root = Path(root)
+    ck = Checkpointer(root, 10, torch.device("cpu"), async_save=False, logger=Events())
+    for step in (1, 2):
+        model, opt = _build(fsdp=True, steps=step)
+        ck.save(step, DCPState([model], [opt]), {"step": step})
+    ck.close()
+    dist.barrier()
+    step2 = root / "checkpoints" / "step-00000002"
+    listed = sorted(read_manifest(step2)["files"])
+    victim = listed[3]  # in rank 3's share (every world_size-th file from its rank)
+    if dist.get_rank() == 0:
+        with open(step2 / victim, "r+b") as f:
+            f.truncate(1)
+    dist.barrier()
+
+    touched = []  # (what, file) in order: every stat and every hash of a checkpoint file
+    real_sha, real_stat = checkpoint_integrity.sha256_file, Path.stat
+
+    def sha(path):
+        touched.append(("sha", str(Path(path).relative_to(root))))
+        return real_sha(path)
+
+    def stat(path, **kw):
+        if path.is_relative_to(root / "checkpoints") and len(path.relative_to(root).parts) > 2:
+            touched.append(("stat", str(path.relative_to(root))))
+        return real_stat(path, **kw)
+
+    checkpoint_integrity.sha256_file, Path.stat = sha, stat
+    events = Events()
+    ck = Checkpointer(root, 10, torch.device("cpu"), logger=events)
+    chosen = ck.latest()
+    Path.stat = real_stat
+    ck.close()
+    listed = {s: [f"checkpoints/step-0000000{s}/{rel}" for rel in sorted(read_manifest(
+        root / "checkpoints" / f"step-0000000{s}")["files"])] for s in (1, 2)}
+    return _done({"chosen": chosen.name, "touched": touched, "listed": listed, "victim": victim,
+                  "skipped": events.of("checkpoint_skipped")})
+
+
+@pytest.mark.timeout(120)
+def test_ranks_share_the_check_of_the_checkpoint_they_resume(tmp_path):
+    """Picking the checkpoint to resume costs each rank its share of the files, at any world size:
+    rank 0 no longer reads every file; a file only rank 3 checks still makes all four skip step 2."""
+    out = run_ranks(_shared_resume_check, 4, str(tmp_path), timeout=110)
+    assert {o["chosen"] for o in out} == {"step-00000001"}
+    skipped = out[0]["skipped"]
+    assert len(skipped) == 1 and skipped[0]["step"] == 2 and out[0]["victim"] in skipped[0]["reason"], skipped
+    listed = out[0]["listed"]
+    assert len(listed[2]) >= 10  # 4 ranks' DCP files and RNG states, .metadata, trainer state
+    for rank, o in enumerate(out):
+        # Step 2: its share, except rank 3, whose first file is the truncated one (size check
+        # first, nothing hashed); then step 1: exactly its share.
+        share2 = listed[2][rank::4] if rank != 3 else []
+        expected = [(what, f) for f in [*share2, *listed[1][rank::4]] for what in ("stat", "sha")]
+        if rank == 3:
+            expected.insert(0, ("stat", listed[2][3]))
+        assert o["touched"] == expected, (rank, o["touched"])
+
+
 # --- failed saves ------------------------------------------------------------------------------------
 
 class _RaiseInHook:

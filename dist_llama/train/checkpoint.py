@@ -50,7 +50,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from dist_llama.train.checkpoint_integrity import (DIGESTS_DIR, MANIFEST, MANIFEST_FORMAT, STATE_FILE, STEP_DIR,
                                                    TMP_PREFIX, CheckpointError, Digests, check_checkpoint,
-                                                   fsync_path, read_manifest, read_rank_digests,
+                                                   fsync_path, manifest_problem, read_manifest, read_rank_digests,
                                                    step_dir_name, step_of, verify_written, write_durable,
                                                    write_rank_digests, write_rng_file)
 
@@ -232,8 +232,8 @@ class Checkpointer:
             self._event("checkpoint_failed", step, path=str(tmp), reason=reason)
 
     def committed_step(self) -> Optional[int]:
-        """The step of the newest committed checkpoint (cheap check), or None."""
-        valid = [p for p in self._step_dirs() if check_checkpoint(p) is None]
+        """The step of the newest committed checkpoint (by its manifest), or None."""
+        valid = [p for p in self._step_dirs() if manifest_problem(p) is None]
         return step_of(valid[-1]) if valid else None
 
     def _commit(self, step: int, tmp: Path, final: Path, state_json: str, state_format: str,
@@ -300,6 +300,8 @@ class Checkpointer:
         newest one); delete invalid ones older than the newest valid. Newer invalid ones stay."""
         try:
             dirs = self._step_dirs()
+            # Sizes too, not the manifest alone: a newer directory with a truncated file must not
+            # count as the newest valid one and push good checkpoints out (rank 0, after a save).
             reasons = {p: check_checkpoint(p) for p in dirs}
             valid = [p for p in dirs if reasons[p] is None]
             if not valid:
@@ -318,14 +320,15 @@ class Checkpointer:
     # --- resume -----------------------------------------------------------------------------------
     def latest(self) -> Optional[Path]:
         """The newest valid checkpoint (every rank gets the same answer; collective). Rank 0 picks
-        candidates by the cheap check, newest first; the ranks then share the deep check (sha256)
-        of the candidate. Each invalid newer one is skipped with a `checkpoint_skipped` event."""
+        candidates by their manifests alone, newest first; the ranks then share the check of each
+        candidate's files (sizes, sha256), a slice each, so a rank's cost does not grow with the
+        world size. Each invalid newer one is skipped with a `checkpoint_skipped` event."""
         self.wait()
         candidates: list = [None]
         if self.rank == 0:
             found = []
             for p in reversed(self._step_dirs()):
-                reason = check_checkpoint(p)
+                reason = manifest_problem(p)
                 if reason is None:
                     found.append(str(p))
                 else:

@@ -164,12 +164,9 @@ def read_manifest(path: Path) -> dict:
     return json.loads((Path(path) / MANIFEST).read_text())
 
 
-def check_checkpoint(path: Path, deep: bool = False, files: Optional[list[str]] = None) -> Optional[str]:
-    """Why `path` is not a valid checkpoint, or None if it is. Cheap: manifest.json exists and
-    every file it lists exists with the listed size. Deep: also every sha256 matches (restricted to
-    `files` when given: ranks share that work) and DCP's .metadata, if checked, is plain metadata
-    (dcp_metadata's restricted unpickler)."""
-    path = Path(path)
+def manifest_problem(path: Path) -> Optional[str]:
+    """Why `path`'s manifest does not describe a complete checkpoint, or None. Reads one file, so
+    it costs the same at any world size: what every rank may do at start, and rank 0 per save."""
     try:
         manifest = read_manifest(path)
         listed: dict = manifest["files"]
@@ -181,28 +178,43 @@ def check_checkpoint(path: Path, deep: bool = False, files: Optional[list[str]] 
         return "no manifest.json"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"unreadable manifest.json ({type(e).__name__}: {e})"
-    if STEP_DIR.match(path.name) and step != step_of(path):
+    if STEP_DIR.match(Path(path).name) and step != step_of(path):
         return f"manifest says step {step}, directory says {step_of(path)}"
     for rel in required:
         if rel not in listed:
             return f"manifest does not list {rel}"
-    for rel, info in listed.items():
+    return None
+
+
+def check_checkpoint(path: Path, deep: bool = False, files: Optional[list[str]] = None) -> Optional[str]:
+    """Why `path` is not a valid checkpoint, or None if it is: the manifest (`manifest_problem`),
+    then every listed file exists with the listed size, and with `deep` every sha256 matches and
+    DCP's .metadata is plain metadata (dcp_metadata's restricted unpickler). `files` restricts the
+    per-file checks to those paths: at resume each rank checks its share (`latest`)."""
+    path = Path(path)
+    problem = manifest_problem(path)
+    if problem is not None:
+        return problem
+    manifest = read_manifest(path)
+    listed: dict = manifest["files"]
+    for rel in (files if files is not None else listed):
+        info = listed[rel]
         try:
             size = (path / rel).stat().st_size
         except OSError:
             return f"missing file {rel}"
         if size != info["size"]:
             return f"{rel}: {size} bytes, manifest says {info['size']}"
-    if deep:
-        for rel in (files if files is not None else listed):
-            if sha256_file(path / rel) != listed[rel]["sha256"]:
-                return f"{rel}: sha256 differs from the manifest"
-            if rel == DCP_METADATA and manifest.get("state", "dcp") == "dcp":
-                # A matching hash only says nobody changed it since the manifest was written; one
-                # who can write both could make it run code when DCP unpickles it, so parse it
-                # with the restricted unpickler here and refuse the checkpoint if it is not plain.
-                try:
-                    read_metadata(path)
-                except MetadataError as e:
-                    return f"unsafe {rel} ({e})"
+        if not deep:
+            continue
+        if sha256_file(path / rel) != info["sha256"]:
+            return f"{rel}: sha256 differs from the manifest"
+        if rel == DCP_METADATA and manifest.get("state", "dcp") == "dcp":
+            # A matching hash only says nobody changed it since the manifest was written; one
+            # who can write both could make it run code when DCP unpickles it, so parse it
+            # with the restricted unpickler here and refuse the checkpoint if it is not plain.
+            try:
+                read_metadata(path)
+            except MetadataError as e:
+                return f"unsafe {rel} ({e})"
     return None

@@ -2,12 +2,14 @@
 and before anything is written (config.yaml included): exit 2 instead of a traceback, a silent
 restart from step 0, or a resumed run that quietly trains another model.
 
-- The newest checkpoint that passes the cheap check (manifest and sizes) must hold the same model
+- The newest checkpoint whose manifest is complete must hold the same model
   (every architecture field), seed and current-stage sequence length as the config: a mismatch names
   the key and both values.
 - checkpoint.resume=false in a directory that holds checkpoints is refused: retention and resume would
   mix the old run's checkpoints with the new run's.
-- Checkpoints that all fail the check stop the job: starting over would overwrite them.
+- Checkpoints whose manifests all fail stop the job: starting over would overwrite them. Every rank
+  runs this before any process group, so it reads manifests only (the files are checked at resume,
+  a share per rank: Checkpointer.latest).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Optional
 
 from dist_llama.config import Config, ConfigError
 from dist_llama.config.data_plan import stages_of
-from dist_llama.train.checkpoint_integrity import STATE_FILE, STEP_DIR, check_checkpoint
+from dist_llama.train.checkpoint_integrity import STATE_FILE, STEP_DIR, manifest_problem
 
 MODEL_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
                 "norm_eps", "rope_theta", "use_scaled_rope", "rope_scale_factor", "rope_low_freq_factor",
@@ -42,14 +44,16 @@ def check_run_dir(cfg: Config) -> None:
     if not cfg.checkpoint.resume:
         raise ConfigError("checkpoint.resume", f"false, but {root} holds checkpoints (newest {steps[-1].name}): "
                           "a new run there would mix with them; use another train.run_dir or remove them")
-    reasons = {p.name: check_checkpoint(p) for p in reversed(steps)}
-    newest = next((p for p in reversed(steps) if reasons[p.name] is None), None)
-    if newest is None:
-        first = next(iter(reasons.items()))
-        raise ConfigError("train.run_dir", f"{root} holds {len(steps)} checkpoints and none is valid "
+    reasons: dict[str, str] = {}
+    for p in reversed(steps):  # newest first; stop at the first complete one
+        reason = manifest_problem(p)
+        if reason is None:
+            return _compare(cfg, p)
+        reasons[p.name] = reason
+    first = next(iter(reasons.items()))
+    raise ConfigError("train.run_dir", f"{root} holds {len(steps)} checkpoints and none is valid "
                           f"({first[0]}: {first[1]}); starting over would overwrite them: move them away to "
                           "start over, or restore one")
-    _compare(cfg, newest)
 
 
 def _compare(cfg: Config, step_dir: Path) -> None:
