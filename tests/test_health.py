@@ -2,8 +2,10 @@
 
 import json
 import math
+import os
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -233,8 +235,9 @@ def test_stragglers_and_replica_check_on_three_ranks():
         assert dtensor_local
 
 
-def _two_ranks(broken_rank):
+def _two_ranks(broken_rank, bad_nodes):
     dist.init_process_group("gloo")
+    os.environ["SLURMD_NODENAME"] = f"node{dist.get_rank()}"
     try:
         # Two ranks: the slower one is compared with the faster (a mean-of-two median never allows it).
         assert find_stragglers(1.0 + 2.5 * dist.get_rank(), factor=2.0) == [(1, 3.5)]
@@ -244,7 +247,7 @@ def _two_ranks(broken_rank):
             real = torch.matmul
             torch.matmul = lambda a, b: real(a, b) + (a[0, 0] == a[0, 0])  # off by one everywhere
         try:
-            preflight(torch.device("cpu"))
+            preflight(torch.device("cpu"), Path(bad_nodes))
         except RuntimeError as e:
             return str(e)
         return None
@@ -252,10 +255,14 @@ def _two_ranks(broken_rank):
         dist.destroy_process_group()
 
 
-def test_preflight_and_stragglers_on_two_ranks():
-    errors = run_ranks(_two_ranks, 2, 1)
+def test_preflight_and_stragglers_on_two_ranks(tmp_path):
+    """Both ranks stop, each naming the broken rank; only the broken rank's node is recorded for the
+    Slurm batch script to leave out."""
+    bad_nodes = tmp_path / "slurm" / "bad_nodes"
+    errors = run_ranks(_two_ranks, 2, 1, str(bad_nodes))
     assert "rank 1" in errors[1] and "matmul" in errors[1]
     assert "rank 0" in errors[0] and "ranks [1]" in errors[0]
+    assert bad_nodes.read_text() == "node1\n"
 
 
 def _groups_on_fake_world():

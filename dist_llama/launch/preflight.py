@@ -6,7 +6,8 @@ Checks what makes a node unusable before any rank wastes a rendezvous on it: the
 is writable and has room, the expected GPUs are visible and idle, and each device multiplies a
 known matrix exactly. Prints one line per node and exits 1 on a failure, naming the node; the batch
 script then resubmits the job without that node. (The trainer's own preflight, which also tests
-the collectives across all ranks, runs after the rendezvous.)
+the collectives across all ranks, runs after the rendezvous; a rank whose device fails it there
+adds its node to the same <run_dir>/slurm/bad_nodes.)
 
 Drill: DIST_LLAMA_PREFLIGHT_FAIL=node1,node2 makes the check fail on those nodes.
 """
@@ -16,18 +17,15 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from dist_llama.parallel.env import node_name
+
 MIN_FREE_GIB = 1.0
 MAX_USED_GPU_FRACTION = 0.1
 """A GPU with more memory in use than this before we start belongs to someone else's leftover process."""
-
-
-def node_name() -> str:
-    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def check_run_dir(run_dir: Path) -> Optional[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,11 @@ class DistEnv:
     local_rank: int
     world_size: int
     device: torch.device
+
+
+def node_name() -> str:
+    """This machine's name as Slurm knows it (what --exclude takes), else the hostname."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def world_size_from_env() -> int:

@@ -148,7 +148,8 @@ def build_trainer(cfg: Config, env: DistEnv, sources) -> Trainer:
     else:
         peak = measure_cpu_peak_flops()
     if h.preflight:
-        preflight(env.device)
+        # Under Slurm the batch script leaves out the nodes named here when it resubmits the job.
+        preflight(env.device, run_dir / "slurm" / "bad_nodes" if os.environ.get("SLURM_JOB_ID") else None)
     watchdog = NoWatchdog()
     if h.hang_timeout_s > 0:
         watchdog = Watchdog(h.hang_timeout_s, run_dir / "hangs", env.rank,

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from dist_llama.parallel.env import node_name
 from dist_llama.train.heartbeats import Heartbeats, attribute
 
 MAD_TO_SIGMA = 1.4826
@@ -373,9 +374,10 @@ def known_matmul_error(device: torch.device) -> Optional[str]:
             f"(max abs error {float(np.nanmax(np.abs(got - expected))):.3g})")
 
 
-def preflight(device: torch.device) -> None:
+def preflight(device: torch.device, bad_nodes: Optional[Path] = None) -> None:
     """Check this rank's device and the world's collectives before training; raises RuntimeError
-    naming the rank and what failed.
+    naming the rank and what failed. A rank whose device fails appends its node's name to
+    `bad_nodes` (the Slurm batch script's <run_dir>/slurm/bad_nodes, which it resubmits without).
 
     One all-reduce carries both checks, so every rank learns every other rank's matmul result and
     all raise together (a rank that raised alone would leave the others stuck in the next collective).
@@ -384,6 +386,10 @@ def preflight(device: torch.device) -> None:
     matmul_error = known_matmul_error(device)
     matmul_ok = matmul_error is None
     local_error = None if matmul_ok else f"preflight failed on rank {rank}: {matmul_error}"
+    if local_error and bad_nodes is not None:
+        bad_nodes.parent.mkdir(parents=True, exist_ok=True)
+        with open(bad_nodes, "a") as f:  # one short line per append: safe beside other ranks' appends
+            f.write(f"{node_name()}\n")
     if not dist.is_initialized():
         if local_error:
             raise RuntimeError(local_error)
