@@ -1,5 +1,3 @@
-import sys
+from dist_llama.train.cli import run
 
-from dist_llama.train.cli import main
-
-sys.exit(main())
+run()
