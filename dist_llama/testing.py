@@ -7,6 +7,7 @@ variables, one intra-op thread (the CI machine has 2 cores), and a deadline: a h
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing as mp
 import os
 import pickle
@@ -27,6 +28,7 @@ def _worker(fn, rank, world_size, port, results, args, kwargs):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    faulthandler.enable(all_threads=True)  # a native crash names where every thread was
     try:
         # Plain pickle bytes: the queue's own pickler would pass tensors as shared-memory handles,
         # which die with this process.

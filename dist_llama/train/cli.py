@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import logging
 import os
 import sys
@@ -164,6 +165,9 @@ def train(cfg: Config, sources):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # A crash in native code (SIGSEGV, SIGABRT) prints every thread's Python stack to stderr: the one
+    # clue such a crash leaves in a launcher's log.
+    faulthandler.enable(all_threads=True)
     config_path, overrides = parse_args(argv)
     if launched_by_torchrun():  # no worker trains on, unsupervised, after its agent is gone
         die_with_launcher()
