@@ -21,6 +21,7 @@ from torch import nn
 from dist_llama.config import Config, micro_batches, save_resolved
 from dist_llama.config.data_plan import anneal_start_step, stages_of
 from dist_llama.data.loader import PackedLoader, Stage
+from dist_llama.data.pairs import PairLoader
 from dist_llama.faults import FaultInjector
 from dist_llama.model import Transformer
 from dist_llama.model.flops import H100_BF16_PEAK, flops_per_token, measure_cpu_peak_flops
@@ -48,11 +49,17 @@ def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cfg.train.compute_dtype(device.type) == "bf16" else torch.float32
 
 
-def build_loader(cfg: Config, sources: list, dp_rank: int, dp_size: int) -> PackedLoader:
-    """The loader of the config's sources and stages for one data-parallel rank."""
+def build_loader(cfg: Config, sources: list, dp_rank: int, dp_size: int):
+    """The loader of the config's sources and stages for one data-parallel rank: packed windows
+    (pretrain; sft with the prompts' labels ignored), or one preference pair per row (dpo)."""
+    if cfg.train.objective == "dpo":
+        (source,) = sources
+        return PairLoader(source.data, cfg.data.seq_len, cfg.train.global_batch_size, dp_rank, dp_size,
+                          seed=cfg.train.seed, mask_special=cfg.train.dpo_mask_special, name=source.name)
     stages = [Stage(st.seq_len, st.global_batch_size, st.weights, st.until_tokens) for st in stages_of(cfg)]
     return PackedLoader(sources, cfg.data.seq_len, cfg.train.global_batch_size, dp_rank, dp_size,
-                        seed=cfg.train.seed, reset_positions=cfg.data.reset_positions, stages=stages)
+                        seed=cfg.train.seed, reset_positions=cfg.data.reset_positions, stages=stages,
+                        loss_mask=cfg.train.objective == "sft")
 
 
 def build_model_parts(cfg: Config, dims: ParallelDims, meshes: Meshes, device: torch.device, engine: Engine,
@@ -140,7 +147,7 @@ def build_trainer(cfg: Config, env: DistEnv, sources) -> Trainer:
     loader = build_loader(cfg, sources, dp_rank=meshes.dp.get_local_rank(), dp_size=dims.dp)
     evaluator = Evaluator(getattr(sources, "held_out", ()), cfg.train.eval_interval, cfg.train.steps,
                           cfg.train.eval_tokens, cfg.data.reset_positions, meshes.dp.get_local_rank(), dims.dp,
-                          env.device)
+                          env.device, loss_mask=cfg.train.objective == "sft")
     if cfg.train.peak_flops is not None:
         peak = cfg.train.peak_flops
     elif env.device.type == "cuda":
