@@ -41,11 +41,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 def copy_task(n: int, seed: int = 0) -> list[tuple[str, str]]:
     """(question, answer) pairs: the answer is the word the question names."""
     rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        a, b = rng.sample(WORDS, 2)
-        out.append((f"say {a} not {b}", a))
-    return out
+    return [(f"say {a}", a) for a in (rng.choice(WORDS) for _ in range(n))]
 
 
 def write_chat(path: Path, n: int, seed: int = 0) -> Path:
@@ -58,9 +54,8 @@ def write_chat(path: Path, n: int, seed: int = 0) -> Path:
 
 
 def write_preferences(path: Path, n: int, seed: int = 0) -> Path:
-    """Chosen: the named word; rejected: the other one."""
+    """Chosen: the named word; rejected: the word spelled backwards."""
     with open(path, "w") as f:
         for q, a in copy_task(n, seed):
-            other = q.split()[-1]
-            f.write(json.dumps({"prompt": [{"role": "user", "content": q}], "chosen": a, "rejected": other}) + "\n")
+            f.write(json.dumps({"prompt": [{"role": "user", "content": q}], "chosen": a, "rejected": a[::-1]}) + "\n")
     return path

@@ -6,8 +6,8 @@ pair packed into ``seq_len + 1`` tokens: the chosen sequence, then the rejected 
 (the end-of-text id); ``doc_ids`` are 0 (chosen), 1 (rejected) and 2 (padding), so the document
 mask keeps the two from attending to each other, and positions restart at each. Labels are the
 next tokens where the mask marks a response token (1, and 2 unless ``mask_special``), else -100;
-so a counted label's ``doc_ids`` entry says which response it belongs to. A pair longer than the
-row is cut at the end, each side keeping at least half of the row when it needs it.
+so a counted label's ``doc_ids`` entry says which response it belongs to. Every pair must fit in
+a row (checked at construction from the document offsets alone: a cut would drop responses).
 
 Order, a pure function of (seed, position) as in PackedLoader: global sample ``k`` is pair
 ``perm(k mod n_pairs)`` of epoch ``k // n_pairs`` (a keyed permutation per epoch); step ``s`` takes
@@ -44,6 +44,12 @@ class PairLoader:
         self.n_pairs = data.n_docs // 2
         if self.n_pairs < global_batch_size:
             raise ValueError(f"{self.n_pairs} preference pairs, fewer than global_batch_size {global_batch_size}")
+        starts = np.append(np.asarray(data.doc_starts, dtype=np.int64), len(data))
+        pair_len = starts[2::2] - starts[:-1:2]
+        if pair_len.max() > seq_len + 1:
+            k = int(pair_len.argmax())
+            raise ValueError(f"preference pair {k} has {int(pair_len[k])} tokens, more than seq_len+1 = "
+                             f"{seq_len + 1}: raise seq_len to at least {int(pair_len.max()) - 1}")
         self.data, self.name = data, name
         self.seq_len, self.global_batch_size = int(seq_len), int(global_batch_size)
         self.dp_rank, self.dp_size, self.seed = int(dp_rank), int(dp_size), int(seed)
@@ -75,12 +81,7 @@ class PairLoader:
     def row(self, pair: int) -> dict[str, np.ndarray]:
         """The row of one pair: int64 arrays [seq_len] of tokens, labels, doc_ids, positions."""
         (c, cm), (r, rm) = self._side(2 * pair), self._side(2 * pair + 1)
-        n = self.seq_len + 1
-        if len(c) + len(r) > n:  # cut the ends; a side shorter than half the row keeps all of itself
-            keep_c = min(len(c), max(n // 2, n - len(r)))
-            c, cm = c[:keep_c], cm[:keep_c]
-            r, rm = r[:n - keep_c], rm[:n - keep_c]
-        pad = n - len(c) - len(r)
+        pad = self.seq_len + 1 - len(c) - len(r)
         tokens = np.concatenate([c, r, np.full(pad, self.pad_id, dtype=np.int64)])
         mask = np.concatenate([cm, rm, np.zeros(pad, dtype=np.uint8)])
         counted = (mask == 1) | ((mask == END) & (not self.mask_special))

@@ -39,7 +39,8 @@ from dist_llama.train.metrics import MetricsLogger
 from dist_llama.train.optim import build_optimizer, build_scheduler
 from dist_llama.config import EXIT_CONFIG
 from dist_llama.train.recovery import EXIT_RESTART, RecoveryPolicy, TrainingExit
-from dist_llama.train.step import build_step
+from dist_llama.train.dpo import DPOStep, freeze
+from dist_llama.train.step import build_step, step_args
 from dist_llama.train.trainer import Trainer, TrainerParts
 from dist_llama.weights import open_weights
 from dist_llama.weights.load import load_into
@@ -137,13 +138,24 @@ def build_trainer(cfg: Config, env: DistEnv, sources) -> Trainer:
 
     n_micro = micro_batches(cfg.train.global_batch_size // dims.dp, cfg.train.micro_batch_size, dims.pp)
     engine = build_engine(cfg, dims, meshes, env.device, compute_dtype(cfg, env.device), n_micro)
+    reference = None
+    if cfg.train.objective == "dpo":
+        # The starting weights, also when resuming (they are not in the checkpoint): init_from, or
+        # the seed's initialisation. Built first: the policy's build then re-seeds as always.
+        start = open_weights(ck.init_from, max_seq_len=cfg.model.max_seq_len) if ck.init_from else None
+        (reference,), _, _ = build_model_parts(cfg, dims, meshes, env.device, engine, start)
+        reference = freeze(reference)
     parts, stage_ids, n_stages = build_model_parts(cfg, dims, meshes, env.device, engine, init_from)
     if init_from is not None:
         logger.event("init_from", 0, path=str(init_from.path), source=init_from.kind)
     engine.wrap(parts, [build_optimizer(part, cfg.optim) for part in parts])
     schedulers = [build_scheduler(o, cfg.optim, cfg.train.steps, anneal_start_step(cfg)) for o in engine.optimizers]
-    step = build_step(engine, env.device, dims, meshes, n_micro, cfg.parallel.pp_schedule, stage_ids, n_stages,
-                      cfg.train.micro_batch_size)
+    if reference is not None:
+        step = DPOStep(*step_args(engine, env.device, dims, meshes, n_micro), micro_batch_size=cfg.train.micro_batch_size,
+                       reference=reference, beta=cfg.train.dpo_beta, nll_coef=cfg.train.dpo_nll_coef)
+    else:
+        step = build_step(engine, env.device, dims, meshes, n_micro, cfg.parallel.pp_schedule, stage_ids, n_stages,
+                          cfg.train.micro_batch_size)
     loader = build_loader(cfg, sources, dp_rank=meshes.dp.get_local_rank(), dp_size=dims.dp)
     evaluator = Evaluator(getattr(sources, "held_out", ()), cfg.train.eval_interval, cfg.train.steps,
                           cfg.train.eval_tokens, cfg.data.reset_positions, meshes.dp.get_local_rank(), dims.dp,

@@ -82,7 +82,10 @@ def resolve_config(config_path: Optional[str], overrides: Sequence[str], world_s
     try:  # every stage has windows to draw from every source it weighs
         build_loader(cfg, sources, dp_rank=0, dp_size=cfg.parallel.dp)
     except ValueError as exc:
-        raise ConfigError("data.stages" if cfg.data.stages else "data.sources", str(exc)) from None
+        key = "data.stages" if cfg.data.stages else "data.sources"
+        if cfg.train.objective == "dpo":
+            key = "data.seq_len" if "seq_len" in str(exc) else "data.path"
+        raise ConfigError(key, str(exc)) from None
     if source is not None:
         from dist_llama.weights.load import check_source
 
