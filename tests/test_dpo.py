@@ -122,15 +122,16 @@ def test_dpo_layouts_train_like_one_rank(prefs, one_rank_run, layout):
 
 @pytest.mark.timeout(300)
 def test_dpo_learns_and_resumes_bit_exact(prefs, tmp_path):
-    common = [*prefs, "parallel.dp_shard=2", "train.steps=6", "checkpoint.interval=3", "checkpoint.async_save=false"]
+    common = [*prefs, "parallel.dp_shard=2", "train.steps=4", "optim.decay_steps=4", "checkpoint.interval=2",
+              "checkpoint.async_save=false"]
     losses, params = train(2, *common, f"train.run_dir={tmp_path / 'whole'}")
     records = [json.loads(line) for line in open(tmp_path / "whole" / "metrics.jsonl")]
     assert records[0]["reward_accuracy"] == 0.0 and records[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)
-    assert min(r["reward_accuracy"] for r in records[-2:]) > 0.9, [r["reward_accuracy"] for r in records]
+    assert records[-1]["reward_accuracy"] > 0.9, [r["reward_accuracy"] for r in records]
 
-    train(2, *common, f"train.run_dir={tmp_path / 'cut'}", "train.steps=3")
+    train(2, *common, f"train.run_dir={tmp_path / 'cut'}", "train.steps=2")
     resumed_losses, resumed = train(2, *common, f"train.run_dir={tmp_path / 'cut'}")
-    assert resumed_losses == losses[3:]
+    assert resumed_losses == losses[2:]
     assert all(torch.equal(resumed[k], params[k]) for k in params)
 
 
