@@ -1,7 +1,7 @@
 """Supervised fine-tuning (train.objective=sft): chat data prepared with the Llama 3 template, the
 loss only on assistant tokens. The first-step loss equals Hugging Face transformers' masked
 cross-entropy on the same tokens (each packed document run on its own), on one rank, FSDP-2 and
-tp2; a short run on a copy task raises the exact-match rate of greedy chat generation."""
+tp2."""
 
 from __future__ import annotations
 
@@ -105,3 +105,4 @@ def test_sft_first_loss_is_transformers_masked_cross_entropy(chat, world_size, l
     assert 0 < ref["counted"] < 0.2 * ref["tokens"]  # only the answers count
     for r in results:
         assert abs(r["loss"] - ref["reference"]) <= 1e-5 * ref["reference"], (r, ref)
+
