@@ -7,6 +7,8 @@ temperature 0, else temperature / top-k / top-p sampling; stops at the tokenizer
 --prompt may be repeated; a prompt file holds one prompt per line (blank lines skipped). --json
 prints one object per prompt: {"prompt_ids": [...], "ids": [...generated...], "text": "..."}; "ids"
 ends with the stop token when one was reached, "text" is the decoded continuation without it.
+--chat renders each prompt as a user turn with the tokenizer's chat template (data/chat.py) and
+prints the assistant's answer, stopping at the end of its turn.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="weights and activations; default: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
     ap.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    ap.add_argument("--chat", action="store_true",
+                    help="each prompt is a user turn rendered with the tokenizer's chat template (Llama 3 headers, "
+                         "else Llama 2 [INST]); the answer stops at the end of the assistant turn")
     return ap
 
 
@@ -136,7 +141,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ConfigError("--tokenizer", f"{tokenizer.name} has {tokenizer.vocab_size} ids, the model "
                                              f"only {source.args.vocab_size}")
         bos = tokenizer.bos_id is not None
-        prompt_ids = [tokenizer.encode(p, bos=bos) for p in prompts]
+        if args.chat:
+            from dist_llama.data.chat import template_for
+
+            template = template_for(tokenizer)
+            prompt_ids = [template.render([{"role": "user", "content": p}], generation_prompt=True)[0] for p in prompts]
+        else:
+            prompt_ids = [tokenizer.encode(p, bos=bos) for p in prompts]
         longest = max(len(p) for p in prompt_ids) + args.max_new_tokens
         if longest > source.args.max_seq_len:
             raise ConfigError("--max-new-tokens", f"prompt + new tokens = {longest} exceeds the model's "
@@ -153,12 +164,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     model = load_model(source, device, dtype)
     stops = _stop_ids(tokenizer)
+    if args.chat:
+        stops = [template.end_of_turn] + [s for s in stops if s != template.end_of_turn]
     outputs = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                        args.seed, stop_ids=stops, use_cache=not args.no_cache)
     for i, (text_in, prompt, ids) in enumerate(zip(prompts, prompt_ids, outputs)):
         text = tokenizer.decode(ids[:-1] if ids and ids[-1] in stops else ids)
         if args.json:
             print(json.dumps({"prompt_ids": prompt, "ids": ids, "text": text}), flush=True)
+        elif args.chat:  # the answer alone: the template around the prompt is not the user's text
+            print(text.strip(), flush=True)
         else:  # the prompt, then its continuation (which may well start with a space)
             print(("\n" if i else "") + text_in + text, flush=True)
     return 0

@@ -14,6 +14,8 @@ ACTIONS = ("log", "skip", "retry", "rollback", "restart", "abort")
 """Recovery actions (health.*_action), in increasing severity."""
 ENGINES = ("fsdp", "ddp", "deepspeed")
 """Data-parallel engines (parallel.engine)."""
+OBJECTIVES = ("pretrain", "sft", "dpo")
+"""Training objectives (train.objective)."""
 
 
 def schedule_constraint(name: str, n_microbatches: int, pp: int) -> Optional[str]:

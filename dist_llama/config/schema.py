@@ -178,6 +178,14 @@ class TrainConfig:
     """Input tokens evaluated per held-out source per validation (its first windows, in order)."""
     peak_flops: Optional[float] = None
     """Per-device peak FLOP/s for MFU; None = H100 dense BF16 on cuda, a matmul probe on cpu."""
+    objective: str = "pretrain"
+    """pretrain (every token), sft (assistant tokens of --format chat data only) or dpo (--format preference pairs against a frozen reference)."""
+    dpo_beta: float = 0.1
+    """DPO: beta, the strength of the implicit KL penalty towards the reference (Llama 3: 0.1)."""
+    dpo_nll_coef: float = 0.0
+    """DPO: coefficient of a length-normalised NLL term on the chosen responses (Llama 3: 0.2; 0 = off)."""
+    dpo_mask_special: bool = False
+    """DPO: leave the end-of-turn token out of both responses' log-probabilities (Llama 3: true; headers are prompt tokens always)."""
 
     def compute_dtype(self, device_type: str) -> str:
         """`dtype` resolved for a device: auto is bf16 on cuda, fp32 elsewhere."""

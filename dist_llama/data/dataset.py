@@ -20,10 +20,12 @@ class TokenDataset:
     ``len(ds)`` is the number of tokens. Opened only through :meth:`open`.
     """
 
-    def __init__(self, path: str, meta: dict, shards: list[np.ndarray], doc_starts: np.ndarray):
+    def __init__(self, path: str, meta: dict, shards: list[np.ndarray], doc_starts: np.ndarray,
+                 mask_shards: list[np.ndarray] | None = None):
         self.path = path
         self.meta = meta
         self._shards = shards
+        self._mask_shards = mask_shards
         self._shard_starts = np.concatenate(([0], np.cumsum([len(s) for s in shards]))).astype(np.int64)
         self.doc_starts = doc_starts  # int64 [n_docs], doc_starts[0] == 0, strictly increasing
 
@@ -53,22 +55,15 @@ class TokenDataset:
         if meta["dtype"] not in ("uint16", "uint32"):
             raise bad(f"unsupported dtype {meta['dtype']!r}")
         dtype = np.dtype(meta["dtype"]).newbyteorder("<")
-        shards: list[np.ndarray] = []
-        total = 0
-        for entry in meta["shards"]:
-            if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)
-                    and isinstance(entry.get("n_tokens"), int)):
-                raise bad(f"bad shard entry {entry!r}")
-            fpath = os.path.join(path, entry["file"])
-            n = entry["n_tokens"]
-            if not os.path.isfile(fpath):
-                raise bad("shard file is missing", fpath)
-            size = os.path.getsize(fpath)
-            if size != n * dtype.itemsize:
-                raise bad(f"size {size} bytes, meta.json says {n} {meta['dtype']} tokens", fpath)
-            if n > 0:
-                shards.append(np.memmap(fpath, dtype=dtype, mode="r", shape=(n,)))
-            total += n
+        shards, total = cls._open_shards(path, meta["shards"], dtype, meta["dtype"], bad)
+        mask_shards = None
+        if "mask" in meta:  # chat / preference data: one uint8 per token, shards aligned with the tokens'
+            mask = meta["mask"]
+            if not isinstance(mask, dict) or not isinstance(mask.get("shards"), list):
+                raise bad(f"bad mask entry {mask!r}")
+            mask_shards, n_mask = cls._open_shards(path, mask["shards"], np.dtype("uint8"), "uint8", bad)
+            if [len(m) for m in mask_shards] != [len(t) for t in shards] or n_mask != total:
+                raise bad("the mask shards do not match the token shards")
         if total != meta["n_tokens"]:
             raise bad(f"shards hold {total} tokens but n_tokens is {meta['n_tokens']}")
         max_id = meta.get("max_id")
@@ -86,7 +81,28 @@ class TokenDataset:
         # The ends only: a full monotonicity check would read the whole index (prepare wrote it sorted).
         if len(doc_starts) == 0 or doc_starts[0] != 0 or doc_starts[-1] >= total:
             raise bad("document offsets must start at 0 and stay within the stream", docs_path)
-        return cls(path, meta, shards, doc_starts)
+        return cls(path, meta, shards, doc_starts, mask_shards)
+
+    @staticmethod
+    def _open_shards(path: str, entries, dtype: np.dtype, dtype_name: str, bad) -> tuple[list[np.ndarray], int]:
+        """Memmaps of the shard files listed in ``entries`` ([{file, n_tokens}]) and their total length."""
+        shards: list[np.ndarray] = []
+        total = 0
+        for entry in entries:
+            if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)
+                    and isinstance(entry.get("n_tokens"), int)):
+                raise bad(f"bad shard entry {entry!r}")
+            fpath = os.path.join(path, entry["file"])
+            n = entry["n_tokens"]
+            if not os.path.isfile(fpath):
+                raise bad("shard file is missing", fpath)
+            size = os.path.getsize(fpath)
+            if size != n * dtype.itemsize:
+                raise bad(f"size {size} bytes, meta.json says {n} {dtype_name} tokens", fpath)
+            if n > 0:
+                shards.append(np.memmap(fpath, dtype=dtype, mode="r", shape=(n,)))
+            total += n
+        return shards, total
 
     # --- properties -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -110,7 +126,14 @@ class TokenDataset:
         fp = f"{self.meta['tokenizer']}|{self.meta['n_tokens']}|{self.meta['n_docs']}"
         if self.meta.get("sha256"):
             fp += f"|{self.meta['sha256'][:16]}"
+        if "mask" in self.meta:
+            fp += f"|{self.meta.get('kind')}:{str(self.meta['mask'].get('sha256'))[:16]}"
         return fp
+
+    @property
+    def kind(self) -> str:
+        """'text' (dist-llama-prepare's default), 'chat' or 'preference' (--format)."""
+        return self.meta.get("kind", "text") if self._mask_shards is not None else "text"
 
     def __repr__(self) -> str:
         return (f"TokenDataset({self.path!r}, n_tokens={len(self)}, n_docs={self.n_docs}, "
@@ -126,22 +149,35 @@ class TokenDataset:
     def tokens(self, start: int, stop: int) -> np.ndarray:
         """Tokens ``[start, stop)`` of the stream (across shard boundaries), as a new int64 array."""
         start, stop = self._check(start, stop)
-        out = np.empty(stop - start, dtype=np.int64)
-        i = int(np.searchsorted(self._shard_starts, start, side="right")) - 1
-        pos = start
-        while pos < stop:
-            s0 = int(self._shard_starts[i])
-            s1 = int(self._shard_starts[i + 1])
-            take = min(stop, s1) - pos
-            out[pos - start : pos - start + take] = self._shards[i][pos - s0 : pos - s0 + take]
-            pos += take
-            i += 1
+        out = self._read(self._shards, start, stop, np.int64)
         # A shard changed after it was prepared: one clear error instead of an IndexError deep in the
         # embedding (or a device-side assert on CUDA).
         if len(out) and int(out.max()) >= self.vocab_size:
             bad = int(np.argmax(out >= self.vocab_size))
             raise ValueError(f"{self.path}: token id {int(out[bad])} at position {start + bad} is outside the "
                              f"vocabulary of {self.vocab_size} (a shard was changed after dist-llama-prepare)")
+        return out
+
+    def loss_mask(self, start: int, stop: int) -> np.ndarray:
+        """The mask of tokens ``[start, stop)`` (uint8, data/chat.py: 0 prompt, 1 assistant content,
+        2 end of an assistant turn); ValueError for data prepared without one (--format text)."""
+        start, stop = self._check(start, stop)
+        if self._mask_shards is None:
+            raise ValueError(f"{self.path}: no loss mask (prepared with --format text; use --format chat)")
+        return self._read(self._mask_shards, start, stop, np.uint8)
+
+    def _read(self, shards: list[np.ndarray], start: int, stop: int, dtype) -> np.ndarray:
+        """Elements ``[start, stop)`` of the stream of ``shards`` (across shard boundaries), a new array."""
+        out = np.empty(stop - start, dtype=dtype)
+        i = int(np.searchsorted(self._shard_starts, start, side="right")) - 1
+        pos = start
+        while pos < stop:
+            s0 = int(self._shard_starts[i])
+            s1 = int(self._shard_starts[i + 1])
+            take = min(stop, s1) - pos
+            out[pos - start : pos - start + take] = shards[i][pos - s0 : pos - s0 + take]
+            pos += take
+            i += 1
         return out
 
     def doc_starts_in(self, start: int, stop: int) -> np.ndarray:

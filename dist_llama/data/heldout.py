@@ -53,6 +53,14 @@ class SliceSource:
         self._check(start, stop)
         return self.data.tokens(self.start + start, self.start + stop)
 
+    @property
+    def kind(self) -> str:
+        return getattr(self.data, "kind", "text")
+
+    def loss_mask(self, start: int, stop: int) -> np.ndarray:
+        self._check(start, stop)
+        return self.data.loss_mask(self.start + start, self.start + stop)
+
     def doc_starts_in(self, start: int, stop: int) -> np.ndarray:
         self._check(start, stop)
         starts = np.asarray(self.data.doc_starts_in(self.start + start, self.start + stop), dtype=np.int64)
@@ -94,7 +102,7 @@ def eval_windows(data: TokenSource, seq_len: int, tokens: int) -> int:
 
 
 def eval_batches(data: TokenSource, seq_len: int, global_batch_size: int, dp_rank: int, dp_size: int,
-                 tokens: int, reset_positions: bool = True) -> list[dict]:
+                 tokens: int, reset_positions: bool = True, loss_mask: bool = False) -> list[dict]:
     """This rank's rows of each global batch over the source's first windows (see the module
     docstring): int64 CPU tensors as PackedLoader.next_batch returns them."""
     import torch
@@ -104,7 +112,7 @@ def eval_batches(data: TokenSource, seq_len: int, global_batch_size: int, dp_ran
     out = []
     for first in range(0, n, global_batch_size):
         rows = first + dp_rank * local + np.arange(local)
-        batch = pack_windows([(data, int(w) * seq_len) for w in rows[rows < n]], seq_len, reset_positions)
+        batch = pack_windows([(data, int(w) * seq_len) for w in rows[rows < n]], seq_len, reset_positions, loss_mask)
         pad = int((rows >= n).sum())
         if pad:  # ignored labels: the padding adds nothing and does not count
             fill = {"tokens": 0, "labels": IGNORE_INDEX, "doc_ids": 0}

@@ -50,6 +50,8 @@ class TokenSource(Protocol):
     def doc_starts_in(self, start: int, stop: int) -> np.ndarray:
         """Sorted int64 start offsets of the documents overlapping [start, stop) (the first one <= start)."""
 
+    # Chat data only (loss_mask=True): ``loss_mask(start, stop)``, uint8 per token, 0 = not trained.
+
 
 @dataclass
 class Source:
@@ -84,9 +86,11 @@ class _Position:
 
 class PackedLoader:
     def __init__(self, sources, seq_len: int, global_batch_size: int, dp_rank: int, dp_size: int,
-                 seed: int = 0, reset_positions: bool = True, stages: Optional[Sequence[Stage]] = None):
+                 seed: int = 0, reset_positions: bool = True, stages: Optional[Sequence[Stage]] = None,
+                 loss_mask: bool = False):
         """sources: a list of Source, or one TokenSource (a single source named "data").
-        stages: the curriculum; None: one stage of (seq_len, global_batch_size, the sources' weights)."""
+        stages: the curriculum; None: one stage of (seq_len, global_batch_size, the sources' weights).
+        loss_mask: labels of tokens the sources' loss mask marks 0 (prompts) become -100 (SFT)."""
         if not isinstance(sources, (list, tuple)):
             sources = [Source("data", sources)]
         self.sources = list(sources)
@@ -105,6 +109,7 @@ class PackedLoader:
         self.dp_rank, self.dp_size = int(dp_rank), int(dp_size)
         self.seed = int(seed)
         self.reset_positions = bool(reset_positions)
+        self.loss_mask = bool(loss_mask)
         self.pos = _Position(per_source={s.name: 0 for s in self.sources},
                              tokens_by_source={s.name: 0 for s in self.sources})
         self.new_epochs: list[tuple[str, int]] = []
@@ -234,7 +239,7 @@ class PackedLoader:
         self.pos.samples += B
         self.pos.stage_samples += B
         self.pos.tokens += B * L
-        return pack_windows(windows, L, self.reset_positions)
+        return pack_windows(windows, L, self.reset_positions, self.loss_mask)
 
     def __iter__(self):
         while True:
@@ -288,18 +293,25 @@ class PackedLoader:
         return self.pos.per_source[self.sources[0].name] // self.num_windows_for(self.sources[0].data, self.seq_len)
 
 
-def pack_windows(windows: Sequence[tuple[TokenSource, int]], seq_len: int, reset_positions: bool) -> dict:
+def pack_windows(windows: Sequence[tuple[TokenSource, int]], seq_len: int, reset_positions: bool,
+                 loss_mask: bool = False) -> dict:
     """Rows of a batch from (source, first token) windows of ``seq_len + 1`` tokens: int64 tensors
-    ``[rows, seq_len]`` of tokens, labels, doc_ids and positions (see PackedLoader.next_batch)."""
+    ``[rows, seq_len]`` of tokens, labels, doc_ids and positions (see PackedLoader.next_batch).
+    loss_mask: a label whose token the source's mask marks 0 is IGNORE_INDEX (-100)."""
     import torch
 
     L = seq_len
     tokens = np.empty((len(windows), L + 1), dtype=np.int64)
+    labels = np.empty((len(windows), L), dtype=np.int64)
     doc_ids = np.empty((len(windows), L), dtype=np.int64)
     positions = np.empty((len(windows), L), dtype=np.int64)
     ar = np.arange(L, dtype=np.int64)
     for row, (data, first) in enumerate(windows):
         tokens[row] = data.tokens(first, first + L + 1)
+        if loss_mask:  # the label of position t is token t+1: its mask decides
+            labels[row] = np.where(data.loss_mask(first + 1, first + L + 1) > 0, tokens[row, 1:], -100)
+        else:
+            labels[row] = tokens[row, 1:]
         starts = np.asarray(data.doc_starts_in(first, first + L))
         ids = np.searchsorted(starts, first + ar, side="right") - 1
         doc_ids[row] = ids
@@ -308,7 +320,7 @@ def pack_windows(windows: Sequence[tuple[TokenSource, int]], seq_len: int, reset
         positions[row] = (first + ar - np.maximum(starts[ids], first)) if reset_positions else ar
     return {
         "tokens": torch.from_numpy(np.ascontiguousarray(tokens[:, :-1])),
-        "labels": torch.from_numpy(np.ascontiguousarray(tokens[:, 1:])),
+        "labels": torch.from_numpy(labels),
         "doc_ids": torch.from_numpy(doc_ids),
         "positions": torch.from_numpy(positions),
     }

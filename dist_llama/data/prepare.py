@@ -7,14 +7,24 @@ Output directory layout (format version 1)::
     docs.npy               int64 start offset of every document in that stream (allow_pickle=False)
     meta.json              format, version, tokenizer (name), vocab_size, dtype, n_tokens, n_docs,
                            bos, bos_id, eos_id, sha256 (of the stream), max_id (the largest token
-                           id), shards [{file, n_tokens}]
+                           id), shards [{file, n_tokens}]; chat and preference data also kind and
+                           mask {sha256, shards}
+    mask-00000.bin ...     (chat, preference) uint8 per token, aligned with the token shards: what
+                           the token is in its conversation (data/chat.py: 0 prompt, 1 assistant
+                           content, 2 end of an assistant turn)
 
 Each document is ``[bos] + tokens + [eos]`` (no BOS with ``--no-bos``; EOS always separates
 documents). Everything is written into a temporary directory next to the output and renamed into
 place at the end, so a crash never leaves a half-written dataset.
 
-    dist-llama-prepare --tokenizer SPEC --out DIR [--text-key text] [--shard-tokens N] [--no-bos]
-                       [--workers N] [--quiet] [--force] INPUT...
+    dist-llama-prepare --tokenizer SPEC --out DIR [--format text|chat|preference] [--text-key text]
+                       [--shard-tokens N] [--no-bos] [--workers N] [--quiet] [--force] INPUT...
+
+``--format chat`` reads ``{"messages": [...]}`` records and ``--format preference``
+``{"prompt": [...], "chosen": str, "rejected": str}`` records (.jsonl / .jsonl.gz), rendered with
+the chat template the tokenizer implies (data/chat.py); each conversation is one document (no EOS
+added: the template ends it), a preference record two adjacent ones (prompt + chosen, then
+prompt + rejected).
 
 Inputs: ``.txt`` (one document per file), ``.jsonl`` / ``.jsonl.gz`` (one JSON object per line,
 the document under ``--text-key``; blank lines are skipped) and ``.parquet`` (the document in the
@@ -48,6 +58,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from .chat import FORMATS, encode_records
 from .prepare_inputs import Batch, InputError, batch_documents, check_inputs, iter_batches, text_batches
 from .tokenizer import Tokenizer, build_tokenizer
 
@@ -69,8 +80,8 @@ def dtype_for_vocab(vocab_size: int) -> str:
 
 
 class _ShardWriter:
-    def __init__(self, out_dir: str, dtype: str, shard_tokens: int):
-        self.out_dir = out_dir
+    def __init__(self, out_dir: str, dtype: str, shard_tokens: int, prefix: str = "tokens"):
+        self.out_dir, self.prefix = out_dir, prefix
         self.np_dtype = np.dtype(dtype).newbyteorder("<")
         self.shard_tokens = shard_tokens
         self.shards: list[dict] = []
@@ -99,7 +110,7 @@ class _ShardWriter:
 
     def _open_next(self) -> None:
         self.close()
-        name = f"tokens-{len(self.shards):05d}.bin"
+        name = f"{self.prefix}-{len(self.shards):05d}.bin"
         self._f = open(os.path.join(self.out_dir, name), "wb")
         self.shards.append({"file": name, "n_tokens": 0})
         self._left = self.shard_tokens
@@ -112,20 +123,25 @@ class _ShardWriter:
             self._f = None
 
 
-def _encode(batch: Batch, tokenizer: Tokenizer, text_key: str, bos: bool) -> tuple[np.ndarray, np.ndarray, int]:
+def _encode(batch: Batch, tokenizer: Tokenizer, text_key: str, bos: bool, fmt: str = "text"):
     """Tokenise one batch: (its ids in the storage dtype, back to back; each document's length;
-    the input bytes it accounts for)."""
-    docs = batch_documents(batch, text_key)
+    the input bytes it accounts for; the mask of chat and preference data, else None)."""
     dtype = np.dtype(dtype_for_vocab(tokenizer.vocab_size)).newbyteorder("<")
-    if not docs:
-        return np.empty(0, dtype=dtype), np.empty(0, dtype=np.int64), batch.nbytes
-    arrays = tokenizer.encode_arrays(docs, bos=bos, eos=True)
+    masks = None
+    if fmt == "text":
+        docs = batch_documents(batch, text_key)
+        arrays = tokenizer.encode_arrays(docs, bos=bos, eos=True) if docs else []
+    else:
+        arrays, masks = encode_records(batch.items, tokenizer, fmt)
+    if not arrays:
+        return np.empty(0, dtype=dtype), np.empty(0, dtype=np.int64), batch.nbytes, \
+            None if masks is None else np.empty(0, dtype=np.uint8)
     lens = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
     flat = np.concatenate(arrays)
     if len(flat) and (flat.min() < 0 or flat.max() >= tokenizer.vocab_size):
         raise ValueError(f"tokenizer {tokenizer.name} produced ids outside [0, {tokenizer.vocab_size})")
     # converted here, in the worker: half or a quarter of the int64 bytes go back to the writer
-    return flat.astype(dtype), lens, batch.nbytes
+    return flat.astype(dtype), lens, batch.nbytes, None if masks is None else np.concatenate(masks)
 
 
 @functools.lru_cache(maxsize=1)
@@ -134,11 +150,11 @@ def _worker_tokenizer(spec: str) -> Tokenizer:
     return build_tokenizer(spec)
 
 
-def _encode_in_worker(spec: str, name: str, text_key: str, bos: bool, batch: Batch):
+def _encode_in_worker(spec: str, name: str, text_key: str, bos: bool, fmt: str, batch: Batch):
     tok = _worker_tokenizer(spec)
     if tok.name != name:  # the file was replaced after the parent read it: the ids would mix two tokenizers
         raise ValueError(f"{spec}: the tokenizer changed while preparing ({name} became {tok.name})")
-    return _encode(batch, tok, text_key, bos)
+    return _encode(batch, tok, text_key, bos, fmt)
 
 
 def _init_worker() -> None:
@@ -148,14 +164,14 @@ def _init_worker() -> None:
 
 
 def _tokenize_in_order(batches: Iterable[Batch], tokenizer: Tokenizer, consume: Callable, *,
-                       text_key: str, bos: bool, workers: int, spec: str | None) -> None:
-    """``consume(ids, lens, nbytes)`` for every batch, strictly in input order; batches are
+                       text_key: str, bos: bool, workers: int, spec: str | None, fmt: str = "text") -> None:
+    """``consume(ids, lens, nbytes, mask)`` for every batch, strictly in input order; batches are
     tokenised in this process (``workers == 1``) or in ``workers`` processes."""
     if workers == 1:
         for batch in batches:
-            consume(*_encode(batch, tokenizer, text_key, bos))
+            consume(*_encode(batch, tokenizer, text_key, bos, fmt))
         return
-    task = functools.partial(_encode_in_worker, spec, tokenizer.name, text_key, bos)
+    task = functools.partial(_encode_in_worker, spec, tokenizer.name, text_key, bos, fmt)
     # spawn, not fork: the parent may hold threads (tiktoken's and sentencepiece's batch encoders,
     # the tokenizers' rayon pool, torch's) whose locks a forked child would inherit mid-use.
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
@@ -208,31 +224,40 @@ def write_batches(
     workers: int = 1,
     spec: str | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    fmt: str = "text",
 ) -> dict:
     """:func:`write_dataset` of batches from :mod:`.prepare_inputs`, tokenised by ``workers``
     processes that build the tokenizer from ``spec``; ``on_batch(input bytes, tokens)`` after each
     batch is written. The output does not depend on ``workers``."""
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
-    if bos and tokenizer.bos_id is None:
+    if fmt not in FORMATS:
+        raise InputError(f"unknown format {fmt!r} (allowed: {', '.join(FORMATS)})")
+    if bos and tokenizer.bos_id is None and fmt == "text":
         raise InputError(f"tokenizer {tokenizer.name} has no BOS token: prepare without BOS (--no-bos)")
     if workers > 1 and spec is None:
         raise ValueError("workers > 1 needs the tokenizer spec ('byte' or a file) to rebuild it in each worker")
     dtype = dtype_for_vocab(tokenizer.vocab_size)
     writer = _ShardWriter(out_dir, dtype, shard_tokens)
+    masks = _ShardWriter(out_dir, "uint8", shard_tokens, prefix="mask") if fmt != "text" else None
     starts: list[np.ndarray] = []
 
-    def consume(ids: np.ndarray, lens: np.ndarray, nbytes: int) -> None:
+    def consume(ids: np.ndarray, lens: np.ndarray, nbytes: int, mask: np.ndarray | None) -> None:
         if len(lens):
             starts.append(writer.n_tokens + np.concatenate(([0], np.cumsum(lens)[:-1])))
         writer.write(ids)
+        if masks is not None:
+            masks.write(mask)
         if on_batch is not None:
             on_batch(nbytes, len(ids))
 
     try:
-        _tokenize_in_order(batches, tokenizer, consume, text_key=text_key, bos=bos, workers=workers, spec=spec)
+        _tokenize_in_order(batches, tokenizer, consume, text_key=text_key, bos=bos, workers=workers, spec=spec,
+                           fmt=fmt)
     finally:
         writer.close()
+        if masks is not None:
+            masks.close()
     if writer.n_tokens == 0:
         raise InputError(f"no documents in {', '.join(sources) or 'the input'}")
     doc_starts = np.concatenate(starts).astype(np.int64)
@@ -253,6 +278,9 @@ def write_batches(
         "shards": writer.shards,
         "sources": [os.path.basename(s) for s in sources],
     }
+    if masks is not None:
+        meta.update(kind=fmt, bos=tokenizer.bos_id is not None,
+                    mask={"sha256": masks.sha.hexdigest(), "shards": masks.shards})
     tmp = os.path.join(out_dir, "meta.json.tmp")
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
@@ -292,6 +320,7 @@ def prepare(
     force: bool = False,
     progress: bool = True,
     workers: int = 1,
+    fmt: str = "text",
 ) -> dict:
     """Tokenize ``inputs`` into a new dataset directory ``out_dir``; returns its meta dict.
 
@@ -331,7 +360,8 @@ def prepare(
     tmp = make_temp_dir(out_dir)
     try:
         meta = write_batches(iter_batches(inputs, text_key), tokenizer, tmp, shard_tokens=shard_tokens, bos=bos,
-                             sources=inputs, text_key=text_key, workers=workers, spec=spec, on_batch=on_batch)
+                             sources=inputs, text_key=text_key, workers=workers, spec=spec, on_batch=on_batch,
+                             fmt=fmt)
         bar.close()
         commit_dir(tmp, out_dir, replace=force)
     except BaseException:
@@ -369,6 +399,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="'byte' or a tokenizer file, recognised by content: a Hugging Face tokenizer.json, "
                         "a tiktoken file (Llama 3 tokenizer.model) or a SentencePiece model (Llama 2's)")
     p.add_argument("--out", required=True, help="output directory (created atomically)")
+    p.add_argument("--format", default="text", choices=FORMATS,
+                   help="text: documents; chat: {messages: [...]} records; preference: {prompt: [...], "
+                        "chosen, rejected} records, rendered with the tokenizer's chat template (default: text)")
     p.add_argument("--text-key", default="text",
                    help="JSON key or Parquet column of the document text (default: text)")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
@@ -399,7 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--workers must be >= 1, got {workers}")
     try:
         meta = prepare(args.inputs, args.tokenizer, args.out, text_key=args.text_key, shard_tokens=args.shard_tokens,
-                       bos=not args.no_bos, force=args.force, progress=not args.quiet, workers=workers)
+                       bos=not args.no_bos, force=args.force, progress=not args.quiet, workers=workers,
+                       fmt=args.format)
     except ValueError as e:  # InputError, tokenizer errors
         print(f"dist-llama-prepare: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

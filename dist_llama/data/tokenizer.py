@@ -61,6 +61,11 @@ class Tokenizer(abc.ABC):
     def name(self) -> str:
         """Short fingerprint, e.g. ``"byte"`` or ``"tiktoken:<sha256 prefix of the file>"``."""
 
+    def special_id(self, token: str) -> int | None:
+        """The id of a special token by its string (``"<|eot_id|>"``), or None if this tokenizer has
+        none: chat templates insert such tokens by id, never by encoding their text."""
+        return None
+
     def encode_arrays(self, texts: Sequence[str], bos: bool = False, eos: bool = False) -> list[np.ndarray]:
         """Bulk path used by dataset preparation: one int64 array per text.
 
@@ -229,6 +234,9 @@ class TiktokenTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self.model.decode([int(i) for i in ids])
 
+    def special_id(self, token: str) -> int | None:
+        return self.special_tokens.get(token)
+
     @property
     def vocab_size(self) -> int:
         return self.n_base + LLAMA3_NUM_SPECIAL_TOKENS
@@ -329,6 +337,13 @@ class HFTokenizer(_FileTokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.model.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def special_id(self, token: str) -> int | None:
+        # added (special) tokens only: a merge that happens to spell "<|eot_id|>" is ordinary text
+        for i, added in self.model.get_added_tokens_decoder().items():
+            if added.content == token and added.special:
+                return i
+        return None
 
 
 class _NotSentencePiece(ValueError):

@@ -21,6 +21,7 @@ from torch import nn
 from dist_llama.config import Config, micro_batches, save_resolved
 from dist_llama.config.data_plan import anneal_start_step, stages_of
 from dist_llama.data.loader import PackedLoader, Stage
+from dist_llama.data.pairs import PairLoader
 from dist_llama.faults import FaultInjector
 from dist_llama.model import Transformer
 from dist_llama.model.flops import H100_BF16_PEAK, flops_per_token, measure_cpu_peak_flops
@@ -38,7 +39,8 @@ from dist_llama.train.metrics import MetricsLogger
 from dist_llama.train.optim import build_optimizer, build_scheduler
 from dist_llama.config import EXIT_CONFIG
 from dist_llama.train.recovery import EXIT_RESTART, RecoveryPolicy, TrainingExit
-from dist_llama.train.step import build_step
+from dist_llama.train.dpo import DPOStep, freeze
+from dist_llama.train.step import build_step, step_args
 from dist_llama.train.trainer import Trainer, TrainerParts
 from dist_llama.weights import open_weights
 from dist_llama.weights.load import load_into
@@ -48,11 +50,17 @@ def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cfg.train.compute_dtype(device.type) == "bf16" else torch.float32
 
 
-def build_loader(cfg: Config, sources: list, dp_rank: int, dp_size: int) -> PackedLoader:
-    """The loader of the config's sources and stages for one data-parallel rank."""
+def build_loader(cfg: Config, sources: list, dp_rank: int, dp_size: int):
+    """The loader of the config's sources and stages for one data-parallel rank: packed windows
+    (pretrain; sft with the prompts' labels ignored), or one preference pair per row (dpo)."""
+    if cfg.train.objective == "dpo":
+        (source,) = sources
+        return PairLoader(source.data, cfg.data.seq_len, cfg.train.global_batch_size, dp_rank, dp_size,
+                          seed=cfg.train.seed, mask_special=cfg.train.dpo_mask_special, name=source.name)
     stages = [Stage(st.seq_len, st.global_batch_size, st.weights, st.until_tokens) for st in stages_of(cfg)]
     return PackedLoader(sources, cfg.data.seq_len, cfg.train.global_batch_size, dp_rank, dp_size,
-                        seed=cfg.train.seed, reset_positions=cfg.data.reset_positions, stages=stages)
+                        seed=cfg.train.seed, reset_positions=cfg.data.reset_positions, stages=stages,
+                        loss_mask=cfg.train.objective == "sft")
 
 
 def build_model_parts(cfg: Config, dims: ParallelDims, meshes: Meshes, device: torch.device, engine: Engine,
@@ -130,17 +138,28 @@ def build_trainer(cfg: Config, env: DistEnv, sources) -> Trainer:
 
     n_micro = micro_batches(cfg.train.global_batch_size // dims.dp, cfg.train.micro_batch_size, dims.pp)
     engine = build_engine(cfg, dims, meshes, env.device, compute_dtype(cfg, env.device), n_micro)
+    reference = None
+    if cfg.train.objective == "dpo":
+        # The starting weights, also when resuming (they are not in the checkpoint): init_from, or
+        # the seed's initialisation. Built first: the policy's build then re-seeds as always.
+        start = open_weights(ck.init_from, max_seq_len=cfg.model.max_seq_len) if ck.init_from else None
+        (reference,), _, _ = build_model_parts(cfg, dims, meshes, env.device, engine, start)
+        reference = freeze(reference)
     parts, stage_ids, n_stages = build_model_parts(cfg, dims, meshes, env.device, engine, init_from)
     if init_from is not None:
         logger.event("init_from", 0, path=str(init_from.path), source=init_from.kind)
     engine.wrap(parts, [build_optimizer(part, cfg.optim) for part in parts])
     schedulers = [build_scheduler(o, cfg.optim, cfg.train.steps, anneal_start_step(cfg)) for o in engine.optimizers]
-    step = build_step(engine, env.device, dims, meshes, n_micro, cfg.parallel.pp_schedule, stage_ids, n_stages,
-                      cfg.train.micro_batch_size)
+    if reference is not None:
+        step = DPOStep(*step_args(engine, env.device, dims, meshes, n_micro), micro_batch_size=cfg.train.micro_batch_size,
+                       reference=reference, beta=cfg.train.dpo_beta, nll_coef=cfg.train.dpo_nll_coef)
+    else:
+        step = build_step(engine, env.device, dims, meshes, n_micro, cfg.parallel.pp_schedule, stage_ids, n_stages,
+                          cfg.train.micro_batch_size)
     loader = build_loader(cfg, sources, dp_rank=meshes.dp.get_local_rank(), dp_size=dims.dp)
     evaluator = Evaluator(getattr(sources, "held_out", ()), cfg.train.eval_interval, cfg.train.steps,
                           cfg.train.eval_tokens, cfg.data.reset_positions, meshes.dp.get_local_rank(), dims.dp,
-                          env.device)
+                          env.device, loss_mask=cfg.train.objective == "sft")
     if cfg.train.peak_flops is not None:
         peak = cfg.train.peak_flops
     elif env.device.type == "cuda":

@@ -84,7 +84,10 @@ def resolve_config(config_path: Optional[str], overrides: Sequence[str], world_s
     try:  # every stage has windows to draw from every source it weighs
         build_loader(cfg, sources, dp_rank=0, dp_size=cfg.parallel.dp)
     except ValueError as exc:
-        raise ConfigError("data.stages" if cfg.data.stages else "data.sources", str(exc)) from None
+        key = "data.stages" if cfg.data.stages else "data.sources"
+        if cfg.train.objective == "dpo":
+            key = "data.seq_len" if "seq_len" in str(exc) else "data.path"
+        raise ConfigError(key, str(exc)) from None
     if source is not None:
         from dist_llama.weights.load import check_source
 
@@ -104,6 +107,9 @@ def open_sources(cfg: Config, tokenizer) -> DataSources:
 
     train = [open_one(spec, f"data.sources[{i}].path" if cfg.data.sources else "data.path")
              for i, spec in enumerate(sources_of(cfg))]
+    _check_kinds(cfg, train)
+    if cfg.train.objective == "dpo":  # pairs are not split into training and held-out parts
+        return DataSources(train, [])
     held_out = [open_one(spec, f"data.eval_sources[{i}].path") for i, spec in enumerate(cfg.data.eval_sources or [])]
     if 0 < cfg.data.eval_fraction < 1 and not held_out:  # other values: validate names the key
         unsplit = []
@@ -117,6 +123,17 @@ def open_sources(cfg: Config, tokenizer) -> DataSources:
         if cfg.train.eval_interval and not held_out:
             raise ConfigError("data.eval_fraction", f"nothing to evaluate: {'; '.join(unsplit)}")
     return DataSources(train, held_out)
+
+
+def _check_kinds(cfg: Config, sources: list[Source]) -> None:
+    """sft trains on chat data (its loss mask), dpo on preference pairs: anything else is exit 2."""
+    need = {"sft": "chat", "dpo": "preference"}.get(cfg.train.objective)
+    for i, s in enumerate(sources):
+        kind = getattr(s.data, "kind", "text")
+        if need is not None and kind != need:
+            raise ConfigError(f"data.sources[{i}].path" if cfg.data.sources else "data.path",
+                              f"train.objective={cfg.train.objective} needs data prepared with dist-llama-prepare "
+                              f"--format {need}; {s.name!r} is {kind} data")
 
 
 def open_initial_weights(cfg: Config):

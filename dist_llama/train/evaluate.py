@@ -21,12 +21,13 @@ from dist_llama.train.step import Batch, StepStrategy
 class Evaluator:
     def __init__(self, sources: Sequence[Source] = (), interval: int = 0, total_steps: int = 0, tokens: int = 0,
                  reset_positions: bool = True, dp_rank: int = 0, dp_size: int = 1,
-                 device: torch.device = torch.device("cpu")):
+                 device: torch.device = torch.device("cpu"), loss_mask: bool = False):
         """sources: the held-out sources (none: never due); interval: steps between validations
-        (0: never); tokens: input tokens read per source per validation."""
+        (0: never); tokens: input tokens read per source per validation; loss_mask: count the
+        assistant tokens of chat data only (sft)."""
         self.sources = list(sources)
         self.interval, self.total_steps, self.tokens = interval, total_steps, tokens
-        self.reset_positions = reset_positions
+        self.reset_positions, self.loss_mask = reset_positions, loss_mask
         self.dp_rank, self.dp_size, self.device = dp_rank, dp_size, device
         self._batches: dict[tuple[str, int, int], list[Batch]] = {}
         """This rank's batches by (source, seq_len, global batch): read once, the same every time."""
@@ -40,7 +41,7 @@ class Evaluator:
         if key not in self._batches:
             self._batches[key] = [{k: v.to(self.device) for k, v in b.items()} for b in eval_batches(
                 source.data, seq_len, global_batch_size, self.dp_rank, self.dp_size, self.tokens,
-                self.reset_positions)]
+                self.reset_positions, self.loss_mask)]
         return self._batches[key]
 
     def evaluate(self, step: StepStrategy, seq_len: int, global_batch_size: int) -> dict:

@@ -213,11 +213,16 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def build_step(engine: Engine, device: torch.device, dims, meshes, n_micro: int, schedule_name: str,
-               stage_ids: list[int], n_stages: int, micro_batch_size: int = -1) -> StepStrategy:
+def step_args(engine: Engine, device: torch.device, dims, meshes, n_micro: int) -> tuple:
+    """The positional arguments every step strategy starts with."""
     groups = (meshes.dp.get_group(),
               [meshes.dp_cp.get_group()] + ([meshes.pp_group] if meshes.pp_group is not None else []))
-    common = (engine, device, groups, dims.cp, meshes.world["cp"].get_local_rank(), dims.tp, n_micro)
+    return engine, device, groups, dims.cp, meshes.world["cp"].get_local_rank(), dims.tp, n_micro
+
+
+def build_step(engine: Engine, device: torch.device, dims, meshes, n_micro: int, schedule_name: str,
+               stage_ids: list[int], n_stages: int, micro_batch_size: int = -1) -> StepStrategy:
+    common = step_args(engine, device, dims, meshes, n_micro)
     if dims.pp > 1:
         return PipelineStep(*common, schedule_name, stage_ids, n_stages, meshes.world["pp"],
                             micro_rows=micro_batch_size if micro_batch_size > 0 else 1)

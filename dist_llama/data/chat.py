@@ -1,0 +1,170 @@
+"""Chat templates and the records of ``dist-llama-prepare --format chat|preference``.
+
+A conversation ``[{"role": "system"|"user"|"assistant", "content": str}, ...]`` is rendered to
+token ids and a per-token mask with the template the tokenizer implies:
+
+- **Llama 3** (the tokenizer has ``<|start_header_id|>``, ``<|end_header_id|>``, ``<|eot_id|>``,
+  as Meta's tiktoken file and its Hugging Face conversion do)::
+
+      <|begin_of_text|><|start_header_id|>ROLE<|end_header_id|>\\n\\nCONTENT<|eot_id|>...
+
+- **Llama 2** (any other tokenizer: SentencePiece, the byte tokenizer)::
+
+      <s>[INST] <<SYS>>\\nSYSTEM\\n<</SYS>>\\n\\nUSER [/INST] ASSISTANT </s><s>[INST] ...
+
+Contents are stripped, as Meta's ``ChatFormat`` and ``chat_completion`` do. Special tokens are
+inserted by id; the text is encoded as ordinary text, so a special-token string typed in a message
+stays text. The mask says what each token is: ``PROMPT`` (0: system and user turns, headers: never
+trained), ``RESPONSE`` (1: assistant content) and ``END`` (2: the token that ends an assistant
+turn, ``<|eot_id|>`` or ``</s>``: trained by SFT; ``train.dpo_mask_special`` leaves it out of DPO's
+log-probabilities, with the headers, which are prompt tokens here).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from .prepare_inputs import InputError
+from .tokenizer import Tokenizer
+
+__all__ = ["PROMPT", "RESPONSE", "END", "ChatTemplate", "template_for", "FORMATS", "encode_records"]
+
+PROMPT, RESPONSE, END = 0, 1, 2
+FORMATS = ("text", "chat", "preference")
+ROLES = ("system", "user", "assistant")
+LLAMA3_SPECIALS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+@dataclass
+class ChatTemplate:
+    """The template of one tokenizer: ``render`` makes (ids, mask) of a conversation."""
+
+    tokenizer: Tokenizer
+    name: str
+    """'llama3' or 'llama2'."""
+
+    @property
+    def end_of_turn(self) -> int:
+        """The token that ends an assistant turn: generation stops there."""
+        if self.name == "llama3":
+            return self.tokenizer.special_id("<|eot_id|>")
+        return self.tokenizer.eos_id
+
+    def render(self, messages: list[dict], generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """(ids, mask) of ``messages`` (checked: ValueError names the problem); with
+        ``generation_prompt`` the ids end where the next assistant turn's content would start."""
+        _check_messages(messages, self.name)
+        ids: list[int] = []
+        mask: list[int] = []
+
+        def add(piece: list[int], kind: int) -> None:
+            ids.extend(piece)
+            mask.extend([kind] * len(piece))
+
+        tok = self.tokenizer
+        bos = [tok.bos_id] if tok.bos_id is not None else []
+        if self.name == "llama3":
+            start, end = tok.special_id("<|start_header_id|>"), tok.special_id("<|end_header_id|>")
+            add(bos, PROMPT)
+            for m in messages:
+                add([start] + tok.encode(m["role"]) + [end] + tok.encode("\n\n"), PROMPT)
+                text = tok.encode(m["content"].strip())
+                if m["role"] == "assistant":
+                    add(text, RESPONSE)
+                    add([self.end_of_turn], END)
+                else:
+                    add(text + [self.end_of_turn], PROMPT)
+            if generation_prompt:
+                add([start] + tok.encode("assistant") + [end] + tok.encode("\n\n"), PROMPT)
+            return ids, mask
+        # Llama 2: the system prompt goes inside the first user turn; one [INST] block per exchange.
+        system = None
+        if messages and messages[0]["role"] == "system":
+            system, messages = messages[0]["content"].strip(), messages[1:]
+        for i, m in enumerate(messages):
+            text = m["content"].strip()
+            if m["role"] == "user":
+                if i == 0 and system is not None:
+                    text = f"<<SYS>>\n{system}\n<</SYS>>\n\n{text}"
+                add(bos + tok.encode(f"[INST] {text} [/INST]"), PROMPT)
+            else:
+                add(tok.encode(f" {text} "), RESPONSE)
+                add([tok.eos_id], END)
+        return ids, mask
+
+
+def template_for(tokenizer: Tokenizer) -> ChatTemplate:
+    """Llama 3's template when the tokenizer has its header and end-of-turn tokens, else Llama 2's."""
+    if all(tokenizer.special_id(t) is not None for t in LLAMA3_SPECIALS):
+        return ChatTemplate(tokenizer, "llama3")
+    return ChatTemplate(tokenizer, "llama2")
+
+
+def _check_messages(messages, template: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+            raise ValueError(f"message {i} must be {{\"role\": {'|'.join(ROLES)}, \"content\": string}}, got {m!r}")
+        if m["role"] == "system" and i:
+            raise ValueError(f"message {i}: a system message may only come first")
+    if template == "llama2":  # [INST] blocks: user and assistant strictly alternate, user first
+        turns = [m["role"] for m in messages if m["role"] != "system"]
+        if any(r != ("user" if k % 2 == 0 else "assistant") for k, r in enumerate(turns)):
+            raise ValueError(f"the Llama 2 template needs user and assistant turns alternating from a user "
+                             f"turn, got {turns}")
+
+
+def _json_object(line: bytes, path: str, lineno: int) -> dict:
+    try:
+        obj = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}:{lineno}: bad JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _record_documents(obj: dict, fmt: str, template: ChatTemplate) -> list[tuple[list[int], list[int]]]:
+    """The documents of one record: a conversation (chat), or prompt+chosen then prompt+rejected
+    (preference: the pair stays adjacent, document 2k and 2k+1)."""
+    if fmt == "chat":
+        if "messages" not in obj:
+            raise ValueError(f"no key 'messages' (keys: {', '.join(map(str, obj)) or 'none'})")
+        if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in obj["messages"] or []):
+            raise ValueError("no assistant message: nothing to train on")
+        return [template.render(obj["messages"])]
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in obj:
+            raise ValueError(f"no key {key!r} (a preference record is {{prompt: [messages], chosen: str, "
+                             "rejected: str}})")
+    for key in ("chosen", "rejected"):
+        if not isinstance(obj[key], str):
+            raise ValueError(f"{key!r} must be a string, got {type(obj[key]).__name__}")
+    prompt = obj["prompt"]
+    if not isinstance(prompt, list) or not prompt or not isinstance(prompt[-1], dict) \
+            or prompt[-1].get("role") != "user":
+        raise ValueError("'prompt' must be a list of messages ending with a user message")
+    return [template.render(prompt + [{"role": "assistant", "content": obj[k]}]) for k in ("chosen", "rejected")]
+
+
+def encode_records(items, tokenizer: Tokenizer, fmt: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(ids, mask) arrays of every document in a batch's items (JSON lines; see prepare_inputs),
+    InputError naming the file and line of a bad record."""
+    template = template_for(tokenizer)
+    ids, masks = [], []
+    for kind, path, where, payload in items:
+        if kind != "json":
+            raise InputError(f"{path}: --format {fmt} reads .jsonl / .jsonl.gz records only")
+        obj = _json_object(payload, path, where)
+        try:
+            docs = _record_documents(obj, fmt, template)
+        except ValueError as e:
+            raise InputError(f"{path}:{where}: {e}") from None
+        for doc_ids, doc_mask in docs:
+            ids.append(np.asarray(doc_ids, dtype=np.int64))
+            masks.append(np.asarray(doc_mask, dtype=np.uint8))
+    return ids, masks
