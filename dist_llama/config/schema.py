@@ -178,6 +178,8 @@ class TrainConfig:
     """Input tokens evaluated per held-out source per validation (its first windows, in order)."""
     peak_flops: Optional[float] = None
     """Per-device peak FLOP/s for MFU; None = H100 dense BF16 on cuda, a matmul probe on cpu."""
+    loss_chunk_tokens: Optional[int] = None
+    """Tokens per cross-entropy chunk (output projection + loss per chunk, recomputed in backward); 0 = plain loss on the whole micro-batch's logits; None = chunks of at most 256 MiB fp32 logits per rank (plain under DeepSpeed ZeRO-3)."""
 
     def compute_dtype(self, device_type: str) -> str:
         """`dtype` resolved for a device: auto is bf16 on cuda, fp32 elsewhere."""
