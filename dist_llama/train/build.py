@@ -37,6 +37,7 @@ from dist_llama.train.heartbeats import Heartbeats
 from dist_llama.train.health import NoWatchdog, StepHealth, Watchdog, preflight
 from dist_llama.train.metrics import MetricsLogger
 from dist_llama.train.optim import build_optimizer, build_scheduler
+from dist_llama.train.profiling import StepProfiler
 from dist_llama.config import EXIT_CONFIG
 from dist_llama.train.recovery import EXIT_RESTART, RecoveryPolicy, TrainingExit
 from dist_llama.train.step import build_step
@@ -167,6 +168,10 @@ def build_trainer(cfg: Config, env: DistEnv, sources) -> Trainer:
                             on_hang=lambda: _exit_on_hang(logger, watchdog),
                             heartbeats=Heartbeats(run_dir / "hangs", env.rank, env.world_size))
     callbacks = [HangReport(logger), Faults(faults, engine.parts)]
+    t = cfg.train
+    if t.profile_steps or t.memory_snapshot_step is not None or t.memory_snapshot_on_oom:
+        callbacks.append(StepProfiler(logger, run_dir, env.rank, env.device, t.profile_steps,
+                                      t.memory_snapshot_step, t.memory_snapshot_on_oom))
     if h.straggler_interval:
         callbacks.append(StragglerCheck(h.straggler_interval, h.straggler_factor, engine.compute_clock, watchdog,
                                         logger))
