@@ -41,7 +41,25 @@ def _worker(fn, rank, world_size, port, results, args, kwargs):
         os._exit(0)
 
 
+class _PortTaken(Exception):
+    """The rendezvous port was taken between free_port() and rank 0's TCPStore listening on it."""
+
+
 def run_ranks(fn, world_size: int, *args, timeout: float = 240, **kwargs) -> list:
+    # free_port() can only name a port that was free: another process may bind it (an ephemeral
+    # port of an outgoing connection) before rank 0's store listens. That failure happens before
+    # any rank ran `fn`, so the job is started again on another port.
+    for _ in range(3):
+        try:
+            return _run_once(fn, world_size, args, kwargs, timeout)
+        except _PortTaken:
+            continue
+    raise RuntimeError("the rendezvous port was taken on 3 tries in a row")
+
+
+def _run_once(fn, world_size: int, args, kwargs, timeout: float) -> list:
+    import time
+
     ctx = mp.get_context("fork")
     results = ctx.Queue()
     port = free_port()
@@ -50,8 +68,8 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 240, **kwargs) -> lis
     for p in procs:
         p.start()
     out: dict[int, object] = {}
+    grace = 5.0
     try:
-        import time
         deadline = time.monotonic() + timeout
         while len(out) < world_size:
             remaining = deadline - time.monotonic()
@@ -63,13 +81,17 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 240, **kwargs) -> lis
                                        f"within {timeout} s") from None
                 continue
             if not ok:
+                if "EADDRINUSE" in payload and "TCPStore" in payload:
+                    grace = 0.0
+                    raise _PortTaken()
                 raise RuntimeError(f"rank {rank} failed:\n{payload}")
             out[rank] = pickle.loads(payload)  # from our own child process
     finally:
         for p in procs:
-            p.join(timeout=5)
+            p.join(timeout=grace)
             if p.is_alive():
                 p.kill()
+                p.join()
     return [out[r] for r in range(world_size)]
 
 

@@ -186,6 +186,14 @@ class TrainConfig:
     """DPO: coefficient of a length-normalised NLL term on the chosen responses (Llama 3: 0.2; 0 = off)."""
     dpo_mask_special: bool = False
     """DPO: leave the end-of-turn token out of both responses' log-probabilities (Llama 3: true; headers are prompt tokens always)."""
+    profile_steps: List[int] = field(default_factory=list)
+    """Steps to trace with torch.profiler on every rank: <run_dir>/profile/step-N/rank-R.json (Chrome trace; Perfetto)."""
+    memory_snapshot_step: Optional[int] = None
+    """CUDA: record the allocator's history over this step and dump it to <run_dir>/memory/step-N-rank-R.pickle."""
+    memory_snapshot_on_oom: bool = False
+    """CUDA: record the allocator's history from the start and dump it to <run_dir>/memory/oom-step-N-rank-R.pickle when a step runs out of memory."""
+    loss_chunk_tokens: Optional[int] = None
+    """Tokens per cross-entropy chunk (output projection + loss per chunk, recomputed in backward); 0 = plain loss on the whole micro-batch's logits; None = chunks of at most 256 MiB fp32 logits per rank (plain under DeepSpeed ZeRO-3)."""
 
     def compute_dtype(self, device_type: str) -> str:
         """`dtype` resolved for a device: auto is bf16 on cuda, fp32 elsewhere."""

@@ -221,6 +221,18 @@ def validate(cfg: Config, world_size: int, dataset=None, tokenizer_vocab: Option
     _require(t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda; got {t.device!r}")
     _require(t.dtype in ("auto", "fp32", "bf16"), "train.dtype", f"must be auto, fp32 or bf16; got {t.dtype!r}")
     _require(t.peak_flops is None or t.peak_flops > 0, "train.peak_flops", "must be positive or null")
+    _require(all(1 <= step <= t.steps for step in t.profile_steps), "train.profile_steps",
+             f"must list steps in [1, train.steps={t.steps}], got {list(t.profile_steps)}")
+    _require(t.memory_snapshot_step is None or 1 <= t.memory_snapshot_step <= t.steps, "train.memory_snapshot_step",
+             f"must be a step in [1, train.steps={t.steps}] or null, got {t.memory_snapshot_step}")
+    _require(t.device != "cpu" or (t.memory_snapshot_step is None and not t.memory_snapshot_on_oom),
+             "train.memory_snapshot_step", "memory snapshots record the CUDA allocator: they need train.device "
+             "cuda or auto")
+    _require(t.loss_chunk_tokens is None or t.loss_chunk_tokens >= 0, "train.loss_chunk_tokens",
+             f"must be >= 0 (0 = the plain loss) or null (automatic), got {t.loss_chunk_tokens}")
+    _require(not t.loss_chunk_tokens or not (parallel.engine == "deepspeed" and parallel.zero_stage == 3),
+             "train.loss_chunk_tokens", "must be 0 or null under parallel.engine=deepspeed with zero_stage=3 "
+             "(ZeRO-3 holds the output weight whole only inside the model's forward)")
     _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     _require(o.decay_steps is None or o.decay_steps > 0, "optim.decay_steps", "must be positive or null")

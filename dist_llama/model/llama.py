@@ -354,6 +354,7 @@ class Transformer(nn.Module):
         positions: Optional[torch.Tensor] = None,
         start_pos: int = 0,
         cache: Optional[Dict[str, KVCache]] = None,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
         """tokens: [B, S] int64 token ids, or [B, S, dim] hidden states when this module has no
         tok_embeddings (a later pipeline stage).
@@ -362,7 +363,9 @@ class Transformer(nn.Module):
         cache: inference (from new_cache): the tokens sit at positions start_pos..start_pos+S-1 and
         attend to the cached keys and values of positions < start_pos, then join them. No doc_ids
         or positions with it; the training path (cache None) is untouched.
-        Returns fp32 logits [B, S, vocab], or hidden states [B, S, dim] when output is None."""
+        return_hidden: stop before `output` (for a loss that applies it to a chunk of tokens at a time).
+        Returns fp32 logits [B, S, vocab], or the hidden states [B, S, dim] (after `norm` where this
+        module has it) when output is None or return_hidden."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         seqlen = h.shape[1]
 
@@ -386,6 +389,6 @@ class Transformer(nn.Module):
 
         if self.norm is not None:
             h = self.norm(h)
-        if self.output is None:
+        if self.output is None or return_hidden:
             return h
         return self.output(h).float()

@@ -41,7 +41,9 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, meshes: Meshes, param_dtype
         # The last block is needed again at once by backward: resharding it would only re-gather.
         fully_shard(block, mesh=mesh, mp_policy=mp,
                     reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # The root (embeddings, norm, output) is not resharded after forward: backward needs it at once,
+    # and the chunked loss (parallel/loss.py) applies `output` after the model's forward.
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
     return model
 
 

@@ -42,12 +42,15 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def resolved_config(config: Optional[str], overrides: Sequence[str], world_size: int):
-    """Load, override and validate the parts of the config the planner uses."""
+def resolved_config(config: Optional[str], overrides: Sequence[str], world_size: int, layout: bool = True):
+    """Load, override and validate the parts of the config the planner uses; layout=False leaves
+    the parallel layout unchecked (--search replaces it with every layout it tries)."""
     cfg = to_object(load(config, overrides))
     validate_model(cfg.model)
     if cfg.model.vocab_size == -1:
         raise ConfigError("model.vocab_size", "the planner needs an explicit vocabulary size")
+    if not layout:
+        return cfg
     parallel = resolve_parallel(cfg.parallel, world_size)
     dp = parallel.dp
     if cfg.train.global_batch_size % dp:
@@ -105,17 +108,18 @@ def format_table(e: Estimate, cfg, hw) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, args.overrides = _parser().parse_known_args(argv)
     try:
-        cfg = resolved_config(args.config, args.overrides, args.gpus)
+        cfg = resolved_config(args.config, args.overrides, args.gpus, layout=not args.search)
         if not 0 <= args.rank < args.gpus:
             raise ConfigError("--rank", f"must be in [0, {args.gpus}), got {args.rank}")
         hw = hardware_preset(args.hardware, ranks=args.gpus)
+        if args.search:
+            from dist_llama.plan.search import format_search, plot_search, search
+            cap = args.memory_cap * 2**30 if args.memory_cap else hw.memory_bytes
+            found = search(cfg, args.gpus, hw, cap, args.top)
     except (ConfigError, ValueError) as exc:
         print(f"dist-llama-plan: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.search:
-        from dist_llama.plan.search import format_search, plot_search, search
-        cap = args.memory_cap * 2**30 if args.memory_cap else hw.memory_bytes
-        found = search(cfg, args.gpus, hw, cap, args.top)
         if args.png:
             plot_search(found, cap, args.png)
         if args.json:

@@ -34,14 +34,35 @@ def candidates(cfg: Config, gpus: int, hw: Hardware):
 
 def search(cfg: Config, gpus: int, hw: Hardware, memory_cap: float, top: int = 10) -> list[tuple[Config, Estimate]]:
     """The `top` layouts by predicted MFU whose peak memory (pipeline rank 0 holds the most
-    in-flight micro-batches) stays under memory_cap bytes."""
-    results = []
+    in-flight micro-batches) stays under memory_cap bytes. The preset's own layout plays no part:
+    every tp x cp x pp (x schedule, AC) is tried, the data-parallel degree taking the rest of the
+    GPUs, and only those a run would accept are kept (dp dividing the global batch, the
+    micro-batch size dividing the per-rank batch, tp dividing the heads, ...).
+    Raises ConfigError saying why when no layout of `gpus` is valid at all."""
+    results, valid = [], 0
     for candidate in candidates(cfg, gpus, hw):
+        valid += 1
         est = estimate(candidate, hw, rank=0)
         if est.memory.total <= memory_cap:
             results.append((candidate, est))
+    if not valid:
+        raise ConfigError("--gpus", _no_layout(cfg, gpus, hw))
     results.sort(key=lambda r: r[1].mfu, reverse=True)
     return results[:top]
+
+
+def _no_layout(cfg: Config, gpus: int, hw: Hardware) -> str:
+    """Why no layout of `gpus` passed validation, in one sentence."""
+    batch = cfg.train.global_batch_size
+    model_parallel = sorted({tp * pp * cp for tp, pp, cp in itertools.product(TP, PP, CP)
+                             if tp <= hw.gpus_per_node and gpus % (tp * pp * cp) == 0})
+    dps = sorted({gpus // mp for mp in model_parallel}, reverse=True)
+    if not any(batch % dp == 0 for dp in dps):
+        return (f"no layout of {gpus} GPUs exists for train.global_batch_size={batch}: its data-parallel degree "
+                f"would be one of {dps}, and none divides {batch}")
+    return (f"no layout of {gpus} GPUs passes validation (tp {TP} within {hw.gpus_per_node} GPUs per node, "
+            f"pp {PP}, cp {CP}; data-parallel degrees dividing train.global_batch_size={batch}); check "
+            f"train.micro_batch_size, data.seq_len and the model's head counts against them")
 
 
 def format_search(results: list[tuple[Config, Estimate]], memory_cap: float) -> str:

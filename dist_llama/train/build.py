@@ -28,6 +28,7 @@ from dist_llama.model.flops import H100_BF16_PEAK, flops_per_token, measure_cpu_
 from dist_llama.parallel.apply import parallelize
 from dist_llama.parallel.dims import Meshes, ParallelDims
 from dist_llama.parallel.env import DistEnv
+from dist_llama.parallel.loss import auto_chunk_tokens
 from dist_llama.parallel.pipeline import layers_per_stage, split_model, stage_ids_for_rank
 from dist_llama.train.callbacks import Faults, HangReport, ReplicaCheck, StragglerCheck
 from dist_llama.train.checkpoint import Checkpointer
@@ -37,6 +38,7 @@ from dist_llama.train.heartbeats import Heartbeats
 from dist_llama.train.health import NoWatchdog, StepHealth, Watchdog, preflight
 from dist_llama.train.metrics import MetricsLogger
 from dist_llama.train.optim import build_optimizer, build_scheduler
+from dist_llama.train.profiling import StepProfiler
 from dist_llama.config import EXIT_CONFIG
 from dist_llama.train.recovery import EXIT_RESTART, RecoveryPolicy, TrainingExit
 from dist_llama.train.dpo import DPOStep, freeze
@@ -48,6 +50,17 @@ from dist_llama.weights.load import load_into
 
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cfg.train.compute_dtype(device.type) == "bf16" else torch.float32
+
+
+def loss_chunk_tokens(cfg: Config, tp: int) -> int:
+    """train.loss_chunk_tokens resolved: None chunks wherever the loss can take the output weight
+    after the forward (everywhere but DeepSpeed ZeRO-3); even one chunk saves the logits kept for
+    backward."""
+    if cfg.train.loss_chunk_tokens is not None:
+        return cfg.train.loss_chunk_tokens
+    if cfg.parallel.engine == "deepspeed" and cfg.parallel.zero_stage == 3:
+        return 0
+    return auto_chunk_tokens(cfg.model.vocab_size, tp)
 
 
 def build_loader(cfg: Config, sources: list, dp_rank: int, dp_size: int):
@@ -155,7 +168,7 @@ def build_trainer(cfg: Config, env: DistEnv, sources) -> Trainer:
                        reference=reference, beta=cfg.train.dpo_beta, nll_coef=cfg.train.dpo_nll_coef)
     else:
         step = build_step(engine, env.device, dims, meshes, n_micro, cfg.parallel.pp_schedule, stage_ids, n_stages,
-                          cfg.train.micro_batch_size)
+                          cfg.train.micro_batch_size, loss_chunk_tokens(cfg, dims.tp))
     loader = build_loader(cfg, sources, dp_rank=meshes.dp.get_local_rank(), dp_size=dims.dp)
     evaluator = Evaluator(getattr(sources, "held_out", ()), cfg.train.eval_interval, cfg.train.steps,
                           cfg.train.eval_tokens, cfg.data.reset_positions, meshes.dp.get_local_rank(), dims.dp,
@@ -175,6 +188,10 @@ def build_trainer(cfg: Config, env: DistEnv, sources) -> Trainer:
                             on_hang=lambda: _exit_on_hang(logger, watchdog),
                             heartbeats=Heartbeats(run_dir / "hangs", env.rank, env.world_size))
     callbacks = [HangReport(logger), Faults(faults, engine.parts)]
+    t = cfg.train
+    if t.profile_steps or t.memory_snapshot_step is not None or t.memory_snapshot_on_oom:
+        callbacks.append(StepProfiler(logger, run_dir, env.rank, env.device, t.profile_steps,
+                                      t.memory_snapshot_step, t.memory_snapshot_on_oom))
     if h.straggler_interval:
         callbacks.append(StragglerCheck(h.straggler_interval, h.straggler_factor, engine.compute_clock, watchdog,
                                         logger))

@@ -7,6 +7,9 @@ callback's hooks in list order:
   on_update(step, elapsed_s)        after the optimizer update, before the step is timed
   on_step_end(record)               after the step is recorded; returns findings for the recovery
                                     policy, already agreed by every rank
+  on_exception(step, exc)           this rank's step raised (exc is re-raised after the callbacks)
+
+The profiler and memory snapshots (train/profiling.py) are a Callback too.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ class Callback:
 
     def on_step_end(self, record: dict) -> list[Finding]:
         return []
+
+    def on_exception(self, step: int, exc: BaseException) -> None:
+        pass
 
 
 class Faults(Callback):

@@ -7,7 +7,9 @@ IGNORE_INDEX don't count), whatever the layout: the ranks agree on that count N 
 token's loss is scaled by (dp x cp) / N, the factor the gradient averaging of DDP/FSDP/ZeRO over the
 dp x cp ranks divides out again. So accumulation, pipelining and data/context parallelism change
 nothing. Context-parallel ranks shard the sequence here; tensor parallel computes the loss on
-vocab-sharded logits (loss parallel).
+vocab-sharded logits (loss parallel). With `loss_chunk` > 0 the model stops before its output
+projection and the loss applies it a chunk of tokens at a time (parallel/loss.py), so the whole
+micro-batch's logits never exist.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from dist_llama.parallel.context import cp_shard_batch
+from dist_llama.parallel.loss import chunked_loss_sum
 from dist_llama.parallel.pipeline import build_schedule, build_stages
 from dist_llama.parallel.tensor import loss_parallel_context, token_loss_sum
 from dist_llama.train.engines import Engine
@@ -49,8 +52,11 @@ class StepStrategy(Protocol):
 class _Step:
     """What both strategies share: counting, scaling, context parallel and loss parallel."""
 
-    def __init__(self, engine: Engine, device: torch.device, groups, cp: int, cp_rank: int, tp: int, n_micro: int):
+    def __init__(self, engine: Engine, device: torch.device, groups, cp: int, cp_rank: int, tp: int, n_micro: int,
+                 loss_chunk: int = 0):
         self.engine = engine
+        self.loss_chunk = loss_chunk
+        """Tokens per cross-entropy chunk (0: the plain loss on the model's logits)."""
         self.n_micro = n_micro
         """Micro-batches per step (gradient accumulation, or pipeline micro-batches)."""
         self.device = device
@@ -100,10 +106,23 @@ class _Step:
         dtype = self.engine.autocast_dtype
         return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The scaled summed loss of the model's output: logits, or with loss_chunk the hidden states."""
         # In fp32 whatever the compute dtype (the pipeline schedule calls this inside autocast).
         with torch.autocast(self.device.type, enabled=False):
-            return token_loss_sum(logits, labels, ignore_index=IGNORE_INDEX) * self.scale
+            if self.loss_chunk:
+                total = chunked_loss_sum(out, _output_weight(self._head_part()), labels, self.loss_chunk,
+                                         IGNORE_INDEX, compute_dtype=self.engine.autocast_dtype)
+            else:
+                total = token_loss_sum(out, labels, ignore_index=IGNORE_INDEX)
+            return total * self.scale
+
+    def _head_part(self) -> torch.nn.Module:
+        """The model part that holds the output projection."""
+        raise NotImplementedError
+
+    def _model_kwargs(self) -> dict:
+        return {"return_hidden": True} if self.loss_chunk else {}
 
     def global_loss(self, local: torch.Tensor, n_tokens: int) -> torch.Tensor:
         for group in self.loss_groups:
@@ -116,9 +135,12 @@ class MicroBatchStep(_Step):
     a curriculum stage with a larger batch gets more of them); gradients accumulate, and the engine
     reduces them after the last one."""
 
-    def __init__(self, *args, micro_batch_size: int = -1):
-        super().__init__(*args)
+    def __init__(self, *args, micro_batch_size: int = -1, loss_chunk: int = 0):
+        super().__init__(*args, loss_chunk=loss_chunk)
         self.micro_batch_size = micro_batch_size
+
+    def _head_part(self) -> torch.nn.Module:
+        return self.engine.parts[0]
 
     def _micro_batches(self, batch: Batch) -> list[Batch]:
         rows = len(batch["tokens"])
@@ -132,8 +154,9 @@ class MicroBatchStep(_Step):
         for i, mb in enumerate(micro_batches):
             with self.engine.grad_sync(model, i == len(micro_batches) - 1):
                 with self.autocast():
-                    logits = model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"])
-                loss = self.loss(logits, mb["labels"])
+                    out = model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"],
+                                **self._model_kwargs())
+                loss = self.loss(out, mb["labels"])
                 self.engine.backward(loss)
             loss_acc += _local(loss.detach())
         return loss_acc
@@ -145,8 +168,9 @@ class MicroBatchStep(_Step):
         loss_acc = torch.zeros((), device=self.device)
         for mb in self._micro_batches(batch):
             with self.autocast():
-                logits = model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"])
-            loss_acc += _local(self.loss(logits, mb["labels"]))
+                out = model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"],
+                                **self._model_kwargs())
+            loss_acc += _local(self.loss(out, mb["labels"]))
         return loss_acc
 
 
@@ -157,8 +181,9 @@ class PipelineStep(_Step):
     pipeline stages and schedule (built once, at its first step)."""
 
     def __init__(self, engine: Engine, device: torch.device, groups, cp: int, cp_rank: int, tp: int, n_micro: int,
-                 schedule_name: str, stage_ids: list[int], n_stages: int, pp_mesh, micro_rows: int = 1):
-        super().__init__(engine, device, groups, cp, cp_rank, tp, n_micro)
+                 schedule_name: str, stage_ids: list[int], n_stages: int, pp_mesh, micro_rows: int = 1,
+                 loss_chunk: int = 0):
+        super().__init__(engine, device, groups, cp, cp_rank, tp, n_micro, loss_chunk)
         self.schedule_name, self.stage_ids, self.n_stages, self.pp_mesh = schedule_name, stage_ids, n_stages, pp_mesh
         self.micro_rows = micro_rows
         """Sequences per micro-batch."""
@@ -173,6 +198,9 @@ class PipelineStep(_Step):
             self.n_micro = shape[0] // self.micro_rows
             self._schedules[shape] = build_schedule(self.schedule_name, stages, self.n_micro, self.loss)
         return self._schedules[shape]
+
+    def _head_part(self) -> torch.nn.Module:
+        return self.engine.parts[self.stage_ids.index(self.n_stages - 1)]
 
     @property
     def schedule(self):
@@ -198,7 +226,7 @@ class PipelineStep(_Step):
         target = batch["labels"] if self.has_last_stage else None
         with self.autocast():
             getattr(schedule, method)(*args, target=target, losses=losses, doc_ids=batch["doc_ids"],
-                                      positions=batch["positions"], **extra)
+                                      positions=batch["positions"], **self._model_kwargs(), **extra)
         return self._sum(losses)
 
     def _sum(self, losses: list[torch.Tensor]) -> torch.Tensor:
@@ -213,6 +241,12 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def _output_weight(part: torch.nn.Module) -> torch.Tensor:
+    while not hasattr(part, "output"):  # DDP and DeepSpeed keep the model as .module
+        part = part.module
+    return part.output.weight
+
+
 def step_args(engine: Engine, device: torch.device, dims, meshes, n_micro: int) -> tuple:
     """The positional arguments every step strategy starts with."""
     groups = (meshes.dp.get_group(),
@@ -221,11 +255,11 @@ def step_args(engine: Engine, device: torch.device, dims, meshes, n_micro: int) 
 
 
 def build_step(engine: Engine, device: torch.device, dims, meshes, n_micro: int, schedule_name: str,
-               stage_ids: list[int], n_stages: int, micro_batch_size: int = -1) -> StepStrategy:
+               stage_ids: list[int], n_stages: int, micro_batch_size: int = -1, loss_chunk: int = 0) -> StepStrategy:
     common = step_args(engine, device, dims, meshes, n_micro)
     if dims.pp > 1:
         return PipelineStep(*common, schedule_name, stage_ids, n_stages, meshes.world["pp"],
-                            micro_rows=micro_batch_size if micro_batch_size > 0 else 1)
-    return MicroBatchStep(*common, micro_batch_size=micro_batch_size)
+                            micro_rows=micro_batch_size if micro_batch_size > 0 else 1, loss_chunk=loss_chunk)
+    return MicroBatchStep(*common, micro_batch_size=micro_batch_size, loss_chunk=loss_chunk)
 
 

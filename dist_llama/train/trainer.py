@@ -206,6 +206,8 @@ class Trainer:
             raise
         except Exception as exc:  # this rank's own failure: the crash-loop detector's cause
             crashloop.record_failure(run_dir, self.step + 1, rank, f"{type(exc).__name__}: {exc}")
+            for callback in self.p.callbacks:
+                callback.on_exception(self.step + 1, exc)
             raise
         else:
             if rank == 0:
