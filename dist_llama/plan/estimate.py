@@ -402,10 +402,12 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
         # FlexAttention keeps a block mask of a few MiB instead).
         saved_layers += mbs * (seq // cp) * seq
     in_flight = in_flight_microbatches(p.pp_schedule, pp, pp_rank, V, n_micro)
+    # Under checkpointing, backward recomputes one block at a time and holds its full activations.
+    recompute_peak = act_layer if p.ac != "none" else 0.0
     logits = (c + 4) * tokens_mb * m.vocab_size / tp if last else 0.0
     memory = Memory(params=states["params"], master=states["master"], grads=states["grads"],
                     optimizer=states["optimizer"], gathered=states["gathered"], buffers=states["buffers"],
-                    activations=saved_layers * in_flight, logits=logits, in_flight_microbatches=math.ceil(in_flight),
+                    activations=saved_layers * in_flight + recompute_peak, logits=logits, in_flight_microbatches=math.ceil(in_flight),
                     activation_per_layer_microbatch=act_layer, host=states["host"])
 
     # FLOPs this rank executes per step: 6 per parameter per token for the matmuls (+2 per
