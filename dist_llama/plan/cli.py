@@ -34,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--png", default=None, help="with --search: also draw MFU and memory per layout to this PNG")
     ap.add_argument("--dry-run", action="store_true",
                     help="also build this rank's real model parts on a fake process group and compare")
+    ap.add_argument("--memory", action="store_true",
+                    help="with --dry-run: also run this rank's real training step (forward, backward, optimizer; "
+                         "pipeline schedule, TP, CP, AC, FSDP as configured) on fake tensors and report its "
+                         "peak memory by kind and the moment of the peak")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--goodput", action="store_true",
                     help="also simulate effective training time under Llama 3's failure rate, with Llama 3's "
@@ -105,12 +109,27 @@ def format_table(e: Estimate, cfg, hw) -> str:
     return "\n".join(lines)
 
 
+def format_memory(mem: dict, hw) -> str:
+    """The fake-tensor step's peak, by kind, beside the estimate."""
+    moment = mem["moment"]
+    lines = [f"memory dry run  rank {mem['rank']} of {mem['world_size']}, the real step on fake tensors "
+             f"({mem['dtype']}), {mem['seconds']:.1f} s",
+             f"  peak                      {_gib(mem['peak'])}  of {hw.memory_bytes / GiB:.0f} GiB"
+             f"{'' if mem['peak'] <= hw.memory_bytes else '  DOES NOT FIT'}  (estimate {_gib(mem['estimated_total'])}, "
+             f"{100 * mem['estimate_relative_error']:+.1f}%)",
+             *(f"  {kind:<25} {_gib(v)}" for kind, v in mem["by_kind"].items()),
+             f"  at step {moment['step']}, {moment['phase']}, micro-batch {moment['micro_batch']}, {moment['module']}"]
+    return "\n".join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, args.overrides = _parser().parse_known_args(argv)
     try:
         cfg = resolved_config(args.config, args.overrides, args.gpus, layout=not args.search)
         if not 0 <= args.rank < args.gpus:
             raise ConfigError("--rank", f"must be in [0, {args.gpus}), got {args.rank}")
+        if args.memory and not args.dry_run:
+            raise ConfigError("--memory", "needs --dry-run (it steps the dry run's model parts)")
         hw = hardware_preset(args.hardware, ranks=args.gpus)
         if args.search:
             from dist_llama.plan.search import format_search, plot_search, search
@@ -139,6 +158,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         dr["estimated_params_local"] = est.params_shard
         dr["relative_error"] = (est.params_shard - dr["params_allocated"]) / dr["params_allocated"]
         report["dry_run"] = dr
+    if args.memory:
+        from dist_llama.plan.memory import fake_memory
+        mem = fake_memory(cfg, args.gpus, args.rank, "cpu" if hw.name == "cpu" else "cuda")
+        mem["estimated_total"] = est.memory.total
+        mem["estimate_relative_error"] = (est.memory.total - mem["peak"]) / mem["peak"]
+        report["memory"] = mem
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
@@ -148,6 +173,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{dr['params_allocated']:,} parameters allocated ({dr['params_local']:,} of data; estimate "
               f"{est.params_shard:,.0f}, {100 * dr['relative_error']:+.2f}%), fp32 params+grads+Adam "
               f"{16 * dr['params_allocated'] / 2**30:.2f} GiB, built in {dr['seconds']:.1f} s")
+    if args.memory:
+        print(format_memory(mem, hw))
     if args.goodput:
         from dist_llama.plan.scenarios import format_comparison
         print(format_comparison(report["goodput"]))

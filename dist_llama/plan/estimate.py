@@ -172,15 +172,25 @@ def layer_params(m: ModelArgs) -> int:
     return attention + 3 * m.dim * ffn_hidden_dim(m) + 2 * m.dim
 
 
-def activation_bytes_per_layer(m: ModelArgs, tokens: int, tp: int, ac: str) -> float:
-    """Saved activations of one block for `tokens` tokens (micro-batch x local sequence).
-
-    Korthikanti et al. (arXiv:2205.05198) with sequence parallelism: s·b·h·(34/t + 5·a·s/(h·t))
-    bytes; the 5as/h term (the materialised softmax) is dropped because SDPA/flash attention never
-    stores the S x S matrix. Full recompute keeps only the block input: 2·s·b·h/t bytes."""
+def activation_bytes_per_layer(m: ModelArgs, tokens: int, tp: int, ac: str, c: int = 2) -> float:
+    """Bytes one block saves for backward for `tokens` tokens (micro-batch x local sequence), with
+    c-byte compute-dtype activations, counted from this Llama block as autograd runs it (checked
+    against the fake-tensor step, plan/memory.py). With H = tokens x dim, K = tokens x kv_dim,
+    F = tokens x ffn_dim, under tensor + sequence parallelism of degree t:
+    - each RMSNorm: its input in fp32 (4H/t; the norm runs in fp32 even under bf16) and its output (cH/t);
+    - each SP all-gather of a norm output, saved whole by the matmuls after it (cH; none when t = 1);
+    - RoPE: q and k in fp32 complex form (4(H + K)/t);
+    - attention: rotated q, K and V expanded to all query heads, and the output (4cH/t), and wo's
+      reshaped input (cH/t); the S x S scores are never stored (flash / fused SDPA);
+    - SwiGLU: w1's output, its SiLU, w3's output and their product (4cF/t).
+    Korthikanti et al.'s 34 sbh/t (GPT block, 16-bit) is about 55 sbh/t here for Llama 3 8B.
+    Full recompute keeps only the block input: cH/t."""
+    H, K, F = tokens * m.dim, tokens * m.kv_heads * (m.dim // m.n_heads), tokens * ffn_hidden_dim(m)
     if ac == "full":
-        return 2 * tokens * m.dim / tp
-    return 34 * tokens * m.dim / tp
+        return c * H / tp
+    norms = 2 * (4 + c) * H / tp
+    gathered = 2 * c * H if tp > 1 else 0.0
+    return norms + gathered + 4 * (H + K) / tp + 5 * c * H / tp + 4 * c * F / tp
 
 
 def in_flight_microbatches(schedule: str, pp: int, pp_rank: int, virtual: int, n_micro: int) -> float:
@@ -378,9 +388,8 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
     sharded_params = p.engine == "fsdp" and p.data_parallel or p.engine == "deepspeed" and p.zero_stage == 3
     params_shard = params_rank / zero_shards(p) if sharded_params else params_rank
 
-    # Activations: Korthikanti's counts are for 16-bit activations; fp32 compute doubles them.
-    act_layer = activation_bytes_per_layer(m, tokens_mb, tp, "none") * c / 2
-    ckpt_layer = activation_bytes_per_layer(m, tokens_mb, tp, "full") * c / 2
+    act_layer = activation_bytes_per_layer(m, tokens_mb, tp, "none", c)
+    ckpt_layer = activation_bytes_per_layer(m, tokens_mb, tp, "full", c)
     if p.ac == "full":
         saved_layers = layers * ckpt_layer
     elif p.ac == "selective":
@@ -388,11 +397,17 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
         saved_layers = n_ckpt * ckpt_layer + (layers - n_ckpt) * act_layer
     else:
         saved_layers = layers * act_layer
+    if hw.name == "cpu":
+        # SDPA's boolean document mask [b, 1, s, s], built once per micro-batch (CUDA's
+        # FlexAttention keeps a block mask of a few MiB instead).
+        saved_layers += mbs * (seq // cp) * seq
     in_flight = in_flight_microbatches(p.pp_schedule, pp, pp_rank, V, n_micro)
+    # Under checkpointing, backward recomputes one block at a time and holds its full activations.
+    recompute_peak = act_layer if p.ac != "none" else 0.0
     logits = (c + 4) * tokens_mb * m.vocab_size / tp if last else 0.0
     memory = Memory(params=states["params"], master=states["master"], grads=states["grads"],
                     optimizer=states["optimizer"], gathered=states["gathered"], buffers=states["buffers"],
-                    activations=saved_layers * in_flight, logits=logits, in_flight_microbatches=math.ceil(in_flight),
+                    activations=saved_layers * in_flight + recompute_peak, logits=logits, in_flight_microbatches=math.ceil(in_flight),
                     activation_per_layer_microbatch=act_layer, host=states["host"])
 
     # FLOPs this rank executes per step: 6 per parameter per token for the matmuls (+2 per

@@ -42,7 +42,7 @@ from dist_llama.train.profiling import StepProfiler
 from dist_llama.config import EXIT_CONFIG
 from dist_llama.train.recovery import EXIT_RESTART, RecoveryPolicy, TrainingExit
 from dist_llama.train.dpo import DPOStep, freeze
-from dist_llama.train.step import build_step, step_args
+from dist_llama.train.step import StepStrategy, build_step, step_args
 from dist_llama.train.trainer import Trainer, TrainerParts
 from dist_llama.weights import open_weights
 from dist_llama.weights.load import load_into
@@ -77,7 +77,7 @@ def build_loader(cfg: Config, sources: list, dp_rank: int, dp_size: int):
 
 
 def build_model_parts(cfg: Config, dims: ParallelDims, meshes: Meshes, device: torch.device, engine: Engine,
-                      init_from=None) -> tuple[list[nn.Module], list[int], int]:
+                      init_from=None, fake_mode=None) -> tuple[list[nn.Module], list[int], int]:
     """This rank's model parts (one per pipeline stage it holds), parallelised and sharded by the
     engine but not yet wrapped; their stage ids; the stage count. `init_from`: a weight source
     (dist_llama.weights) each part then takes its values from, reading only what it holds.
@@ -86,7 +86,8 @@ def build_model_parts(cfg: Config, dims: ParallelDims, meshes: Meshes, device: t
     single-process weights on either path: with train.meta_init (the default on CUDA) the model is
     built on the meta device and each rank initialises only what it holds, after the split and the
     sharding, so no rank ever holds the full model; without it the full model is initialised on
-    the device first and then split and sharded.
+    the device first and then split and sharded. `fake_mode` (a FakeTensorMode; meta path only):
+    the planner's memory dry run: parts materialised as fake tensors in it, no values drawn.
     """
     p = cfg.parallel
     torch.manual_seed(cfg.train.seed)
@@ -110,12 +111,42 @@ def build_model_parts(cfg: Config, dims: ParallelDims, meshes: Meshes, device: t
         parallelize(part, dims, meshes, p, use_compile)
         engine.shard(part)
         if on_meta:
+            if fake_mode is not None:
+                with fake_mode:
+                    part.to_empty(device=device)
+                    part.init_buffers(device)
+                continue
             part.to_empty(device=device)
             with torch.no_grad():
                 part.init_weights(cfg.train.seed, buffer_device=device)
         if init_from is not None:
             load_into(part, init_from)
     return parts, stage_ids, n_stages
+
+
+def build_engine_and_step(cfg: Config, dims: ParallelDims, meshes: Meshes, device: torch.device, dtype: torch.dtype,
+                          init_from=None, fake_mode=None) -> tuple[Engine, StepStrategy]:
+    """The engine holding this rank's model parts and optimizers, and the step strategy that runs
+    them: what one training step needs (the trainer, and the planner's memory dry run of a step)."""
+    n_micro = micro_batches(cfg.train.global_batch_size // dims.dp, cfg.train.micro_batch_size, dims.pp)
+    engine = build_engine(cfg, dims, meshes, device, dtype, n_micro)
+    reference = None
+    if cfg.train.objective == "dpo":
+        # The starting weights, also when resuming (they are not in the checkpoint): init_from, or
+        # the seed's initialisation. Built first: the policy's build then re-seeds as always.
+        ck = cfg.checkpoint
+        start = open_weights(ck.init_from, max_seq_len=cfg.model.max_seq_len) if ck.init_from and fake_mode is None else None
+        (reference,), _, _ = build_model_parts(cfg, dims, meshes, device, engine, start, fake_mode)
+        reference = freeze(reference)
+    parts, stage_ids, n_stages = build_model_parts(cfg, dims, meshes, device, engine, init_from, fake_mode)
+    engine.wrap(parts, [build_optimizer(part, cfg.optim) for part in parts])
+    if reference is not None:
+        step = DPOStep(*step_args(engine, device, dims, meshes, n_micro), micro_batch_size=cfg.train.micro_batch_size,
+                       reference=reference, beta=cfg.train.dpo_beta, nll_coef=cfg.train.dpo_nll_coef)
+    else:
+        step = build_step(engine, device, dims, meshes, n_micro, cfg.parallel.pp_schedule, stage_ids, n_stages,
+                          cfg.train.micro_batch_size, loss_chunk_tokens(cfg, dims.tp))
+    return engine, step
 
 
 def build_trainer(cfg: Config, env: DistEnv, sources) -> Trainer:
@@ -149,26 +180,10 @@ def build_trainer(cfg: Config, env: DistEnv, sources) -> Trainer:
     elif ck.init_from:
         init_from = open_weights(ck.init_from, max_seq_len=cfg.model.max_seq_len)
 
-    n_micro = micro_batches(cfg.train.global_batch_size // dims.dp, cfg.train.micro_batch_size, dims.pp)
-    engine = build_engine(cfg, dims, meshes, env.device, compute_dtype(cfg, env.device), n_micro)
-    reference = None
-    if cfg.train.objective == "dpo":
-        # The starting weights, also when resuming (they are not in the checkpoint): init_from, or
-        # the seed's initialisation. Built first: the policy's build then re-seeds as always.
-        start = open_weights(ck.init_from, max_seq_len=cfg.model.max_seq_len) if ck.init_from else None
-        (reference,), _, _ = build_model_parts(cfg, dims, meshes, env.device, engine, start)
-        reference = freeze(reference)
-    parts, stage_ids, n_stages = build_model_parts(cfg, dims, meshes, env.device, engine, init_from)
+    engine, step = build_engine_and_step(cfg, dims, meshes, env.device, compute_dtype(cfg, env.device), init_from)
     if init_from is not None:
         logger.event("init_from", 0, path=str(init_from.path), source=init_from.kind)
-    engine.wrap(parts, [build_optimizer(part, cfg.optim) for part in parts])
     schedulers = [build_scheduler(o, cfg.optim, cfg.train.steps, anneal_start_step(cfg)) for o in engine.optimizers]
-    if reference is not None:
-        step = DPOStep(*step_args(engine, env.device, dims, meshes, n_micro), micro_batch_size=cfg.train.micro_batch_size,
-                       reference=reference, beta=cfg.train.dpo_beta, nll_coef=cfg.train.dpo_nll_coef)
-    else:
-        step = build_step(engine, env.device, dims, meshes, n_micro, cfg.parallel.pp_schedule, stage_ids, n_stages,
-                          cfg.train.micro_batch_size, loss_chunk_tokens(cfg, dims.tp))
     loader = build_loader(cfg, sources, dp_rank=meshes.dp.get_local_rank(), dp_size=dims.dp)
     evaluator = Evaluator(getattr(sources, "held_out", ()), cfg.train.eval_interval, cfg.train.steps,
                           cfg.train.eval_tokens, cfg.data.reset_positions, meshes.dp.get_local_rank(), dims.dp,

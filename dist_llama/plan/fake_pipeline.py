@@ -1,0 +1,48 @@
+"""What lets the real pipeline schedule run on one rank of a fake process group.
+
+torch.distributed.pipelining learns the tensors crossing stage boundaries at the first step: the
+stages vote on static vs dynamic metadata (reading the vote with `.item()`) and send each other
+pickled tensor metadata. On a fake process group nothing arrives, and fake tensors have no values
+to vote with. The one thing that crosses a boundary in this model is the hidden state
+[micro-batch, local sequence, dim] (the local slice under sequence parallelism; its gradient the
+same), so this rank answers its own metadata requests with it; every
+other part of the schedule (its order of forwards and backwards, its buffers) runs as in training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.distributed.pipelining import schedules, stage
+from torch.distributed.pipelining._utils import _StageBackwardMeta, _StageForwardMeta, extract_tensor_metas
+
+
+def hidden_state(rows: int, seq_local: int, dim: int, dtype: torch.dtype, tp: int) -> torch.Tensor:
+    """An example of the tensor one stage hands the next (make it under the fake mode): the local
+    [rows, sequence slice, dim] tensor, cut along the sequence by sequence parallelism."""
+    return torch.empty(rows, seq_local // tp, dim, dtype=dtype)
+
+
+@contextlib.contextmanager
+def local_stage_metadata(example: torch.Tensor):
+    """Patch the schedule's warm-up and the stages' metadata exchange while the fake step runs."""
+    metas = extract_tensor_metas((example,))
+
+    def warmup(self, stages, has_backward, p2p_done):
+        for s in stages:
+            s._inference_mode = stage.InferenceMode.DYNAMIC
+
+    def recv_meta(self, src_stage):
+        return _StageForwardMeta(metas) if src_stage < self.stage_index else _StageBackwardMeta(metas)
+
+    saved = (schedules._PipelineSchedule._warmup_p2p, stage.PipelineStage._recv_meta,
+             stage.PipelineStage._send_meta)
+    schedules._PipelineSchedule._warmup_p2p = warmup
+    stage.PipelineStage._recv_meta = recv_meta
+    stage.PipelineStage._send_meta = lambda self, meta, dst_stage: None
+    try:
+        yield
+    finally:
+        (schedules._PipelineSchedule._warmup_p2p, stage.PipelineStage._recv_meta,
+         stage.PipelineStage._send_meta) = saved
