@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from dist_llama.config import Config, micro_batches
 from dist_llama.model.args import ModelArgs, ffn_hidden_dim
 from dist_llama.model.flops import count_params, flops_per_token
+from dist_llama.parallel.loss import loss_chunk_tokens
 from dist_llama.parallel.pipeline import layers_per_stage, stage_ids_for_rank
 # hardware_preset is not used here; bench/plan_vs_measured.py knows it from this module.
 from dist_llama.plan.hardware import Hardware, hardware_preset  # noqa: F401
@@ -79,7 +80,7 @@ class Memory:
     activations: float
     """Saved activations of every micro-batch in flight."""
     logits: float
-    """Logits buffer of one micro-batch on the last stage (compute dtype + fp32 for the loss)."""
+    """The loss's logits on the last stage: one chunk's (chunked loss), or one micro-batch's."""
     in_flight_microbatches: int
     """Micro-batches whose activations are held at the peak (schedule dependent)."""
     activation_per_layer_microbatch: float
@@ -404,7 +405,13 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
     in_flight = in_flight_microbatches(p.pp_schedule, pp, pp_rank, V, n_micro)
     # Under checkpointing, backward recomputes one block at a time and holds its full activations.
     recompute_peak = act_layer if p.ac != "none" else 0.0
-    logits = (c + 4) * tokens_mb * m.vocab_size / tp if last else 0.0
+    chunk = loss_chunk_tokens(cfg, tp)
+    if not last:
+        logits = 0.0
+    elif chunk:  # one chunk's fp32 logits and their gradient at a time, one fp32 log-sum-exp per token
+        logits = 8 * min(chunk, tokens_mb) * m.vocab_size / tp + 4 * tokens_mb
+    else:  # the whole micro-batch's logits in the compute dtype, and fp32 for the loss
+        logits = (c + 4) * tokens_mb * m.vocab_size / tp
     memory = Memory(params=states["params"], master=states["master"], grads=states["grads"],
                     optimizer=states["optimizer"], gathered=states["gathered"], buffers=states["buffers"],
                     activations=saved_layers * in_flight + recompute_peak, logits=logits, in_flight_microbatches=math.ceil(in_flight),

@@ -28,7 +28,7 @@ from dist_llama.model.flops import H100_BF16_PEAK, flops_per_token, measure_cpu_
 from dist_llama.parallel.apply import parallelize
 from dist_llama.parallel.dims import Meshes, ParallelDims
 from dist_llama.parallel.env import DistEnv
-from dist_llama.parallel.loss import auto_chunk_tokens
+from dist_llama.parallel.loss import loss_chunk_tokens
 from dist_llama.parallel.pipeline import layers_per_stage, split_model, stage_ids_for_rank
 from dist_llama.train.callbacks import Faults, HangReport, ReplicaCheck, StragglerCheck
 from dist_llama.train.checkpoint import Checkpointer
@@ -50,17 +50,6 @@ from dist_llama.weights.load import load_into
 
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cfg.train.compute_dtype(device.type) == "bf16" else torch.float32
-
-
-def loss_chunk_tokens(cfg: Config, tp: int) -> int:
-    """train.loss_chunk_tokens resolved: None chunks wherever the loss can take the output weight
-    after the forward (everywhere but DeepSpeed ZeRO-3); even one chunk saves the logits kept for
-    backward."""
-    if cfg.train.loss_chunk_tokens is not None:
-        return cfg.train.loss_chunk_tokens
-    if cfg.parallel.engine == "deepspeed" and cfg.parallel.zero_stage == 3:
-        return 0
-    return auto_chunk_tokens(cfg.model.vocab_size, tp)
 
 
 def build_loader(cfg: Config, sources: list, dp_rank: int, dp_size: int):
