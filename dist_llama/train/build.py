@@ -86,7 +86,7 @@ def build_model_parts(cfg: Config, dims: ParallelDims, meshes: Meshes, device: t
     use_compile = cfg.train.compile if cfg.train.compile is not None else (device.type == "cuda"
                                                                            and p.engine != "deepspeed")
     for part in parts:
-        parallelize(part, dims, meshes, p, use_compile)
+        parallelize(part, dims, meshes, p, use_compile, cfg.train.float8)
         engine.shard(part)
         if on_meta:
             part.to_empty(device=device)
@@ -134,6 +134,12 @@ def build_trainer(cfg: Config, env: DistEnv, sources) -> Trainer:
     if init_from is not None:
         logger.event("init_from", 0, path=str(init_from.path), source=init_from.kind)
     engine.wrap(parts, [build_optimizer(part, cfg.optim) for part in parts])
+    if cfg.train.float8:
+        from dist_llama.parallel.float8 import float8_all_gather, precompute_scales_after_step
+
+        if float8_all_gather(cfg.parallel.engine, dims):
+            for part, optimizer in zip(engine.parts, engine.optimizers):
+                precompute_scales_after_step(part, optimizer)
     schedulers = [build_scheduler(o, cfg.optim, cfg.train.steps, anneal_start_step(cfg)) for o in engine.optimizers]
     step = build_step(engine, env.device, dims, meshes, n_micro, cfg.parallel.pp_schedule, stage_ids, n_stages,
                       cfg.train.micro_batch_size)
