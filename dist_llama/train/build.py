@@ -1,10 +1,10 @@
 """Build everything the training loop needs from a validated config.
 
 Parallelism is applied from outside the model, one fixed order for every layout: pipeline split →
-tensor/sequence parallel → context parallel → activation checkpointing → torch.compile (all in
-dist_llama.parallel.apply) → the engine's sharding (FSDP2/HSDP) → weight init on the meta-device
-path → the engine's wrapper (DDP, DeepSpeed). The split comes first so each stage is parallelised
-as a whole model of its own.
+float8 linear layers (train.float8) → tensor/sequence parallel → context parallel → activation
+checkpointing → torch.compile (all in dist_llama.parallel.apply) → the engine's sharding
+(FSDP2/HSDP) → weight init on the meta-device path → the engine's wrapper (DDP, DeepSpeed). The
+split comes first so each stage is parallelised as a whole model of its own.
 """
 
 from __future__ import annotations
