@@ -77,6 +77,15 @@ BAD = [
     (DEBUG, ["train.steps=${nope.x}"], 1, "train.steps"),
     (DEBUG, ["train.run_dir=/proc/version"], 1, "train.run_dir"),  # a file
     (str(ROOT / "configs" / "nope.yaml"), [], 1, "--config"),
+    # float8 and async TP: by the config alone, then by the machine (no CUDA here: device=auto is cpu).
+    (DEBUG, ["train.float8=true", "train.device=cpu"], 1, "train.float8"),
+    (DEBUG, ["train.float8=true"], 1, "train.float8"),
+    (DEBUG, ["train.float8=true", "parallel.tp=2"], 2, "train.float8"),
+    (DEBUG, ["train.float8=true", "parallel.engine=deepspeed"], 1, "train.float8"),
+    (DEBUG, ["parallel.async_tp=true"], 1, "parallel.async_tp"),  # tp=1
+    (DEBUG, ["parallel.async_tp=true", "parallel.tp=2", "train.compile=false"], 2, "parallel.async_tp"),
+    (DEBUG, ["parallel.async_tp=true", "parallel.tp=2", "train.device=cpu"], 2, "parallel.async_tp"),
+    (DEBUG, ["parallel.async_tp=true", "parallel.tp=2"], 2, "parallel.async_tp"),
 ]
 
 
@@ -160,3 +169,17 @@ def test_a_section_that_is_not_a_mapping_exits_2_naming_it(tmp_path, capsys, mon
     assert main(["--config", str(preset), f"train.run_dir={tmp_path}/run"]) == EXIT_CONFIG
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("dist_llama: config error: model:"), err
+
+
+def test_float8_and_async_tp_against_the_machine():
+    """validate_device, the machine-dependent half, for machines this test does not run on."""
+    cfg = config_lib.to_object(config_lib.load(DEBUG, ["train.float8=true", "parallel.async_tp=true",
+                                                       "parallel.tp=2"]))
+    config_lib.validate_device(cfg, "cuda", (9, 0))  # H100 / H200
+    config_lib.validate_device(cfg, "cuda", (8, 9))  # L4, RTX 4090
+    with pytest.raises(config_lib.ConfigError, match="8.0") as exc:  # A100: no float8 tensor cores
+        config_lib.validate_device(cfg, "cuda", (8, 0))
+    assert exc.value.key == "train.float8"
+    with pytest.raises(config_lib.ConfigError) as exc:
+        config_lib.validate_device(cfg, "cpu", None)
+    assert exc.value.key == "parallel.async_tp"

@@ -77,6 +77,8 @@ class ParallelConfig(Degrees):
     """Activation checkpointing: none, full (every block) or selective (every ac_every-th block)."""
     ac_every: int = 2
     """With ac=selective, checkpoint one block in this many."""
+    async_tp: bool = False
+    """Async tensor parallel: Inductor overlaps the TP all-gathers / reduce-scatters with the matmuls (symmetric memory); needs tp > 1, CUDA and train.compile."""
 
 
 @dataclass
@@ -167,7 +169,9 @@ class TrainConfig:
     dtype: str = "auto"
     """Compute dtype: auto (bf16 on cuda, fp32 on cpu), fp32 or bf16; reductions stay fp32."""
     compile: Optional[bool] = None
-    """torch.compile each transformer block; None = on for cuda (except under parallel.engine=deepspeed), off for cpu."""
+    """torch.compile each transformer block (Inductor: Triton on cuda, C++ on cpu); None = on for cuda (except under parallel.engine=deepspeed), off for cpu."""
+    float8: bool = False
+    """float8 matmuls (torchao, tensorwise scaling) in the blocks' linear layers, weights all-gathered in float8 under FSDP; CUDA with compute capability >= 8.9 (H100/H200/L4) and torchao installed."""
     meta_init: Optional[bool] = None
     """Build on the meta device and initialise after sharding (no rank holds the whole model); None = on for cuda, off for cpu."""
     log_interval: int = 1

@@ -75,6 +75,40 @@ def validate_model(m: ModelArgs) -> None:
                  "must exceed model.rope_low_freq_factor")
 
 
+def _validate_speed(cfg: Config) -> None:
+    """float8 and async TP: what the config alone decides (validate_device checks the machine)."""
+    t, p = cfg.train, cfg.parallel
+    if p.async_tp:
+        _require(t.compile is not False, "parallel.async_tp",
+                 "needs train.compile (Inductor's micro-pipelining does the overlap); got train.compile=false")
+        _require(t.device != "cpu", "parallel.async_tp", "needs CUDA (symmetric memory, NCCL); train.device=cpu")
+    if t.float8:
+        _require(t.device != "cpu", "train.float8",
+                 "needs a CUDA GPU of compute capability >= 8.9 (H100, H200, L4); train.device=cpu")
+        _require(p.engine != "deepspeed", "train.float8",
+                 "runs under parallel.engine=fsdp or ddp (DeepSpeed manages the linear layers' weights itself)")
+        _require(p.tp == 1, "train.float8",
+                 f"is not combined with tensor parallelism yet (parallel.tp={p.tp}): it needs torchao's float8 TP plan")
+
+
+FLOAT8_MIN_CAPABILITY = (8, 9)
+"""float8 tensor cores: Ada (8.9) and Hopper (9.0) onwards."""
+
+
+def validate_device(cfg: Config, device_type: str, cuda_capability: Optional[tuple[int, int]]) -> None:
+    """The rules that depend on the machine the run resolved to (train.device=auto included): float8
+    needs float8 tensor cores, async TP needs CUDA. The caller finds out the device (config/ has no torch)."""
+    if cfg.parallel.async_tp:
+        _require(device_type == "cuda", "parallel.async_tp",
+                 f"needs CUDA (symmetric memory, NCCL); this run is on {device_type}")
+    if cfg.train.float8:
+        _require(device_type == "cuda", "train.float8",
+                 f"needs a CUDA GPU of compute capability >= 8.9 (H100, H200, L4); this run is on {device_type}")
+        _require(cuda_capability is not None and tuple(cuda_capability) >= FLOAT8_MIN_CAPABILITY, "train.float8",
+                 f"needs compute capability >= 8.9 (H100, H200, L4) for float8 matmuls; this GPU has "
+                 f"{'.'.join(map(str, cuda_capability or ()))}")
+
+
 def resolve_parallel(p: ParallelConfig, world_size: int) -> ParallelConfig:
     """Fill dp_shard=-1 with the ranks left over, and check that the degrees multiply to the world."""
     for key in ("dp_replicate", "cp", "tp", "pp"):
@@ -115,6 +149,8 @@ def resolve_parallel(p: ParallelConfig, world_size: int) -> ParallelConfig:
                  "use interleaved_1f1b or interleaved_zb for more")
     _require(p.ac in ("none", "full", "selective"), "parallel.ac", f"must be none, full or selective; got {p.ac!r}")
     _require(p.ac_every >= 1, "parallel.ac_every", f"must be >= 1, got {p.ac_every}")
+    _require(not p.async_tp or p.tp > 1, "parallel.async_tp",
+             f"overlaps tensor-parallel communication: needs parallel.tp > 1, got tp={p.tp}")
     return resolved
 
 
@@ -220,6 +256,7 @@ def validate(cfg: Config, world_size: int, dataset=None, tokenizer_vocab: Option
               "optim.lr", "checkpoint.keep_last")
     _require(t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda; got {t.device!r}")
     _require(t.dtype in ("auto", "fp32", "bf16"), "train.dtype", f"must be auto, fp32 or bf16; got {t.dtype!r}")
+    _validate_speed(cfg)
     _require(t.peak_flops is None or t.peak_flops > 0, "train.peak_flops", "must be positive or null")
     _require(all(1 <= step <= t.steps for step in t.profile_steps), "train.profile_steps",
              f"must list steps in [1, train.steps={t.steps}], got {list(t.profile_steps)}")

@@ -67,25 +67,29 @@ def precompute_freqs_cis(
     high_freq_factor: float = 4.0,
     old_context_len: int = 8192,
 ) -> torch.Tensor:
-    """Rotations e^{i * pos * freq}, complex64 [end, dim // 2], for positions 0..end-1."""
+    """Rotations e^{i * pos * freq} for positions 0..end-1 as real (cos, sin) pairs, fp32
+    [end, dim // 2, 2]: torch.view_as_real of Meta's complex table. Real, because Inductor
+    generates no code for complex tensors and would run the rotation of every block eagerly."""
     freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: (dim // 2)].float() / dim))
     t = torch.arange(end, device=freqs.device, dtype=torch.float32)
     if use_scaled:
         freqs = apply_scaling(freqs, scale_factor, low_freq_factor, high_freq_factor, old_context_len)
     freqs = torch.outer(t, freqs)
-    return torch.polar(torch.ones_like(freqs), freqs)
+    return torch.stack((torch.cos(freqs), torch.sin(freqs)), dim=-1)
 
 
 def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor):
-    """Rotate consecutive pairs (x[2j], x[2j+1]) of each head by freqs_cis[..., j].
-    xq, xk: [B, S, H, head_dim]; freqs_cis: [B or 1, S, head_dim // 2], one row per token so
+    """Rotate consecutive pairs (x[2j], x[2j+1]) of each head by the angle of freqs_cis[..., j, :]
+    (Meta's complex product (x[2j] + i x[2j+1]) * (cos + i sin), written out in fp32).
+    xq, xk: [B, S, H, head_dim]; freqs_cis: [B or 1, S, head_dim // 2, 2], one row per token so
     positions may restart inside a packed sequence."""
-    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
-    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
-    freqs_cis = freqs_cis.unsqueeze(2)  # broadcast over heads
-    xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)
-    xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
-    return xq_out.type_as(xq), xk_out.type_as(xk)
+    cos, sin = freqs_cis.unsqueeze(2).unbind(-1)  # broadcast over heads
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        re, im = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
+        return torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(3).type_as(x)
+
+    return rotate(xq), rotate(xk)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -369,9 +373,10 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         seqlen = h.shape[1]
 
-        # Module.to(dtype) casts complex buffers too and silently drops the imaginary part;
-        # model.bfloat16() / FSDP mixed precision leave it alone.
-        assert self.freqs_cis.is_complex(), "freqs_cis was cast to a real dtype; call init_weights() again"
+        # model.bfloat16() and Module.to(dtype) cast this table too (FSDP and DeepSpeed mixed
+        # precision leave buffers alone): cos and sin rounded to bf16 are off by up to ~4e-3.
+        assert self.freqs_cis.dtype == torch.float32, (
+            f"freqs_cis was cast to {self.freqs_cis.dtype}; call init_buffers() after casting the model")
         if cache is not None:
             assert doc_ids is None and positions is None, "the KV cache path takes neither doc_ids nor positions"
             freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen].unsqueeze(0)

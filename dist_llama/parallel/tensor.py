@@ -176,3 +176,17 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     """
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum",
                            ignore_index=ignore_index)
+
+
+def enable_async_tp() -> None:
+    """Async tensor parallelism (parallel.async_tp): Inductor's micro-pipelining pass splits every
+    all-gather → matmul and matmul → reduce-scatter pair of a compiled block into chunks, so each
+    chunk's communication (through symmetric memory) overlaps the previous chunk's matmul. Only
+    compiled graphs get it, hence validation's requirement of train.compile, CUDA and tp > 1.
+    (torch >= 2.9 enables symmetric memory for every group itself: torchtitan's
+    enable_symm_mem_for_group call is deprecated and no longer needed.)"""
+    import torch._inductor.config
+
+    # A process-wide Inductor switch, as torch offers it; every compiled block of this process is a
+    # tensor-parallel one when it is set.
+    torch._inductor.config._micro_pipeline_tp = True

@@ -1,10 +1,10 @@
 """Build everything the training loop needs from a validated config.
 
 Parallelism is applied from outside the model, one fixed order for every layout: pipeline split →
-tensor/sequence parallel → context parallel → activation checkpointing → torch.compile (all in
-dist_llama.parallel.apply) → the engine's sharding (FSDP2/HSDP) → weight init on the meta-device
-path → the engine's wrapper (DDP, DeepSpeed). The split comes first so each stage is parallelised
-as a whole model of its own.
+float8 linear layers (train.float8) → tensor/sequence parallel → context parallel → activation
+checkpointing → torch.compile (all in dist_llama.parallel.apply) → the engine's sharding
+(FSDP2/HSDP) → weight init on the meta-device path → the engine's wrapper (DDP, DeepSpeed). The
+split comes first so each stage is parallelised as a whole model of its own.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def build_model_parts(cfg: Config, dims: ParallelDims, meshes: Meshes, device: t
     use_compile = cfg.train.compile if cfg.train.compile is not None else (device.type == "cuda"
                                                                            and p.engine != "deepspeed")
     for part in parts:
-        parallelize(part, dims, meshes, p, use_compile)
+        parallelize(part, dims, meshes, p, use_compile, cfg.train.float8)
         engine.shard(part)
         if on_meta:
             if fake_mode is not None:
@@ -129,6 +129,12 @@ def build_engine_and_step(cfg: Config, dims: ParallelDims, meshes: Meshes, devic
         reference = freeze(reference)
     parts, stage_ids, n_stages = build_model_parts(cfg, dims, meshes, device, engine, init_from, fake_mode)
     engine.wrap(parts, [build_optimizer(part, cfg.optim) for part in parts])
+    if cfg.train.float8:
+        from dist_llama.parallel.float8 import float8_all_gather, precompute_scales_after_step
+
+        if float8_all_gather(cfg.parallel.engine, dims):
+            for part, optimizer in zip(engine.parts, engine.optimizers):
+                precompute_scales_after_step(part, optimizer)
     if reference is not None:
         step = DPOStep(*step_args(engine, device, dims, meshes, n_micro), micro_batch_size=cfg.train.micro_batch_size,
                        reference=reference, beta=cfg.train.dpo_beta, nll_coef=cfg.train.dpo_nll_coef)

@@ -73,6 +73,7 @@ def resolve_config(config_path: Optional[str], overrides: Sequence[str], world_s
         raise ConfigError("data.tokenizer", str(exc)) from None
     sources = open_sources(cfg, tokenizer)
     cfg = config_lib.validate(cfg, world_size, sources[0].data if len(sources) == 1 else None, tokenizer.vocab_size)
+    check_machine(cfg)
     seq_len = max(st.seq_len for st in stages_of(cfg))
     for i, s in enumerate(sources.held_out):  # every validation of every stage has a window to read
         key = f"data.eval_sources[{i}].path" if cfg.data.eval_sources else "data.eval_fraction"
@@ -94,6 +95,24 @@ def resolve_config(config_path: Optional[str], overrides: Sequence[str], world_s
         check_source(source, cfg.model)  # architecture, then every tensor's name and shape (headers only)
     check_run_dir(cfg)
     return cfg, sources
+
+
+def check_machine(cfg: Config) -> None:
+    """float8 and async TP against the device this rank resolves to (and torchao for float8).
+    The compute capability is read only when float8 asks for it: reading it initialises CUDA."""
+    if not (cfg.train.float8 or cfg.parallel.async_tp):
+        return
+    import torch
+
+    from dist_llama.parallel.float8 import missing_torchao
+
+    cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
+    capability = None
+    if cuda and cfg.train.float8:
+        capability = torch.cuda.get_device_capability(int(os.environ.get("LOCAL_RANK", "0")))
+    config_lib.validate_device(cfg, "cuda" if cuda else "cpu", capability)
+    if cfg.train.float8 and missing_torchao():
+        raise ConfigError("train.float8", missing_torchao())
 
 
 def open_sources(cfg: Config, tokenizer) -> DataSources:

@@ -17,12 +17,14 @@ from typing import Any, Optional
 WANDB_ID_FILE = "wandb_id.txt"
 
 
-def peak_memory_gib(device) -> float:
-    """Peak memory: CUDA allocator peak on GPU, peak RSS of this process on CPU."""
+def peak_memory_gib(device, reserved: bool = False) -> float:
+    """Peak memory: CUDA allocator peak on GPU (tensors allocated, or with `reserved` the memory the
+    caching allocator held, which is what torchtitan reports), peak RSS of this process on CPU."""
     if device.type == "cuda":
         import torch
 
-        return torch.cuda.max_memory_allocated(device) / 2**30
+        peak = torch.cuda.max_memory_reserved if reserved else torch.cuda.max_memory_allocated
+        return peak(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 

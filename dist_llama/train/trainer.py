@@ -356,7 +356,8 @@ class Trainer:
                              p.peak_flops),
                   "seq_len": fetched.seq_len, "tokens_by_source": fetched.tokens_by_source,
                   "step_time_s": step_time, "compute_s": self.engine.compute_clock.seconds,
-                  "mem_gib": peak_memory_gib(p.device), "time": time.time(),
+                  "mem_gib": peak_memory_gib(p.device), "mem_reserved_gib": peak_memory_gib(p.device, reserved=True),
+                  "time": time.time(),
                   "goodput": self.goodput.effective(), **getattr(p.step, "metrics", {})}
         self.history.append(record)
         return record
