@@ -65,6 +65,8 @@ def main() -> None:
     row("step time (ms)", step_ms, "{:.1f}")
     row("tokens/s", tokens, "{:,.0f}")
     row("first step (s)", first_s, "{:.2f}")
+    print(f"{'step time of each run (ms)':<26} eager {', '.join(f'{x:.1f}' for x in step_ms[False])}; "
+          f"compiled {', '.join(f'{x:.1f}' for x in step_ms[True])}")
     worst = max(abs(a - b) / abs(b) for a, b in zip(losses[True], losses[False]))
     print(f"losses: eager {losses[False][0]:.4f} -> {losses[False][-1]:.4f}, compiled {losses[True][0]:.4f} -> "
           f"{losses[True][-1]:.4f}; largest relative difference over {len(losses[True])} steps: {worst:.1e}")
