@@ -13,6 +13,7 @@ import os
 import pickle
 import queue
 import socket
+import sys
 import traceback
 
 
@@ -28,8 +29,10 @@ def _worker(fn, rank, world_size, port, results, args, kwargs):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    faulthandler.enable(all_threads=True)  # a native crash names where every thread was
     try:
+        # A native crash names where every thread was. On the process's own stderr: a test's
+        # captured sys.stderr has no file descriptor.
+        faulthandler.enable(file=sys.__stderr__, all_threads=True)
         # Plain pickle bytes: the queue's own pickler would pass tensors as shared-memory handles,
         # which die with this process.
         results.put((rank, True, pickle.dumps(fn(*args, **kwargs))))

@@ -202,8 +202,9 @@ def train(cfg: Config, sources):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     # A crash in native code (SIGSEGV, SIGABRT) prints every thread's Python stack to stderr: the one
-    # clue such a crash leaves in a launcher's log.
-    faulthandler.enable(all_threads=True)
+    # clue such a crash leaves in a launcher's log. The process's own stderr: a caller's replacement
+    # (a test capturing output) may have no file descriptor.
+    faulthandler.enable(file=sys.__stderr__, all_threads=True)
     config_path, overrides = parse_args(argv)
     if launched_by_torchrun():  # no worker trains on, unsupervised, after its agent is gone
         die_with_launcher()
