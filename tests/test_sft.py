@@ -1,16 +1,25 @@
 """Supervised fine-tuning (train.objective=sft): chat data prepared with the Llama 3 template, the
-loss only on assistant tokens. The first-step loss equals Hugging Face transformers' masked
-cross-entropy on the same tokens (each packed document run on its own), on one rank, FSDP-2 and
-tp2."""
+loss only on assistant tokens.
+
+- the Llama 3 template and mask; the Llama 2 [INST] template (SentencePiece, bytes) gives Meta's
+  chat_completion ids, its mask marking exactly the answers and their </s>;
+- the first-step loss equals Hugging Face transformers' masked cross-entropy on the same tokens
+  (each packed document run on its own), on one rank, FSDP-2 and tp2;
+- SFT learns: greedy answers to held-out prompts (the chat template, stopping at the end of the
+  turn) copy the prompt's colour word after 40 steps and not before; dist-llama-generate --chat on
+  that run directory prints those answers.
+"""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from chatdata import copy_task, llama3_tokenizer, write_chat
-from trainrun import DEBUG, TINY
+from chatdata import copy_prompts, copy_task, llama3_tokenizer, word_tokenizer, write_chat, write_conversations
+from trainrun import DEBUG, TINY, train
 from dist_llama.testing import run_ranks
 
 
@@ -42,6 +51,63 @@ def test_chat_template_and_mask(chat):
     assert ds.kind == "chat" and ds.n_docs == 200
     first = ds.tokens(0, int(ds.doc_starts[1]))
     assert tok.decode(first[ds.loss_mask(0, len(first)) > 0]) == copy_task(1)[0][1] + "<|eot_id|>"
+
+
+def _meta_llama2_chat(tok, dialog: list[dict]) -> list[int]:
+    """Meta's Llama 2 chat_completion (llama/generation.py): the system prompt folded into the first
+    user turn, each exchange one encoded string with BOS and EOS."""
+    if dialog[0]["role"] == "system":
+        dialog = [{"role": "user", "content": f"<<SYS>>\n{dialog[0]['content']}\n<</SYS>>\n\n{dialog[1]['content']}"},
+                  *dialog[2:]]
+    return sum((tok.encode(f"[INST] {q['content'].strip()} [/INST] {a['content'].strip()} ", bos=True, eos=True)
+                for q, a in zip(dialog[::2], dialog[1::2])), [])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["sentencepiece", "byte"])
+def test_llama2_template_is_metas_chat_format(kind, tmp_path):
+    import gzip
+
+    from test_tokenizer import KJV_PATH, train_sentencepiece
+
+    from dist_llama.data import build_tokenizer, open_dataset
+    from dist_llama.data.chat import template_for
+    from dist_llama.data.prepare import prepare
+
+    spec = "byte"
+    if kind == "sentencepiece":  # Llama 2's kind of model: a space before every encoded string
+        with gzip.open(KJV_PATH, "rt", encoding="utf-8") as f:
+            texts = [json.loads(next(f))["text"] for _ in range(3)]
+        spec = str(tmp_path / "tokenizer.model")
+        (tmp_path / "tokenizer.model").write_bytes(train_sentencepiece(texts))
+    tok = build_tokenizer(spec)
+    assert tok.special_id("<|eot_id|>") is None and template_for(tok).name == "llama2"
+    dialogs = [[{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "And God said"},
+                {"role": "assistant", "content": "Let there be light"}, {"role": "user", "content": "And there was"},
+                {"role": "assistant", "content": "light"}],
+               [{"role": "user", "content": " In the beginning "}, {"role": "assistant", "content": "God created"}]]
+    with open(tmp_path / "chat.jsonl", "w") as f:
+        f.writelines(json.dumps({"messages": d}) + "\n" for d in dialogs)
+    prepare([str(tmp_path / "chat.jsonl")], tok, str(tmp_path / "data"), fmt="chat", progress=False)
+    ds = open_dataset(str(tmp_path / "data"), spec)
+    bounds = [*map(int, ds.doc_starts), len(ds)]
+    for doc, dialog in enumerate(dialogs):
+        ids, mask = ds.tokens(bounds[doc], bounds[doc + 1]).tolist(), ds.loss_mask(bounds[doc], bounds[doc + 1]).tolist()
+        assert ids == _meta_llama2_chat(tok, dialog)
+        answers = [m["content"] for m in dialog if m["role"] == "assistant"]
+        runs, ends = [], []  # each answer: its tokens (mask 1), then </s> alone (mask 2)
+        for i, m in enumerate(mask):
+            if m == 1:
+                if mask[i - 1] != 1:
+                    runs.append([])
+                runs[-1].append(ids[i])
+            elif m == 2:
+                ends.append(i)
+                assert mask[i - 1] == 1 and ids[i] == tok.eos_id
+        assert [tok.decode(r).strip() for r in runs] == answers and len(ends) == len(answers)
+    # the generation prompt: Meta's last user turn, where the answer starts
+    ids, _ = template_for(tok).render([{"role": "user", "content": "And God said"}], generation_prompt=True)
+    assert ids == tok.encode("[INST] And God said [/INST]", bos=True)
 
 
 def _hf_masked_loss(model_args, state_dict, batch) -> float:
