@@ -131,47 +131,58 @@ def _hf_masked_loss(model_args, state_dict, batch) -> float:
     return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100).item()
 
 
-def _first_loss(tok, data, overrides, world_size):
-    import torch.distributed as dist
+def _sft_overrides(tok, data, run_dir) -> list[str]:
+    return [*TINY, "checkpoint.enabled=false", "model.vocab_size=-1", "data.eval_fraction=0", f"data.tokenizer={tok}",
+            f"data.path={data}", "train.objective=sft", f"train.run_dir={run_dir}", "train.peak_flops=1e12"]
 
+
+@pytest.fixture(scope="module")
+def sft_reference(chat, tmp_path_factory):
+    """transformers' masked loss of the first global batch at the starting weights (this process),
+    the counted labels and all labels."""
     from dist_llama.data.loader import PackedLoader
     from dist_llama.model import Transformer
+    from dist_llama.train.cli import resolve_config
+
+    cfg, sources = resolve_config(DEBUG, _sft_overrides(*chat, tmp_path_factory.mktemp("sft")), 1)
+    model = Transformer(cfg.model)
+    model.init_weights(cfg.train.seed)
+    full = PackedLoader(sources, cfg.data.seq_len, cfg.train.global_batch_size, 0, 1, seed=cfg.train.seed,
+                        loss_mask=True).next_batch()
+    return _hf_masked_loss(cfg.model, model.state_dict(), full), int((full["labels"] != -100).sum()), full["labels"].numel()
+
+
+def _first_losses(tok, data, run_dir, layouts, world_size):
+    """The trainer's first-step loss under each layout, one after the other in this process group."""
+    import torch.distributed as dist
+
     from dist_llama.parallel.env import init_distributed
     from dist_llama.train.build import build_trainer
     from dist_llama.train.cli import resolve_config
 
-    cfg, sources = resolve_config(DEBUG, [*TINY, "checkpoint.enabled=false", "model.vocab_size=-1", "data.eval_fraction=0",
-                                          f"data.tokenizer={tok}", f"data.path={data}", "train.objective=sft",
-                                          *overrides], world_size)
-    trainer = build_trainer(cfg, init_distributed("cpu"), sources)
-    loss, _ = trainer.compute_gradients(trainer.p.loader.next_batch())
-    trainer.close()
-    out = {"loss": loss.item()}
-    if dist.get_rank() == 0:
-        torch.manual_seed(cfg.train.seed)
-        model = Transformer(cfg.model)
-        model.init_weights(cfg.train.seed)
-        full = PackedLoader(sources, cfg.data.seq_len, cfg.train.global_batch_size, 0, 1, seed=cfg.train.seed,
-                            loss_mask=True).next_batch()
-        out["counted"], out["tokens"] = int((full["labels"] != -100).sum()), full["labels"].numel()
-        out["reference"] = _hf_masked_loss(cfg.model, model.state_dict(), full)
+    env = init_distributed("cpu")
+    losses = []
+    for layout in layouts:
+        cfg, sources = resolve_config(DEBUG, [*_sft_overrides(tok, data, run_dir), *layout], world_size)
+        trainer = build_trainer(cfg, env, sources)
+        loss, _ = trainer.compute_gradients(trainer.p.loader.next_batch())
+        trainer.close()
+        losses.append(loss.item())
     dist.destroy_process_group()
-    return out
+    return losses
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("world_size,layout", [
-    (1, []),
-    (2, ["parallel.dp_shard=2"]),
-    (2, ["parallel.tp=2", "parallel.dp_shard=1"]),
-], ids=["1rank", "fsdp2", "tp2"])
-def test_sft_first_loss_is_transformers_masked_cross_entropy(chat, world_size, layout):
-    results = run_ranks(_first_loss, world_size, *chat, layout, world_size, timeout=200)
-    ref = results[0]
-    assert 0 < ref["counted"] < 0.2 * ref["tokens"]  # only the answers count
-    for r in results:
-        assert abs(r["loss"] - ref["reference"]) <= 1e-5 * ref["reference"], (r, ref)
-
+@pytest.mark.parametrize("world_size,layouts", [
+    (1, [[]]),
+    (2, [["parallel.dp_shard=2"], ["parallel.tp=2", "parallel.dp_shard=1"]]),
+], ids=["1rank", "fsdp2,tp2"])
+def test_sft_first_loss_is_transformers_masked_cross_entropy(chat, sft_reference, world_size, layouts, tmp_path):
+    reference, counted, tokens = sft_reference
+    assert 0 < counted < 0.2 * tokens  # only the answers count
+    for losses in run_ranks(_first_losses, world_size, *chat, tmp_path, layouts, world_size, timeout=200):
+        for loss in losses:
+            assert abs(loss - reference) <= 1e-5 * reference, (losses, reference)
 
 
 # ---------------------------------------------------------------- SFT learns; generate --chat answers
