@@ -21,6 +21,19 @@ import torch.nn.functional as F
 from chatdata import copy_prompts, copy_task, llama3_tokenizer, word_tokenizer, write_chat, write_conversations
 from trainrun import DEBUG, TINY, train
 from dist_llama.testing import run_ranks
+# imported here, so that forked ranks start with them (the trainer's imports take seconds)
+from dist_llama.train.build import build_trainer
+from dist_llama.train.cli import resolve_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models run in this process (transformers, generation) on one thread, as the ranks
+    do (dist_llama.testing): two threads contending for two busy cores are several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +155,6 @@ def sft_reference(chat, tmp_path_factory):
     the counted labels and all labels."""
     from dist_llama.data.loader import PackedLoader
     from dist_llama.model import Transformer
-    from dist_llama.train.cli import resolve_config
 
     cfg, sources = resolve_config(DEBUG, _sft_overrides(*chat, tmp_path_factory.mktemp("sft")), 1)
     model = Transformer(cfg.model)
@@ -157,8 +169,6 @@ def _first_losses(tok, data, run_dir, layouts, world_size):
     import torch.distributed as dist
 
     from dist_llama.parallel.env import init_distributed
-    from dist_llama.train.build import build_trainer
-    from dist_llama.train.cli import resolve_config
 
     env = init_distributed("cpu")
     losses = []
