@@ -1,11 +1,16 @@
 """Direct preference optimisation (train.objective=dpo) against a frozen reference model.
 
-- after a perturbation of the policy, the loss (with Llama 3's NLL term and masking) and every gradient equal a plain PyTorch implementation written here, which scores each
-  chosen and rejected sequence on its own, read from the dataset's documents (one rank);
-- 1 rank, FSDP-2 and tp2 train the same (losses and weights);
-- the first-step loss is ln 2 (the policy is the reference); a resumed run is bit-exact with the
-  uninterrupted one (2 ranks), and the reward accuracy of a short run on synthetic preferences
-  rises above 0.9;
+- the first-step loss is ln 2 (the policy is the reference); after a perturbation of the policy,
+  the loss (with Llama 3's NLL term and masking) and every gradient equal a plain PyTorch
+  implementation written here, which scores each chosen and rejected sequence on its own, read
+  from the dataset's documents; the loss with the reference's log-probs precomputed
+  (train.dpo_reference=precomputed) equals the loss with the reference model (one rank);
+- tp2 (model reference) and FSDP-2 (precomputed reference) train like one rank (losses and
+  weights); the tp2 run's reward accuracy on synthetic preferences rises from 0 to above 0.9 in 4
+  steps;
+- the precomputed reference lives in the run directory: a restart reads it and holds no reference
+  model; a resume without it computes it again from the starting weights, bit-exact with the
+  uninterrupted run;
 - layouts DPO does not support are rejected naming the key.
 """
 
@@ -13,7 +18,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +28,9 @@ import torch.nn.functional as F
 from chatdata import llama3_tokenizer, write_preferences
 from trainrun import DEBUG, TINY, assert_same_run, train
 from dist_llama.testing import run_ranks
+# imported here, so that forked ranks start with them (the trainer's imports take seconds)
+from dist_llama.train.build import build_trainer
+from dist_llama.train.cli import resolve_config
 
 BETA, NLL = 0.5, 0.2
 
@@ -34,11 +44,14 @@ def prefs(tmp_path_factory):
     tok = llama3_tokenizer(d / "tokenizer.json")
     prepare([str(write_preferences(d / "p.jsonl", 200))], tok, str(d / "data"), fmt="preference", progress=False)
     return [f"data.tokenizer={tok}", f"data.path={d / 'data'}", "train.objective=dpo", "model.vocab_size=-1",
-            "data.seq_len=80", "data.eval_fraction=0", "train.global_batch_size=8", f"train.dpo_beta={BETA}"]
+            "data.seq_len=80", "data.eval_fraction=0", "train.global_batch_size=8", f"train.dpo_beta={BETA}",
+            "train.peak_flops=1e12"]  # no matmul timing per trainer for an MFU nobody reads here
 
 
 OPTIONS = [f"train.dpo_nll_coef={NLL}", "train.dpo_mask_special=true"]
 """Llama 3's choices: an NLL term on the chosen responses, end-of-turn tokens left out."""
+STEPS = [*OPTIONS, "train.steps=4", "optim.decay_steps=4"]
+"""The runs the layout, learning and resume tests share."""
 
 
 def _perturb(named_params, seed: int = 7) -> None:
@@ -70,8 +83,7 @@ def _reference_dpo(model, ref, data, pairs) -> torch.Tensor:
 def _one_rank(prefs):
     from dist_llama.model import Transformer
     from dist_llama.parallel.env import init_distributed
-    from dist_llama.train.build import build_trainer
-    from dist_llama.train.cli import resolve_config
+    from dist_llama.train.dpo_reference import compute_table
 
     cfg, sources = resolve_config(DEBUG, [*TINY, *prefs, *OPTIONS, "checkpoint.enabled=false"], 1)
     trainer = build_trainer(cfg, init_distributed("cpu"), sources)
@@ -79,10 +91,23 @@ def _one_rank(prefs):
     batch = trainer.p.loader.next_batch()
     first, _ = trainer.compute_gradients(batch)
     trainer.engine.discard()
+    trainer.p.step.nll_coef = 0.0  # the DPO term alone
+    dpo_only, _ = trainer.compute_gradients(batch)
+    trainer.engine.discard()
+    trainer.p.step.nll_coef = NLL
     _perturb(policy.named_parameters())
     loss, _ = trainer.compute_gradients(batch)
     grads = {n: p.grad.clone() for n, p in policy.named_parameters()}
     metrics = dict(trainer.p.step.metrics)
+    trainer.engine.discard()
+    # train.dpo_reference=precomputed: the reference's log-probs of every pair from one pass, then
+    # the same batch again with them in it, and no reference model
+    loader, step = trainer.p.loader, trainer.p.step
+    loader.reference, loader.consumed = compute_table(step, step.reference, loader), 0
+    again = loader.next_batch()
+    assert torch.equal(again["tokens"], batch["tokens"])
+    step.reference = None
+    precomputed, _ = trainer.compute_gradients(again)
     trainer.close()
 
     ref = Transformer(cfg.model)
@@ -92,14 +117,18 @@ def _one_rank(prefs):
     _perturb(model.named_parameters())
     expected = _reference_dpo(model, ref, sources[0].data, [trainer.p.loader._pair(k) for k in range(8)])
     expected.backward()
-    return first.item(), loss.item(), expected.item(), grads, {n: p.grad for n, p in model.named_parameters()}, metrics
+    return (dpo_only.item(), first.item(), loss.item(), precomputed.item(), expected.item(), grads,
+            {n: p.grad for n, p in model.named_parameters()}, metrics)
 
 
 @pytest.mark.timeout(120)
 def test_dpo_loss_and_gradients_equal_a_plain_implementation(prefs):
-    first, loss, expected, grads, expected_grads, metrics = run_ranks(_one_rank, 1, prefs, timeout=100)[0]
+    dpo_only, first, loss, precomputed, expected, grads, expected_grads, metrics = run_ranks(_one_rank, 1, prefs,
+                                                                                             timeout=100)[0]
+    assert dpo_only == pytest.approx(math.log(2), rel=1e-6)  # -log σ(0): the policy is the reference
     assert abs(loss - first) > 1e-3  # the perturbation matters
     assert loss == pytest.approx(expected, rel=1e-5)
+    assert precomputed == pytest.approx(loss, rel=1e-6)  # train.dpo_reference=precomputed
     for name, g in expected_grads.items():
         err = (grads[name] - g).abs().max() / g.abs().max()
         assert err <= 1e-4, (name, err.item())
@@ -109,39 +138,75 @@ def test_dpo_loss_and_gradients_equal_a_plain_implementation(prefs):
 
 @pytest.fixture(scope="module")
 def one_rank_run(prefs):
-    return train(1, *prefs, *OPTIONS, "train.steps=3", "checkpoint.enabled=false")
+    return train(1, *prefs, *STEPS, "checkpoint.enabled=false")
+
+
+@pytest.mark.timeout(120)
+def test_dpo_tp2_trains_like_one_rank_and_learns(prefs, one_rank_run, tmp_path):
+    run = train(2, *prefs, *STEPS, "checkpoint.enabled=false", "parallel.tp=2", "parallel.dp_shard=1",
+                f"train.run_dir={tmp_path}")
+    assert_same_run(one_rank_run, run, steps=4)
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    # at the first step the sharded policy is the sharded reference bit for bit: every margin is 0
+    assert records[0]["reward_accuracy"] == 0.0 and records[0]["reward_margin"] == 0.0
+    assert records[-1]["reward_accuracy"] > 0.9, [r["reward_accuracy"] for r in records]
+
+
+PRECOMPUTED = [*STEPS, "train.dpo_reference=precomputed", "parallel.dp_shard=2", "checkpoint.interval=2",
+               "checkpoint.async_save=false"]
+
+
+def _events(run_dir) -> list[str]:
+    return [json.loads(line)["event"] for line in open(run_dir / "events.jsonl")]
+
+
+def _resumed_trainer(prefs, run_dir):
+    """A one-rank trainer built in a run directory with checkpoints: (its reference table, whether
+    it holds a reference model)."""
+    from dist_llama.parallel.env import init_distributed
+
+    cfg, sources = resolve_config(DEBUG, [*TINY, *prefs, *PRECOMPUTED, "parallel.dp_shard=1",
+                                          f"train.run_dir={run_dir}"], 1)
+    trainer = build_trainer(cfg, init_distributed("cpu"), sources)
+    trainer.close()
+    return trainer.p.loader.reference, trainer.p.step.reference is not None
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("layout", [["parallel.dp_shard=2"], ["parallel.tp=2", "parallel.dp_shard=1"]],
-                         ids=["fsdp2", "tp2"])
-def test_dpo_layouts_train_like_one_rank(prefs, one_rank_run, layout):
-    assert_same_run(one_rank_run, train(2, *prefs, *OPTIONS, "train.steps=3", "checkpoint.enabled=false", *layout),
-                    steps=3)
+def test_dpo_fsdp2_precomputed_reference_trains_like_one_rank_and_resumes_bit_exact(prefs, one_rank_run, tmp_path):
+    """The reference's log-probs computed before training (one pass, gathered over the two ranks)
+    and kept in the run directory: FSDP-2 trains like one rank with the model reference; a restart
+    reads the file and holds no reference model; a resume whose file is gone computes it again
+    from the starting weights, bit-exact with the uninterrupted run."""
+    from safetensors.numpy import load_file
 
+    whole = tmp_path / "whole"
+    losses, params = train(2, *prefs, *PRECOMPUTED, f"train.run_dir={whole}")
+    assert_same_run(one_rank_run, (losses, params), steps=4)
+    table = load_file(whole / "dpo_reference.safetensors")["logps"]
+    assert table.shape == (200, 2) and (table < 0).all() and _events(whole).count("dpo_reference_computed") == 1
 
-@pytest.mark.timeout(300)
-def test_dpo_learns_and_resumes_bit_exact(prefs, tmp_path):
-    common = [*prefs, "parallel.dp_shard=2", "train.steps=4", "optim.decay_steps=4", "checkpoint.interval=2",
-              "checkpoint.async_save=false"]
-    losses, params = train(2, *common, f"train.run_dir={tmp_path / 'whole'}")
-    records = [json.loads(line) for line in open(tmp_path / "whole" / "metrics.jsonl")]
-    assert records[0]["reward_accuracy"] == 0.0 and records[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)
-    assert records[-1]["reward_accuracy"] > 0.9, [r["reward_accuracy"] for r in records]
+    shutil.copytree(whole, tmp_path / "again")
+    read, holds_reference = run_ranks(_resumed_trainer, 1, prefs, tmp_path / "again", timeout=100)[0]
+    assert np.array_equal(read, table) and not holds_reference and "dpo_reference_loaded" in _events(tmp_path / "again")
 
-    train(2, *common, f"train.run_dir={tmp_path / 'cut'}", "train.steps=2")
-    resumed_losses, resumed = train(2, *common, f"train.run_dir={tmp_path / 'cut'}")
+    cut = tmp_path / "cut"  # as if stopped after the step-2 checkpoint, and the file lost
+    shutil.copytree(whole, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-00000004")
+    (cut / "dpo_reference.safetensors").unlink()
+    resumed_losses, resumed = train(2, *prefs, *PRECOMPUTED, f"train.run_dir={cut}")
+    assert np.array_equal(load_file(cut / "dpo_reference.safetensors")["logps"], table)
     assert resumed_losses == losses[2:]
     assert all(torch.equal(resumed[k], params[k]) for k in params)
 
 
 def test_dpo_rejects_pipeline_and_context_parallel_naming_the_key(prefs):
     from dist_llama.config import ConfigError
-    from dist_llama.train.cli import resolve_config
 
     for layout, key in ((["parallel.pp=2", "parallel.dp_shard=1"], "parallel.pp"),
                         (["parallel.cp=2", "parallel.dp_shard=1"], "parallel.cp"),
-                        (["data.seq_len=16"], "data.seq_len")):
+                        (["data.seq_len=16"], "data.seq_len"),
+                        (["train.dpo_reference=cached"], "train.dpo_reference")):
         with pytest.raises(ConfigError, match=key):
             resolve_config(DEBUG, [*TINY, *prefs, *layout], 2)
     with pytest.raises(ConfigError, match="data.path"):  # preference data, not text

@@ -16,6 +16,8 @@ ENGINES = ("fsdp", "ddp", "deepspeed")
 """Data-parallel engines (parallel.engine)."""
 OBJECTIVES = ("pretrain", "sft", "dpo")
 """Training objectives (train.objective)."""
+DPO_REFERENCES = ("model", "precomputed")
+"""Where DPO's reference log-probabilities come from (train.dpo_reference)."""
 
 
 def schedule_constraint(name: str, n_microbatches: int, pp: int) -> Optional[str]:

@@ -190,6 +190,8 @@ class TrainConfig:
     """DPO: coefficient of a length-normalised NLL term on the chosen responses (Llama 3: 0.2; 0 = off)."""
     dpo_mask_special: bool = False
     """DPO: leave the end-of-turn token out of both responses' log-probabilities (Llama 3: true; headers are prompt tokens always)."""
+    dpo_reference: str = "model"
+    """DPO: model (a frozen reference model beside the policy) or precomputed (its log-probs of every pair in one pass before training, kept in <run_dir>/dpo_reference.safetensors; no reference model during training)."""
     profile_steps: List[int] = field(default_factory=list)
     """Steps to trace with torch.profiler on every rank: <run_dir>/profile/step-N/rank-R.json (Chrome trace; Perfetto)."""
     memory_snapshot_step: Optional[int] = None

@@ -13,7 +13,8 @@ from typing import Optional
 from dist_llama.config.data_plan import validate_data_plan
 from dist_llama.config.errors import ConfigError
 from dist_llama.config.fault_specs import specs_from_env, validate_specs
-from dist_llama.config.names import ACTIONS, ENGINES, MULTI_STAGE, OBJECTIVES, SCHEDULES, schedule_constraint
+from dist_llama.config.names import (ACTIONS, DPO_REFERENCES, ENGINES, MULTI_STAGE, OBJECTIVES, SCHEDULES,
+                                     schedule_constraint)
 from dist_llama.config.schema import Config, ParallelConfig
 from dist_llama.model.args import ModelArgs
 
@@ -213,6 +214,8 @@ def _validate_objective(cfg: Config, p: ParallelConfig) -> None:
         return
     _require(t.dpo_beta > 0, "train.dpo_beta", f"must be positive, got {t.dpo_beta}")
     _require(t.dpo_nll_coef >= 0, "train.dpo_nll_coef", f"must be >= 0, got {t.dpo_nll_coef}")
+    _require(t.dpo_reference in DPO_REFERENCES, "train.dpo_reference",
+             f"must be one of {', '.join(DPO_REFERENCES)}; got {t.dpo_reference!r}")
     # A pair's two sequences are scored together on one rank: a pipeline would have to carry the
     # reference's log-probs through its schedule, and context parallelism would cut the sequences.
     for key in ("pp", "cp"):

@@ -80,19 +80,25 @@ class ChatTemplate:
             if generation_prompt:
                 add([start] + tok.encode("assistant") + [end] + tok.encode("\n\n"), PROMPT)
             return ids, mask
-        # Llama 2: the system prompt goes inside the first user turn; one [INST] block per exchange.
+        # Llama 2: the system prompt goes inside the first user turn; one [INST] block per exchange,
+        # encoded as one string as Meta's chat_completion does (a SentencePiece model puts a space
+        # before every string it encodes, so an answer encoded alone would start with an extra one).
         system = None
         if messages and messages[0]["role"] == "system":
             system, messages = messages[0]["content"].strip(), messages[1:]
-        for i, m in enumerate(messages):
-            text = m["content"].strip()
-            if m["role"] == "user":
-                if i == 0 and system is not None:
-                    text = f"<<SYS>>\n{system}\n<</SYS>>\n\n{text}"
-                add(bos + tok.encode(f"[INST] {text} [/INST]"), PROMPT)
-            else:
-                add(tok.encode(f" {text} "), RESPONSE)
-                add([tok.eos_id], END)
+        for k in range(0, len(messages), 2):
+            user = messages[k]["content"].strip()
+            if k == 0 and system is not None:
+                user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}"
+            prompt = tok.encode(f"[INST] {user} [/INST]")
+            if k + 1 == len(messages):
+                add(bos + prompt, PROMPT)
+                break
+            exchange = tok.encode(f"[INST] {user} [/INST] {messages[k + 1]['content'].strip()} ")
+            n = _common_prefix(prompt, exchange)  # the answer starts where the two part
+            add(bos + exchange[:n], PROMPT)
+            add(exchange[n:], RESPONSE)
+            add([tok.eos_id], END)
         return ids, mask
 
 
@@ -101,6 +107,13 @@ def template_for(tokenizer: Tokenizer) -> ChatTemplate:
     if all(tokenizer.special_id(t) is not None for t in LLAMA3_SPECIALS):
         return ChatTemplate(tokenizer, "llama3")
     return ChatTemplate(tokenizer, "llama2")
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def _check_messages(messages, template: str) -> None:

@@ -7,7 +7,9 @@ pair packed into ``seq_len + 1`` tokens: the chosen sequence, then the rejected 
 mask keeps the two from attending to each other, and positions restart at each. Labels are the
 next tokens where the mask marks a response token (1, and 2 unless ``mask_special``), else -100;
 so a counted label's ``doc_ids`` entry says which response it belongs to. Every pair must fit in
-a row (checked at construction from the document offsets alone: a cut would drop responses).
+a row (checked at construction from the document offsets alone: a cut would drop responses). When
+``reference`` holds the reference model's log-probs of every pair ([n_pairs, 2], chosen then
+rejected), each row carries its pair's as ``ref_logps``.
 
 Order, a pure function of (seed, position) as in PackedLoader: global sample ``k`` is pair
 ``perm(k mod n_pairs)`` of epoch ``k // n_pairs`` (a keyed permutation per epoch); step ``s`` takes
@@ -58,6 +60,8 @@ class PairLoader:
         self.consumed = 0
         self.new_epochs: list[tuple[str, int]] = []
         self._perm: tuple[int, KeyedPermutation] | None = None
+        self.reference: np.ndarray | None = None
+        """float32 [n_pairs, 2]: the reference's log-probs of each pair (train.dpo_reference=precomputed)."""
 
     @property
     def local_batch_size(self) -> int:
@@ -79,7 +83,8 @@ class PairLoader:
         return self.data.tokens(start, stop), self.data.loss_mask(start, stop)
 
     def row(self, pair: int) -> dict[str, np.ndarray]:
-        """The row of one pair: int64 arrays [seq_len] of tokens, labels, doc_ids, positions."""
+        """The row of one pair: int64 arrays [seq_len] of tokens, labels, doc_ids, positions (and
+        the pair's reference log-probs [2] when the loader has them)."""
         (c, cm), (r, rm) = self._side(2 * pair), self._side(2 * pair + 1)
         pad = self.seq_len + 1 - len(c) - len(r)
         tokens = np.concatenate([c, r, np.full(pad, self.pad_id, dtype=np.int64)])
@@ -87,8 +92,11 @@ class PairLoader:
         counted = (mask == 1) | ((mask == END) & (not self.mask_special))
         doc = np.repeat(np.array([CHOSEN, REJECTED, PAD], dtype=np.int64), [len(c), len(r), pad])
         positions = np.concatenate([np.arange(len(c)), np.arange(len(r)), np.arange(pad)]).astype(np.int64)
-        return {"tokens": tokens[:-1], "labels": np.where(counted[1:], tokens[1:], -100),
-                "doc_ids": doc[:-1], "positions": positions[:-1]}
+        row = {"tokens": tokens[:-1], "labels": np.where(counted[1:], tokens[1:], -100),
+               "doc_ids": doc[:-1], "positions": positions[:-1]}
+        if self.reference is not None:
+            row["ref_logps"] = self.reference[pair]
+        return row
 
     def next_batch(self) -> dict:
         """This rank's rows of the next global batch (see the module docstring)."""

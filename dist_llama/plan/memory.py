@@ -37,8 +37,11 @@ def synthetic_batch(cfg: Config, dp: int, device: torch.device) -> dict:
     """A batch of this rank's shape (one document per sequence): memory depends on shapes only."""
     rows, seq = cfg.train.global_batch_size // dp, cfg.data.seq_len
     zeros = torch.zeros(rows, seq, dtype=torch.long, device=device)
-    return {"tokens": zeros, "labels": zeros.clone(), "doc_ids": zeros.clone(),
-            "positions": torch.arange(seq, device=device).expand(rows, seq).contiguous()}
+    batch = {"tokens": zeros, "labels": zeros.clone(), "doc_ids": zeros.clone(),
+             "positions": torch.arange(seq, device=device).expand(rows, seq).contiguous()}
+    if cfg.train.objective == "dpo" and cfg.train.dpo_reference == "precomputed":
+        batch["ref_logps"] = torch.zeros(rows, 2, device=device)  # what the loader adds to each pair
+    return batch
 
 
 def prime_optimizers(engine) -> None:

@@ -42,6 +42,7 @@ from dist_llama.train.profiling import StepProfiler
 from dist_llama.config import EXIT_CONFIG
 from dist_llama.train.recovery import EXIT_RESTART, RecoveryPolicy, TrainingExit
 from dist_llama.train.dpo import DPOStep, freeze
+from dist_llama.train.dpo_reference import reference_table
 from dist_llama.train.step import StepStrategy, build_step, step_args
 from dist_llama.train.trainer import Trainer, TrainerParts
 from dist_llama.weights import open_weights
@@ -113,6 +114,16 @@ def build_model_parts(cfg: Config, dims: ParallelDims, meshes: Meshes, device: t
     return parts, stage_ids, n_stages
 
 
+def build_reference(cfg: Config, dims: ParallelDims, meshes: Meshes, device: torch.device, engine: Engine,
+                    fake_mode=None) -> nn.Module:
+    """DPO's frozen reference: the starting weights, also when resuming (they are not in the
+    checkpoint): init_from, or the seed's initialisation; built and sharded like the policy."""
+    ck = cfg.checkpoint
+    start = open_weights(ck.init_from, max_seq_len=cfg.model.max_seq_len) if ck.init_from and fake_mode is None else None
+    (reference,), _, _ = build_model_parts(cfg, dims, meshes, device, engine, start, fake_mode)
+    return freeze(reference)
+
+
 def build_engine_and_step(cfg: Config, dims: ParallelDims, meshes: Meshes, device: torch.device, dtype: torch.dtype,
                           init_from=None, fake_mode=None) -> tuple[Engine, StepStrategy]:
     """The engine holding this rank's model parts and optimizers, and the step strategy that runs
@@ -120,13 +131,9 @@ def build_engine_and_step(cfg: Config, dims: ParallelDims, meshes: Meshes, devic
     n_micro = micro_batches(cfg.train.global_batch_size // dims.dp, cfg.train.micro_batch_size, dims.pp)
     engine = build_engine(cfg, dims, meshes, device, dtype, n_micro)
     reference = None
-    if cfg.train.objective == "dpo":
-        # The starting weights, also when resuming (they are not in the checkpoint): init_from, or
-        # the seed's initialisation. Built first: the policy's build then re-seeds as always.
-        ck = cfg.checkpoint
-        start = open_weights(ck.init_from, max_seq_len=cfg.model.max_seq_len) if ck.init_from and fake_mode is None else None
-        (reference,), _, _ = build_model_parts(cfg, dims, meshes, device, engine, start, fake_mode)
-        reference = freeze(reference)
+    if cfg.train.objective == "dpo" and cfg.train.dpo_reference == "model":
+        # Built first: the policy's build then re-seeds as always.
+        reference = build_reference(cfg, dims, meshes, device, engine, fake_mode)
     parts, stage_ids, n_stages = build_model_parts(cfg, dims, meshes, device, engine, init_from, fake_mode)
     engine.wrap(parts, [build_optimizer(part, cfg.optim) for part in parts])
     if cfg.train.float8:
@@ -135,7 +142,7 @@ def build_engine_and_step(cfg: Config, dims: ParallelDims, meshes: Meshes, devic
         if float8_all_gather(cfg.parallel.engine, dims):
             for part, optimizer in zip(engine.parts, engine.optimizers):
                 precompute_scales_after_step(part, optimizer)
-    if reference is not None:
+    if cfg.train.objective == "dpo":
         step = DPOStep(*step_args(engine, device, dims, meshes, n_micro), micro_batch_size=cfg.train.micro_batch_size,
                        reference=reference, beta=cfg.train.dpo_beta, nll_coef=cfg.train.dpo_nll_coef)
     else:
@@ -180,6 +187,11 @@ def build_trainer(cfg: Config, env: DistEnv, sources) -> Trainer:
         logger.event("init_from", 0, path=str(init_from.path), source=init_from.kind)
     schedulers = [build_scheduler(o, cfg.optim, cfg.train.steps, anneal_start_step(cfg)) for o in engine.optimizers]
     loader = build_loader(cfg, sources, dp_rank=meshes.dp.get_local_rank(), dp_size=dims.dp)
+    if cfg.train.objective == "dpo" and cfg.train.dpo_reference == "precomputed":
+        # Before a resume is loaded the policy holds the starting weights: it is the reference.
+        start = (lambda: engine.parts[0]) if resume is None else (
+            lambda: build_reference(cfg, dims, meshes, env.device, engine))
+        loader.reference = reference_table(cfg, step, loader, run_dir, env.rank, start, logger)
     evaluator = Evaluator(getattr(sources, "held_out", ()), cfg.train.eval_interval, cfg.train.steps,
                           cfg.train.eval_tokens, cfg.data.reset_positions, meshes.dp.get_local_rank(), dims.dp,
                           env.device, loss_mask=cfg.train.objective == "sft")

@@ -10,7 +10,9 @@ with sequence log-probabilities summed over the counted response tokens; the ste
 mean over the global batch's pairs (layout-invariant as the token mean of pretraining: the ranks
 agree on the pair count, and each pair's loss is scaled by dp / pairs). The reference π_ref is a
 frozen copy of the starting weights (checkpoint.init_from, or the seed's initialisation), built
-and sharded like the policy, with no gradients, no optimizer state, and never checkpointed.
+and sharded like the policy, with no gradients, no optimizer state, and never checkpointed; or,
+with train.dpo_reference=precomputed, no model at all: the batch carries the reference's log-probs
+of each pair (``ref_logps`` [B, 2], computed once before training: train/dpo_reference.py).
 
 Under tensor parallelism the logits are vocab-sharded DTensors: the per-token cross-entropy runs
 under loss parallel (no vocab all-gather) and yields a replicated DTensor, of which each rank takes
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from dist_llama.parallel.tensor import loss_parallel_context
 from dist_llama.train.step import IGNORE_INDEX, Batch, MicroBatchStep, _local
 
 CHOSEN, REJECTED = 0, 1
@@ -62,11 +65,13 @@ def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, counts: torch.Tensor
 
 
 class DPOStep(MicroBatchStep):
-    """Micro-batches of pairs through the frozen reference (no grad) and the policy; the loss is
-    the mean over the global batch's pairs. `metrics` holds the last step's reward statistics
-    (means over the global batch), reduced with the loss."""
+    """Micro-batches of pairs through the frozen reference (no grad; or its log-probs from the
+    batch when `reference` is None) and the policy; the loss is the mean over the global batch's
+    pairs. `metrics` holds the last step's reward statistics (means over the global batch), reduced
+    with the loss."""
 
-    def __init__(self, *args, micro_batch_size: int = -1, reference: nn.Module, beta: float, nll_coef: float = 0.0):
+    def __init__(self, *args, micro_batch_size: int = -1, reference: nn.Module | None, beta: float,
+                 nll_coef: float = 0.0):
         super().__init__(*args, micro_batch_size=micro_batch_size)
         self.reference, self.beta, self.nll_coef = reference, beta, nll_coef
         self._stats = torch.zeros(len(METRICS), device=self.device)
@@ -84,9 +89,19 @@ class DPOStep(MicroBatchStep):
         with torch.autocast(self.device.type, enabled=False):
             return pair_logps(logits, mb["labels"], mb["doc_ids"])
 
+    @torch.no_grad()
+    def sequence_logps(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """[B, 2] log-probabilities of each row's chosen and rejected response under `model`,
+        computed as the step computes the reference's (micro-batches, autocast, loss parallel)."""
+        with loss_parallel_context(self.tp > 1):
+            return torch.cat([self._pairs(model, mb)[0] for mb in self._micro_batches(batch)])
+
     def _losses(self, model: nn.Module, mb: Batch) -> torch.Tensor:
-        with torch.no_grad():
-            ref, _ = self._pairs(self.reference, mb)
+        if self.reference is None:
+            ref = mb["ref_logps"]
+        else:
+            with torch.no_grad():
+                ref, _ = self._pairs(self.reference, mb)
         policy, counts = self._pairs(model, mb)
         loss, rewards = dpo_loss(policy, ref, counts, self.beta, self.nll_coef)
         margin = rewards[:, 0] - rewards[:, 1]
