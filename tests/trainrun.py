@@ -12,7 +12,8 @@ DEBUG = str(ROOT / "configs" / "debug.yaml")
 # 2 kv heads for tp=2, 64-token sequences for cp=2 x tp=2, 12 sequences per step so that pipeline
 # micro-batch counts are not multiples of the stage count.
 TINY = ["model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "data.seq_len=64",
-        "train.global_batch_size=12", "optim.warmup_steps=2", "optim.lr=3e-3", "logging.console=false"]
+        "train.global_batch_size=12", "optim.warmup_steps=2", "optim.lr=3e-3", "logging.console=false",
+        "train.peak_flops=1e12"]  # a fixed MFU denominator: no matmul timing at every trainer start
 
 
 def _train_rank(overrides, world_size):
