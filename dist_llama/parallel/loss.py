@@ -20,7 +20,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from dist_llama.config import Config
 
@@ -122,8 +121,10 @@ def chunked_loss_sum(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
         mesh = weight.device_mesh
         if mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),):
             raise ValueError(f"the output weight must be vocab-sharded on a 1-D mesh, got {weight.placements}")
-        _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, weight.placements)
-        group, start = mesh.get_group(), offset[0]
+        # Integer arithmetic (torch.chunk's rule): DTensor's own offset helper indexes a tensor,
+        # which a FakeTensorMode (the planner's memory dry run) cannot read a number from.
+        _, start = Shard.local_shard_size_and_offset(weight.shape[0], mesh.size(), mesh.get_local_rank())
+        group = mesh.get_group()
         if isinstance(h, DTensor):
             # every rank projects all tokens onto its vocabulary slice; the gradient of h is then
             # a partial sum over the slices, which DTensor reduce-scatters back to sequence shards
