@@ -15,26 +15,30 @@ import contextlib
 
 import torch
 from torch.distributed.pipelining import schedules, stage
-from torch.distributed.pipelining._utils import _StageBackwardMeta, _StageForwardMeta, extract_tensor_metas
+from torch.distributed.pipelining._utils import (_derive_grad_metas, _StageBackwardMeta, _StageForwardMeta,
+                                                 extract_tensor_metas)
 
 
 def hidden_state(rows: int, seq_local: int, dim: int, dtype: torch.dtype, tp: int) -> torch.Tensor:
     """An example of the tensor one stage hands the next (make it under the fake mode): the local
-    [rows, sequence slice, dim] tensor, cut along the sequence by sequence parallelism."""
-    return torch.empty(rows, seq_local // tp, dim, dtype=dtype)
+    [rows, sequence slice, dim] tensor, cut along the sequence by sequence parallelism. It requires
+    grad as a stage's output does: the next stage's receive buffers copy that flag, and without it
+    no stage computes (or sends) the gradient of its input."""
+    return torch.empty(rows, seq_local // tp, dim, dtype=dtype, requires_grad=True)
 
 
 @contextlib.contextmanager
 def local_stage_metadata(example: torch.Tensor):
     """Patch the schedule's warm-up and the stages' metadata exchange while the fake step runs."""
     metas = extract_tensor_metas((example,))
+    grad_metas = _derive_grad_metas(metas)  # the gradient coming back: same shape, no grad of its own
 
     def warmup(self, stages, has_backward, p2p_done):
         for s in stages:
             s._inference_mode = stage.InferenceMode.DYNAMIC
 
     def recv_meta(self, src_stage):
-        return _StageForwardMeta(metas) if src_stage < self.stage_index else _StageBackwardMeta(metas)
+        return _StageForwardMeta(metas) if src_stage < self.stage_index else _StageBackwardMeta(grad_metas)
 
     saved = (schedules._PipelineSchedule._warmup_p2p, stage.PipelineStage._recv_meta,
              stage.PipelineStage._send_meta)

@@ -52,10 +52,23 @@ def prime_optimizers(engine) -> None:
         optimizer.zero_grad(set_to_none=True)
 
 
+def finish_fsdp_init(engine) -> None:
+    """Run FSDP2's lazy initialisation (otherwise done by the first forward) before tracking. It
+    re-pads a shard unless its storage is the padded one FSDP made, which it recognises by data
+    pointer: fake storages have none, so on fake tensors the uneven shards (the last dp rank's) were
+    copied into new storages inside the tracked step, counted as activations instead of parameters."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for part in engine.parts:
+        if isinstance(part, FSDPModule):
+            part._get_fsdp_state()._lazy_init()
+
+
 def tracked_steps(engine, step, batch: dict, n_tokens: int, steps: int = TRACKED_STEPS) -> MemoryReport:
     """What Trainer.train_step does (forward/backward, gradient norm, update), `steps` times after
-    the optimizers are primed, tracked; the loss reduction and schedulers allocate nothing worth
-    counting and are left out."""
+    FSDP's lazy initialisation and the optimizers are primed, tracked; the loss reduction and
+    schedulers allocate nothing worth counting and are left out."""
+    finish_fsdp_init(engine)
     prime_optimizers(engine)
     tracker = MemoryTracker(engine.parts, engine.optimizers)
     tracker.register(*batch.values())
