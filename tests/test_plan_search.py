@@ -50,7 +50,7 @@ def test_search_confirm_steps_the_peak_ranks_and_drops_layouts_over_the_cap():
     leaves the ranking for the dropped list."""
     from dist_llama.plan.cli import resolved_config
     from dist_llama.plan.hardware import hardware_preset
-    from dist_llama.plan.memory import fake_memory_in_child
+    from dist_llama.plan.memory import fake_memories
     from dist_llama.plan.search import confirm, format_search, search
 
     cfg = resolved_config(DEBUG_TINY[1], DEBUG_TINY[4:], 4, layout=False)
@@ -59,7 +59,7 @@ def test_search_confirm_steps_the_peak_ranks_and_drops_layouts_over_the_cap():
     flat = next(r for r in found if r[0].parallel.pp == 1 and r[0].parallel.ac == "none")
     piped = next(r for r in found if r[0].parallel.pp == 2 and r[0].parallel.pp_schedule == "1f1b"
                  and r[0].parallel.ac == "none")  # dp 2: ranks 0, 1 on stage 0; 2, 3 on stage 1
-    every = [fake_memory_in_child(piped[0], 4, r, "cpu")["peak"] for r in range(4)]
+    every = [mem["peak"] for _, mem in fake_memories([(piped[0], 4, r) for r in range(4)], "cpu")]
     cap = max(every) - 1  # the pipeline layout is one byte over
     confirmed = confirm([flat, piped], 4, hw, cap, 2, "cpu")
     assert [r["rank"] for r in confirmed[0]["ranks"]] == [0]

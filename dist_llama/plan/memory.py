@@ -134,39 +134,22 @@ def fake_memory(cfg: Config, world_size: int, rank: int, device_type: str = "cud
             **report.to_dict(), "seconds": time.perf_counter() - t0}
 
 
-def fake_memory_in_child(cfg: Config, world_size: int, rank: int, device_type: str = "cuda",
-                         timeout: float = 3600) -> dict:
-    """fake_memory in a forked child process, so that one process can run it for many layouts:
-    DTensor and the pipeline keep process-group names that die with each fake group. Raises
-    RuntimeError with the child's traceback if it fails."""
+def _indexed_fake_memory(run: tuple) -> tuple[int, dict]:
+    index, cfg, world_size, rank, device_type = run
+    return index, fake_memory(cfg, world_size, rank, device_type)
+
+
+def fake_memories(runs: list[tuple[Config, int, int]], device_type: str = "cuda", jobs: int | None = None):
+    """fake_memory for each (config, world size, rank) of `runs`, each in a fresh forked process
+    (DTensor and the pipeline keep process-group names that die with each fake group), `jobs` at a
+    time (default: one per CPU core). Yields (index in runs, report) as each finishes; a failed run
+    raises its exception here, with the child's traceback as its cause."""
     import multiprocessing as mp
-    import traceback
+    import os
 
-    def child(conn):
-        try:
-            conn.send((True, fake_memory(cfg, world_size, rank, device_type)))
-        except BaseException:
-            conn.send((False, traceback.format_exc()))
-        finally:
-            conn.close()
-
-    ctx = mp.get_context("fork")
-    receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=child, args=(send,), daemon=True)
-    proc.start()
-    send.close()
-    try:
-        if not receive.poll(timeout):
-            raise RuntimeError(f"the fake-tensor step of rank {rank} did not finish within {timeout:.0f} s")
-        ok, payload = receive.recv()
-    except EOFError:
-        proc.join(timeout=5)
-        ok, payload = False, f"the child process died (exit code {proc.exitcode})"
-    finally:
-        proc.join(timeout=5)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    if not ok:
-        raise RuntimeError(f"the fake-tensor step of rank {rank} failed:\n{payload}")
-    return payload
+    if not runs:
+        return
+    jobs = min(len(runs), jobs or os.cpu_count() or 1)
+    with mp.get_context("fork").Pool(jobs, maxtasksperchild=1) as pool:
+        yield from pool.imap_unordered(_indexed_fake_memory,
+                                       [(i, cfg, world, rank, device_type) for i, (cfg, world, rank) in enumerate(runs)])

@@ -80,22 +80,27 @@ def peak_ranks(cfg: Config, hw: Hardware) -> list[int]:
 
 
 def confirm(results: list[tuple[Config, Estimate]], gpus: int, hw: Hardware, memory_cap: float, n: int,
-            device_type: str, progress=None) -> list[dict]:
-    """The real step on fake tensors (plan/memory.py, one forked process per rank) for the peak
-    ranks of the first n layouts: per rank its estimate and measured peak; the layout's peak (the
-    highest of them) and whether it fits memory_cap. `progress(text)` hears of each run."""
-    from dist_llama.plan.memory import fake_memory_in_child
+            device_type: str, progress=None, jobs: int | None = None) -> list[dict]:
+    """The real step on fake tensors (plan/memory.py: one forked process per rank, `jobs` at a time,
+    default one per CPU core) for the peak ranks of the first n layouts: per rank its estimate and
+    measured peak; the layout's peak (the highest of them) and whether it fits memory_cap.
+    `progress(text)` hears of each run as it ends."""
+    from dist_llama.plan.memory import fake_memories
 
+    layouts = [cfg for cfg, _ in results[:n]]
+    runs = [(cfg, gpus, rank) for cfg in layouts for rank in peak_ranks(cfg, hw)]
+    measured = [None] * len(runs)
+    for index, mem in fake_memories(runs, device_type, jobs):
+        measured[index] = mem
+        if progress:
+            cfg, _, rank = runs[index]
+            progress(f"{sum(m is not None for m in measured)}/{len(runs)}: {_layout(cfg)}, rank {rank}: "
+                     f"fake-tensor step peak {mem['peak'] / 2**30:.2f} GiB in {mem['seconds']:.1f} s")
     confirmed = []
-    for i, (cfg, _) in enumerate(results[:n]):
-        ranks = []
-        for rank in peak_ranks(cfg, hw):
-            mem = fake_memory_in_child(cfg, gpus, rank, device_type)
-            ranks.append({"rank": rank, "estimate": estimate_rank(cfg, hw, rank).memory.total,
-                          "peak": mem["peak"], "by_kind": mem["by_kind"], "moment": mem["moment"]})
-            if progress:
-                progress(f"layout {i + 1}/{min(n, len(results))} ({_layout(cfg)}), rank {rank}: fake-tensor step "
-                         f"peak {mem['peak'] / 2**30:.2f} GiB in {mem['seconds']:.1f} s")
+    for cfg in layouts:
+        ranks = [{"rank": rank, "estimate": estimate_rank(cfg, hw, rank).memory.total, "peak": mem["peak"],
+                  "by_kind": mem["by_kind"], "moment": mem["moment"]}
+                 for (c, _, rank), mem in zip(runs, measured) if c is cfg]
         worst = max(ranks, key=lambda r: r["peak"])
         confirmed.append({"ranks": ranks, "peak": worst["peak"], "peak_rank": worst["rank"],
                           "fits": worst["peak"] <= memory_cap})
