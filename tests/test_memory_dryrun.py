@@ -60,13 +60,18 @@ def test_fake_step_peak_matches_the_tracked_real_step(world, overrides):
 
 
 @pytest.mark.timeout(120)
-def test_fake_step_matches_the_tracked_real_step_on_dp2_tp2_pp2():
-    """8 ranks: FSDP (uneven shards on the second dp rank), TP with sequence parallelism and a
-    1F1B pipeline together, kind by kind. Fake ranks 0, 2, 4, 6: one per (pp, dp) coordinate, each
-    with its tp peer's shapes, to halve the cost."""
-    overrides, ranks = ["model.n_layers=2", "parallel.dp_shard=2", "parallel.tp=2", "parallel.pp=2"], [0, 2, 4, 6]
-    real = run_ranks(_tracked_rank, 8, overrides, 8, timeout=110)
-    fakes = run_ranks(_fake_rank, len(ranks), overrides, 8, ranks, timeout=110)
+@pytest.mark.parametrize("world, overrides, ranks", [
+    (8, ["model.n_layers=2", "parallel.dp_shard=2", "parallel.tp=2", "parallel.pp=2"], [0, 2, 4, 6]),
+    (4, ["parallel.cp=2", "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2",
+         "train.micro_batch_size=1", "train.global_batch_size=8"], [0, 2]),
+], ids=["dp2_tp2_pp2", "cp2_pp2_interleaved"])
+def test_fake_step_matches_the_tracked_real_step_kind_by_kind(world, overrides, ranks):
+    """FSDP with uneven shards on the second dp rank, TP with sequence parallelism and 1F1B together;
+    CP under the interleaved schedule, whose sends are waited only at the end of the step (8
+    micro-batches, V=2). Fake steps for one rank per (pp, dp) coordinate (its tp and cp peers have
+    the same shapes), to save time."""
+    real = run_ranks(_tracked_rank, world, overrides, world, timeout=110)
+    fakes = run_ranks(_fake_rank, len(ranks), overrides, world, ranks, timeout=110)
     for rank, fake in zip(ranks, fakes):
         assert fake["peak"] == pytest.approx(real[rank]["peak"], rel=0.05), (rank, fake, real[rank])
         assert fake["moment"]["phase"] == real[rank]["moment"]["phase"], (rank, fake, real[rank])
