@@ -121,11 +121,10 @@ def chunked_loss_sum(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
         mesh = weight.device_mesh
         if mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),):
             raise ValueError(f"the output weight must be vocab-sharded on a 1-D mesh, got {weight.placements}")
-        # Shard(0) cuts the vocabulary like torch.chunk: ceil(vocab / tp) rows per rank, fewer at the
-        # end. Plain arithmetic: DTensor's offset helper runs tensor ops (a data-dependent .item()
-        # under the planner's fake tensors).
-        rows = -(-weight.shape[0] // mesh.size())
-        group, start = mesh.get_group(), min(mesh.get_local_rank() * rows, weight.shape[0])
+        # Integer arithmetic (torch.chunk's rule): DTensor's own offset helper indexes a tensor,
+        # which a FakeTensorMode (the planner's memory dry run) cannot read a number from.
+        _, start = Shard.local_shard_size_and_offset(weight.shape[0], mesh.size(), mesh.get_local_rank())
+        group = mesh.get_group()
         if isinstance(h, DTensor):
             # every rank projects all tokens onto its vocabulary slice; the gradient of h is then
             # a partial sum over the slices, which DTensor reduce-scatters back to sequence shards

@@ -67,16 +67,17 @@ def split_model(model: nn.Module, stage_ids: Sequence[int], counts: Sequence[int
     n_stages = len(counts)
     parts = []
     for s in stage_ids:
-        part = copy.deepcopy(model)
         keep = {str(i) for i in range(starts[s], starts[s + 1])}
-        for name in list(part.layers.keys()):
-            if name not in keep:
-                del part.layers[name]
+        dropped = [m for name, m in model.layers.items() if name not in keep]
         if s != 0:
-            part.tok_embeddings = None
+            dropped.append(model.tok_embeddings)
         if s != n_stages - 1:
-            part.norm = None
-            part.output = None
+            dropped += [model.norm, model.output]
+        # The modules this stage drops are copied as None (a deepcopy memo entry) instead of
+        # copied and deleted: a stage of a 126-layer model copies its own layers only.
+        part = copy.deepcopy(model, memo={id(m): None for m in dropped})
+        for name in [name for name, m in part.layers.items() if m is None]:
+            del part.layers[name]
         parts.append(part)
     return parts
 

@@ -31,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--memory-cap", type=float, default=None,
                     help="GiB per GPU for --search (default: the hardware's memory)")
     ap.add_argument("--top", type=int, default=10, help="layouts --search lists")
+    ap.add_argument("--confirm", type=int, default=0, metavar="N",
+                    help="with --search: run the real step on fake tensors (as --dry-run --memory) for the peak ranks "
+                         "(first and last pipeline stage) of the best N layouts, print its peak beside the estimate "
+                         "and drop the layouts whose peak is over the cap")
     ap.add_argument("--png", default=None, help="with --search: also draw MFU and memory per layout to this PNG")
     ap.add_argument("--dry-run", action="store_true",
                     help="also build this rank's real model parts on a fake process group and compare")
@@ -130,6 +134,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ConfigError("--rank", f"must be in [0, {args.gpus}), got {args.rank}")
         if args.memory and not args.dry_run:
             raise ConfigError("--memory", "needs --dry-run (it steps the dry run's model parts)")
+        if args.confirm and not args.search:
+            raise ConfigError("--confirm", "needs --search (it confirms the layouts the search ranks first)")
+        if args.confirm < 0:
+            raise ConfigError("--confirm", f"must be a number of layouts >= 0, got {args.confirm}")
         hw = hardware_preset(args.hardware, ranks=args.gpus)
         if args.search:
             from dist_llama.plan.search import format_search, plot_search, search
@@ -139,13 +147,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"dist-llama-plan: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.search:
+        confirmed = []
+        if args.confirm:
+            from dist_llama.plan.search import confirm
+            confirmed = confirm(found, args.gpus, hw, cap, args.confirm, "cpu" if hw.name == "cpu" else "cuda",
+                                progress=lambda text: print(f"dist-llama-plan: {text}", file=sys.stderr, flush=True))
         if args.png:
             plot_search(found, cap, args.png)
         if args.json:
-            print(json.dumps([{"parallel": dataclasses.asdict(c.parallel), "estimate": e.to_dict()}
-                              for c, e in found], indent=2, default=str))
+            print(json.dumps([{"parallel": dataclasses.asdict(c.parallel), "estimate": e.to_dict(),
+                               **({"confirm": confirmed[i]} if i < len(confirmed) else {})}
+                              for i, (c, e) in enumerate(found)], indent=2, default=str))
         else:
-            print(format_search(found, cap))
+            print(format_search(found, cap, confirmed))
         return 0
     est = estimate(cfg, hw, args.rank)
     report = {"estimate": est.to_dict()}

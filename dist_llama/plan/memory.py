@@ -55,10 +55,23 @@ def prime_optimizers(engine) -> None:
         optimizer.zero_grad(set_to_none=True)
 
 
+def finish_fsdp_init(engine) -> None:
+    """Run FSDP2's lazy initialisation (otherwise done by the first forward) before tracking. It
+    re-pads a shard unless its storage is the padded one FSDP made, which it recognises by data
+    pointer: fake storages have none, so on fake tensors the uneven shards (the last dp rank's) were
+    copied into new storages inside the tracked step, counted as activations instead of parameters."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for part in engine.parts:
+        if isinstance(part, FSDPModule):
+            part._get_fsdp_state()._lazy_init()
+
+
 def tracked_steps(engine, step, batch: dict, n_tokens: int, steps: int = TRACKED_STEPS) -> MemoryReport:
     """What Trainer.train_step does (forward/backward, gradient norm, update), `steps` times after
-    the optimizers are primed, tracked; the loss reduction and schedulers allocate nothing worth
-    counting and are left out."""
+    FSDP's lazy initialisation and the optimizers are primed, tracked; the loss reduction and
+    schedulers allocate nothing worth counting and are left out."""
+    finish_fsdp_init(engine)
     prime_optimizers(engine)
     tracker = MemoryTracker(engine.parts, engine.optimizers)
     tracker.register(*batch.values())
@@ -122,3 +135,24 @@ def fake_memory(cfg: Config, world_size: int, rank: int, device_type: str = "cud
         dist.destroy_process_group()
     return {"rank": rank, "world_size": world_size, "dtype": str(dtype).removeprefix("torch."),
             **report.to_dict(), "seconds": time.perf_counter() - t0}
+
+
+def _indexed_fake_memory(run: tuple) -> tuple[int, dict]:
+    index, cfg, world_size, rank, device_type = run
+    return index, fake_memory(cfg, world_size, rank, device_type)
+
+
+def fake_memories(runs: list[tuple[Config, int, int]], device_type: str = "cuda", jobs: int | None = None):
+    """fake_memory for each (config, world size, rank) of `runs`, each in a fresh forked process
+    (DTensor and the pipeline keep process-group names that die with each fake group), `jobs` at a
+    time (default: one per CPU core). Yields (index in runs, report) as each finishes; a failed run
+    raises its exception here, with the child's traceback as its cause."""
+    import multiprocessing as mp
+    import os
+
+    if not runs:
+        return
+    jobs = min(len(runs), jobs or os.cpu_count() or 1)
+    with mp.get_context("fork").Pool(jobs, maxtasksperchild=1) as pool:
+        yield from pool.imap_unordered(_indexed_fake_memory,
+                                       [(i, cfg, world, rank, device_type) for i, (cfg, world, rank) in enumerate(runs)])

@@ -29,9 +29,10 @@ from torch import nn
 from torch._guards import active_fake_mode
 from torch.distributed._tools.common_utils import get_untyped_storages
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._sharding_prop import ShardingPropagator
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map_only
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 KINDS = ("params", "gathered", "grads", "optimizer", "activations", "temporaries")
@@ -70,6 +71,8 @@ class MemoryTracker(TorchDispatchMode):
         self._names = {m: name for part in parts for name, m in part.named_modules()}
         self._handles = []
         self._orig_resize = torch.UntypedStorage.resize_
+        self._orig_meta_prop = ShardingPropagator._propagate_tensor_meta_non_cached
+        self._in_meta_prop = 0
 
     # --- bookkeeping ------------------------------------------------------------------------
     def _add(self, st: torch.UntypedStorage, kind: str) -> None:
@@ -192,11 +195,25 @@ class MemoryTracker(TorchDispatchMode):
             return result
 
         torch.UntypedStorage.resize_ = resize_
+
+        # DTensor learns an op's output shape by running it on fake global-shape tensors, in
+        # the active fake mode if there is one (the dry run's), else in a fake mode of its own:
+        # not memory of this rank, in either case.
+        @wraps(self._orig_meta_prop)
+        def propagate_tensor_meta(prop, op_schema):
+            tracker._in_meta_prop += 1
+            try:
+                return tracker._orig_meta_prop(prop, op_schema)
+            finally:
+                tracker._in_meta_prop -= 1
+
+        ShardingPropagator._propagate_tensor_meta_non_cached = propagate_tensor_meta
         self._maybe_peak()
         return super().__enter__()
 
     def __exit__(self, *args):
         torch.UntypedStorage.resize_ = self._orig_resize
+        ShardingPropagator._propagate_tensor_meta_non_cached = self._orig_meta_prop
         for h in self._handles:
             h.remove()
         return super().__exit__(*args)
@@ -208,12 +225,19 @@ class MemoryTracker(TorchDispatchMode):
             res = args[0]  # the fake wait returns a new tensor; the real one returns its input
         else:
             res = func(*args, **(kwargs or {}))
-        # DTensor's sharding propagation runs ops under a fake mode of its own: not memory.
-        if active_fake_mode() is self._fake_on_entry:
+        # Ops of another fake mode than the one tracked (none, or the dry run's) are not memory.
+        if not self._in_meta_prop and active_fake_mode() is self._fake_on_entry:
             kind = ("temporaries" if self._in_optimizer or self._phase() != "forward" else "activations")
             if func is torch.ops.aten._to_copy.default and isinstance(args[0], torch.Tensor) and any(
                     self._info.get(st, (0, ""))[1] in ("params", "gathered") for st in get_untyped_storages(args[0])):
                 kind = "gathered"  # autocast's compute-dtype copy of a weight
-            tree_map_only(torch.Tensor, lambda t: [self._add(st, kind) for st in get_untyped_storages(t)], res)
+            # Per op, so without pytree's rebuilding of the output (a 405B stage is ~10^5 ops).
+            for t in (res,) if isinstance(res, torch.Tensor) else tree_leaves(res):
+                if isinstance(t, torch.Tensor):
+                    if is_traceable_wrapper_subclass(t):
+                        for st in get_untyped_storages(t):
+                            self._add(st, kind)
+                    else:
+                        self._add(t.untyped_storage(), kind)
             self._maybe_peak()
         return res

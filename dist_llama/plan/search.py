@@ -1,5 +1,6 @@
 """Search mode: estimate every sensible layout of a model on a GPU count, keep those that fit a
-memory cap, best MFU first."""
+memory cap, best MFU first; optionally confirm the best ones with the real step on fake tensors
+(plan/memory.py), dropping those whose measured peak is over the cap."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import dataclasses
 import itertools
 
 from dist_llama.config import Config, ConfigError, validate
-from dist_llama.plan.estimate import Estimate, estimate
+from dist_llama.plan.estimate import Estimate, estimate, estimate_rank
 from dist_llama.plan.hardware import Hardware
 
 TP = (1, 2, 4, 8)
@@ -65,17 +66,81 @@ def _no_layout(cfg: Config, gpus: int, hw: Hardware) -> str:
             f"train.micro_batch_size, data.seq_len and the model's head counts against them")
 
 
-def format_search(results: list[tuple[Config, Estimate]], memory_cap: float) -> str:
-    lines = [f"best layouts under {memory_cap / 2**30:.0f} GiB per GPU (by predicted MFU):",
-             f"{'tp':>3}{'cp':>4}{'pp':>4}{'dp':>6}  {'schedule':<22}{'ac':<6}{'memory GiB':>11}"
-             f"{'tok/s/GPU':>11}{'MFU':>8}"]
-    for cfg, est in results:
+def peak_ranks(cfg: Config, hw: Hardware) -> list[int]:
+    """The ranks whose fake-tensor step stands for a layout's peak: the first rank of the first
+    pipeline stage (the embedding, and the most micro-batches in flight under 1F1B and interleaved
+    schedules) and of the last (the output layer and the loss's logit chunks), and of whichever
+    pipeline rank the estimate puts highest if it is neither (an uneven layer split). The tp, cp
+    and dp peers of a rank hold the same shapes (FSDP pads the shards to one size), so one rank
+    of each pipeline rank is enough; pp is the outermost mesh dimension."""
+    per_pp = cfg.parallel.world_size // cfg.parallel.pp
+    firsts = [r * per_pp for r in range(cfg.parallel.pp)]
+    highest = max(firsts, key=lambda r: estimate_rank(cfg, hw, r).memory.total)
+    return sorted({firsts[0], firsts[-1], highest})
+
+
+def confirm(results: list[tuple[Config, Estimate]], gpus: int, hw: Hardware, memory_cap: float, n: int,
+            device_type: str, progress=None, jobs: int | None = None) -> list[dict]:
+    """The real step on fake tensors (plan/memory.py: one forked process per rank, `jobs` at a time,
+    default one per CPU core) for the peak ranks of the first n layouts: per rank its estimate and
+    measured peak; the layout's peak (the highest of them) and whether it fits memory_cap.
+    `progress(text)` hears of each run as it ends."""
+    from dist_llama.plan.memory import fake_memories
+
+    layouts = [cfg for cfg, _ in results[:n]]
+    runs = [(cfg, gpus, rank) for cfg in layouts for rank in peak_ranks(cfg, hw)]
+    measured = [None] * len(runs)
+    for index, mem in fake_memories(runs, device_type, jobs):
+        measured[index] = mem
+        if progress:
+            cfg, _, rank = runs[index]
+            progress(f"{sum(m is not None for m in measured)}/{len(runs)}: {_layout(cfg)}, rank {rank}: "
+                     f"fake-tensor step peak {mem['peak'] / 2**30:.2f} GiB in {mem['seconds']:.1f} s")
+    confirmed = []
+    for cfg in layouts:
+        ranks = [{"rank": rank, "estimate": estimate_rank(cfg, hw, rank).memory.total, "peak": mem["peak"],
+                  "by_kind": mem["by_kind"], "moment": mem["moment"]}
+                 for (c, _, rank), mem in zip(runs, measured) if c is cfg]
+        worst = max(ranks, key=lambda r: r["peak"])
+        confirmed.append({"ranks": ranks, "peak": worst["peak"], "peak_rank": worst["rank"],
+                          "fits": worst["peak"] <= memory_cap})
+    return confirmed
+
+
+def _layout(cfg: Config) -> str:
+    p = cfg.parallel
+    return f"tp{p.tp} cp{p.cp} pp{p.pp} dp{p.dp}" + (f" {p.pp_schedule} v{p.pp_virtual_stages}" if p.pp > 1 else "") + \
+        f" ac={p.ac}"
+
+
+def format_search(results: list[tuple[Config, Estimate]], memory_cap: float,
+                  confirmed: list[dict] | None = None) -> str:
+    """The table; with `confirmed` (confirm()'s records of the first layouts) a column with the
+    fake-tensor step's peak (its rank, the estimate there), and the layouts over the cap moved
+    out of the ranking into a list of their own."""
+    confirmed = confirmed or []
+    head = f"{'tp':>3}{'cp':>4}{'pp':>4}{'dp':>6}  {'schedule':<22}{'ac':<6}{'memory GiB':>11}{'tok/s/GPU':>11}{'MFU':>8}"
+    lines = [f"best layouts under {memory_cap / 2**30:.0f} GiB per GPU (by predicted MFU"
+             + (f"; the first {len(confirmed)} stepped on fake tensors" if confirmed else "") + "):",
+             head + ("   fake step GiB (rank, estimate there)" if confirmed else "")]
+    dropped = []
+    for i, (cfg, est) in enumerate(results):
         p = cfg.parallel
         schedule = f"{p.pp_schedule} v{p.pp_virtual_stages}" if p.pp > 1 else "-"
-        lines.append(f"{p.tp:>3}{p.cp:>4}{p.pp:>4}{p.dp:>6}  {schedule:<22}{p.ac:<6}"
-                     f"{est.memory.total / 2**30:>11.1f}{est.tokens_per_s_per_gpu:>11,.0f}{100 * est.mfu:>7.1f}%")
-    if not results:
+        row = (f"{p.tp:>3}{p.cp:>4}{p.pp:>4}{p.dp:>6}  {schedule:<22}{p.ac:<6}"
+               f"{est.memory.total / 2**30:>11.1f}{est.tokens_per_s_per_gpu:>11,.0f}{100 * est.mfu:>7.1f}%")
+        if i < len(confirmed):
+            c = confirmed[i]
+            at = next(r for r in c["ranks"] if r["rank"] == c["peak_rank"])
+            row += f"   {c['peak'] / 2**30:>13.1f} (rank {c['peak_rank']}, {at['estimate'] / 2**30:.1f})"
+            if not c["fits"]:
+                dropped.append(row)
+                continue
+        lines.append(row)
+    if len(lines) == 2:
         lines.append("(no layout fits)")
+    if dropped:
+        lines += [f"dropped: the fake-tensor step's peak is over {memory_cap / 2**30:.0f} GiB", *dropped]
     return "\n".join(lines)
 
 
