@@ -42,17 +42,9 @@ def _cfg(overrides, world, config=DEBUG):
 
 
 def _tracked(overrides, world):
-    import torch
-    import torch.distributed as dist
+    from dist_llama.plan.memory import tracked_memory_on_gloo
 
-    from dist_llama.plan.memory import tracked_memory
-
-    cfg = _cfg(overrides, world)
-    dist.init_process_group("gloo")
-    try:
-        return tracked_memory(cfg, torch.device("cpu")).to_dict()
-    finally:
-        dist.destroy_process_group()
+    return tracked_memory_on_gloo(_cfg(overrides, world))
 
 
 def _fake(overrides, world):

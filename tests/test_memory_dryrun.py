@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from conftest import ROOT
 from dist_llama.testing import run_ranks
@@ -27,14 +26,9 @@ def _resolved(overrides, world):
 
 
 def _tracked_rank(overrides, world):
-    from dist_llama.plan.memory import tracked_memory
+    from dist_llama.plan.memory import tracked_memory_on_gloo
 
-    cfg = _resolved(overrides, world)
-    dist.init_process_group("gloo")
-    try:
-        return tracked_memory(cfg, torch.device("cpu")).to_dict()
-    finally:
-        dist.destroy_process_group()
+    return tracked_memory_on_gloo(_resolved(overrides, world))
 
 
 def _fake_rank(overrides, world, ranks=None):

@@ -96,6 +96,18 @@ def tracked_memory(cfg: Config, device: torch.device, steps: int = TRACKED_STEPS
     return tracked_steps(engine, step, batch, cfg.train.global_batch_size * cfg.data.seq_len, steps)
 
 
+def tracked_memory_on_gloo(cfg: Config) -> dict:
+    """One CPU rank of a gloo job (the torchrun environment variables set, as run_ranks sets them):
+    join the job's process group, report as `tracked_memory`, leave."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        return tracked_memory(cfg, torch.device("cpu")).to_dict()
+    finally:
+        dist.destroy_process_group()
+
+
 def fake_memory(cfg: Config, world_size: int, rank: int, device_type: str = "cuda",
                 steps: int = TRACKED_STEPS) -> dict:
     """Rank `rank` of a `world_size`-rank job stepped on fake tensors over a fake process group;

@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from dist_llama.config import Config, micro_batches, save_resolved
+from dist_llama.config import EXIT_CONFIG, Config, micro_batches, save_resolved
 from dist_llama.config.data_plan import anneal_start_step, stages_of
 from dist_llama.data.loader import PackedLoader, Stage
 from dist_llama.data.pairs import PairLoader
@@ -38,11 +38,10 @@ from dist_llama.train.heartbeats import Heartbeats
 from dist_llama.train.health import NoWatchdog, StepHealth, Watchdog, preflight
 from dist_llama.train.metrics import MetricsLogger
 from dist_llama.train.optim import build_optimizer, build_scheduler
-from dist_llama.train.profiling import StepProfiler
-from dist_llama.config import EXIT_CONFIG
-from dist_llama.train.recovery import EXIT_RESTART, RecoveryPolicy, TrainingExit
 from dist_llama.train.dpo import DPOStep, freeze
 from dist_llama.train.dpo_reference import reference_table
+from dist_llama.train.profiling import StepProfiler
+from dist_llama.train.recovery import EXIT_RESTART, RecoveryPolicy, TrainingExit
 from dist_llama.train.step import StepStrategy, build_step, step_args
 from dist_llama.train.trainer import Trainer, TrainerParts
 from dist_llama.weights import open_weights

@@ -28,7 +28,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from dist_llama.parallel.tensor import loss_parallel_context
-from dist_llama.train.step import IGNORE_INDEX, Batch, MicroBatchStep, _local
+from dist_llama.train.step import IGNORE_INDEX, Batch, MicroBatchStep
 
 CHOSEN, REJECTED = 0, 1
 """doc_ids of a row's two sequences (dist_llama.data.pairs)."""
@@ -96,7 +96,7 @@ class DPOStep(MicroBatchStep):
         with loss_parallel_context(self.tp > 1):
             return torch.cat([self._pairs(model, mb)[0] for mb in self._micro_batches(batch)])
 
-    def _losses(self, model: nn.Module, mb: Batch) -> torch.Tensor:
+    def _micro_loss(self, model: nn.Module, mb: Batch) -> torch.Tensor:
         if self.reference is None:
             ref = mb["ref_logps"]
         else:
@@ -110,22 +110,12 @@ class DPOStep(MicroBatchStep):
         return loss.sum() * self.scale
 
     def _run(self, batch: Batch) -> torch.Tensor:
-        (model,) = self.engine.parts
         self._stats.zero_()
-        loss_acc = torch.zeros((), device=self.device)
-        micro_batches = self._micro_batches(batch)
-        for i, mb in enumerate(micro_batches):
-            with self.engine.grad_sync(model, i == len(micro_batches) - 1):
-                loss = self._losses(model, mb)
-                self.engine.backward(loss)
-            loss_acc += _local(loss.detach())
-        return loss_acc
+        return super()._run(batch)
 
     def _forward(self, batch: Batch) -> torch.Tensor:
-        (model,) = self.engine.parts
         self._stats.zero_()
-        return sum((_local(self._losses(model, mb)) for mb in self._micro_batches(batch)),
-                   torch.zeros((), device=self.device))
+        return super()._forward(batch)
 
     def global_loss(self, local: torch.Tensor, n_tokens: int) -> torch.Tensor:
         stats = self._stats.clone()

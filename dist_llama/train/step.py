@@ -147,16 +147,19 @@ class MicroBatchStep(_Step):
         n = rows // self.micro_batch_size if self.micro_batch_size > 0 else 1
         return [dict(zip(batch, parts)) for parts in zip(*(t.chunk(n) for t in batch.values()))]
 
+    def _micro_loss(self, model: torch.nn.Module, mb: Batch) -> torch.Tensor:
+        """One micro-batch's scaled summed loss."""
+        with self.autocast():
+            out = model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"], **self._model_kwargs())
+        return self.loss(out, mb["labels"])
+
     def _run(self, batch: Batch) -> torch.Tensor:
         (model,) = self.engine.parts
         loss_acc = torch.zeros((), device=self.device)
         micro_batches = self._micro_batches(batch)
         for i, mb in enumerate(micro_batches):
             with self.engine.grad_sync(model, i == len(micro_batches) - 1):
-                with self.autocast():
-                    out = model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"],
-                                **self._model_kwargs())
-                loss = self.loss(out, mb["labels"])
+                loss = self._micro_loss(model, mb)
                 self.engine.backward(loss)
             loss_acc += _local(loss.detach())
         return loss_acc
@@ -167,10 +170,7 @@ class MicroBatchStep(_Step):
         (model,) = self.engine.parts
         loss_acc = torch.zeros((), device=self.device)
         for mb in self._micro_batches(batch):
-            with self.autocast():
-                out = model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"],
-                                **self._model_kwargs())
-            loss_acc += _local(self.loss(out, mb["labels"]))
+            loss_acc += _local(self._micro_loss(model, mb))
         return loss_acc
 
 
