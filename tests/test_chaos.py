@@ -271,22 +271,26 @@ def test_failed_checkpoint_write_keeps_training(tmp_path):
 def test_crash_at_the_same_step_every_attempt_stops_as_a_crash_loop(tmp_path):
     """A deterministic crash at step 7 (rank 1, every attempt): three attempts fail at 7 (the first
     saved step 4, the next two resumed from it); the fourth exits 3 before training, naming the step
-    and the cause, and writes the launcher's exit file. torchrun itself exits 1 (restarts used up)."""
-    run_dir, exit_file = tmp_path / "run", tmp_path / "exit_status"
-    env = {**os.environ, "WANDB_MODE": "disabled", "DIST_LLAMA_EXIT_FILE": str(exit_file)}
-    proc = subprocess.run([*_torchrun(2, max_restarts=3), *COMMON, f"train.run_dir={run_dir}",
-                           "health.faults=[crash:rank=1:step=7]"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=280)
-    assert proc.returncode != 0
-    code, reason = exit_file.read_text().split(" ", 1)
-    assert int(code) == 3, reason  # EXIT_UNRECOVERABLE
-    assert "exitcode  : 3" in proc.stderr or "exitcode: 3" in proc.stderr.replace(" ", ""), proc.stderr[-3000:]
+    and the cause, and ends torchrun's agent though it has restarts left: no fifth attempt. The
+    launcher exits 3 with the reason (from the trainer's exit file)."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env.pop("DIST_LLAMA_EXIT_FILE", None)
+    proc = subprocess.run(["bash", "launch/train.sh", "-n", "2", "--max-restarts", "6", *COMMON,
+                           f"train.run_dir={run_dir}", "health.faults=[crash:rank=1:step=7]"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 3, proc.stderr[-3000:]  # EXIT_UNRECOVERABLE
+    code, reason = (run_dir / "logs" / "exit_status").read_text().split(" ", 1)
+    assert int(code) == 3 and "failed at step 7" in reason, reason
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("dist_llama: stopped for good") and "failed at step 7" in last, last
     loop = [e for e in rundir.events(run_dir) if e["event"] == "crash_loop"]
-    assert len(loop) == 1 and loop[0]["step"] == 4, loop
+    assert len(loop) == 1 and loop[0]["step"] == 4, loop  # one attempt found the loop, and none followed
     assert "failed at step 7" in loop[0]["reason"] and "injected crash at step 7" in loop[0]["reason"], loop
-    assert "failed at step 7" in reason
     starts = [e for e in rundir.events(run_dir) if e["event"] == "train_start"]
     assert [e["step"] for e in starts] == [0, 4, 4], starts  # the fourth attempt stopped before training
+    attempts = sorted(p.name for p in (run_dir / "logs").glob("*/attempt_*"))
+    assert attempts == ["attempt_0", "attempt_1", "attempt_2", "attempt_3"], attempts
 
 
 def test_crash_loop_needs_the_same_step_and_no_progress(tmp_path):

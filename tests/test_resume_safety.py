@@ -4,11 +4,14 @@ anything is written (config.yaml included); a torn last line in events.jsonl doe
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 
 import pytest
 import torch.distributed as dist
 
+from conftest import ROOT
 from dist_llama.testing import run_ranks
 from trainrun import DEBUG, TINY
 
@@ -121,3 +124,20 @@ def test_saves_failing_in_a_row_stop_the_run_naming_the_last_committed_step(tmp_
     assert codes == [74]
     (stop,) = events(run_dir, "checkpoints_failing")
     assert stop["step"] == 8 and stop["last_committed"] == 2 and stop["failed_in_a_row"] == 2
+
+
+@pytest.mark.timeout(120)
+def test_under_torchrun_a_start_that_does_not_fit_is_not_restarted(trained, tmp_path):
+    """The same refusal on 2 ranks under launch/train.sh with restarts to spare: the first attempt's
+    exit 2 ends torchrun's agent (a restart would be refused the same way), and the launcher exits 2
+    with the reason as its last line."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    env = {key: value for key, value in os.environ.items() if key != "DIST_LLAMA_EXIT_FILE"}
+    proc = subprocess.run(["bash", "launch/train.sh", "-n", "2", "--max-restarts", "3", "--config", DEBUG, *COMMON,
+                           "train.steps=4", f"train.run_dir={run_dir}", "model.n_layers=2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=100)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "model.n_layers: checkpoint step-00000002 has 4, config has 2" in last, \
+        proc.stderr[-3000:]
+    assert sorted(p.name for p in (run_dir / "logs").glob("*/attempt_*")) == ["attempt_0"]

@@ -7,7 +7,7 @@ the CLI turns into one line and exit code 2. Nothing here imports torch: the nam
 (names.py, fault_specs.py) are defined on this side and imported by the modules that act on them.
 """
 
-from dist_llama.config.errors import EXIT_CONFIG, ConfigError
+from dist_llama.config.errors import EXIT_CONFIG, EXIT_FILE_ENV, ConfigError
 from dist_llama.config.loading import CONFIG_DIR, explicit_keys, load, save_resolved, to_object
 from dist_llama.config.schema import (CheckpointConfig, Config, DataConfig, Degrees, HealthConfig, LoggingConfig,
                                       OptimConfig, ParallelConfig, TrainConfig)
@@ -15,7 +15,7 @@ from dist_llama.config.validation import micro_batches, resolve_parallel, valida
 from dist_llama.model.args import ModelArgs
 
 __all__ = [
-    "EXIT_CONFIG", "ConfigError",
+    "EXIT_CONFIG", "EXIT_FILE_ENV", "ConfigError",
     "Config", "ModelArgs", "ParallelConfig", "DataConfig", "OptimConfig", "TrainConfig", "CheckpointConfig",
     "HealthConfig", "LoggingConfig", "Degrees",
     "CONFIG_DIR", "load", "to_object", "save_resolved", "explicit_keys",

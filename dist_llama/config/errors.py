@@ -2,6 +2,9 @@
 
 EXIT_CONFIG = 2
 """Exit code of every command for bad configuration or input."""
+EXIT_FILE_ENV = "DIST_LLAMA_EXIT_FILE"
+"""Where the trainer writes "CODE reason" when the run stops for good (2 or 3): torchrun's own status
+(1, or killed) cannot tell a crash a launcher should retry from a stop it must not repeat."""
 
 
 class ConfigError(ValueError):

@@ -7,19 +7,29 @@ torchrun restarts every worker when one fails (up to --max-restarts), and the tr
 newest valid checkpoint, so a killed rank costs one restart. Each rank's output goes to
 <run_dir>/logs/<torchrun run id>/attempt_<k>/<local rank>/{stdout,stderr}.log, and is also echoed here
 with a rank prefix. The Slurm batch script (slurm.py) builds its torchrun line with the same function.
+
+A run that stops for good (exit 2: a checkpoint this configuration cannot resume; 3: unrecoverable, a
+crash loop) ends torchrun's agent rather than let it restart (train/runlock.py stop_launcher), so
+torchrun's own status says nothing; the trainer's exit file does, and this launcher exits with that
+code after one line with the reason.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from dist_llama import config as config_lib
-from dist_llama.config import EXIT_CONFIG, ConfigError
+from dist_llama.config import EXIT_CONFIG, EXIT_FILE_ENV, ConfigError
 
+
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def threads_per_rank(nproc: int, cpus: Optional[int] = None) -> int:
@@ -77,10 +87,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           str(run_dir / "logs"), train_args)]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(args.threads or threads_per_rank(args.nproc_per_node)))
+    env.setdefault(EXIT_FILE_ENV, str(run_dir / "logs" / "exit_status"))
     print(f"dist_llama: {' '.join(cmd)}  (OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, run directory {run_dir})",
           file=sys.stderr, flush=True)
-    os.execve(sys.executable, cmd, env)
-    return 0  # not reached
+    return run_torchrun(cmd, env, Path(env[EXIT_FILE_ENV]))
+
+
+def run_torchrun(cmd: list[str], env: dict, exit_file: Path) -> int:
+    """torchrun as a child in a process group of its own, so a terminal's Ctrl-C reaches it once,
+    through the forwarding here, as any signal sent to this launcher does. Returns the trainer's code
+    when it stopped for good (the exit file's), else torchrun's status (128 + N for signal N)."""
+    exit_file.unlink(missing_ok=True)
+    proc = subprocess.Popen(cmd, env=env, process_group=0)
+    for sig in FORWARDED:
+        signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
+    rc = proc.wait()
+    try:
+        code, reason = exit_file.read_text().strip().split(" ", 1)
+        code = int(code)
+    except (OSError, ValueError):
+        return rc if rc >= 0 else 128 - rc
+    print(f"dist_llama: stopped for good, not restarted: {reason} (exit code {code})", file=sys.stderr, flush=True)
+    return code
 
 
 if __name__ == "__main__":

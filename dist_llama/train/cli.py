@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch.distributed as dist
 
 from dist_llama import config as config_lib
-from dist_llama.config import EXIT_CONFIG, Config, ConfigError
+from dist_llama.config import EXIT_CONFIG, EXIT_FILE_ENV, Config, ConfigError
 from dist_llama.config.data_plan import sources_of, stages_of
 from dist_llama.data import build_tokenizer, open_dataset
 from dist_llama.data.heldout import DataSources, eval_windows, split_held_out
@@ -28,12 +28,8 @@ from dist_llama.parallel.env import init_distributed, world_size_from_env
 from dist_llama.train.checkpoint import CheckpointError
 from dist_llama.train.recovery import EXIT_OK, EXIT_UNRECOVERABLE, TrainingExit
 from dist_llama.train.resume_check import check_run_dir
-from dist_llama.train.runlock import RunDirInUse, RunLock, die_with_launcher, launched_by_torchrun
+from dist_llama.train.runlock import RunDirInUse, RunLock, die_with_launcher, launched_by_torchrun, stop_launcher
 
-EXIT_FILE_ENV = "DIST_LLAMA_EXIT_FILE"
-"""A launcher's file for "CODE reason" when the run stops for good (2 or 3): torchrun exits 1 for any
-failed worker group, so a launcher behind it (the Slurm batch script) cannot tell a crash it should
-requeue from a stop it must not repeat."""
 
 
 def report_final(code: int, reason: str) -> int:
@@ -242,9 +238,12 @@ def run() -> None:
     interpreter's teardown. Everything is flushed and closed by then; what teardown would still do is
     destroy leftover C++ objects (gloo devices and their threads) in no particular order, which has
     aborted a finished job ("terminate called without an active exception", SIGABRT after
-    train_end) and turned its exit code 0 into a failure that torchrun restarts."""
+    train_end) and turned its exit code 0 into a failure that torchrun restarts. A run that stopped for
+    good (2, 3) also ends its torchrun agent, whose restarts would only stop the same way again."""
     code = main()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
+    if code in (EXIT_CONFIG, EXIT_UNRECOVERABLE):
+        stop_launcher()
     os._exit(code)

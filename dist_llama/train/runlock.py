@@ -14,6 +14,10 @@ die_with_launcher: torchrun starts its workers in sessions of their own, so when
 SIGKILLed its workers train on, unsupervised, and write into a run directory a new job may take.
 Under torchrun each worker asks the kernel for SIGKILL when its parent dies (PR_SET_PDEATHSIG),
 and a thread polls the parent pid as a fallback (the parent died before the request, or no prctl).
+
+stop_launcher: a run that stops for good (exit 2 or 3: a configuration the checkpoint refuses, a
+crash loop) stops the same way on every attempt, yet torchrun restarts any failed group until
+--max-restarts is spent. So the worker ends its agent instead of just exiting: no attempt follows.
 """
 
 from __future__ import annotations
@@ -125,6 +129,33 @@ def die_with_launcher(poll_s: float = 0.5) -> None:
             pass  # the polling thread below still applies
     # The parent may have died before the request; and without prctl this is the only check.
     threading.Thread(target=_watch_parent, args=(parent, poll_s), name="die-with-launcher", daemon=True).start()
+
+
+def stop_launcher(grace_s: float = 0.5, wait_s: float = 10.0) -> None:
+    """Keep torchrun from restarting a run that stopped for good; call as the last thing before
+    exiting with that code. The agent restarts the whole group the moment any worker exits, so no
+    worker may exit first: local rank 0 waits grace_s (the agent's log tail prints the reason to the
+    console) and SIGKILLs the agent (SIGTERM makes torchrun print a traceback of its own); the node's
+    other ranks wait up to wait_s and end with the agent (die_with_launcher). A no-op unless the
+    parent is torchrun's agent."""
+    if not launched_by_torchrun() or not _parent_is_torchrun():
+        return
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        time.sleep(wait_s)  # normally SIGKILLed before this ends
+        return
+    time.sleep(grace_s)
+    try:
+        os.kill(os.getppid(), signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _parent_is_torchrun() -> bool:
+    try:
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
+    except OSError:  # no /proc: leave the launcher alone
+        return False
+    return any(b"torch.distributed.run" in arg or arg.endswith(b"torchrun") for arg in argv)
 
 
 def _watch_parent(parent: int, poll_s: float) -> None:
