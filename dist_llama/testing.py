@@ -26,6 +26,10 @@ def free_port() -> int:
 def _worker(fn, rank, world_size, port, results, args, kwargs):
     import torch
 
+    from dist_llama.parallel.env import after_fork
+
+    after_fork()
+
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -63,6 +67,9 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 240, **kwargs) -> lis
 def _run_once(fn, world_size: int, args, kwargs, timeout: float) -> list:
     import time
 
+    from dist_llama.parallel.env import before_fork
+
+    before_fork()
     ctx = mp.get_context("fork")
     results = ctx.Queue()
     port = free_port()

@@ -1,9 +1,16 @@
 """The test harness itself: a rendezvous port taken by another process between free_port() and rank
-0's store listening on it (seen once under load: EADDRINUSE) starts the job again on another port."""
+0's store listening on it (seen once under load: EADDRINUSE) starts the job again on another port;
+a process group left as uncollected garbage in the parent (an in-process test's) is not inherited into
+ranks that would hang destroying it."""
 
 import socket
+import subprocess
+import sys
+import textwrap
 
 import pytest
+
+from conftest import ROOT
 
 from dist_llama import testing
 
@@ -41,3 +48,37 @@ def _fail_on_rank_1():
     if os.environ["RANK"] == "1":
         raise ValueError("boom")
     return 0
+
+
+PARENT = textwrap.dedent("""
+    import gc, sys
+    import torch.distributed as dist
+    from dist_llama.testing import run_ranks
+
+    def collect():
+        gc.collect()  # in a child that inherited the garbage group, this destroys it (without its threads)
+        return "ok"
+
+    gc.disable()  # nothing collects the cycle below in this process unless asked to
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    holder = {"group": dist.group.WORLD}
+    holder["self"] = holder  # a reference cycle: only the collector frees the group and stops its threads
+    if sys.argv[1] == "garbage":
+        dist.destroy_process_group()
+        del holder
+    try:
+        print(run_ranks(collect, 2, timeout=40))
+    except RuntimeError as exc:
+        print(exc)
+""")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("state,expect", [
+    ("garbage", "['ok', 'ok']"),  # old harness: both ranks wait forever in ~ProcessGroupGloo's pthread_join
+    ("alive", "this process still runs a gloo process group"),
+])
+def test_ranks_are_forked_from_a_parent_without_a_process_group(state, expect):
+    proc = subprocess.run([sys.executable, "-c", PARENT, state], cwd=ROOT, capture_output=True, text=True,
+                          timeout=100)
+    assert expect in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]

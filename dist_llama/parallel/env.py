@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from dataclasses import dataclass
@@ -21,6 +22,46 @@ class DistEnv:
 def node_name() -> str:
     """This machine's name as Slurm knows it (what --exclude takes), else the hostname."""
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+GLOO_THREADS = ("gloo_tcp_loop", "pt_gloo_runloop")
+"""The threads of a live gloo process group, by the names the kernel shows (/proc/self/task/*/comm)."""
+
+
+def before_fork() -> None:
+    """Call before forking processes that start process groups of their own (test ranks, fake-step
+    workers). A gloo group that is already garbage here but not yet collected (a reference cycle)
+    would be inherited, and the child's collector would destroy it wherever a collection happens to
+    start: ~ProcessGroupGloo joins worker threads that exist only in this process, so the child
+    waits in pthread_join forever (native stacks of CI's hung pipeline ranks). So: collect first,
+    and refuse to fork beside a group that is still alive."""
+    if not _gloo_threads():
+        return
+    gc.collect()
+    if _gloo_threads():
+        raise RuntimeError("this process still runs a gloo process group: destroy it and drop every reference "
+                           "to it before forking ranks, which would inherit it")
+
+
+def after_fork() -> None:
+    """First thing in a forked child: never collect what was inherited (gc.freeze), so no destructor
+    of an inherited object (a process group's among them) runs in a process without its threads."""
+    gc.freeze()
+
+
+def _gloo_threads() -> list[str]:
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:  # no /proc: nothing to check
+        return []
+    names = []
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended meanwhile
+            continue
+    return [name for name in names if name in GLOO_THREADS]
 
 
 def world_size_from_env() -> int:

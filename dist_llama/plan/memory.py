@@ -162,9 +162,12 @@ def fake_memories(runs: list[tuple[Config, int, int]], device_type: str = "cuda"
     import multiprocessing as mp
     import os
 
+    from dist_llama.parallel.env import after_fork, before_fork
+
     if not runs:
         return
     jobs = min(len(runs), jobs or os.cpu_count() or 1)
-    with mp.get_context("fork").Pool(jobs, maxtasksperchild=1) as pool:
+    before_fork()
+    with mp.get_context("fork").Pool(jobs, initializer=after_fork, maxtasksperchild=1) as pool:
         yield from pool.imap_unordered(_indexed_fake_memory,
                                        [(i, cfg, world, rank, device_type) for i, (cfg, world, rank) in enumerate(runs)])
