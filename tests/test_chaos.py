@@ -92,18 +92,24 @@ def test_injected_kill_under_torchrun_restarts_and_matches(fault_free, tmp_path)
 
 
 @pytest.mark.timeout(300)
-def test_preemption_saves_exits_76_and_resumes_exactly(fault_free, tmp_path):
+@pytest.mark.parametrize("faults,saved", [
+    ("sigterm:rank=0:step=6", 6),
+    # The step that sees the signal is also retried (NaN): the checkpoint is step 5's, and it must
+    # resume at step 6's batch, not after it (found by bench/chaos_soak.py --seed 2).
+    ("nan:step=6,sigterm:rank=0:step=6", 5),
+], ids=["at_a_step", "at_a_retried_step"])
+def test_preemption_saves_exits_76_and_resumes_exactly(fault_free, tmp_path, faults, saved):
     """SIGTERM reaches rank 0 only; both ranks agree at the next step boundary, save, and exit."""
     run_dir = tmp_path / "run"
-    proc = _run([*_torchrun(2), *COMMON, f"train.run_dir={run_dir}", "health.faults=[sigterm:rank=0:step=6]"],
+    proc = _run([*_torchrun(2), *COMMON, f"train.run_dir={run_dir}", f"health.faults=[{faults}]"],
                 expect=1)  # torchrun reports the workers' non-zero exit
     assert "exit code 76" in proc.stderr
     events = rundir.events(run_dir)
     preempted = [e for e in events if e["event"] == "preempted"]
-    assert preempted and preempted[0]["step"] == 6 and preempted[0]["signal"] == "SIGTERM"
-    assert (run_dir / "checkpoints" / "step-00000006" / "manifest.json").is_file()
+    assert preempted and preempted[0]["step"] == saved and preempted[0]["signal"] == "SIGTERM"
+    assert (run_dir / "checkpoints" / f"step-{saved:08d}" / "manifest.json").is_file()
     _run([*_torchrun(2), *COMMON, f"train.run_dir={run_dir}"])
-    assert [e["step"] for e in rundir.events(run_dir) if e["event"] == "checkpoint_loaded"] == [6]
+    assert [e["step"] for e in rundir.events(run_dir) if e["event"] == "checkpoint_loaded"] == [saved]
     _assert_bitwise_equal(_final_model(run_dir), fault_free)
 
 

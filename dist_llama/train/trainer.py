@@ -48,6 +48,8 @@ class Prefetched:
     seq_len: int
     tokens_by_source: dict[str, int]
     """Input tokens drawn from each source so far, this batch included."""
+    position: dict
+    """The loader's state before this batch: what a checkpoint taken before it is trained records."""
 
 
 @dataclass
@@ -165,15 +167,17 @@ class Trainer:
         """Fetch the next step's batch (or take `again` again) while the device still works on
         this one, with the data position before it: what a checkpoint at this boundary records."""
         if again is not None:
+            self.progress.data = again.position
             self._next = again
             return
         loader = self.p.loader
-        self.progress.data = loader.state_dict()
+        self.progress.data = position = loader.state_dict()
         batch = {k: v.to(self.p.device, non_blocking=True) for k, v in loader.next_batch().items()}
         for source, epoch in loader.new_epochs:
             self.logger.event("data_epoch", self.step + 1, source=source, epoch=epoch)
         self._next = Prefetched(batch, int(self.p.step.count_tokens(batch).item()),
-                                loader.global_batch_size * loader.seq_len, loader.seq_len, loader.tokens_by_source)
+                                loader.global_batch_size * loader.seq_len, loader.seq_len, loader.tokens_by_source,
+                                position)
 
     @contextlib.contextmanager
     def _unwatched(self):
@@ -250,7 +254,8 @@ class Trainer:
             if action not in ("ok", "log"):
                 self.engine.discard()
                 self.goodput.lost_s += time.perf_counter() - t0
-                if action == "retry":  # the same batch again; the loader resumes after it
+                if action == "retry":  # the same batch again; the loader resumes after it, and a
+                    # checkpoint before the rerun (preemption) records the position before it
                     p.loader.load_state_dict(self.progress.data)
                     self._prefetch(fetched)
                 self._act(action, ",".join(fired))
