@@ -32,10 +32,14 @@ from dist_llama.train.runlock import RunDirInUse, RunLock, die_with_launcher, la
 
 
 
+FOR_GOOD = (EXIT_CONFIG, EXIT_UNRECOVERABLE)
+"""Exit codes no restart can change: written to the launcher's exit file, and torchrun's agent ended."""
+
+
 def report_final(code: int, reason: str) -> int:
     """Write the exit file (rank 0: every rank stops for the same reason) and return the code."""
     path = os.environ.get(EXIT_FILE_ENV)
-    if path and code in (EXIT_CONFIG, EXIT_UNRECOVERABLE) and os.environ.get("RANK", "0") == "0":
+    if path and code in FOR_GOOD and os.environ.get("RANK", "0") == "0":
         try:
             tmp = f"{path}.{os.getpid()}.tmp"
             with open(tmp, "w") as f:
@@ -244,6 +248,6 @@ def run() -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    if code in (EXIT_CONFIG, EXIT_UNRECOVERABLE):
+    if code in FOR_GOOD:
         stop_launcher()
     os._exit(code)
