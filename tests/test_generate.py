@@ -142,6 +142,63 @@ def test_sample_restricts_to_top_k_and_nucleus():
     assert sample(logits) == 0
 
 
+def _transformers_scores(logits, temperature, top_k, top_p):
+    """The scores transformers' sampling warpers leave (-inf outside the eligible set)."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1:
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers(torch.zeros(1, 1, dtype=torch.long), logits.float()[None].clone())[0]
+
+
+def _logit_cases():
+    g = torch.Generator().manual_seed(3)
+    near_equal = 1e-3 * torch.randn(100, generator=g)  # the audit's case: top-k mass 0.1 < top_p
+    peaked = 3 * torch.randn(258, generator=g)
+    flat = 0.3 * torch.randn(258, generator=g)
+    return [(near_equal, 1.0, 10, 0.5), (near_equal, 1.0, 50, 0.8), (peaked, 0.7, 50, 0.8),
+            (flat, 1.3, 50, 0.8), (flat, 1.0, 200, 0.3), (peaked, 1.0, None, 0.9), (flat, 1.0, 20, 1.0)]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", range(len(_logit_cases())))
+def test_top_k_then_top_p_keeps_exactly_transformers_eligible_set(case):
+    """top-p runs on the distribution renormalised after top-k: with 100 near-equal tokens, k 10 and
+    p 0.5, 5 tokens stay (the old code cut top-p on the un-renormalised mass and kept all 10)."""
+    from dist_llama.model.generation import filter_logits
+
+    logits, temperature, top_k, top_p = _logit_cases()[case]
+    ours = torch.isfinite(filter_logits(logits, temperature, top_k, top_p))
+    theirs = torch.isfinite(_transformers_scores(logits, temperature, top_k, top_p))
+    assert torch.equal(ours, theirs), (int(ours.sum()), int(theirs.sum()))
+    if case == 0:
+        assert int(theirs.sum()) == 5
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", [1, 3])
+def test_top_k_top_p_draws_follow_transformers_distribution(case):
+    """Chi-square of 20,000 draws of `sample` against the probabilities transformers' warpers leave
+    (fixed seed); no draw outside their eligible set."""
+    logits, temperature, top_k, top_p = _logit_cases()[case]
+    probs = torch.softmax(_transformers_scores(logits, temperature, top_k, top_p), dim=-1).double()
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    counts = torch.bincount(torch.tensor([sample(logits, temperature, top_k, top_p, generator=g) for _ in range(n)]),
+                            minlength=len(logits)).double()
+    assert counts[probs == 0].sum() == 0, "drew a token outside transformers' eligible set"
+    kept = probs > 0
+    expected = n * probs[kept]
+    chi2 = float(((counts[kept] - expected) ** 2 / expected).sum())
+    dof = int(kept.sum()) - 1
+    # the 99.9% quantile of chi-square(dof), Wilson-Hilferty's approximation
+    bound = dof * (1 - 2 / (9 * dof) + 3.09 * (2 / (9 * dof)) ** 0.5) ** 3
+    assert chi2 < bound, (chi2, bound, dof)
+
+
 @pytest.mark.timeout(60)
 def test_stops_at_a_stop_token(ours):
     free = generate(ours, [PROMPT], NEW)[0]

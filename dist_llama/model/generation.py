@@ -15,6 +15,29 @@ import torch
 from .llama import Transformer
 
 
+def filter_logits(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: Optional[int] = None,
+    top_p: float = 1.0,
+) -> torch.Tensor:
+    """fp32 scores [..., vocab] of softmax(logits / temperature) restricted to the top_k most likely
+    tokens, then to the smallest set of those whose renormalised probability reaches top_p; -inf
+    elsewhere. The order and arithmetic of transformers' TemperatureLogitsWarper → TopKLogitsWarper →
+    TopPLogitsWarper, so the eligible set is exactly theirs (ties at the k-th score stay in; the
+    nucleus is cut on the ascending cumulative sum; the most likely token always stays)."""
+    scores = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        ascending, order = torch.sort(scores, dim=-1)
+        drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p  # the renormalised top-k mass
+        drop[..., -1] = False
+        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return scores
+
+
 def sample(
     logits: torch.Tensor,
     temperature: float = 0.0,
@@ -23,18 +46,11 @@ def sample(
     generator: Optional[torch.Generator] = None,
 ) -> int:
     """One token id from next-token logits [vocab]: the argmax when temperature is 0, else a draw
-    from softmax(logits / temperature) restricted to the top_k most likely tokens and then to the
-    smallest set whose probability reaches top_p (nucleus; Meta's sample_top_p)."""
+    from the distribution `filter_logits` leaves (temperature, then top-k, then top-p)."""
     if temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    probs_sort, probs_idx = torch.sort(probs, descending=True)
-    if top_k is not None:
-        probs_sort, probs_idx = probs_sort[:top_k], probs_idx[:top_k]
-    # Keep a token while the mass before it is below top_p: the most likely one always stays.
-    probs_sort[probs_sort.cumsum(-1) - probs_sort > top_p] = 0.0
-    choice = torch.multinomial(probs_sort / probs_sort.sum(), 1, generator=generator)
-    return int(probs_idx[choice])
+    probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 @torch.inference_mode()
