@@ -211,3 +211,125 @@ def test_dpo_rejects_pipeline_and_context_parallel_naming_the_key(prefs):
             resolve_config(DEBUG, [*TINY, *prefs, *layout], 2)
     with pytest.raises(ConfigError, match="data.path"):  # preference data, not text
         resolve_config(DEBUG, [*TINY, *prefs, "data.path=kjv", "data.tokenizer=byte"], 1)
+
+
+def _multiturn_prefs(d, n: int):
+    """Preference records whose prompt has an earlier assistant turn (the audit's shape): [user
+    "say X", assistant "X X X X X X X X", user "now say Y"], chosen "Y", rejected Y reversed."""
+    import random
+
+    from chatdata import WORDS
+
+    rng = random.Random(1)
+    path = d / "multiturn.jsonl"
+    with open(path, "w") as f:
+        for _ in range(n):
+            x, y = rng.choice(WORDS), rng.choice(WORDS)
+            prompt = [{"role": "user", "content": f"say {x}"}, {"role": "assistant", "content": " ".join([x] * 8)},
+                      {"role": "user", "content": f"now say {y}"}]
+            f.write(json.dumps({"prompt": prompt, "chosen": y, "rejected": y[::-1]}) + "\n")
+    return path
+
+
+@pytest.mark.timeout(60)
+def test_preference_response_is_the_final_answer_only(tmp_path):
+    """The audit's repro: prompt [user "Say A", assistant "A A A A A A A A", user "Now say B"], chosen
+    "B". The counted chosen labels decode to "B" (they were "A A A A A A A AB"); SFT on the same
+    conversation still trains every assistant turn."""
+    from dist_llama.data import build_tokenizer, open_dataset
+    from dist_llama.data.loader import PackedLoader, Source
+    from dist_llama.data.pairs import PairLoader
+    from dist_llama.data.prepare import prepare
+
+    tok_path = llama3_tokenizer(tmp_path / "tokenizer.json")
+    tok = build_tokenizer(tok_path)
+    turns = [{"role": "user", "content": "Say A"}, {"role": "assistant", "content": "A A A A A A A A"},
+             {"role": "user", "content": "Now say B"}]
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": turns, "chosen": "B", "rejected": "C"}) + "\n")
+    prepare([str(tmp_path / "p.jsonl")], tok, str(tmp_path / "pref"), fmt="preference", progress=False)
+    data = open_dataset(str(tmp_path / "pref"), tok_path)
+    for mask_special, end in ((True, ""), (False, "<|eot_id|>")):
+        row = PairLoader(data, 256, 1, 0, 1, mask_special=mask_special).row(0)
+        counted = row["labels"] != -100
+        for side, answer in ((0, "B"), (1, "C")):
+            assert tok.decode(row["labels"][counted & (row["doc_ids"] == side)].tolist()) == answer + end
+
+    (tmp_path / "c.jsonl").write_text(json.dumps({"messages": turns + [{"role": "assistant", "content": "B"}]}) + "\n")
+    prepare([str(tmp_path / "c.jsonl")], tok, str(tmp_path / "chat"), fmt="chat", progress=False)
+    chat = open_dataset(str(tmp_path / "chat"), tok_path)
+    batch = PackedLoader([Source("chat", chat)], len(chat) - 1, 1, 0, 1, loss_mask=True).next_batch()
+    labels = batch["labels"][0]
+    assert tok.decode(labels[labels != -100].tolist()) == "A A A A A A A A<|eot_id|>B<|eot_id|>"
+
+
+def _final_answer(ids: list[int], tok) -> slice:
+    """The final assistant answer's content tokens, found from the template's header tokens alone."""
+    header = [tok.special_id("<|start_header_id|>"), *tok.encode("assistant"), tok.special_id("<|end_header_id|>"),
+              *tok.encode("\n\n")]
+    starts = [i + len(header) for i in range(len(ids)) if ids[i:i + len(header)] == header]
+    assert ids[-1] == tok.special_id("<|eot_id|>")
+    return slice(starts[-1], len(ids) - 1)
+
+
+def _multiturn_one_rank(overrides, tok_path):
+    """DPO loss, gradient-free metrics and a plain implementation that scores only each pair's
+    final answer, on the first batch after a perturbation of the policy."""
+    from dist_llama.data import build_tokenizer
+    from dist_llama.model import Transformer
+    from dist_llama.parallel.env import init_distributed
+
+    cfg, sources = resolve_config(DEBUG, [*TINY, *overrides, *OPTIONS, "checkpoint.enabled=false"], 1)
+    trainer = build_trainer(cfg, init_distributed("cpu"), sources)
+    (policy,) = trainer.engine.parts
+    _perturb(policy.named_parameters())
+    batch = trainer.p.loader.next_batch()
+    loss, _ = trainer.compute_gradients(batch)
+    metrics = dict(trainer.p.step.metrics)
+    trainer.close()
+
+    tok = build_tokenizer(tok_path)
+    ref = Transformer(cfg.model)
+    ref.init_weights(cfg.train.seed)
+    model = Transformer(cfg.model)
+    model.load_state_dict(ref.state_dict())
+    _perturb(model.named_parameters())
+    data = sources[0].data
+    losses, rewards = [], []
+    with torch.no_grad():
+        for k in [trainer.p.loader._pair(i) for i in range(8)]:
+            sides = []
+            for doc in (2 * k, 2 * k + 1):
+                start = int(data.doc_starts[doc])
+                stop = int(data.doc_starts[doc + 1]) if doc + 1 < data.n_docs else len(data)
+                ids = data.tokens(start, stop).tolist()
+                span = _final_answer(ids, tok)
+                x = torch.tensor(ids)[None]
+                target = torch.tensor(ids[span])
+                scored = []
+                for m in (model, ref):
+                    lp = torch.log_softmax(m(x)[0].float(), -1)[span.start - 1:span.stop - 1]
+                    scored.append(lp.gather(1, target[:, None])[:, 0].sum())
+                sides.append((*scored, len(target)))
+            (pc, rc, nc), (pr, rr, _) = sides
+            losses.append(-F.logsigmoid(BETA * ((pc - rc) - (pr - rr))) - NLL * pc / nc)
+            rewards.append([BETA * (pc - rc), BETA * (pr - rr)])
+    r = torch.tensor(rewards)
+    return loss.item(), metrics, torch.stack(losses).mean().item(), r[:, 0].mean().item(), r[:, 1].mean().item()
+
+
+@pytest.mark.timeout(120)
+def test_dpo_multiturn_prompt_scores_only_the_final_answer(tmp_path):
+    """Multi-turn prompts: the loss with Llama 3's NLL term and the logged rewards equal a plain
+    implementation that scores only the final answer (the old code counted the prompt's earlier
+    assistant turn too: loss and rewards were off)."""
+    from dist_llama.data.prepare import prepare
+
+    tok = llama3_tokenizer(tmp_path / "tokenizer.json")
+    prepare([str(_multiturn_prefs(tmp_path, 16))], tok, str(tmp_path / "data"), fmt="preference", progress=False)
+    overrides = [f"data.tokenizer={tok}", f"data.path={tmp_path / 'data'}", "train.objective=dpo", "model.vocab_size=-1",
+                 "data.seq_len=256", "data.eval_fraction=0", "train.global_batch_size=8",
+                 f"train.dpo_beta={BETA}", "train.peak_flops=1e12"]
+    loss, metrics, expected, chosen, rejected = run_ranks(_multiturn_one_rank, 1, overrides, tok, timeout=100)[0]
+    assert loss == pytest.approx(expected, rel=1e-5)
+    assert metrics["reward_chosen"] == pytest.approx(chosen, rel=1e-4, abs=1e-6)
+    assert metrics["reward_rejected"] == pytest.approx(rejected, rel=1e-4, abs=1e-6)

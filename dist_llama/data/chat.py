@@ -17,7 +17,9 @@ inserted by id; the text is encoded as ordinary text, so a special-token string 
 stays text. The mask says what each token is: ``PROMPT`` (0: system and user turns, headers: never
 trained), ``RESPONSE`` (1: assistant content) and ``END`` (2: the token that ends an assistant
 turn, ``<|eot_id|>`` or ``</s>``: trained by SFT; ``train.dpo_mask_special`` leaves it out of DPO's
-log-probabilities, with the headers, which are prompt tokens here).
+log-probabilities, with the headers, which are prompt tokens here). A chat record marks every
+assistant turn (SFT trains them all, the common convention); a preference record only its final
+answer (earlier assistant turns of the prompt are context: ``final_answer_only``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import numpy as np
 from .prepare_inputs import InputError
 from .tokenizer import Tokenizer
 
-__all__ = ["PROMPT", "RESPONSE", "END", "ChatTemplate", "template_for", "FORMATS", "encode_records"]
+__all__ = ["PROMPT", "RESPONSE", "END", "ChatTemplate", "template_for", "FORMATS", "encode_records",
+           "final_answer_only"]
 
 PROMPT, RESPONSE, END = 0, 1, 2
 FORMATS = ("text", "chat", "preference")
@@ -161,7 +164,20 @@ def _record_documents(obj: dict, fmt: str, template: ChatTemplate) -> list[tuple
     if not isinstance(prompt, list) or not prompt or not isinstance(prompt[-1], dict) \
             or prompt[-1].get("role") != "user":
         raise ValueError("'prompt' must be a list of messages ending with a user message")
-    return [template.render(prompt + [{"role": "assistant", "content": obj[k]}]) for k in ("chosen", "rejected")]
+    docs = [template.render(prompt + [{"role": "assistant", "content": obj[k]}]) for k in ("chosen", "rejected")]
+    return [(ids, final_answer_only(mask).tolist()) for ids, mask in docs]
+
+
+def final_answer_only(mask) -> np.ndarray:
+    """A preference document's mask with every turn before the final answer marked PROMPT: earlier
+    assistant turns of a multi-turn prompt are context, not the response DPO scores (SFT, by
+    contrast, trains every assistant turn of a conversation)."""
+    mask = np.asarray(mask, dtype=np.uint8)
+    prompt = np.flatnonzero(mask == PROMPT)
+    out = mask.copy()
+    if len(prompt):
+        out[:prompt[-1]] = PROMPT
+    return out
 
 
 def encode_records(items, tokenizer: Tokenizer, fmt: str) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .chat import END
+from .chat import END, final_answer_only
 from .permutation import KeyedPermutation, mix_key
 
 __all__ = ["PairLoader", "CHOSEN", "REJECTED", "PAD"]
@@ -80,7 +80,8 @@ class PairLoader:
     def _side(self, doc: int) -> tuple[np.ndarray, np.ndarray]:
         start = int(self.data.doc_starts[doc])
         stop = int(self.data.doc_starts[doc + 1]) if doc + 1 < self.data.n_docs else len(self.data)
-        return self.data.tokens(start, stop), self.data.loss_mask(start, stop)
+        # final_answer_only again on read: data prepared before it was applied at prepare time
+        return self.data.tokens(start, stop), final_answer_only(self.data.loss_mask(start, stop))
 
     def row(self, pair: int) -> dict[str, np.ndarray]:
         """The row of one pair: int64 arrays [seq_len] of tokens, labels, doc_ids, positions (and

@@ -36,7 +36,9 @@ def identity(cfg, loader, dtype) -> dict:
     """What the table's values depend on: a file whose metadata differs is not reused."""
     import dataclasses
 
+    # "response": tables written before the response became the final answer alone are not reused
     return {"dataset": loader.data.fingerprint, "mask_special": loader.mask_special, "n_pairs": loader.n_pairs,
+            "response": "final answer",
             "init_from": cfg.checkpoint.init_from or None, "seed": cfg.train.seed,
             "model": dataclasses.asdict(cfg.model), "dtype": str(dtype)}
 
