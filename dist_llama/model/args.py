@@ -37,6 +37,9 @@ class ModelArgs:
     """Llama 3.1 scaling: the context length the unscaled model was trained on."""
     max_seq_len: int = 2048
     """Longest sequence (largest position + 1) the RoPE table covers."""
+    context_len: Optional[int] = None
+    """The context length the model is made for, as its source said (Hugging Face
+    max_position_embeddings; taken from checkpoint.init_from); None: see context_length()."""
     attn_impl: str = "auto"
     """Attention kernel: "sdpa", "flex", or "auto" (flex on CUDA, sdpa elsewhere)."""
 
@@ -54,3 +57,13 @@ def ffn_hidden_dim(args: ModelArgs) -> int:
     if args.ffn_dim_multiplier is not None:
         hidden_dim = int(args.ffn_dim_multiplier * hidden_dim)
     return args.multiple_of * ((hidden_dim + args.multiple_of - 1) // args.multiple_of)
+
+
+def context_length(args: ModelArgs) -> int:
+    """The context the model is made for, as exported (Hugging Face max_position_embeddings): the
+    largest of what its source said (context_len), the longest sequence the run used (max_seq_len)
+    and, when RoPE is scaled, the scaling's original context times its factor."""
+    scaled = int(args.rope_old_context_len * args.rope_scale_factor) if args.use_scaled_rope else 0
+    if args.context_len is not None:
+        return max(args.context_len, args.max_seq_len)
+    return max(args.max_seq_len, scaled)

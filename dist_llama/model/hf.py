@@ -141,6 +141,7 @@ def args_from_hf_config(hf_config: Any) -> ModelArgs:
         norm_eps=c.rms_norm_eps,
         rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
         max_seq_len=c.max_position_embeddings,
+        context_len=c.max_position_embeddings,
     )
     if rope_type == "llama3":
         args.use_scaled_rope = True

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from dist_llama.config import EXIT_CONFIG
-from dist_llama.model.args import ModelArgs, ffn_hidden_dim
+from dist_llama.model.args import ModelArgs, context_length, ffn_hidden_dim
 from dist_llama.model.hf import _LAYER_MAP, _TOP_MAP, _meta_to_hf_rows
 from dist_llama.weights import WeightsError, expected_shapes, open_weights
 
@@ -44,7 +44,7 @@ def hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: Optional[int], eos_id
         "hidden_size": args.dim, "intermediate_size": ffn_hidden_dim(args), "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads, "num_key_value_heads": args.kv_heads,
         "head_dim": args.dim // args.n_heads, "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta, "max_position_embeddings": args.max_seq_len,
+        "rope_theta": args.rope_theta, "max_position_embeddings": context_length(args),
         "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
         "initializer_range": 0.02, "use_cache": True, "torch_dtype": "bfloat16" if dtype == torch.bfloat16 else "float32",
         "bos_token_id": bos_id, "eos_token_id": eos_id, "rope_scaling": None,
@@ -119,13 +119,30 @@ def export_hf(source, out: Path, dtype: torch.dtype, max_shard_bytes: int) -> li
     return files
 
 
-def export_meta(source, out: Path, dtype: torch.dtype) -> list[Path]:
-    args = source.args
+META_ROPE_CONSTANTS = {"rope_low_freq_factor": 1.0, "rope_old_context_len": 8192}
+"""Llama 3.1 scaling values Meta's code fixes (params.json cannot say otherwise)."""
+
+
+def meta_params(args: ModelArgs) -> dict:
+    """Meta's params.json of `args`: every scaling value its convention holds (use_scaled_rope,
+    rope_scaling_factor, rope_high_freq_factor); WeightsError naming a value it cannot hold."""
     params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.kv_heads,
               "vocab_size": args.vocab_size, "multiple_of": args.multiple_of,
               "ffn_dim_multiplier": args.ffn_dim_multiplier, "norm_eps": args.norm_eps,
               "rope_theta": args.rope_theta, "use_scaled_rope": args.use_scaled_rope}
-    (out / "params.json").write_text(json.dumps(params, indent=2))
+    if args.use_scaled_rope:
+        for field, fixed in META_ROPE_CONSTANTS.items():
+            if getattr(args, field) != fixed:
+                raise WeightsError(f"--format meta: the model's {field} is {getattr(args, field)}, but Meta's "
+                                   f"params.json cannot hold it (Meta's code fixes it at {fixed}); export "
+                                   "--format hf instead, whose rope_scaling holds every value")
+        params.update(rope_scaling_factor=args.rope_scale_factor, rope_high_freq_factor=args.rope_high_freq_factor)
+    return params
+
+
+def export_meta(source, out: Path, dtype: torch.dtype) -> list[Path]:
+    args = source.args
+    (out / "params.json").write_text(json.dumps(meta_params(args), indent=2))
     state = {name: source.read(name).to(dtype).contiguous() for name in expected_shapes(args)}
     torch.save(state, out / "consolidated.00.pth")
     if source.tokenizer and Path(source.tokenizer).is_file() and not source.tokenizer.endswith(".json"):
@@ -189,6 +206,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.max_shard_gb <= 0:
             raise WeightsError(f"--max-shard-gb: must be positive, got {args.max_shard_gb}")
         source = open_weights(args.checkpoint)
+        if args.format == "meta":
+            meta_params(source.args)  # refused before anything is written
     except WeightsError as exc:
         print(f"dist-llama-export: {exc}", file=sys.stderr)
         return EXIT_CONFIG

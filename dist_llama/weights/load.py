@@ -20,8 +20,9 @@ from dist_llama.weights.sources import DCPSource, expected_shapes
 
 ARCHITECTURE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
                        "norm_eps", "rope_theta", "use_scaled_rope", "rope_scale_factor", "rope_low_freq_factor",
-                       "rope_high_freq_factor", "rope_old_context_len")
-"""ModelArgs fields a checkpoint determines (max_seq_len and attn_impl are the run's own choice)."""
+                       "rope_high_freq_factor", "rope_old_context_len", "context_len")
+"""ModelArgs fields a checkpoint determines (max_seq_len and attn_impl are the run's own choice;
+context_len is carried along for export, not checked)."""
 _ARCHITECTURE = ("dim", "n_layers", "n_heads", "kv_heads", "vocab_size", "norm_eps", "rope_theta", "use_scaled_rope")
 _SCALED_ROPE = ("rope_scale_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_old_context_len")
 

@@ -270,9 +270,12 @@ def _args_from_meta_params(p: dict, max_seq_len: int, where: Path, vocab_from_we
     except KeyError as exc:
         raise WeightsError(f"{where}: missing {exc}") from None
     if p.get("use_scaled_rope"):
-        # Meta's Llama 3.1 scaling: fixed constants in the reference code, not in params.json.
+        # Meta's Llama 3.1 scaling: params.json may hold the factor and the high-frequency factor
+        # (llama-models' rope_scaling_factor, rope_high_freq_factor; 8 and 4 when absent); the
+        # low-frequency factor 1 and the original context 8192 are constants of Meta's code.
         args.use_scaled_rope = True
-        args.rope_scale_factor = float(p.get("rope_scaling_factor", 8.0))
+        args.rope_scale_factor = float(p.get("rope_scaling_factor") or 8.0)
+        args.rope_high_freq_factor = float(p.get("rope_high_freq_factor") or 4.0)
     return args
 
 
