@@ -12,6 +12,7 @@ import pytest
 
 from conftest import ROOT
 from dist_llama.train.runlock import RunDirInUse, RunLock
+from procs import alive as _alive, children as _workers, gone_within as _gone_within
 
 COMMON = ["--config", "configs/debug.yaml", "model.n_layers=2", "model.dim=64", "data.seq_len=64",
           "logging.console=false", "checkpoint.enabled=false"]
@@ -57,28 +58,6 @@ def test_worker_dies_with_its_launcher(tmp_path):
     parent.kill()
     parent.wait()
     assert _gone_within(pid, 3)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _gone_within(pid: int, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while _alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def _workers(agent: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(agent)], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out]
 
 
 @pytest.mark.timeout(300)
