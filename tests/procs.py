@@ -25,3 +25,11 @@ def gone_within(pid: int, seconds: float) -> bool:
 def children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in out]
+
+
+def descendants(pid: int) -> list[int]:
+    """Children, their children, and so on (a snapshot)."""
+    out = []
+    for child in children(pid):
+        out += [child, *descendants(child)]
+    return out

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from procs import alive, children, gone_within
+from procs import alive, children, descendants, gone_within
 from rundir import events, losses
 
 TINY = ["--config", "configs/debug.yaml", "model.n_layers=2", "model.dim=64", "data.seq_len=64",
@@ -99,7 +99,8 @@ def test_sigkill_of_the_launcher_ends_torchrun_and_its_workers(tmp_path):
         launcher.send_signal(signal.SIGKILL)
         launcher.wait()
         assert all(gone_within(pid, 10) for pid in family), [pid for pid in family if alive(pid)]
-    finally:
+    finally:  # nothing left running, also when an assertion above failed
+        family = family or (descendants(launcher.pid) if launcher.poll() is None else [])
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import ROOT
-from dist_llama.train.runlock import RunDirInUse, RunLock
+from dist_llama.train.runlock import RunDirInUse, RunLock, restarts_left
 from procs import alive as _alive, children as _workers, gone_within as _gone_within
 
 COMMON = ["--config", "configs/debug.yaml", "model.n_layers=2", "model.dim=64", "data.seq_len=64",
@@ -98,3 +98,11 @@ def test_second_job_exits_2_naming_the_holder_and_orphans_die_with_their_agent(t
                             "train.steps=2"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert after.returncode == 0, after.stderr[-3000:]
     assert json.loads((run_dir / ".lock").read_text())["pid"] != holder["pid"]
+
+
+def test_restarts_left_from_what_torchrun_tells_its_workers():
+    """stop_launcher ends the agent only while it would restart: max restarts minus those done."""
+    assert restarts_left({"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_RESTART_COUNT": "1"}) == 2
+    assert restarts_left({"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_RESTART_COUNT": "3"}) == 0
+    assert restarts_left({"TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_RESTART_COUNT": "0"}) == 0
+    assert restarts_left({}) == 0  # not under torchrun
