@@ -5,6 +5,7 @@ is one the job must survive exactly: each episode's final weights must equal a c
 bit. Prints faults injected and survived, episodes, and the effective training time (goodput).
 
     .venv/bin/python bench/chaos_soak.py --minutes 10 [--seed 0]
+    .venv/bin/python bench/chaos_soak.py --quick     # one short episode, one cheap inside fault (a smoke test)
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ COMMON = ["--config", "configs/debug.yaml", "model.n_layers=2", "model.dim=64", 
           "health.hang_timeout_s=6", "health.rollback_skip_data=false", "checkpoint.keep_last=4"]
 EXACT_EXITS = {0, 1, 75, 76}
 """Exit codes after which the scheduler relaunches (0 ends the episode when the run finished)."""
+
+
+QUICK_STEPS = 8
+"""--quick: the episode's length (the clean run's too), two checkpoints."""
+QUICK_FAULTS = ["nan:step={s}", "ckpt_fail:step={c}", "ckpt_corrupt:step={c}"]
+"""--quick: faults that cost no restart (a hang costs its timeout, a kill a restart)."""
 
 
 def torchrun(run_dir: Path, extra: list[str]) -> subprocess.Popen:
@@ -76,22 +83,23 @@ def outside_faults(proc: subprocess.Popen, rng: random.Random, log: list[str], s
             pass
 
 
-def inside_faults(rng: random.Random) -> list[str]:
+def inside_faults(rng: random.Random, steps: int = STEPS, quick: bool = False) -> list[str]:
     """A few injected faults at random steps (each fires once per run directory)."""
     kinds = ["nan:step={s}", "kill:rank={r}:step={s}", "sigterm:rank={r}:step={s}", "hang:rank={r}:step={s}",
              "ckpt_fail:step={c}", "ckpt_corrupt:step={c}"]
-    chosen = rng.sample(kinds, k=rng.randint(1, 3))
-    return [k.format(s=rng.randint(2, STEPS), r=rng.randint(0, 1), c=INTERVAL * rng.randint(1, STEPS // INTERVAL - 1))
+    chosen = rng.sample(QUICK_FAULTS, k=1) if quick else rng.sample(kinds, k=rng.randint(1, 3))
+    return [k.format(s=rng.randint(2, steps), r=rng.randint(0, 1), c=INTERVAL * rng.randint(1, steps // INTERVAL - 1))
             for k in chosen]
 
 
-def episode(run_dir: Path, rng: random.Random, deadline: float) -> tuple[list[str], int]:
-    faults = inside_faults(rng)
+def episode(run_dir: Path, rng: random.Random, deadline: float, steps: int = STEPS,
+            quick: bool = False) -> tuple[list[str], int]:
+    faults = inside_faults(rng, steps, quick)
     log = [f"inside {f}" for f in faults]
     launches = 0
     while True:
         launches += 1
-        proc = torchrun(run_dir, [f"health.faults=[{','.join(faults)}]"])
+        proc = torchrun(run_dir, [f"train.steps={steps}", f"health.faults=[{','.join(faults)}]"])
         stop = threading.Event()
         outside = threading.Thread(target=outside_faults, args=(proc, rng, log, stop), daemon=True)
         if time.time() < deadline:
@@ -117,19 +125,23 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"one {QUICK_STEPS}-step episode with one inside fault that costs no restart, "
+                             "no outside faults (a smoke test)")
     args = parser.parse_args()
+    steps = QUICK_STEPS if args.quick else STEPS
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="chaos-soak-"))
     clean = work / "clean"
-    if torchrun(clean, []).wait() != 0:
+    if torchrun(clean, [f"train.steps={steps}"]).wait() != 0:
         raise SystemExit("the clean run failed")
     reference = final_weights(clean)
-    deadline = time.time() + 60 * args.minutes
+    deadline = time.time() + (0 if args.quick else 60 * args.minutes)
     injected = survived = episodes = 0
     kinds: dict[str, int] = {}
-    while time.time() < deadline:
+    while time.time() < deadline or (args.quick and episodes == 0):
         run_dir = work / f"episode-{episodes}"
-        log, launches = episode(run_dir, rng, deadline)
+        log, launches = episode(run_dir, rng, deadline, steps, args.quick)
         weights = final_weights(run_dir)
         exact = weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in reference)
         episodes += 1
@@ -142,7 +154,7 @@ def main() -> None:
               f"{'bit-exact' if exact else 'DIFFER'}, goodput {goodput(run_dir):.2f}: {'; '.join(log)}", flush=True)
         if not exact:
             raise SystemExit(f"episode {episodes} ended with weights that differ from the clean run ({run_dir})")
-    print(f"\n{episodes} episodes in {args.minutes:g} min: {injected} faults injected, {survived} survived "
+    print(f"\n{episodes} episodes in {0 if args.quick else args.minutes:g} min: {injected} faults injected, {survived} survived "
           f"bit-exact; by kind: {kinds}")
 
 

@@ -10,6 +10,7 @@ Both kinds verify (re-read and checksum every file) before committing.
 
   python bench/checkpoint_blocking.py                  # 2 ranks, ~0.63 GB state, 5 saves of each kind
   python bench/checkpoint_blocking.py --ranks 1 --repeats 5
+  python bench/checkpoint_blocking.py --quick          # a tiny model, 1 save of each kind: seconds
 """
 
 from __future__ import annotations
@@ -111,7 +112,10 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--n-layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=16000)
+    ap.add_argument("--quick", action="store_true", help="a tiny model and one save of each kind (a smoke test)")
     args = ap.parse_args()
+    if args.quick:
+        args.repeats, args.dim, args.n_layers, args.vocab = 1, 64, 1, 512
 
     from dist_llama.testing import run_ranks
 

@@ -9,6 +9,7 @@ the eager one.
   python bench/compile_speed.py --steps 40 --rounds 3
   python bench/compile_speed.py --config configs/llama3_8b.yaml model.n_layers=4 \
       data.seq_len=8192 train.global_batch_size=1             # one GPU (Triton)
+  python bench/compile_speed.py --quick                       # a 1-layer model, 3 steps, 1 round (a smoke test)
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5, help="steps of each run left out of its median")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="a 1-layer model, 3 steps, 1 round (a smoke test)")
     args, overrides = parser.parse_known_args()
+    if args.quick:
+        args.steps, args.warmup, args.rounds = 3, 1, 1
+        overrides = ["model.n_layers=1", "model.dim=64", "data.seq_len=32", "train.global_batch_size=2", *overrides]
     assert args.steps > args.warmup, "--steps must exceed --warmup"
 
     step_ms = {False: [], True: []}

@@ -6,6 +6,7 @@ Writes a Hugging Face directory with >= 2 GB of fp32 weights (a Llama-2-shaped m
 largest tensor and the ratio. Streaming means the peak follows the largest tensor, not the model.
 
     .venv/bin/python bench/export_memory.py [--workdir DIR]
+    .venv/bin/python bench/export_memory.py --quick     # a tiny model, fp32 only: seconds
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 
-def make_checkpoint(path: Path) -> tuple[int, int]:
+def make_checkpoint(path: Path, quick: bool = False) -> tuple[int, int]:
     """(bytes of weights, bytes of the largest tensor) of the directory written."""
     from safetensors.torch import save_file
 
@@ -32,6 +33,9 @@ def make_checkpoint(path: Path) -> tuple[int, int]:
 
     args = ModelArgs(dim=2048, n_layers=8, n_heads=16, n_kv_heads=16, vocab_size=32000, multiple_of=256,
                      rope_theta=10000.0, max_seq_len=4096)
+    if quick:
+        args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=512, multiple_of=32,
+                         rope_theta=10000.0, max_seq_len=128)
     path.mkdir(parents=True)
     shapes = expected_shapes(args)
     g = torch.Generator().manual_seed(0)
@@ -75,22 +79,23 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--make", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="a tiny model, fp32 only (a smoke test)")
     args = parser.parse_args()
     if args.make:  # the child that writes the checkpoint
-        print(json.dumps(make_checkpoint(Path(args.make))))
+        print(json.dumps(make_checkpoint(Path(args.make), args.quick)))
         return
     work = Path(args.workdir or tempfile.mkdtemp(prefix="export-bench-"))
     try:
         # In a child: a peak RSS high-water mark survives fork, so this process must stay small.
-        made = subprocess.run([sys.executable, __file__, "--make", str(work / "hf")], capture_output=True, text=True,
-                              check=True)
+        made = subprocess.run([sys.executable, __file__, "--make", str(work / "hf"), *(["--quick"] * args.quick)],
+                              capture_output=True, text=True, check=True)
         total, largest = json.loads(made.stdout.strip().splitlines()[-1])
         floor = baseline_rss()
         gib = 2**30
         print(f"checkpoint: {total / gib:.2f} GiB of fp32 weights, largest tensor {largest / gib:.3f} GiB; "
               f"import floor {floor / gib:.2f} GiB RSS")
         print(f"{'export':<8}{'peak RSS GiB':>14}{'above floor':>13}{'/ checkpoint':>14}{'/ largest':>11}{'s':>7}")
-        for dtype in ("fp32", "bf16"):
+        for dtype in ("fp32",) if args.quick else ("fp32", "bf16"):
             peak, secs = export_peak_rss(work / "hf", work / f"out-{dtype}", dtype)
             above = peak - floor
             print(f"{dtype:<8}{peak / gib:>14.2f}{above / gib:>13.2f}{above / total:>14.2f}{above / largest:>11.1f}"

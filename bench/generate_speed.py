@@ -7,6 +7,7 @@ time counts.
 
   python bench/generate_speed.py                                     # debug model, 64 + 256 tokens
   python bench/generate_speed.py --config configs/llama3_8b.yaml model.n_layers=2 --device cuda
+  python bench/generate_speed.py --quick                             # 8 + 16 tokens, once: seconds
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--quick", action="store_true", help="8 + 16 tokens, one repeat (a smoke test)")
     args, overrides = ap.parse_known_args()
+    if args.quick:
+        args.prompt_len, args.new_tokens, args.repeats = 8, 16, 1
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -4,6 +4,7 @@
 #  1. bench/trainer_vs_bare.py: the trainer vs a bare loop side by side (both models resident, so
 #     fewer layers: LAYERS_BENCH);
 #  2. the trainer alone with as many layers as fit (LAYERS_TRAIN), steady-state tokens/s and MFU.
+#  --quick: the same two steps on CPU with the debug model (seconds): checks the pipeline, not a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -11,7 +12,15 @@ LAYERS_BENCH=${LAYERS_BENCH:-3}
 LAYERS_TRAIN=${LAYERS_TRAIN:-8}
 STEPS=${STEPS:-30}
 common=(--config configs/llama3_8b.yaml data.seq_len=8192 train.global_batch_size=1 logging.wandb_mode=disabled)
-$PY bench/trainer_vs_bare.py "${common[@]}" model.n_layers="$LAYERS_BENCH" --steps 5 --rounds 4
+bench_args=(--steps 5 --rounds 4)
+case "${1:-}" in
+  --quick) LAYERS_BENCH=1 LAYERS_TRAIN=2 STEPS=3 bench_args=(--quick)
+    common=(--config configs/debug.yaml model.dim=64 data.seq_len=64 train.global_batch_size=2
+            logging.wandb_mode=disabled logging.console=false) ;;
+  "") ;;
+  *) echo "usage: $0 [--quick] (settings come from the environment: LAYERS_BENCH, LAYERS_TRAIN, STEPS)" >&2; exit 2 ;;
+esac
+$PY bench/trainer_vs_bare.py "${common[@]}" model.n_layers="$LAYERS_BENCH" "${bench_args[@]}"
 run_dir=$(mktemp -d)
 $PY -m dist_llama.train "${common[@]}" model.n_layers="$LAYERS_TRAIN" train.steps="$STEPS" \
     checkpoint.enabled=false train.run_dir="$run_dir" train.log_interval=5

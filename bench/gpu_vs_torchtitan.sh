@@ -9,6 +9,7 @@
 #   FLOAT8=1 bench/gpu_vs_torchtitan.sh               # float8 linear layers in both
 #   LAYERS=16 AC=full bench/gpu_vs_torchtitan.sh      # more layers with full activation checkpointing
 #   CHECK=1 bench/gpu_vs_torchtitan.sh                # no GPU: validate dist_llama's side of the config only
+#   bench/gpu_vs_torchtitan.sh --quick                # the same check (CPU, seconds; what tests/test_bench.py runs)
 #
 # torchtitan and torchao are installed from the package index into a venv under WORK that sees this
 # environment's packages (a .pth file naming its site-packages) with torch pinned to the version
@@ -19,6 +20,11 @@
 # and what is compiled (torchtitan: the blocks and the loss; dist_llama: the blocks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+case "${1:-}" in
+  --quick) CHECK=1 ;;  # nothing here runs without a GPU and the index: check what can be checked
+  "") ;;
+  *) echo "usage: $0 [--quick] (settings come from the environment: LAYERS, SEQ, ...)" >&2; exit 2 ;;
+esac
 ROOT=$PWD
 PY=${PYTHON:-python3}
 LAYERS=${LAYERS:-8}

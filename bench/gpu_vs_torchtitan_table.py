@@ -1,6 +1,7 @@
 """The table of bench/gpu_vs_torchtitan.sh: dist_llama's metrics.jsonl and torchtitan's log, side by side.
 
   python bench/gpu_vs_torchtitan_table.py METRICS.jsonl TORCHTITAN.log [dist_llama config args ...]
+  python bench/gpu_vs_torchtitan_table.py --quick     # the table of made-up records (a smoke test, CPU)
 
 Steady state: the first third of each run's steps (compilation, warm-up) is left out and medians are
 taken. MFU is computed for both from their tokens/s with one formula (dist_llama.model.flops: PaLM,
@@ -15,6 +16,8 @@ import json
 import re
 import statistics
 import sys
+import tempfile
+from pathlib import Path
 
 from dist_llama.model.flops import H100_BF16_PEAK, flops_per_token, mfu
 from dist_llama.train.cli import parse_args, resolve_config
@@ -41,8 +44,24 @@ def torchtitan_rows(log_path: str) -> list[dict]:
     return rows
 
 
+def quick_inputs(work: Path) -> list[str]:
+    """Made-up inputs in the two formats (six steps each) and the debug model: what --quick tabulates.
+    The torchtitan lines are ones TITAN_STEP reads (colour codes included), not a real log's."""
+    metrics, log = work / "metrics.jsonl", work / "torchtitan.log"
+    metrics.write_text("".join(json.dumps({"step": i, "loss": 6.0 - 0.1 * i, "tokens_per_sec": 1000.0 + i,
+                                           "mfu": 0.4, "mem_gib": 1.0, "mem_reserved_gib": 1.5}) + "\n"
+                               for i in range(1, 7)))
+    log.write_text("".join(f"[titan] \x1b[31mstep: {i}  \x1b[32mloss:  {6.1 - 0.1 * i:.4f}  \x1b[33mmemory:  2.00GiB"
+                           f"(2.10%)  \x1b[34mtps: 1,{i}00  \x1b[36mtflops: 1.0  \x1b[35mmfu: 40.00%\x1b[39m\n"
+                           for i in range(1, 7)))
+    return [str(metrics), str(log), "--config", "configs/debug.yaml"]
+
+
 def main() -> None:
-    metrics_path, titan_log, *config_args = sys.argv[1:]
+    args = sys.argv[1:]
+    if args[:1] == ["--quick"]:
+        args = quick_inputs(Path(tempfile.mkdtemp(prefix="titan-table-")))
+    metrics_path, titan_log, *config_args = args
     cfg, _ = resolve_config(*parse_args(config_args + ["train.device=cpu", "train.float8=false"]), world_size=1)
     per_token = flops_per_token(cfg.model, cfg.data.seq_len)
     ours = [json.loads(line) for line in open(metrics_path)]

@@ -7,7 +7,8 @@ calls); everything else in the step is waiting. Measured bubble = idle / busy, c
 (PP-1)/(V*M) (bubble time over ideal compute time).
 
   python bench/layouts.py            # all layouts; 8-rank ones included (slow on 2 cores)
-  python bench/layouts.py --quick    # skip the 8-rank layout
+  python bench/layouts.py --max-ranks 2    # skip the 8-rank layout
+  python bench/layouts.py --quick    # 1 rank, dp2, pp2 interleaved: a tiny model, 1 step (a smoke test: seconds)
 
 On a 2-core machine layouts with more ranks than cores are slower for lack of cores, not
 because of the layout: compare like with like (same rank count).
@@ -37,6 +38,10 @@ LAYOUTS = [
 MODEL = ["model.dim=256", "model.n_layers=8", "model.n_heads=8", "model.n_kv_heads=4", "data.seq_len=256",
          "train.global_batch_size=16", "train.micro_batch_size=2", "checkpoint.enabled=false",
          "logging.console=false", "logging.wandb_mode=disabled"]
+QUICK = ("1 rank", "dp2 (FSDP)", "pp2 interleaved_1f1b v2")
+"""--quick: one layout of each code path the table measures (no parallelism, data parallel, a pipeline)."""
+QUICK_MODEL = ["model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "data.seq_len=32",
+               "train.global_batch_size=4", "train.micro_batch_size=1"]
 
 
 def _time_stage_compute(schedule, busy: list[float]) -> None:
@@ -91,16 +96,20 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="skip layouts with more than 2 ranks")
+    parser.add_argument("--max-ranks", type=int, default=None, help="skip layouts with more ranks than this")
+    parser.add_argument("--quick", action="store_true", help="3 layouts, a tiny model, 1 step (a smoke test)")
     args = parser.parse_args()
-    print(f"model: {' '.join(o for o in MODEL if o.startswith(('model.', 'data.', 'train.')))}")
+    model = []
+    if args.quick:
+        args.max_ranks, args.steps, args.warmup, model = 2, 1, 1, QUICK_MODEL
+    print(f"model: {' '.join(o for o in [*MODEL, *model] if o.startswith(('model.', 'data.', 'train.')))}")
     print(f"{'layout':<26}{'ranks':>6}{'step s':>9}{'tokens/s':>10}{'vs 1 rank':>10}"
           f"{'bubble meas.':>14}{'(PP-1)/(V*M)':>14}")
     base = None
     for name, world, overrides in LAYOUTS:
-        if args.quick and world > 2:
+        if (args.max_ranks is not None and world > args.max_ranks) or (args.quick and name not in QUICK):
             continue
-        results = run_ranks(_rank, world, overrides, world, args.steps, args.warmup, timeout=1200)
+        results = run_ranks(_rank, world, [*model, *overrides], world, args.steps, args.warmup, timeout=1200)
         step = statistics.median(r["step_time"] for r in results)
         tps = results[0]["tokens"] / step
         base = base or tps

@@ -8,10 +8,12 @@ loader's approach for the same corpus: a materialised np.random permutation of e
 1e11 tokens; beyond that it takes minutes and gigabytes). The goal is a flat first column.
 
     .venv/bin/python bench/loader_scale.py
+    .venv/bin/python bench/loader_scale.py --quick     # the smallest and the largest size (a smoke test)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -81,11 +83,14 @@ def run(n_tokens: int, resume_tokens: int = 0, old: bool = False) -> dict:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the smallest and the largest size only")
+    args = parser.parse_args()
     mib = 2**20
     print(f"one rank of {DP}, seq {SEQ}, global batch {BATCH}: construct + first batch")
     print(f"{'tokens':>9} {'start s':>8} {'start MiB':>10} {'@10T s':>7} {'@10T MiB':>9} "
           f"{'old perm s':>10} {'old MiB':>8} {'old/new s':>9}")
-    for n in SIZES:
+    for n in [SIZES[0], SIZES[-1]] if args.quick else SIZES:
         new = run(n)
         resumed = run(n, RESUME_AT) if n > RESUME_AT else None
         old = run(n, old=True) if n <= 1e11 else None

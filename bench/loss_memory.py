@@ -7,6 +7,7 @@ Peak memory: on CUDA the allocator's peak above what was allocated before; on CP
 tensors (memory only, no time) unless --real is given.
 
     .venv/bin/python bench/loss_memory.py [--dim 64] [--real] [--repeats 3]
+    .venv/bin/python bench/loss_memory.py --quick    # a small real shape and the large one (fake on CPU)
 """
 
 from __future__ import annotations
@@ -81,13 +82,17 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=64, help="hidden size (the logits do not depend on it)")
     ap.add_argument("--real", action="store_true", help="CPU: run the large shape on real tensors too")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="a small shape instead of Llama 2's, one repeat (a smoke test)")
     args = ap.parse_args()
+    shapes = [(4096, 512), SHAPES[-1]] if args.quick else SHAPES
+    if args.quick:
+        args.repeats = 1
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gib = 2**30
     print(f"loss forward+backward on {device.type}, hidden {args.dim}; peak memory above the inputs")
     print(f"{'vocab':>8}{'tokens':>8}{'logits GiB':>12}{'chunk':>7}{'plain GiB':>11}{'chunked GiB':>13}"
           f"{'memory ratio':>14}{'plain s':>9}{'chunked s':>11}{'time ratio':>12}")
-    for vocab, tokens in SHAPES:
+    for vocab, tokens in shapes:
         fake = device.type == "cpu" and not args.real and vocab * tokens > 10**9
         p_mem, p_s = measure(plain, vocab, tokens, args.dim, device, fake, args.repeats)
         c_mem, c_s = measure(chunked, vocab, tokens, args.dim, device, fake, args.repeats)

@@ -6,7 +6,8 @@ model on the layouts the tests check; then which published presets fit 80 GB wit
 activation checkpointing under the estimate.
 
   python bench/memory_vs_measured.py              # all layouts (the 8-rank one takes a minute on 2 cores)
-  python bench/memory_vs_measured.py --quick      # 2-rank layouts only
+  python bench/memory_vs_measured.py --max-ranks 2   # 2-rank layouts only
+  python bench/memory_vs_measured.py --quick      # fsdp2 and the 80 GB table (a smoke test: seconds)
   python bench/memory_vs_measured.py --published  # only the 80 GB table
 
 The loss's memory before and after chunking is bench/loss_memory.py's (another change).
@@ -88,15 +89,16 @@ def published() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="2-rank layouts only")
+    ap.add_argument("--max-ranks", type=int, default=None, help="skip layouts with more ranks than this")
+    ap.add_argument("--quick", action="store_true", help="the first layout and the 80 GB table (a smoke test)")
     ap.add_argument("--published", action="store_true", help="only the 80 GB table of the published presets")
     args = ap.parse_args()
     if not args.published:
         print(f"{DEBUG}, fp32 on gloo; peak bytes per rank (KiB); load average {os.getloadavg()[0]:.1f}")
         print(f"{'layout':<26}{'rank':>5}  {'estimate':>9} {'fake step':>10} {'real step':>10}  "
               f"{'est/fake':>8} {'fake/real':>9}")
-        for name, world, overrides in LAYOUTS:
-            if args.quick and world > 2:
+        for name, world, overrides in LAYOUTS[:1] if args.quick else LAYOUTS:
+            if args.max_ranks is not None and world > args.max_ranks:
                 continue
             for r, est, fake, real in compare(overrides, world):
                 print(f"{name:<26}{r:>5}  {est / 1024:9.0f} {fake / 1024:10.0f} {real / 1024:10.0f}  "

@@ -12,7 +12,8 @@ The estimate uses the "cpu" hardware preset for the layout's rank count: one thr
 matmul rate shared among the ranks, and gloo latency / bandwidth recorded by dist_llama.plan.calibrate.
 
   python bench/plan_vs_measured.py            # all layouts (8-rank ones take a minute on 2 cores)
-  python bench/plan_vs_measured.py --quick    # 2-rank layouts only
+  python bench/plan_vs_measured.py --max-ranks 2    # 2-rank layouts only
+  python bench/plan_vs_measured.py --quick    # fsdp2, 1 step (a smoke test: seconds)
 """
 
 from __future__ import annotations
@@ -112,13 +113,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="2-rank layouts only")
+    ap.add_argument("--max-ranks", type=int, default=None, help="skip layouts with more ranks than this")
+    ap.add_argument("--quick", action="store_true", help="the first layout, 1 step (a smoke test)")
     args = ap.parse_args()
+    layouts = LAYOUTS[:1] if args.quick else LAYOUTS
+    if args.quick:
+        args.steps, args.warmup = 1, 1
     print(f"configs/debug.yaml; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores before the runs "
           "(other processes sharing the cores slow the measured steps)")
     print(HEADER, flush=True)
-    for name, world, overrides in LAYOUTS:
-        if args.quick and world > 2:
+    for name, world, overrides in layouts:
+        if args.max_ranks is not None and world > args.max_ranks:
             continue
         rows = compare(measure(overrides, world, args.steps, args.warmup))
         print("\n".join(format_rows(name, rows)), flush=True)

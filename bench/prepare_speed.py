@@ -10,6 +10,7 @@ times; the best time counts.
 
   python bench/prepare_speed.py                               # byte + BPE, 4 copies, 1 and 2 workers
   python bench/prepare_speed.py --tokenizer /path/to/tokenizer.model --workers 1 2 4 8 --copies 16
+  python bench/prepare_speed.py --quick                       # byte, the corpus's first 200 documents
 """
 
 from __future__ import annotations
@@ -43,6 +44,15 @@ def train_bpe(path: Path, vocab_size: int = 4096) -> str:
     return str(path)
 
 
+def head(src: str, dst: str, lines: int) -> None:
+    """The first `lines` documents of a .jsonl.gz file."""
+    import gzip
+    import itertools
+
+    with gzip.open(src, "rt", encoding="utf-8") as f, gzip.open(dst, "wt", encoding="utf-8") as out:
+        out.writelines(itertools.islice(f, lines))
+
+
 def dir_bytes(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
 
@@ -54,7 +64,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--copies", type=int, default=4, help="input files, each a copy of the corpus")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="byte only, one input of the corpus's first 200 documents")
     args = ap.parse_args()
+    if args.quick:
+        args.tokenizer, args.copies = args.tokenizer or ["byte"], 1
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     work = Path(tempfile.mkdtemp(prefix="prepare_speed-"))
@@ -62,7 +75,10 @@ def main() -> None:
         inputs = []
         for i in range(args.copies):
             inputs.append(str(work / f"kjv{i}.jsonl.gz"))
-            shutil.copyfile(KJV_PATH, inputs[-1])
+            if args.quick:
+                head(KJV_PATH, inputs[-1], 200)
+            else:
+                shutil.copyfile(KJV_PATH, inputs[-1])
         specs = args.tokenizer or ["byte", train_bpe(work / "bpe4096.json")]
         size = sum(os.path.getsize(p) for p in inputs)
         print(f"{args.copies} x kjv.jsonl.gz ({size / 1e6:.1f} MB compressed), {cores} usable cores, "

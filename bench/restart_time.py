@@ -4,6 +4,7 @@ longer run with a fault injected every minute.
 
   python bench/restart_time.py                 # kill-to-first-step breakdown (about 1 minute)
   python bench/restart_time.py --ett 300       # also a 5-minute run, one fault a minute
+  python bench/restart_time.py --quick         # the breakdown on a tiny model, 10 steps (a smoke test)
 
 All timestamps come from the run's own logs: the fault's `fault_injected` event (just before the
 SIGKILL), torchrun's "failed (exitcode: -9)" line, the new process's `process_start` event, its
@@ -54,20 +55,24 @@ def _agent_times(log: str) -> list[float]:
     return out
 
 
-def kill_breakdown(kill_step: int) -> None:
+def kill_breakdown(kill_step: int, steps: int = 40, interval: int = 10, model: tuple = ()) -> None:
     run_dir = Path(tempfile.mkdtemp(prefix="restart-"))
-    log = _torchrun(run_dir, ["train.steps=40", "checkpoint.interval=10", f"health.faults=[kill:rank=1:step={kill_step}]"],
-                    max_restarts=1)
+    log = _torchrun(run_dir, [*model, f"train.steps={steps}", f"checkpoint.interval={interval}",
+                              f"health.faults=[kill:rank=1:step={kill_step}]"], max_restarts=1)
     events = _jsonl(run_dir / "events.jsonl")
     metrics = _jsonl(run_dir / "metrics.jsonl")
     t_kill = next(e["time"] for e in events if e["event"] == "fault_injected")
     t_detect = next(t for t in _agent_times(log) if t >= t_kill - 1)
     restart = [e for e in events if e["event"] == "process_start" and e["restart_count"] == 1][0]
     t_proc = restart["started"]
-    loaded = next(e for e in events if e["event"] == "checkpoint_loaded")
+    # None: no checkpoint was committed before the kill (the async write still in flight): from step 0.
+    loaded = next((e for e in events if e["event"] == "checkpoint_loaded"), None)
+    if loaded is None:
+        loaded = {"step": 0, "time": next(e["time"] for e in events if e["event"] == "train_start"
+                                          and e["time"] > t_proc)}
     t_loaded = loaded["time"]
     t_step = next(m["time"] for m in metrics if m["time"] > t_loaded)
-    print(f"killed rank 1 at step {kill_step}; resumed from step {loaded['step']} (checkpoint every 10 steps)")
+    print(f"killed rank 1 at step {kill_step}; resumed from step {loaded['step']} (checkpoint every {interval} steps)")
     print(f"{'phase':<42}{'seconds':>9}")
     for name, secs in [("detection (kill -> torchrun notices)", t_detect - t_kill),
                        ("restart (-> new worker process started)", t_proc - t_detect),
@@ -109,7 +114,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kill-step", type=int, default=25)
     parser.add_argument("--ett", type=float, default=0, help="seconds of the fault-every-minute run (0 = skip)")
+    parser.add_argument("--quick", action="store_true", help="the breakdown only, tiny model, 10 steps (a smoke test)")
     args = parser.parse_args()
+    if args.quick:
+        kill_breakdown(8, steps=10, interval=2, model=("model.n_layers=2", "model.dim=64", "data.seq_len=64"))
+        return
     kill_breakdown(args.kill_step)
     if args.ett:
         effective_training_time(args.ett)

@@ -9,6 +9,7 @@ plain forward / cross-entropy / backward / clip / step on pre-built batches.
   python bench/trainer_vs_bare.py                                   # CPU, debug model
   python bench/trainer_vs_bare.py --config configs/llama3_8b.yaml model.n_layers=8 \
       data.seq_len=8192 train.global_batch_size=1                   # one GPU (bf16, flex, compile)
+  python bench/trainer_vs_bare.py --quick                           # 2 steps x 2 rounds: seconds
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dist_llama.data import PackedLoader
 from dist_llama.model.flops import count_params, mfu
 from dist_llama.parallel.env import init_distributed
-from dist_llama.train.build import build_trainer, compute_dtype
+from dist_llama.train.build import build_loader, build_trainer, compute_dtype
 from dist_llama.train.cli import resolve_config
 from dist_llama.model import Transformer
 
@@ -75,16 +75,20 @@ def main():
     parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
     parser.add_argument("--rounds", type=int, default=16, help="timed blocks of each (after one warm-up)")
     parser.add_argument("--verbose", action="store_true", help="print every block's time")
+    parser.add_argument("--quick", action="store_true", help="2 steps x 2 rounds (a smoke test)")
     args, overrides = parser.parse_known_args()
+    if args.quick:  # a tiny model unless the command line says otherwise
+        args.steps, args.rounds = 2, 2
+        overrides = ["model.n_layers=1", "model.dim=64", "data.seq_len=32", "train.global_batch_size=2", *overrides]
     run_dir = tempfile.mkdtemp(prefix="bench-")
     total = args.steps * (args.rounds + 1)
-    cfg, dataset = resolve_config(args.config, [
+    cfg, sources = resolve_config(args.config, [
         *overrides, f"train.run_dir={run_dir}", f"train.steps={total}", "checkpoint.enabled=false",
         "logging.console=false", "logging.wandb_mode=disabled", "optim.warmup_steps=2"], 1)
     env = init_distributed(cfg.train.device)
-    trainer = build_trainer(cfg, env, dataset)
+    trainer = build_trainer(cfg, env, sources)
     # The bare loop trains on the windows the trainer sees, fetched up front.
-    loader = PackedLoader(dataset, cfg.data.seq_len, cfg.train.global_batch_size, 0, 1, seed=cfg.train.seed)
+    loader = build_loader(cfg, sources, dp_rank=0, dp_size=1)
     batches = [{k: v.to(env.device) for k, v in loader.next_batch().items()} for _ in range(args.steps)]
     bare = bare_loop(cfg, env.device, compute_dtype(cfg, env.device), batches)
 
@@ -110,10 +114,11 @@ def main():
           f"peak {peak / 1e12:.1f} TFLOP/s")
     print(f"{'loop':<12}{'median step s':>15}{'tokens/s':>14}{'MFU':>9}")
     tps = {}
+    per_token = trainer.p.flops_per_token(cfg.data.seq_len)
     for name, ts in times.items():
         med = statistics.median(ts)
         tps[name] = tokens / med
-        print(f"{name:<12}{med:>15.4f}{tps[name]:>14,.0f}{100 * mfu(tps[name], trainer.p.flops_per_token, peak):>8.2f}%")
+        print(f"{name:<12}{med:>15.4f}{tps[name]:>14,.0f}{100 * mfu(tps[name], per_token, peak):>8.2f}%")
     paired = [b / d for d, b in zip(times["dist_llama"], times["bare"])]
     print(f"ratio dist_llama/bare tokens/s: {tps['dist_llama'] / tps['bare']:.3f} (medians), "
           f"{statistics.median(paired):.3f} (median of {len(paired)} adjacent-block ratios)")

@@ -15,6 +15,7 @@ gathered weights alive between uses in a model this small, so here it holds more
 
   python bench/zero_vs_fsdp.py                  # the default model below (~3 min on 2 cores)
   python bench/zero_vs_fsdp.py --steps 8 model.dim=512 ...   # more steps, other overrides
+  python bench/zero_vs_fsdp.py --quick          # FSDP2 and ZeRO-3 on a tiny model, 1 step (a smoke test)
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def _rank(overrides: list[str], steps: int, warmup: int):
     # Whole-model parameter count (FSDP's DTensors report the global size, ZeRO-3's placeholders ds_numel).
     params = sum(getattr(p, "ds_numel", p.numel()) for part in trainer.engine.parts for p in part.parameters())
     dist.destroy_process_group()
-    return {"step_time": statistics.median(step_times), "tokens": trainer.tokens_per_step,
+    return {"step_time": statistics.median(step_times), "tokens": cfg.train.global_batch_size * cfg.data.seq_len,
             "mem": peak - baseline, "losses": losses, "params": params}
 
 
@@ -88,7 +89,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="FSDP2 and ZeRO-3, a tiny model, 1 step (a smoke test)")
     args, overrides = parser.parse_known_args()
+    engines = [ENGINES[0], ENGINES[-1]] if args.quick else ENGINES
+    if args.quick:
+        args.steps, args.warmup = 1, 1
+        overrides = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", *overrides]
     MODEL.extend(overrides)
     os.environ.setdefault("WANDB_MODE", "disabled")
     print(f"model: {' '.join(o for o in MODEL if o.startswith(('model.', 'data.', 'train.')))}; "
@@ -96,7 +102,7 @@ def main():
     print(f"{'engine':<8}{'step s':>9}{'tokens/s':>10}{'vs FSDP2':>10}{'peak MiB/rank':>15}"
           f"{'(rank 0, 1)':>16}{'loss@end':>10}")
     base = None
-    for name, engine in ENGINES:
+    for name, engine in engines:
         results = run_ranks(_rank, WORLD, [*engine], args.steps, args.warmup, timeout=1800)
         step = statistics.median(r["step_time"] for r in results)
         tps = results[0]["tokens"] / step

@@ -11,6 +11,7 @@ import pytest
 
 from dist_llama.data import (
     ByteTokenizer,
+    DataError,
     InputError,
     PackedLoader,
     TokenDataset,
@@ -468,5 +469,5 @@ def test_token_ids_outside_the_vocabulary_are_caught_with_the_file_named(tmp_pat
     data[5] = 60000
     data.tofile(shard)
     ds = TokenDataset.open(tmp_path / "ds")
-    with pytest.raises(ValueError, match=r"token id 60000 at position 5 is outside the vocabulary"):
+    with pytest.raises(DataError, match=rf"^{shard}: token id 60000 at position 5 is outside the vocabulary"):
         ds.tokens(0, 10)

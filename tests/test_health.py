@@ -311,3 +311,35 @@ def test_straggler_check_says_when_the_layout_is_unmeasured():
     check.on_train_start()
     assert check.on_step_end({"step": 1, "compute_s": None}) == []
     assert events == [("straggler_check_unavailable", 0, {"reason": "tp=2: not timed"})]
+
+
+def _straggler_check_over_an_interval(times_by_rank):
+    """StragglerCheck on 2 gloo ranks, fed each rank's compute_s step by step; the events it logs."""
+    from dist_llama.train.callbacks import StragglerCheck
+    from dist_llama.train.compute_clock import ComputeClock
+
+    dist.init_process_group("gloo")
+    try:
+        logged = []
+        logger = SimpleNamespace(event=lambda name, step, **fields: logged.append((name, step, fields)))
+        check = StragglerCheck(3, 2.0, ComputeClock(torch.device("cpu")), SimpleNamespace(beat=lambda *a: None),
+                               logger)
+        for step, t in enumerate(times_by_rank[dist.get_rank()], start=1):
+            check.on_step_end({"step": step, "compute_s": t})
+        return logged
+    finally:
+        dist.destroy_process_group()
+
+
+def test_straggler_is_named_on_its_median_though_the_fast_rank_was_noisy_at_the_check_step():
+    """Rank 1 is 10x slower every step; rank 0 was held up at step 6 (the probe's case, a loaded
+    machine: step 6 missed). One step's times would compare 1.0 with 2 x 0.9 and miss it; the
+    interval's medians (1.0 vs 0.1, 1.0 vs 0.1) name it at both checks. A single spike on the slow
+    rank's own noise at a check step names no one when no rank is slow."""
+    times = {0: [0.1, 0.1, 0.1, 0.1, 0.1, 0.9], 1: [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]}
+    for logged in run_ranks(_straggler_check_over_an_interval, 2, times):
+        assert [(name, step, f["ranks"], f["compute_s"], f["steps"]) for name, step, f in logged] == \
+            [("stragglers", 3, [1], [1.0], 3), ("stragglers", 6, [1], [1.0], 3)]
+    quiet = {0: [0.1, 0.1, 2.0, 0.1, 0.1, 0.1], 1: [0.1, 0.1, 0.1, 0.1, 0.1, 0.1]}  # one noisy step, no straggler
+    for logged in run_ranks(_straggler_check_over_an_interval, 2, quiet):
+        assert logged == []

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from conftest import ROOT
-from dist_llama.train.runlock import RunDirInUse, RunLock
+from dist_llama.train.runlock import RunDirInUse, RunLock, restarts_left
+from procs import alive as _alive, children as _workers, gone_within as _gone_within
 
 COMMON = ["--config", "configs/debug.yaml", "model.n_layers=2", "model.dim=64", "data.seq_len=64",
           "logging.console=false", "checkpoint.enabled=false"]
@@ -59,28 +60,6 @@ def test_worker_dies_with_its_launcher(tmp_path):
     assert _gone_within(pid, 3)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _gone_within(pid: int, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while _alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def _workers(agent: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(agent)], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out]
-
-
 @pytest.mark.timeout(300)
 def test_second_job_exits_2_naming_the_holder_and_orphans_die_with_their_agent(tmp_path):
     run_dir = tmp_path / "run"
@@ -119,3 +98,11 @@ def test_second_job_exits_2_naming_the_holder_and_orphans_die_with_their_agent(t
                             "train.steps=2"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert after.returncode == 0, after.stderr[-3000:]
     assert json.loads((run_dir / ".lock").read_text())["pid"] != holder["pid"]
+
+
+def test_restarts_left_from_what_torchrun_tells_its_workers():
+    """stop_launcher ends the agent only while it would restart: max restarts minus those done."""
+    assert restarts_left({"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_RESTART_COUNT": "1"}) == 2
+    assert restarts_left({"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_RESTART_COUNT": "3"}) == 0
+    assert restarts_left({"TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_RESTART_COUNT": "0"}) == 0
+    assert restarts_left({}) == 0  # not under torchrun

@@ -6,7 +6,7 @@
     batch = loader.next_batch()                         # tokens, labels, doc_ids, positions
 """
 
-from .dataset import TokenDataset
+from .dataset import DataError, TokenDataset
 from .loader import PackedLoader
 from .prepare import InputError, prepare
 from .sources import BUILTIN_DATASETS, default_cache_dir, open_dataset
@@ -28,6 +28,7 @@ __all__ = [
     "build_tokenizer",
     "prepare",
     "InputError",
+    "DataError",
     "TokenDataset",
     "open_dataset",
     "default_cache_dir",

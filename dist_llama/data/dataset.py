@@ -9,9 +9,14 @@ import numpy as np
 
 from .prepare import FORMAT, FORMAT_VERSION
 
-__all__ = ["TokenDataset"]
+__all__ = ["DataError", "TokenDataset"]
 
 _REQUIRED = ("tokenizer", "vocab_size", "dtype", "n_tokens", "n_docs", "shards")
+
+
+class DataError(ValueError):
+    """The data read is not what dist-llama-prepare wrote (a shard changed afterwards): bad input that
+    no restart can fix. The trainer exits 2 on it; the message names the shard file and position."""
 
 
 class TokenDataset:
@@ -154,9 +159,15 @@ class TokenDataset:
         # embedding (or a device-side assert on CUDA).
         if len(out) and int(out.max()) >= self.vocab_size:
             bad = int(np.argmax(out >= self.vocab_size))
-            raise ValueError(f"{self.path}: token id {int(out[bad])} at position {start + bad} is outside the "
-                             f"vocabulary of {self.vocab_size} (a shard was changed after dist-llama-prepare)")
+            shard, offset = self._locate(start + bad)
+            raise DataError(f"{shard}: token id {int(out[bad])} at position {offset} is outside the vocabulary "
+                            f"of {self.vocab_size} (a shard was changed after dist-llama-prepare)")
         return out
+
+    def _locate(self, pos: int) -> tuple[str, int]:
+        """The shard file holding stream position `pos`, and the position in it."""
+        i = int(np.searchsorted(self._shard_starts, pos, side="right")) - 1
+        return os.path.join(self.path, self.meta["shards"][i]["file"]), pos - int(self._shard_starts[i])
 
     def loss_mask(self, start: int, stop: int) -> np.ndarray:
         """The mask of tokens ``[start, stop)`` (uint8, data/chat.py: 0 prompt, 1 assistant content,

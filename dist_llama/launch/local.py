@@ -8,10 +8,13 @@ newest valid checkpoint, so a killed rank costs one restart. Each rank's output 
 <run_dir>/logs/<torchrun run id>/attempt_<k>/<local rank>/{stdout,stderr}.log, and is also echoed here
 with a rank prefix. The Slurm batch script (slurm.py) builds its torchrun line with the same function.
 
-A run that stops for good (exit 2: a checkpoint this configuration cannot resume; 3: unrecoverable, a
-crash loop) ends torchrun's agent rather than let it restart (train/runlock.py stop_launcher), so
-torchrun's own status says nothing; the trainer's exit file does, and this launcher exits with that
-code after one line with the reason.
+A run that stops for good (exit 2: a checkpoint this configuration cannot resume, or bad data; 3:
+unrecoverable, a crash loop) ends torchrun's agent rather than let it restart (train/runlock.py
+stop_launcher), so torchrun's own status (1) says little; the trainer's exit file says more, and this
+launcher exits with that code after one line with the reason.
+
+torchrun dies with this launcher, SIGKILL included (PR_SET_PDEATHSIG, runlock.die_with_parent), and
+its workers with torchrun: nothing trains on unsupervised after `kill -9` of the launcher.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Optional, Sequence
 
 from dist_llama import config as config_lib
 from dist_llama.config import EXIT_CONFIG, EXIT_FILE_ENV, ConfigError
+from dist_llama.train.runlock import die_with_parent
 
 
 
@@ -95,10 +99,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run_torchrun(cmd: list[str], env: dict, exit_file: Path) -> int:
     """torchrun as a child in a process group of its own, so a terminal's Ctrl-C reaches it once,
-    through the forwarding here, as any signal sent to this launcher does. Returns the trainer's code
+    through the forwarding here, as any signal sent to this launcher does; and one that ends with
+    this launcher, which can forward nothing when SIGKILLed. Returns the trainer's code
     when it stopped for good (the exit file's), else torchrun's status (128 + N for signal N)."""
     exit_file.unlink(missing_ok=True)
-    proc = subprocess.Popen(cmd, env=env, process_group=0)
+    launcher = os.getpid()
+    proc = subprocess.Popen(cmd, env=env, process_group=0, preexec_fn=lambda: die_with_parent(launcher))
     for sig in FORWARDED:
         signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
     rc = proc.wait()

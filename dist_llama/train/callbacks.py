@@ -14,6 +14,7 @@ The profiler and memory snapshots (train/profiling.py) are a Callback too.
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 
 
@@ -104,24 +105,34 @@ class HangReport(Callback):
 class StragglerCheck(Callback):
     """Every `interval` steps, ranks whose compute time (`compute_s`: the step's forward/backward
     without the time the rank was blocked in collectives, train/compute_clock.py) is above factor x
-    the median are reported. Step times cannot be compared: in lockstep training every rank waits
-    for the slowest, so all step times come out equal. A layout whose compute time the engine
-    cannot measure gets one `straggler_check_unavailable` event with the reason, and no check."""
+    the median are reported. Each rank's time is its median over the interval's steps: one noisy
+    step (a rank preempted by another process, a page fault storm) neither names a rank nor hides a
+    slow one, as a single step's time would. Step times cannot be compared: in lockstep training
+    every rank waits for the slowest, so all step times come out equal. A layout whose compute time
+    the engine cannot measure gets one `straggler_check_unavailable` event with the reason, and no
+    check."""
 
     def __init__(self, interval: int, factor: float, clock: ComputeClock, watchdog, logger: MetricsLogger):
         self.interval, self.factor, self.clock, self.watchdog, self.logger = interval, factor, clock, watchdog, logger
+        self._times: list[float] = []  # this rank's compute_s of the interval's steps so far
 
     def on_train_start(self) -> None:
         if self.clock.unmeasured is not None:
             self.logger.event("straggler_check_unavailable", 0, reason=self.clock.unmeasured)
 
     def on_step_end(self, record: dict) -> list[Finding]:
-        if record["step"] % self.interval == 0 and self.clock.unmeasured is None:
+        if self.clock.unmeasured is not None:
+            return []
+        if record.get("compute_s") is not None:
+            self._times.append(record["compute_s"])
+        if record["step"] % self.interval == 0:
             self.watchdog.beat(record["step"], "straggler_check")
-            slow = find_stragglers(record["compute_s"], factor=self.factor)
+            times, self._times = self._times, []
+            # Every rank calls the collective; the same steps are timed on each.
+            slow = find_stragglers(statistics.median(times) if times else 0.0, factor=self.factor)
             if slow:
                 self.logger.event("stragglers", record["step"], ranks=[r for r, _ in slow],
-                                  compute_s=[round(t, 4) for _, t in slow], factor=self.factor)
+                                  compute_s=[round(t, 4) for _, t in slow], steps=len(times), factor=self.factor)
         return []
 
 

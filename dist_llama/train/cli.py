@@ -1,8 +1,9 @@
 """`python -m dist_llama.train` / `torchrun ... -m dist_llama.train --config X.yaml [key=value ...]`.
 
 Exit codes: 0 finished; 2 bad configuration or input (one line on stderr: before any process group,
-or a checkpoint the run cannot resume from), or a run directory another live job holds (rank 0, before
-any process group; the other ranks are then stopped by torchrun);
+printed by local rank 0; a checkpoint the run cannot resume from; a shard changed after prepare, by
+the rank that read it), or a run directory another live job holds (rank 0, before any process
+group; the other ranks are then stopped by torchrun);
 3 unrecoverable; 75 restart me (health abort, hang); 76 preempted (saved, requeue). See recovery.py.
 """
 
@@ -21,7 +22,7 @@ import torch.distributed as dist
 from dist_llama import config as config_lib
 from dist_llama.config import EXIT_CONFIG, EXIT_FILE_ENV, Config, ConfigError
 from dist_llama.config.data_plan import sources_of, stages_of
-from dist_llama.data import build_tokenizer, open_dataset
+from dist_llama.data import DataError, build_tokenizer, open_dataset
 from dist_llama.data.heldout import DataSources, eval_windows, split_held_out
 from dist_llama.data.loader import Source
 from dist_llama.parallel.env import init_distributed, world_size_from_env
@@ -36,10 +37,11 @@ FOR_GOOD = (EXIT_CONFIG, EXIT_UNRECOVERABLE)
 """Exit codes no restart can change: written to the launcher's exit file, and torchrun's agent ended."""
 
 
-def report_final(code: int, reason: str) -> int:
-    """Write the exit file (rank 0: every rank stops for the same reason) and return the code."""
+def report_final(code: int, reason: str, alone: bool = False) -> int:
+    """Write the exit file (rank 0: every rank stops for the same reason; or this rank, `alone` to
+    know it) and return the code."""
     path = os.environ.get(EXIT_FILE_ENV)
-    if path and code in FOR_GOOD and os.environ.get("RANK", "0") == "0":
+    if path and code in FOR_GOOD and (alone or os.environ.get("RANK", "0") == "0"):
         try:
             tmp = f"{path}.{os.getpid()}.tmp"
             with open(tmp, "w") as f:
@@ -201,6 +203,11 @@ def train(cfg: Config, sources):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    return _main(argv)[0]
+
+
+def _main(argv: Optional[Sequence[str]]) -> tuple[int, bool]:
+    """The exit code, and whether this rank stopped alone (the other ranks did not see why)."""
     # A crash in native code (SIGSEGV, SIGABRT) prints every thread's Python stack to stderr: the one
     # clue such a crash leaves in a launcher's log. The process's own stderr: a caller's replacement
     # (a test capturing output) may have no file descriptor.
@@ -211,30 +218,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg, sources = resolve_config(config_path, overrides, world_size_from_env())
     except ConfigError as exc:
-        print(f"dist_llama: config error: {exc}", file=sys.stderr)
-        return report_final(EXIT_CONFIG, f"config error: {exc}")
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # every rank finds it: once per node's console
+            print(f"dist_llama: config error: {exc}", file=sys.stderr)
+        return report_final(EXIT_CONFIG, f"config error: {exc}"), False
     together = False  # every rank leaves at the same point: finished, or a collectively agreed exit
+    alone = False  # this rank's own stop for good: its peers wait in a collective until the agent ends
     try:
         train(cfg, sources)
         together = True
     except TrainingExit as exc:
         together = True
         print(f"dist_llama: {exc.reason} (exit code {exc.code})", file=sys.stderr)
-        return report_final(exc.code, exc.reason)
+        return report_final(exc.code, exc.reason), False
     except RunDirInUse as exc:  # no exit file: the directory (and its launcher files) is another job's
         print(f"dist_llama: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_CONFIG, False
     except CheckpointError as exc:  # e.g. resuming a DeepSpeed checkpoint under another engine
         print(f"dist_llama: checkpoint error: {exc}", file=sys.stderr)
-        return report_final(EXIT_CONFIG, f"checkpoint error: {exc}")
+        return report_final(EXIT_CONFIG, f"checkpoint error: {exc}"), False
+    except DataError as exc:  # read by this rank only (failures.jsonl has it as the cause)
+        alone = True
+        print(f"dist_llama: data error: {exc}", file=sys.stderr)
+        return report_final(EXIT_CONFIG, f"data error: {exc}", alone=True), True
     finally:
-        if dist.is_initialized():
+        # Left to the exit when alone: a group torn down now fails the peers' collectives, and they
+        # would exit (and torchrun restart them) before this rank has ended the agent.
+        if dist.is_initialized() and not alone:
             if together:
                 # A gloo group torn down while a peer is still busy (a straggler's last step) has
                 # aborted the process in C++ once ("terminate called without an active exception").
                 dist.barrier()
             dist.destroy_process_group()
-    return EXIT_OK
+    return EXIT_OK, False
 
 
 def run() -> None:
@@ -244,10 +259,10 @@ def run() -> None:
     aborted a finished job ("terminate called without an active exception", SIGABRT after
     train_end) and turned its exit code 0 into a failure that torchrun restarts. A run that stopped for
     good (2, 3) also ends its torchrun agent, whose restarts would only stop the same way again."""
-    code = main()
+    code, alone = _main(None)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     if code in FOR_GOOD:
-        stop_launcher()
+        stop_launcher(end_agent=alone or os.environ.get("LOCAL_RANK", "0") == "0")
     os._exit(code)

@@ -295,7 +295,8 @@ def _group_ranks(group) -> list[int]:
 def find_stragglers(step_time: float, group=None, factor: float = 2.0) -> list[tuple[int, float]]:
     """(global rank, step time) of every rank in `group` (default: world) whose step time is above
     factor x the median, sorted by rank. A collective: every rank of the group calls it, and all get
-    the same answer.
+    the same answer. Callers pass a robust time (StragglerCheck: the rank's median over the
+    interval's steps), not one step's, which a rank preempted once can inflate.
 
     The median is the LOWER median: with an even count the mean of the middle two would let no rank
     of two ever exceed 2x it (b > (a + b) is impossible); the lower one compares the slower of two

@@ -17,7 +17,15 @@ and a thread polls the parent pid as a fallback (the parent died before the requ
 
 stop_launcher: a run that stops for good (exit 2 or 3: a configuration the checkpoint refuses, a
 crash loop) stops the same way on every attempt, yet torchrun restarts any failed group until
---max-restarts is spent. So the worker ends its agent instead of just exiting: no attempt follows.
+--max-restarts is spent. So when restarts remain (torchrun tells its workers TORCHELASTIC_MAX_RESTARTS
+and TORCHELASTIC_RESTART_COUNT) the worker ends its agent with SIGTERM: torchrun stops its workers and
+exits 1 ("failed"), never 137 (SIGKILL), which people and schedulers read as out of memory. When none
+remain (torchrun's default --max-restarts 0 included) the agent is left alone: it exits 1 with the
+worker's own exit code in its failure table.
+
+die_with_parent (before exec) is the same request for a launcher's own child: launch/local.py starts
+torchrun with it, so a SIGKILLed launcher takes torchrun with it, and torchrun's workers follow their
+agent (die_with_launcher).
 """
 
 from __future__ import annotations
@@ -114,6 +122,16 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
+def _prctl_pdeathsig(sig: int) -> None:
+    """Ask the kernel to send `sig` to this process when its parent thread ends (Linux; else nothing)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+
+
 def die_with_launcher(poll_s: float = 0.5) -> None:
     """From now on this process ends (SIGKILL) when its parent does. Call from the main thread at
     start: PR_SET_PDEATHSIG fires when the parent *thread* that forked us exits, which under
@@ -121,33 +139,48 @@ def die_with_launcher(poll_s: float = 0.5) -> None:
     parent = os.getppid()
     if parent == 1:  # already orphaned (reparented to init) before we could ask
         os.kill(os.getpid(), signal.SIGKILL)
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass  # the polling thread below still applies
+    _prctl_pdeathsig(signal.SIGKILL)  # the polling thread below still applies where it is missing
     # The parent may have died before the request; and without prctl this is the only check.
     threading.Thread(target=_watch_parent, args=(parent, poll_s), name="die-with-launcher", daemon=True).start()
 
 
-def stop_launcher(grace_s: float = 0.5, wait_s: float = 10.0) -> None:
-    """Keep torchrun from restarting a run that stopped for good; call as the last thing before
-    exiting with that code. The agent restarts the whole group the moment any worker exits, so no
-    worker may exit first: local rank 0 waits grace_s (the agent's log tail prints the reason to the
-    console) and SIGKILLs the agent (SIGTERM makes torchrun print a traceback of its own); the node's
-    other ranks wait up to wait_s and end with the agent (die_with_launcher). A no-op unless the
-    parent is torchrun's agent."""
-    if not launched_by_torchrun() or not _parent_is_torchrun():
-        return
-    if os.environ.get("LOCAL_RANK", "0") != "0":
-        time.sleep(wait_s)  # normally SIGKILLed before this ends
-        return
-    time.sleep(grace_s)
+def die_with_parent(parent: int) -> None:
+    """For subprocess's preexec_fn (in the child, between fork and exec): SIGKILL this child when
+    `parent` (the pid of the process starting it, taken before the fork) ends, also if it ended
+    already. The request survives exec. SIGKILL, like the launcher's own: the launcher could forward
+    nothing, so its child gets what it got."""
+    _prctl_pdeathsig(signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died between the fork and the request
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def restarts_left(environ=os.environ) -> int:
+    """How many more times torchrun's agent would restart this worker group (0 without torchrun)."""
     try:
-        os.kill(os.getppid(), signal.SIGKILL)
-    except OSError:
-        pass
+        return int(environ["TORCHELASTIC_MAX_RESTARTS"]) - int(environ["TORCHELASTIC_RESTART_COUNT"])
+    except (KeyError, ValueError):
+        return 0
+
+
+def stop_launcher(end_agent: bool, grace_s: float = 0.5, wait_s: float = 10.0) -> None:
+    """Keep torchrun from restarting a run that stopped for good; call as the last thing before
+    exiting with that code. Without restarts left, nothing to do: the agent reports the exit code
+    and gives up. With restarts left, the agent would restart the whole group the moment any worker
+    exits, so no worker may exit first: the rank that `end_agent`s (local rank 0 for a stop every
+    rank made, or the one rank that found the reason) waits grace_s (the agent's log tail prints the
+    reason to the console) and SIGTERMs the agent, which stops its workers and exits 1 (printing
+    the SignalException's traceback: torchrun's own, and the only way to make it exit with a code
+    rather than a signal); every rank then waits up to wait_s to be stopped by it (or to end with
+    it, die_with_launcher). A no-op unless the parent is torchrun's agent."""
+    if not launched_by_torchrun() or restarts_left() <= 0 or not _parent_is_torchrun():
+        return
+    if end_agent:
+        time.sleep(grace_s)
+        try:
+            os.kill(os.getppid(), signal.SIGTERM)
+        except OSError:
+            return
+    time.sleep(wait_s)  # normally stopped by the agent before this ends
 
 
 def _parent_is_torchrun() -> bool:
