@@ -12,8 +12,9 @@ from typing import Optional
 
 from dist_llama.config.data_plan import validate_data_plan
 from dist_llama.config.errors import ConfigError
+from dist_llama.config.engines import ENGINES, engine_facts
 from dist_llama.config.fault_specs import specs_from_env, validate_specs
-from dist_llama.config.names import (ACTIONS, DPO_REFERENCES, ENGINES, MULTI_STAGE, OBJECTIVES, SCHEDULES,
+from dist_llama.config.names import (ACTIONS, DPO_REFERENCES, MULTI_STAGE, OBJECTIVES, SCHEDULES,
                                      schedule_constraint)
 from dist_llama.config.schema import Config, ParallelConfig
 from dist_llama.model.args import ModelArgs
@@ -86,7 +87,7 @@ def _validate_speed(cfg: Config) -> None:
     if t.float8:
         _require(t.device != "cpu", "train.float8",
                  "needs a CUDA GPU of compute capability >= 8.9 (H100, H200, L4); train.device=cpu")
-        _require(p.engine != "deepspeed", "train.float8",
+        _require(engine_facts(p).float8, "train.float8",
                  "runs under parallel.engine=fsdp or ddp (DeepSpeed manages the linear layers' weights itself)")
         _require(p.tp == 1, "train.float8",
                  f"is not combined with tensor parallelism yet (parallel.tp={p.tp}): it needs torchao's float8 TP plan")
@@ -126,18 +127,19 @@ def resolve_parallel(p: ParallelConfig, world_size: int) -> ParallelConfig:
     _require(resolved.world_size == world_size, "parallel.dp_shard",
              f"dp_replicate*dp_shard*cp*tp*pp={resolved.world_size} must equal the world size {world_size} "
              "(set parallel.dp_shard=-1 to fill it)")
-    _require(p.engine in ENGINES, "parallel.engine",
-             f"must be fsdp, ddp or deepspeed, got {p.engine!r}")
-    _require(p.engine == "fsdp" or (p.tp == 1 and p.pp == 1), "parallel.engine",
+    engine = engine_facts(p)
+    _require(engine is not None, "parallel.engine", f"must be {' or '.join(ENGINES)}, got {p.engine!r}")
+    _require(engine.tp_pp or (p.tp == 1 and p.pp == 1), "parallel.engine",
              f"{p.engine} composes with data parallelism only (tp={p.tp}, pp={p.pp}); use engine=fsdp with tp or pp")
-    if p.engine == "deepspeed":
-        _require(p.cp == 1 and p.dp_replicate == 1, "parallel.engine",
-                 f"deepspeed runs plain ZeRO data parallelism: needs cp=1 and dp_replicate=1 "
-                 f"(got cp={p.cp}, dp_replicate={p.dp_replicate}); use engine=fsdp for HSDP or CP")
-        _require(p.zero_stage in (1, 2, 3), "parallel.zero_stage", f"must be 1, 2 or 3, got {p.zero_stage}")
-    _require(not p.offload_params or (p.engine == "deepspeed" and p.zero_stage == 3), "parallel.offload_params",
+    _require(engine.cp_hsdp or (p.cp == 1 and p.dp_replicate == 1), "parallel.engine",
+             f"{p.engine} runs plain data parallelism: needs cp=1 and dp_replicate=1 "
+             f"(got cp={p.cp}, dp_replicate={p.dp_replicate}); use engine=fsdp for HSDP or CP")
+    if engine.zero_stages:
+        _require(p.zero_stage in engine.zero_stages, "parallel.zero_stage",
+                 f"must be {', '.join(map(str, engine.zero_stages))}, got {p.zero_stage}")
+    _require(not p.offload_params or engine.offload_params, "parallel.offload_params",
              "needs parallel.engine=deepspeed and parallel.zero_stage=3")
-    _require(not p.offload_optimizer or p.engine == "deepspeed", "parallel.offload_optimizer",
+    _require(not p.offload_optimizer or engine.offload_optimizer, "parallel.offload_optimizer",
              "needs parallel.engine=deepspeed")
     _require(p.pp_schedule in SCHEDULES, "parallel.pp_schedule",
              f"must be one of {', '.join(SCHEDULES)}; got {p.pp_schedule!r}")
@@ -270,7 +272,7 @@ def validate(cfg: Config, world_size: int, dataset=None, tokenizer_vocab: Option
              "cuda or auto")
     _require(t.loss_chunk_tokens is None or t.loss_chunk_tokens >= 0, "train.loss_chunk_tokens",
              f"must be >= 0 (0 = the plain loss) or null (automatic), got {t.loss_chunk_tokens}")
-    _require(not t.loss_chunk_tokens or not (parallel.engine == "deepspeed" and parallel.zero_stage == 3),
+    _require(not t.loss_chunk_tokens or engine_facts(parallel).output_whole_after_forward,
              "train.loss_chunk_tokens", "must be 0 or null under parallel.engine=deepspeed with zero_stage=3 "
              "(ZeRO-3 holds the output weight whole only inside the model's forward)")
     _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")

@@ -20,6 +20,7 @@ from torch import nn
 
 from dist_llama.config import EXIT_CONFIG, Config, micro_batches, save_resolved
 from dist_llama.config.data_plan import anneal_start_step, stages_of
+from dist_llama.config.engines import engine_facts
 from dist_llama.data.loader import PackedLoader, Stage
 from dist_llama.data.pairs import PairLoader
 from dist_llama.faults import FaultInjector
@@ -92,10 +93,8 @@ def build_model_parts(cfg: Config, dims: ParallelDims, meshes: Meshes, device: t
         parts = split_model(model, stage_ids, counts)
     else:
         parts, stage_ids = [model], [0]
-    # Off by default under DeepSpeed: ZeRO-3 gathers parameters in module hooks that per-block
-    # compiled graphs would have to trace through (DeepSpeed compiles with its own engine.compile()).
-    use_compile = cfg.train.compile if cfg.train.compile is not None else (device.type == "cuda"
-                                                                           and p.engine != "deepspeed")
+    use_compile = cfg.train.compile if cfg.train.compile is not None else (
+        device.type == "cuda" and engine_facts(p).compile_default_cuda)
     for part in parts:
         parallelize(part, dims, meshes, p, use_compile, cfg.train.float8)
         engine.shard(part)
@@ -123,6 +122,11 @@ def build_reference(cfg: Config, dims: ParallelDims, meshes: Meshes, device: tor
     return freeze(reference)
 
 
+def _chunk_tokens(cfg: Config, tp: int) -> int:
+    return loss_chunk_tokens(cfg.train.loss_chunk_tokens, engine_facts(cfg.parallel).output_whole_after_forward,
+                             cfg.model.vocab_size, tp)
+
+
 def build_engine_and_step(cfg: Config, dims: ParallelDims, meshes: Meshes, device: torch.device, dtype: torch.dtype,
                           init_from=None, fake_mode=None) -> tuple[Engine, StepStrategy]:
     """The engine holding this rank's model parts and optimizers, and the step strategy that runs
@@ -138,7 +142,7 @@ def build_engine_and_step(cfg: Config, dims: ParallelDims, meshes: Meshes, devic
     if cfg.train.float8:
         from dist_llama.parallel.float8 import float8_all_gather, precompute_scales_after_step
 
-        if float8_all_gather(cfg.parallel.engine, dims):
+        if float8_all_gather(engine_facts(cfg.parallel), dims):
             for part, optimizer in zip(engine.parts, engine.optimizers):
                 precompute_scales_after_step(part, optimizer)
     if cfg.train.objective == "dpo":
@@ -146,7 +150,7 @@ def build_engine_and_step(cfg: Config, dims: ParallelDims, meshes: Meshes, devic
                        reference=reference, beta=cfg.train.dpo_beta, nll_coef=cfg.train.dpo_nll_coef)
     else:
         step = build_step(engine, device, dims, meshes, n_micro, cfg.parallel.pp_schedule, stage_ids, n_stages,
-                          cfg.train.micro_batch_size, loss_chunk_tokens(cfg, dims.tp))
+                          cfg.train.micro_batch_size, _chunk_tokens(cfg, dims.tp))
     return engine, step
 
 

@@ -1,4 +1,4 @@
-"""The data-parallel engine interface, and the engine for a model with no data parallelism (one
+"""The interface of data-parallel engines; and LocalEngine for a model with no data parallelism (one
 rank, or tensor / pipeline parallel only), which FSDP and DDP build on.
 
 An engine owns what differs between data-parallel implementations: how model parts are sharded or
