@@ -88,6 +88,7 @@ class FakeStep:
 
     def __init__(self, calls, losses):
         self.calls, self.losses = calls, losses
+        self.metrics = {}  # the objective's metrics channel: none here
 
     def count_tokens(self, batch):
         return torch.tensor(4)

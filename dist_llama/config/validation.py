@@ -14,8 +14,8 @@ from dist_llama.config.data_plan import validate_data_plan
 from dist_llama.config.errors import ConfigError
 from dist_llama.config.engines import ENGINES, engine_facts
 from dist_llama.config.fault_specs import specs_from_env, validate_specs
-from dist_llama.config.names import (ACTIONS, DPO_REFERENCES, MULTI_STAGE, OBJECTIVES, SCHEDULES,
-                                     schedule_constraint)
+from dist_llama.config.names import ACTIONS, MULTI_STAGE, SCHEDULES, schedule_constraint
+from dist_llama.config.objectives import objective_spec
 from dist_llama.config.schema import Config, ParallelConfig
 from dist_llama.model.args import ModelArgs
 
@@ -210,23 +210,9 @@ def _check_stage(cfg: Config, parallel: ParallelConfig, seq_len: int, global_bat
 
 
 def _validate_objective(cfg: Config, p: ParallelConfig) -> None:
-    t, d = cfg.train, cfg.data
-    _require(t.objective in OBJECTIVES, "train.objective", f"must be one of {', '.join(OBJECTIVES)}; got {t.objective!r}")
-    if t.objective != "dpo":
-        return
-    _require(t.dpo_beta > 0, "train.dpo_beta", f"must be positive, got {t.dpo_beta}")
-    _require(t.dpo_nll_coef >= 0, "train.dpo_nll_coef", f"must be >= 0, got {t.dpo_nll_coef}")
-    _require(t.dpo_reference in DPO_REFERENCES, "train.dpo_reference",
-             f"must be one of {', '.join(DPO_REFERENCES)}; got {t.dpo_reference!r}")
-    # A pair's two sequences are scored together on one rank: a pipeline would have to carry the
-    # reference's log-probs through its schedule, and context parallelism would cut the sequences.
-    for key in ("pp", "cp"):
-        _require(getattr(p, key) == 1, f"parallel.{key}", f"must be 1 with train.objective=dpo (a preference "
-                 f"pair is scored whole on one rank); got {getattr(p, key)}")
-    _require(not d.sources and not d.stages and not d.eval_sources and not d.anneal_weights, "data.sources",
-             "train.objective=dpo reads one preference dataset (data.path): no sources, stages or eval_sources")
-    _require(t.eval_interval == 0, "train.eval_interval",
-             f"must be 0 with train.objective=dpo (no held-out preference pairs), got {t.eval_interval}")
+    spec = objective_spec(cfg.train.objective)
+    if spec.validate is not None:
+        spec.validate(cfg, p)
 
 
 def _finite(node, prefix: str = "") -> None:
@@ -307,7 +293,7 @@ def validate(cfg: Config, world_size: int, dataset=None, tokenizer_vocab: Option
         _require(model.vocab_size >= tokenizer_vocab, "model.vocab_size",
                  f"{model.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer_vocab}, "
                  f"data.tokenizer={d.tokenizer!r})")
-    if dataset is not None and not d.sources and not d.stages and t.objective != "dpo":  # dpo: pairs, not windows
+    if dataset is not None and not d.sources and not d.stages and objective_spec(t.objective).packs_windows:
         windows = (len(dataset) - 1) // d.seq_len
         _require(windows >= t.global_batch_size, "data.seq_len",
                  f"data {d.path!r} ({len(dataset)} tokens) gives {windows} sequences of {d.seq_len} tokens, "

@@ -363,7 +363,7 @@ class Trainer:
                   "step_time_s": step_time, "compute_s": self.engine.compute_clock.seconds,
                   "mem_gib": peak_memory_gib(p.device), "mem_reserved_gib": peak_memory_gib(p.device, reserved=True),
                   "time": time.time(),
-                  "goodput": self.goodput.effective(), **getattr(p.step, "metrics", {})}
+                  "goodput": self.goodput.effective(), **p.step.metrics}
         self.history.append(record)
         return record
 
