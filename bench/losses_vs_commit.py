@@ -51,7 +51,7 @@ def _data(tmp: Path) -> dict[str, list[str]]:
     prepare([str(tmp / "prefs.jsonl")], tok, str(tmp / "prefs"), fmt="preference", progress=False)
     return {"pretrain": [],
             "sft": ["train.objective=sft", f"data.path={tmp / 'chat'}", "data.eval_fraction=0"],
-            "dpo": ["train.objective=dpo", f"data.path={tmp / 'prefs'}", "data.eval_fraction=0", "data.seq_len=32",
+            "dpo": ["train.objective=dpo", f"data.path={tmp / 'prefs'}", "data.eval_fraction=0", "data.seq_len=80",
                     "train.dpo_beta=0.5", "train.dpo_nll_coef=0.2", "train.dpo_mask_special=true"]}
 
 

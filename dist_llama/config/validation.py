@@ -157,11 +157,17 @@ def resolve_parallel(p: ParallelConfig, world_size: int) -> ParallelConfig:
     return resolved
 
 
-def micro_batches(local_batch: int, micro_batch_size: int, pp: int) -> int:
-    """Micro-batches per step: -1 means no accumulation, or with pipelining one sequence each."""
+def micro_rows(micro_batch_size: int, local_batch: int, pp: int) -> int:
+    """Sequences per micro-batch, train.micro_batch_size resolved (the one place -1 is read): -1
+    means the whole local batch (no accumulation), or with pipelining one sequence."""
     if micro_batch_size == -1:
-        return local_batch if pp > 1 else 1
-    return local_batch // micro_batch_size
+        return 1 if pp > 1 else local_batch
+    return micro_batch_size
+
+
+def micro_batches(local_batch: int, micro_batch_size: int, pp: int) -> int:
+    """Micro-batches per step of a local batch."""
+    return local_batch // micro_rows(micro_batch_size, local_batch, pp)
 
 
 def _validate_layout(m: ModelArgs, p: ParallelConfig, seq_len: int, local_batch: int, micro_batch_size: int) -> None:
@@ -195,7 +201,7 @@ def _check_stage(cfg: Config, parallel: ParallelConfig, seq_len: int, global_bat
         _require(global_batch % dp == 0, "train.global_batch_size",
                  f"must be divisible by the data-parallel degree {dp}, got {global_batch}")
         local = global_batch // dp
-        micro = local if t.micro_batch_size == -1 else t.micro_batch_size
+        micro = micro_rows(t.micro_batch_size, local, 1)
         _require(micro > 0 and local % micro == 0, "train.micro_batch_size",
                  f"must divide the per-rank batch {local} (global {global_batch} / dp {dp}), or be -1; "
                  f"got {t.micro_batch_size}")

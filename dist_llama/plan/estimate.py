@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 
 from dist_llama.config import Config, micro_batches
+from dist_llama.config.validation import micro_rows
 from dist_llama.config.engines import engine_facts
 from dist_llama.model.args import ModelArgs, ffn_hidden_dim
 from dist_llama.model.flops import count_params, flops_per_token
@@ -211,7 +212,7 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
     seq = cfg.data.seq_len
     c = compute_bytes(cfg, hw)
     local_batch = t.global_batch_size // dp
-    mbs = local_batch if t.micro_batch_size == -1 and pp == 1 else (1 if t.micro_batch_size == -1 else t.micro_batch_size)
+    mbs = micro_rows(t.micro_batch_size, local_batch, pp)
     n_micro = micro_batches(local_batch, t.micro_batch_size, pp)
     tokens_mb = mbs * seq // cp  # tokens of one micro-batch on this rank's sequence slice (before SP)
 

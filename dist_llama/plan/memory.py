@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from dist_llama.config import Config
+from dist_llama.config.validation import micro_rows
 from dist_llama.plan.fake_pipeline import hidden_state, local_stage_metadata
 from dist_llama.plan.memtrack import MemoryReport, MemoryTracker
 
@@ -135,7 +136,7 @@ def fake_memory(cfg: Config, world_size: int, rank: int, device_type: str = "cud
             batch = synthetic_batch(objective, cfg, dims.dp, cpu)
             # The hidden state crossing pipeline stages: the residual stream is in the weights'
             # dtype when the engine casts them, in fp32 under autocast (the embedding stays fp32).
-            rows = cfg.train.micro_batch_size if cfg.train.micro_batch_size > 0 else 1
+            rows = micro_rows(cfg.train.micro_batch_size, cfg.train.global_batch_size // dims.dp, dims.pp)
             hidden = hidden_state(rows, cfg.data.seq_len // dims.cp, cfg.model.dim,
                                   dtype if engine.autocast_dtype is None else torch.float32,
                                   dims.tp)

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from dist_llama.config.validation import micro_batches, micro_rows
 from dist_llama.parallel.context import cp_shard_batch
 from dist_llama.parallel.loss import chunked_loss_sum
 from dist_llama.parallel.pipeline import build_schedule, build_stages
@@ -50,13 +51,15 @@ class StepLayout:
     n_micro: int
     """Micro-batches per step (gradient accumulation, or pipeline micro-batches)."""
     micro_batch_size: int
-    """Sequences per micro-batch; -1: the whole local batch (one sequence under a pipeline)."""
+    """train.micro_batch_size as set (-1 included): `micro_rows` resolves it for each batch, whose
+    size a curriculum stage may change."""
+    pp: int
 
 
 def step_layout(device: torch.device, dims, meshes, n_micro: int, micro_batch_size: int) -> StepLayout:
     groups = (meshes.dp_cp.get_group(),) + ((meshes.pp_group,) if meshes.pp_group is not None else ())
     return StepLayout(device, meshes.dp.get_group(), groups, dims.cp, meshes.world["cp"].get_local_rank(), dims.tp,
-                      n_micro, micro_batch_size)
+                      n_micro, micro_batch_size, dims.pp)
 
 
 class StepStrategy(Protocol):
@@ -177,8 +180,7 @@ class MicroBatchStep(_Step):
         return self.engine.parts[0]
 
     def micro_batches(self, batch: Batch) -> list[Batch]:
-        rows = len(batch["tokens"])
-        n = rows // self.micro_batch_size if self.micro_batch_size > 0 else 1
+        n = micro_batches(len(batch["tokens"]), self.micro_batch_size, self.layout.pp)
         return [dict(zip(batch, parts)) for parts in zip(*(t.chunk(n) for t in batch.values()))]
 
     def _run(self, batch: Batch) -> torch.Tensor:
@@ -212,7 +214,7 @@ class PipelineStep(_Step):
                  stage_ids: list[int], n_stages: int, pp_mesh, loss_chunk: int = 0):
         super().__init__(engine, layout, objective, loss_chunk)
         self.schedule_name, self.stage_ids, self.n_stages, self.pp_mesh = schedule_name, stage_ids, n_stages, pp_mesh
-        self.micro_rows = layout.micro_batch_size if layout.micro_batch_size > 0 else 1
+        self.micro_rows = micro_rows(layout.micro_batch_size, 0, layout.pp)
         """Sequences per micro-batch."""
         self._schedules: dict[tuple[int, ...], object] = {}
         self.has_first_stage = 0 in stage_ids

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from dist_llama.config import Config
-from dist_llama.data import PackedLoader
+from dist_llama.data.loader import BatchLoader
 from dist_llama.faults import FaultInjector
 from dist_llama.model.flops import mfu
 from dist_llama.train.callbacks import Callback
@@ -62,7 +62,7 @@ class TrainerParts:
     step: StepStrategy
     schedulers: list[ScaledLambdaLR]
     """One per optimizer (pipeline stage): warmup + cosine, times the rollback scale."""
-    loader: PackedLoader
+    loader: BatchLoader
     checkpointer: Checkpointer
     logger: MetricsLogger
     health: StepHealth
