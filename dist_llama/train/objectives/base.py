@@ -1,4 +1,4 @@
-"""The objective interface: what a training objective decides, and nothing else. The step strategy
+"""The interface of training objectives: what an objective decides, and nothing else. The step strategy
 runs the micro-batches and the engine the gradients; an objective says what data it reads (its
 loader), what else it needs built (a frozen reference model), what one micro-batch's loss is and
 what the loss is averaged over, which metrics it reports, and the batch the planner steps with.
