@@ -48,4 +48,4 @@ def test_a_new_objective_is_one_module_and_one_registry_line(monkeypatch):
     for world in (1, 2):
         loss, expected, plain = run_ranks(_first_loss, world, world, timeout=100)[0]
         assert loss == pytest.approx(expected, rel=1e-5), world
-        assert abs(loss - plain) > 1e-2  # the registered objective's loss, not pretraining's
+        assert abs(loss - plain) > 1e-3  # the registered objective's loss (30x the tolerance), not pretraining's
