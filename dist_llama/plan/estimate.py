@@ -6,7 +6,7 @@ The model is deliberately simple (a roofline with one achievable fraction of pea
 for attention kernels, one efficiency per link and one overlap fraction), calibrated once against
 the published Llama 3 (Table 4) and Megatron-LM MFU figures (tests/test_plan.py). See
 CALIBRATION for the constants and why each has its value. Model states follow the data-parallel
-engine (FSDP, DDP, DeepSpeed ZeRO-1/2/3 with offload; model_states). The "cpu" preset describes
+engine (FSDP, DDP, DeepSpeed ZeRO-1/2/3 with offload; plan/engine_costs.py). The "cpu" preset describes
 gloo ranks on this machine from measurements; bench/plan_vs_measured.py compares the estimate with
 real runs there.
 """
@@ -25,9 +25,9 @@ from dist_llama.model.flops import count_params, flops_per_token
 from dist_llama.parallel.loss import loss_chunk_tokens
 from dist_llama.parallel.pipeline import layers_per_stage, stage_ids_for_rank
 # hardware_preset is not used here; bench/plan_vs_measured.py knows it from this module.
-from dist_llama.plan.engine_costs import engine_costs, model_states  # noqa: F401 (model_states: tests)
+from dist_llama.plan.engine_costs import engine_costs
 from dist_llama.plan.hardware import Hardware, hardware_preset  # noqa: F401
-from dist_llama.plan.links import Collective, Links, collective, group_spans_nodes
+from dist_llama.plan.links import Links, collective, group_spans_nodes
 
 
 @dataclass(frozen=True)
