@@ -102,7 +102,7 @@ def main():
             if args.verbose:
                 print(f"round {r} {name}: {t:.4f} s/step", flush=True)
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
-    peak = trainer.p.peak_flops
+    peak = trainer.parts.peak_flops
     total_params, _ = count_params(cfg.model)
     print(f"device {env.device} ({torch.cuda.get_device_name() if env.device.type == 'cuda' else 'cpu'}), "
           f"dtype {compute_dtype(cfg, env.device)}, params {total_params / 1e6:.1f}M, "
@@ -113,7 +113,7 @@ def main():
     for name, ts in times.items():
         med = statistics.median(ts)
         tps[name] = tokens / med
-        print(f"{name:<12}{med:>15.4f}{tps[name]:>14,.0f}{100 * mfu(tps[name], trainer.p.flops_per_token, peak):>8.2f}%")
+        print(f"{name:<12}{med:>15.4f}{tps[name]:>14,.0f}{100 * mfu(tps[name], trainer.parts.flops_per_token, peak):>8.2f}%")
     paired = [b / d for d, b in zip(times["dist_llama"], times["bare"])]
     print(f"ratio dist_llama/bare tokens/s: {tps['dist_llama'] / tps['bare']:.3f} (medians), "
           f"{statistics.median(paired):.3f} (median of {len(paired)} adjacent-block ratios)")

@@ -88,21 +88,21 @@ def _one_rank(prefs):
     cfg, sources = resolve_config(DEBUG, [*TINY, *prefs, *OPTIONS, "checkpoint.enabled=false"], 1)
     trainer = build_trainer(cfg, init_distributed("cpu"), sources)
     (policy,) = trainer.engine.parts
-    batch = trainer.p.loader.next_batch()
+    batch = trainer.parts.loader.next_batch()
     first, _ = trainer.compute_gradients(batch)
     trainer.engine.discard()
-    trainer.p.step.objective.nll_coef = 0.0  # the DPO term alone
+    trainer.parts.step.objective.nll_coef = 0.0  # the DPO term alone
     dpo_only, _ = trainer.compute_gradients(batch)
     trainer.engine.discard()
-    trainer.p.step.objective.nll_coef = NLL
+    trainer.parts.step.objective.nll_coef = NLL
     _perturb(policy.named_parameters())
     loss, _ = trainer.compute_gradients(batch)
     grads = {n: p.grad.clone() for n, p in policy.named_parameters()}
-    metrics = dict(trainer.p.step.metrics)
+    metrics = dict(trainer.parts.step.metrics)
     trainer.engine.discard()
     # train.dpo_reference=precomputed: the reference's log-probs of every pair from one pass, then
     # the same batch again with them in it, and no reference model
-    loader, step, objective = trainer.p.loader, trainer.p.step, trainer.p.step.objective
+    loader, step, objective = trainer.parts.loader, trainer.parts.step, trainer.parts.step.objective
     loader.reference, loader.consumed = compute_table(step, objective, objective.reference, loader), 0
     again = loader.next_batch()
     assert torch.equal(again["tokens"], batch["tokens"])
@@ -115,7 +115,7 @@ def _one_rank(prefs):
     model = Transformer(cfg.model)
     model.load_state_dict(ref.state_dict())
     _perturb(model.named_parameters())
-    expected = _reference_dpo(model, ref, sources[0].data, [trainer.p.loader._pair(k) for k in range(8)])
+    expected = _reference_dpo(model, ref, sources[0].data, [trainer.parts.loader._pair(k) for k in range(8)])
     expected.backward()
     return (dpo_only.item(), first.item(), loss.item(), precomputed.item(), expected.item(), grads,
             {n: p.grad for n, p in model.named_parameters()}, metrics)
@@ -169,7 +169,7 @@ def _resumed_trainer(prefs, run_dir):
                                           f"train.run_dir={run_dir}"], 1)
     trainer = build_trainer(cfg, init_distributed("cpu"), sources)
     trainer.close()
-    return trainer.p.loader.reference, trainer.p.step.objective.reference is not None
+    return trainer.parts.loader.reference, trainer.parts.step.objective.reference is not None
 
 
 @pytest.mark.timeout(240)
@@ -282,9 +282,9 @@ def _multiturn_one_rank(overrides, tok_path):
     trainer = build_trainer(cfg, init_distributed("cpu"), sources)
     (policy,) = trainer.engine.parts
     _perturb(policy.named_parameters())
-    batch = trainer.p.loader.next_batch()
+    batch = trainer.parts.loader.next_batch()
     loss, _ = trainer.compute_gradients(batch)
-    metrics = dict(trainer.p.step.metrics)
+    metrics = dict(trainer.parts.step.metrics)
     trainer.close()
 
     tok = build_tokenizer(tok_path)
@@ -296,7 +296,7 @@ def _multiturn_one_rank(overrides, tok_path):
     data = sources[0].data
     losses, rewards = [], []
     with torch.no_grad():
-        for k in [trainer.p.loader._pair(i) for i in range(8)]:
+        for k in [trainer.parts.loader._pair(i) for i in range(8)]:
             sides = []
             for doc in (2 * k, 2 * k + 1):
                 start = int(data.doc_starts[doc])

@@ -25,7 +25,7 @@ def _first_loss(world_size: int):
     cfg, sources = resolve_config(DEBUG, [*TINY, "train.objective=label_smoothed", "checkpoint.enabled=false",
                                           "data.eval_fraction=0"], world_size)
     trainer = build_trainer(cfg, init_distributed("cpu"), sources)
-    loss, _ = trainer.compute_gradients(trainer.p.loader.next_batch())
+    loss, _ = trainer.compute_gradients(trainer.parts.loader.next_batch())
     trainer.close()
     rank = dist.get_rank()
     dist.destroy_process_group()

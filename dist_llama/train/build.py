@@ -29,12 +29,14 @@ from dist_llama.parallel.dims import Meshes, ParallelDims
 from dist_llama.parallel.env import DistEnv
 from dist_llama.parallel.loss import loss_chunk_tokens
 from dist_llama.parallel.pipeline import layers_per_stage, split_model, stage_ids_for_rank
-from dist_llama.train.callbacks import Faults, HangReport, ReplicaCheck, StragglerCheck
+from dist_llama.train.callbacks import Faults, HangReport, RecordLog, ReplicaCheck, StragglerCheck, Validation
 from dist_llama.train.checkpoint import Checkpointer
 from dist_llama.train.engines import Engine, build_engine
 from dist_llama.train.evaluate import Evaluator
 from dist_llama.train.heartbeats import Heartbeats
-from dist_llama.train.health import NoWatchdog, StepHealth, Watchdog, preflight
+from dist_llama.train.replicas import preflight
+from dist_llama.train.step_health import StepHealth
+from dist_llama.train.watchdog import NoWatchdog, Watchdog
 from dist_llama.train.metrics import MetricsLogger
 from dist_llama.train.optim import build_optimizer, build_scheduler
 from dist_llama.train.objectives import BuildContext, Objective, build_objective
@@ -194,7 +196,9 @@ def build_trainer(cfg: Config, env: DistEnv, sources) -> Trainer:
         watchdog = Watchdog(h.hang_timeout_s, run_dir / "hangs", env.rank,
                             on_hang=lambda: _exit_on_hang(logger, watchdog),
                             heartbeats=Heartbeats(run_dir / "hangs", env.rank, env.world_size))
-    callbacks = [HangReport(logger), Faults(faults, engine.parts)]
+    # In order: validation adds to a step's record before RecordLog logs it; findings come after.
+    callbacks = [HangReport(logger), Faults(faults, engine.parts), Validation(evaluator, step, watchdog),
+                 RecordLog(logger, cfg.train.log_interval, cfg.train.steps)]
     t = cfg.train
     if t.profile_steps or t.memory_snapshot_step is not None or t.memory_snapshot_on_oom:
         callbacks.append(StepProfiler(logger, run_dir, env.rank, env.device, t.profile_steps,
@@ -211,8 +215,7 @@ def build_trainer(cfg: Config, env: DistEnv, sources) -> Trainer:
         cfg=cfg, device=env.device, engine=engine, step=step, schedulers=schedulers, loader=loader,
         checkpointer=checkpointer, logger=logger, health=StepHealth(h), policy=RecoveryPolicy(h), faults=faults,
         watchdog=watchdog, callbacks=callbacks, flops_per_token=functools.partial(flops_per_token, cfg.model),
-        peak_flops=peak, world_size=env.world_size, layout=dataclasses.asdict(dims), resume=resume,
-        evaluator=evaluator))
+        peak_flops=peak, world_size=env.world_size, layout=dataclasses.asdict(dims), resume=resume))
 
 
 def _exit_on_hang(logger, watchdog) -> None:
