@@ -29,7 +29,8 @@ def make_checkpoint(path: Path, quick: bool = False) -> tuple[int, int]:
 
     from dist_llama.model import ModelArgs
     from dist_llama.weights import expected_shapes
-    from dist_llama.weights.export import hf_config, hf_name
+    from dist_llama.model.hf import hf_name
+    from dist_llama.weights.export import hf_config
 
     args = ModelArgs(dim=2048, n_layers=8, n_heads=16, n_kv_heads=16, vocab_size=32000, multiple_of=256,
                      rope_theta=10000.0, max_seq_len=4096)

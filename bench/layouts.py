@@ -77,8 +77,8 @@ def _rank(overrides: list[str], world_size: int, steps: int, warmup: int):
     trainer = build_trainer(cfg, env, dataset)
     trainer.fit()  # warm-up
     busy = [0.0]
-    if isinstance(trainer.p.step, PipelineStep):
-        _time_stage_compute(trainer.p.step.schedule, busy)
+    if isinstance(trainer.parts.step, PipelineStep):
+        _time_stage_compute(trainer.parts.step.schedule, busy)
     cfg.train.steps = warmup + steps
     t0 = time.perf_counter()
     trainer.fit()
@@ -86,7 +86,7 @@ def _rank(overrides: list[str], world_size: int, steps: int, warmup: int):
     step_times = [h["step_time_s"] for h in trainer.history[warmup:]]
     dist.destroy_process_group()
     return {"step_time": statistics.median(step_times), "busy": busy[0], "elapsed": elapsed,
-            "tokens": cfg.train.global_batch_size * cfg.data.seq_len, "n_micro": trainer.p.step.n_micro,
+            "tokens": cfg.train.global_batch_size * cfg.data.seq_len, "n_micro": trainer.parts.step.n_micro,
             "virtual": cfg.parallel.pp_virtual_stages, "pp": cfg.parallel.pp}
 
 

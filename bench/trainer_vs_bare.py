@@ -106,7 +106,7 @@ def main():
             if args.verbose:
                 print(f"round {r} {name}: {t:.4f} s/step", flush=True)
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
-    peak = trainer.p.peak_flops
+    peak = trainer.parts.peak_flops
     total_params, _ = count_params(cfg.model)
     print(f"device {env.device} ({torch.cuda.get_device_name() if env.device.type == 'cuda' else 'cpu'}), "
           f"dtype {compute_dtype(cfg, env.device)}, params {total_params / 1e6:.1f}M, "
@@ -114,7 +114,7 @@ def main():
           f"peak {peak / 1e12:.1f} TFLOP/s")
     print(f"{'loop':<12}{'median step s':>15}{'tokens/s':>14}{'MFU':>9}")
     tps = {}
-    per_token = trainer.p.flops_per_token(cfg.data.seq_len)
+    per_token = trainer.parts.flops_per_token(cfg.data.seq_len)
     for name, ts in times.items():
         med = statistics.median(ts)
         tps[name] = tokens / med

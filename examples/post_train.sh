@@ -17,10 +17,10 @@ dist-llama-prepare --tokenizer "$TOKENIZER" --format preference --out "$RUNS/dat
 "${TRAIN[@]}" train.objective=sft checkpoint.init_from="$RUNS/pretrained" data.path="$RUNS/data/chat" \
     train.steps=60 optim.lr=1e-3 optim.warmup_steps=5 train.run_dir="$RUNS/sft"
 # The reference model is the SFT weights (init_from), frozen; Llama 3's options: NLL term, eot masked.
-# train.dpo_reference=precomputed would score every pair once before training instead, and hold
+# train.dpo.reference=precomputed would score every pair once before training instead, and hold
 # no reference model (the table stays in the run directory for resumes).
 "${TRAIN[@]}" train.objective=dpo checkpoint.init_from="$RUNS/sft" data.path="$RUNS/data/prefs" \
-    train.dpo_beta=0.1 train.dpo_nll_coef=0.2 train.dpo_mask_special=true \
+    train.dpo.beta=0.1 train.dpo.nll_coef=0.2 train.dpo.mask_special=true \
     train.steps=40 optim.lr=1e-4 optim.warmup_steps=5 train.run_dir="$RUNS/dpo"
 
 dist-llama-generate --checkpoint "$RUNS/dpo" --tokenizer "$TOKENIZER" --chat --prompt "say red" --max-new-tokens 16

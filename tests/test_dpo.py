@@ -44,11 +44,11 @@ def prefs(tmp_path_factory):
     tok = llama3_tokenizer(d / "tokenizer.json")
     prepare([str(write_preferences(d / "p.jsonl", 200))], tok, str(d / "data"), fmt="preference", progress=False)
     return [f"data.tokenizer={tok}", f"data.path={d / 'data'}", "train.objective=dpo", "model.vocab_size=-1",
-            "data.seq_len=80", "data.eval_fraction=0", "train.global_batch_size=8", f"train.dpo_beta={BETA}",
+            "data.seq_len=80", "data.eval_fraction=0", "train.global_batch_size=8", f"train.dpo.beta={BETA}",
             "train.peak_flops=1e12"]  # no matmul timing per trainer for an MFU nobody reads here
 
 
-OPTIONS = [f"train.dpo_nll_coef={NLL}", "train.dpo_mask_special=true"]
+OPTIONS = [f"train.dpo.nll_coef={NLL}", "train.dpo.mask_special=true"]
 """Llama 3's choices: an NLL term on the chosen responses, end-of-turn tokens left out."""
 STEPS = [*OPTIONS, "train.steps=4", "optim.decay_steps=4"]
 """The runs the layout, learning and resume tests share."""
@@ -88,25 +88,25 @@ def _one_rank(prefs):
     cfg, sources = resolve_config(DEBUG, [*TINY, *prefs, *OPTIONS, "checkpoint.enabled=false"], 1)
     trainer = build_trainer(cfg, init_distributed("cpu"), sources)
     (policy,) = trainer.engine.parts
-    batch = trainer.p.loader.next_batch()
+    batch = trainer.parts.loader.next_batch()
     first, _ = trainer.compute_gradients(batch)
     trainer.engine.discard()
-    trainer.p.step.nll_coef = 0.0  # the DPO term alone
+    trainer.parts.step.objective.nll_coef = 0.0  # the DPO term alone
     dpo_only, _ = trainer.compute_gradients(batch)
     trainer.engine.discard()
-    trainer.p.step.nll_coef = NLL
+    trainer.parts.step.objective.nll_coef = NLL
     _perturb(policy.named_parameters())
     loss, _ = trainer.compute_gradients(batch)
     grads = {n: p.grad.clone() for n, p in policy.named_parameters()}
-    metrics = dict(trainer.p.step.metrics)
+    metrics = dict(trainer.parts.step.metrics)
     trainer.engine.discard()
     # train.dpo_reference=precomputed: the reference's log-probs of every pair from one pass, then
     # the same batch again with them in it, and no reference model
-    loader, step = trainer.p.loader, trainer.p.step
-    loader.reference, loader.consumed = compute_table(step, step.reference, loader), 0
+    loader, step, objective = trainer.parts.loader, trainer.parts.step, trainer.parts.step.objective
+    loader.reference, loader.consumed = compute_table(step, objective, objective.reference, loader), 0
     again = loader.next_batch()
     assert torch.equal(again["tokens"], batch["tokens"])
-    step.reference = None
+    objective.reference = None
     precomputed, _ = trainer.compute_gradients(again)
     trainer.close()
 
@@ -115,7 +115,7 @@ def _one_rank(prefs):
     model = Transformer(cfg.model)
     model.load_state_dict(ref.state_dict())
     _perturb(model.named_parameters())
-    expected = _reference_dpo(model, ref, sources[0].data, [trainer.p.loader._pair(k) for k in range(8)])
+    expected = _reference_dpo(model, ref, sources[0].data, [trainer.parts.loader._pair(k) for k in range(8)])
     expected.backward()
     return (dpo_only.item(), first.item(), loss.item(), precomputed.item(), expected.item(), grads,
             {n: p.grad for n, p in model.named_parameters()}, metrics)
@@ -152,7 +152,7 @@ def test_dpo_tp2_trains_like_one_rank_and_learns(prefs, one_rank_run, tmp_path):
     assert records[-1]["reward_accuracy"] > 0.9, [r["reward_accuracy"] for r in records]
 
 
-PRECOMPUTED = [*STEPS, "train.dpo_reference=precomputed", "parallel.dp_shard=2", "checkpoint.interval=2",
+PRECOMPUTED = [*STEPS, "train.dpo.reference=precomputed", "parallel.dp_shard=2", "checkpoint.interval=2",
                "checkpoint.async_save=false"]
 
 
@@ -169,7 +169,7 @@ def _resumed_trainer(prefs, run_dir):
                                           f"train.run_dir={run_dir}"], 1)
     trainer = build_trainer(cfg, init_distributed("cpu"), sources)
     trainer.close()
-    return trainer.p.loader.reference, trainer.p.step.reference is not None
+    return trainer.parts.loader.reference, trainer.parts.step.objective.reference is not None
 
 
 @pytest.mark.timeout(240)
@@ -206,7 +206,7 @@ def test_dpo_rejects_pipeline_and_context_parallel_naming_the_key(prefs):
     for layout, key in ((["parallel.pp=2", "parallel.dp_shard=1"], "parallel.pp"),
                         (["parallel.cp=2", "parallel.dp_shard=1"], "parallel.cp"),
                         (["data.seq_len=16"], "data.seq_len"),
-                        (["train.dpo_reference=cached"], "train.dpo_reference")):
+                        (["train.dpo.reference=cached"], "train.dpo.reference")):
         with pytest.raises(ConfigError, match=key):
             resolve_config(DEBUG, [*TINY, *prefs, *layout], 2)
     with pytest.raises(ConfigError, match="data.path"):  # preference data, not text
@@ -282,9 +282,9 @@ def _multiturn_one_rank(overrides, tok_path):
     trainer = build_trainer(cfg, init_distributed("cpu"), sources)
     (policy,) = trainer.engine.parts
     _perturb(policy.named_parameters())
-    batch = trainer.p.loader.next_batch()
+    batch = trainer.parts.loader.next_batch()
     loss, _ = trainer.compute_gradients(batch)
-    metrics = dict(trainer.p.step.metrics)
+    metrics = dict(trainer.parts.step.metrics)
     trainer.close()
 
     tok = build_tokenizer(tok_path)
@@ -296,7 +296,7 @@ def _multiturn_one_rank(overrides, tok_path):
     data = sources[0].data
     losses, rewards = [], []
     with torch.no_grad():
-        for k in [trainer.p.loader._pair(i) for i in range(8)]:
+        for k in [trainer.parts.loader._pair(i) for i in range(8)]:
             sides = []
             for doc in (2 * k, 2 * k + 1):
                 start = int(data.doc_starts[doc])
@@ -328,7 +328,7 @@ def test_dpo_multiturn_prompt_scores_only_the_final_answer(tmp_path):
     prepare([str(_multiturn_prefs(tmp_path, 16))], tok, str(tmp_path / "data"), fmt="preference", progress=False)
     overrides = [f"data.tokenizer={tok}", f"data.path={tmp_path / 'data'}", "train.objective=dpo", "model.vocab_size=-1",
                  "data.seq_len=256", "data.eval_fraction=0", "train.global_batch_size=8",
-                 f"train.dpo_beta={BETA}", "train.peak_flops=1e12"]
+                 f"train.dpo.beta={BETA}", "train.peak_flops=1e12"]
     loss, metrics, expected, chosen, rejected = run_ranks(_multiturn_one_rank, 1, overrides, tok, timeout=100)[0]
     assert loss == pytest.approx(expected, rel=1e-5)
     assert metrics["reward_chosen"] == pytest.approx(chosen, rel=1e-4, abs=1e-6)

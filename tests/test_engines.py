@@ -36,13 +36,13 @@ def _save_then_load(run_dir, overrides, world_size):
                                               "checkpoint.async_save=false", *overrides], world_size)
         trainers[seed] = build_trainer(cfg, env, dataset)
     saver, loader = trainers[0], trainers[1]
-    batch = saver.p.loader.next_batch()
+    batch = saver.parts.loader.next_batch()
     saver.train_step(batch)
-    saver.p.checkpointer.save(1, saver.engine, {"step": 1})
+    saver.parts.checkpointer.save(1, saver.engine, {"step": 1})
     saved = _weights(saver.engine)
     before = _weights(loader.engine)
-    path = loader.p.checkpointer.latest()
-    loader.p.checkpointer.load(path, loader.engine)
+    path = loader.parts.checkpointer.latest()
+    loader.parts.checkpointer.load(path, loader.engine)
     loaded = _weights(loader.engine)
     next_losses = [t.train_step(batch)[0].item() for t in (saver, loader)]
     engine = type(saver.engine).__name__

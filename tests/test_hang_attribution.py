@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT
 import rundir
-from dist_llama.train.health import Watchdog
+from dist_llama.train.watchdog import Watchdog
 from dist_llama.train.heartbeats import Heartbeats, attribute
 
 COMMON = ["--config", "configs/debug.yaml", "model.n_layers=2", "model.dim=64", "data.seq_len=64",

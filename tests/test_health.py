@@ -16,8 +16,9 @@ from torch import nn
 
 from dist_llama.config import Config, ParallelConfig
 from dist_llama.testing import run_ranks
-from dist_llama.train.health import (RobustZScore, StepHealth, Watchdog, check_replicas, find_stragglers,
-                                     param_hash, preflight)
+from dist_llama.train.replicas import check_replicas, find_stragglers, param_hash, preflight
+from dist_llama.train.step_health import RobustZScore, StepHealth
+from dist_llama.train.watchdog import Watchdog
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -10,6 +10,7 @@ close a cycle through A.
 """
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,10 +132,17 @@ def test_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+OTHERS = ("dist_llama.config", "dist_llama.parallel", "dist_llama.train", "dist_llama.plan", "dist_llama.launch",
+          "dist_llama.weights", "dist_llama.faults", "dist_llama.generate", "dist_llama.testing")
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("layer,banned", [
     ("dist_llama.config", ("dist_llama.train", "dist_llama.parallel", "dist_llama.faults")),
     ("dist_llama.parallel", ("dist_llama.train",)),
+    # the ground floors: tokenizers and data, and the model, import nothing else of the package
+    ("dist_llama.data", OTHERS + ("dist_llama.model",)),
+    ("dist_llama.model", OTHERS + ("dist_llama.data",)),
 ])
 def test_imports_run_one_way(layer, banned):
     """Nothing in `layer` imports (directly or through other modules) anything under `banned`."""
@@ -174,3 +182,17 @@ def test_no_module_over_500_lines():
     lengths = {path.relative_to(ROOT): path.read_bytes().count(b"\n") for path in sorted(PACKAGE.rglob("*.py"))}
     long = {str(path): n for path, n in lengths.items() if n > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines (one concern per module): {long}"
+
+
+NAME_COMPARISON = re.compile(r"(objective|engine) (==|!=|in)")
+REGISTRIES = {"dist_llama/config/engines.py", "dist_llama/config/objectives.py"}
+
+
+@pytest.mark.timeout(60)
+def test_objective_and_engine_names_are_compared_only_in_their_registries():
+    """`grep -rnE "objective (==|!=|in)|engine (==|!=|in)" dist_llama` finds only the registries: a
+    new objective or engine is a module and a registry line, not a branch at every site."""
+    found = [f"{path.relative_to(ROOT)}:{i}: {line.strip()}" for path in sorted(PACKAGE.rglob("*.py"))
+             for i, line in enumerate(path.read_text().splitlines(), 1)
+             if NAME_COMPARISON.search(line) and str(path.relative_to(ROOT)) not in REGISTRIES]
+    assert not found, "\n".join(found)

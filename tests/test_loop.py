@@ -88,6 +88,7 @@ class FakeStep:
 
     def __init__(self, calls, losses):
         self.calls, self.losses = calls, losses
+        self.metrics = {}  # the objective's metrics channel: none here
 
     def count_tokens(self, batch):
         return torch.tensor(4)
@@ -106,7 +107,8 @@ def _drive(run_dir, losses, grad_norms, overrides, lrs=None):
     from dist_llama import config as config_lib
     from dist_llama.faults import FaultInjector
     from dist_llama.train.checkpoint import Checkpointer
-    from dist_llama.train.health import NoWatchdog, StepHealth
+    from dist_llama.train.step_health import StepHealth
+    from dist_llama.train.watchdog import NoWatchdog
     from dist_llama.train.metrics import MetricsLogger
     from dist_llama.train.optim import build_scheduler
     from dist_llama.train.recovery import RecoveryPolicy

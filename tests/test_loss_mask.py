@@ -31,7 +31,7 @@ def _masked_losses(overrides, world_size):
 
     cfg, dataset = resolve_config(DEBUG, [*TINY, "checkpoint.enabled=false", *overrides], world_size)
     trainer = build_trainer(cfg, init_distributed("cpu"), dataset)
-    batch = _mask(trainer.p.loader.next_batch())
+    batch = _mask(trainer.parts.loader.next_batch())
     loss, _ = trainer.compute_gradients(batch)
     trainer.engine.discard()
     with torch.no_grad():

@@ -239,7 +239,7 @@ def _zero_parallel(stage, n, **kw):
 def test_zero_model_states_match_the_paper(stage, paper_gb):
     """Rajbhandari et al. 2020, Figure 1: Ψ = 7.5 B parameters, Nd = 64, mixed-precision Adam
     (K = 12): P_os (2+2+K/Nd)Ψ = 31.4 GB, P_os+g (2+(2+K)/Nd)Ψ = 16.6 GB, P_os+g+p (2+2+K)Ψ/Nd = 1.9 GB."""
-    from dist_llama.plan.estimate import model_states
+    from dist_llama.plan.engine_costs import model_states
 
     psi, nd, k = 7.5e9, 64, 12
     formula = {1: (2 + 2 + k / nd) * psi, 2: (2 + (2 + k) / nd) * psi, 3: (2 + 2 + k) * psi / nd}[stage]

@@ -175,7 +175,7 @@ def _first_losses(tok, data, run_dir, layouts, world_size):
     for layout in layouts:
         cfg, sources = resolve_config(DEBUG, [*_sft_overrides(tok, data, run_dir), *layout], world_size)
         trainer = build_trainer(cfg, env, sources)
-        loss, _ = trainer.compute_gradients(trainer.p.loader.next_batch())
+        loss, _ = trainer.compute_gradients(trainer.parts.loader.next_batch())
         trainer.close()
         losses.append(loss.item())
     dist.destroy_process_group()

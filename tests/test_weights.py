@@ -70,7 +70,7 @@ def _first_loss(overrides, world_size):
 
     cfg, dataset = resolve_config(DEBUG, [*TINY, *MODEL, *overrides], world_size)
     trainer = build_trainer(cfg, init_distributed("cpu"), dataset)
-    loss, _ = trainer.compute_gradients(trainer.p.loader.next_batch())
+    loss, _ = trainer.compute_gradients(trainer.parts.loader.next_batch())
     events = [e["event"] for e in trainer.logger.events] if hasattr(trainer.logger, "events") else None
     trainer.close()
     full = PackedLoader(dataset, cfg.data.seq_len, cfg.train.global_batch_size, 0, 1, seed=cfg.train.seed).next_batch()

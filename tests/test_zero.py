@@ -89,7 +89,7 @@ def _discard_rank(overrides):
 
     cfg, dataset = resolve_config(DEBUG, [*TINY, *overrides], 2)
     trainer = build_trainer(cfg, init_distributed("cpu"), dataset)
-    batches = [trainer.p.loader.next_batch() for _ in range(3)]
+    batches = [trainer.parts.loader.next_batch() for _ in range(3)]
     dropped = [t.item() for t in trainer.compute_gradients(batches[0])]
     trainer.engine.discard()
     kept = [[t.item() for t in trainer.train_step(b)] for b in batches]

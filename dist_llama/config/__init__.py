@@ -11,7 +11,8 @@ from dist_llama.config.errors import EXIT_CONFIG, EXIT_FILE_ENV, ConfigError
 from dist_llama.config.loading import CONFIG_DIR, explicit_keys, load, save_resolved, to_object
 from dist_llama.config.schema import (CheckpointConfig, Config, DataConfig, Degrees, HealthConfig, LoggingConfig,
                                       OptimConfig, ParallelConfig, TrainConfig)
-from dist_llama.config.validation import micro_batches, resolve_parallel, validate, validate_device, validate_model
+from dist_llama.config.validation import (micro_batches, micro_rows, resolve_parallel, validate, validate_device,
+                                          validate_model)
 from dist_llama.model.args import ModelArgs
 
 __all__ = [
@@ -19,5 +20,5 @@ __all__ = [
     "Config", "ModelArgs", "ParallelConfig", "DataConfig", "OptimConfig", "TrainConfig", "CheckpointConfig",
     "HealthConfig", "LoggingConfig", "Degrees",
     "CONFIG_DIR", "load", "to_object", "save_resolved", "explicit_keys",
-    "validate", "validate_device", "validate_model", "resolve_parallel", "micro_batches",
+    "validate", "validate_device", "validate_model", "resolve_parallel", "micro_batches", "micro_rows",
 ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from dist_llama.config.engines import engine_facts
 from dist_llama.config.errors import ConfigError
 from dist_llama.config.schema import Config, ParallelConfig, SourceConfig
 
@@ -127,9 +128,9 @@ def validate_data_plan(cfg: Config, parallel: ParallelConfig, check_layout) -> N
             _require(until is None or until > previous, f"{prefix}until_tokens",
                      f"must be above the previous stage's ({previous}), got {until}")
             previous = until if until is not None else previous
-            if parallel.engine == "deepspeed":  # its config fixes train_batch_size at initialize
+            if engine_facts(parallel).fixed_global_batch:  # e.g. DeepSpeed's train_batch_size
                 _require(st.global_batch_size == stages[0].global_batch_size, f"{prefix}global_batch_size",
-                         f"parallel.engine=deepspeed needs one global batch for every stage "
+                         f"parallel.engine={parallel.engine} needs one global batch for every stage "
                          f"({stages[0].global_batch_size}), got {st.global_batch_size}")
         check_layout(st.seq_len, st.global_batch_size, prefix)
     _validate_eval(cfg)

@@ -4,6 +4,7 @@ omegaconf (unknown keys, wrong types: ConfigError naming the key); and saving th
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -18,13 +19,44 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 """The repository's presets: a --config (or --cluster) name that is not a file is looked up here."""
 
 
-def _parse_overrides(overrides: Sequence[str]) -> list[str]:
+RENAMED = {"train.dpo_beta": "train.dpo.beta", "train.dpo_nll_coef": "train.dpo.nll_coef",
+           "train.dpo_mask_special": "train.dpo.mask_special", "train.dpo_reference": "train.dpo.reference"}
+"""Keys that moved (old → new): the old names are read, with a deprecation line, for one release."""
+
+
+def _renamed(key: str, where: Optional[str]) -> str:
+    """The current name of `key`; a deprecation line naming `where` it was read (None: quiet)."""
+    new = RENAMED.get(key)
+    if new is None or where is None:
+        return new or key
+    print(f"dist_llama: {key} (in {where}) is deprecated: it is now {new}; the old name is read until the next "
+          "release", file=sys.stderr)
+    return new
+
+
+def _rename_in_preset(preset: dict, where: Optional[str]) -> dict:
+    """The preset with every renamed key moved to its new place."""
+    out = {section: dict(value) if isinstance(value, dict) else value for section, value in preset.items()}
+    for old in RENAMED:
+        section, name = old.split(".", 1)
+        if isinstance(out.get(section), dict) and name in out[section]:
+            value = out[section].pop(name)
+            node = out
+            *parents, leaf = _renamed(old, where).split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+    return out
+
+
+def _parse_overrides(overrides: Sequence[str], warn: bool = True) -> list[str]:
     dotlist = []
     for item in overrides:
         text = item[2:] if item.startswith("--") else item
         if "=" not in text:
             raise ConfigError(item, "overrides are key=value or --key=value, e.g. train.steps=20")
-        dotlist.append(text)
+        key, value = text.split("=", 1)
+        dotlist.append(f"{_renamed(key, 'the command line' if warn else None)}={value}")
     return dotlist
 
 
@@ -69,7 +101,7 @@ def load(config_path: Optional[str], overrides: Sequence[str] = (), schema: type
             if expects_mapping and value is not None and not isinstance(value, dict):
                 raise ConfigError(str(section), f"must be a mapping of keys (in {config_path}), got "
                                                 f"{type(value).__name__} {value!r}")
-        cfg = _merge(cfg, preset, str(config_path))
+        cfg = _merge(cfg, _rename_in_preset(preset, str(config_path)), str(config_path))
     dotlist = _parse_overrides(overrides)
     for item in dotlist:
         try:
@@ -94,8 +126,8 @@ def explicit_keys(config_path: Optional[str], overrides: Sequence[str] = ()) -> 
     if config_path:
         path = Path(config_path)
         path = path if path.is_file() else CONFIG_DIR / path.name
-        walk(yaml.safe_load(path.read_text()) or {}, "")
-    keys.update(item.split("=", 1)[0] for item in _parse_overrides(overrides))
+        walk(_rename_in_preset(yaml.safe_load(path.read_text()) or {}, None), "")
+    keys.update(item.split("=", 1)[0] for item in _parse_overrides(overrides, warn=False))
     return keys
 
 

@@ -1,6 +1,7 @@
 """The names config values are checked against, defined here (plain Python) so the configuration
-can check them without importing what acts on them: pipeline schedules (parallel.pipeline),
-recovery actions (train.recovery) and data-parallel engines (train.build, parallel.zero)."""
+can check them without importing what acts on them: pipeline schedules (parallel.pipeline) and
+recovery actions (train.recovery). Engines and objectives have registries of their own (engines.py,
+objectives.py)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,6 @@ MULTI_STAGE = ("interleaved_1f1b", "interleaved_zb")
 """The schedules that run several stages per pipeline rank (parallel.pp_virtual_stages >= 2)."""
 ACTIONS = ("log", "skip", "retry", "rollback", "restart", "abort")
 """Recovery actions (health.*_action), in increasing severity."""
-ENGINES = ("fsdp", "ddp", "deepspeed")
-"""Data-parallel engines (parallel.engine)."""
-OBJECTIVES = ("pretrain", "sft", "dpo")
-"""Training objectives (train.objective)."""
-DPO_REFERENCES = ("model", "precomputed")
-"""Where DPO's reference log-probabilities come from (train.dpo_reference)."""
 
 
 def schedule_constraint(name: str, n_microbatches: int, pp: int) -> Optional[str]:

@@ -153,6 +153,18 @@ class OptimConfig:
 
 
 @dataclass
+class DPOConfig:
+    beta: float = 0.1
+    """Beta, the strength of the implicit KL penalty towards the reference (Llama 3: 0.1)."""
+    nll_coef: float = 0.0
+    """Coefficient of a length-normalised NLL term on the chosen responses (Llama 3: 0.2; 0 = off)."""
+    mask_special: bool = False
+    """Leave the end-of-turn token out of both responses' log-probabilities (Llama 3: true; headers are prompt tokens always)."""
+    reference: str = "model"
+    """model (a frozen reference model beside the policy) or precomputed (its log-probs of every pair in one pass before training, kept in <run_dir>/dpo_reference.safetensors; no reference model during training)."""
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000
     """Optimizer steps to train for (total, including steps before a resume)."""
@@ -184,14 +196,8 @@ class TrainConfig:
     """Per-device peak FLOP/s for MFU; None = H100 dense BF16 on cuda, a matmul probe on cpu."""
     objective: str = "pretrain"
     """pretrain (every token), sft (assistant tokens of --format chat data only) or dpo (--format preference pairs against a frozen reference)."""
-    dpo_beta: float = 0.1
-    """DPO: beta, the strength of the implicit KL penalty towards the reference (Llama 3: 0.1)."""
-    dpo_nll_coef: float = 0.0
-    """DPO: coefficient of a length-normalised NLL term on the chosen responses (Llama 3: 0.2; 0 = off)."""
-    dpo_mask_special: bool = False
-    """DPO: leave the end-of-turn token out of both responses' log-probabilities (Llama 3: true; headers are prompt tokens always)."""
-    dpo_reference: str = "model"
-    """DPO: model (a frozen reference model beside the policy) or precomputed (its log-probs of every pair in one pass before training, kept in <run_dir>/dpo_reference.safetensors; no reference model during training)."""
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    """train.objective=dpo: its settings."""
     profile_steps: List[int] = field(default_factory=list)
     """Steps to trace with torch.profiler on every rank: <run_dir>/profile/step-N/rank-R.json (Chrome trace; Perfetto)."""
     memory_snapshot_step: Optional[int] = None

@@ -12,9 +12,10 @@ from typing import Optional
 
 from dist_llama.config.data_plan import validate_data_plan
 from dist_llama.config.errors import ConfigError
+from dist_llama.config.engines import ENGINES, engine_facts
 from dist_llama.config.fault_specs import specs_from_env, validate_specs
-from dist_llama.config.names import (ACTIONS, DPO_REFERENCES, ENGINES, MULTI_STAGE, OBJECTIVES, SCHEDULES,
-                                     schedule_constraint)
+from dist_llama.config.names import ACTIONS, MULTI_STAGE, SCHEDULES, schedule_constraint
+from dist_llama.config.objectives import objective_spec
 from dist_llama.config.schema import Config, ParallelConfig
 from dist_llama.model.args import ModelArgs
 
@@ -86,7 +87,7 @@ def _validate_speed(cfg: Config) -> None:
     if t.float8:
         _require(t.device != "cpu", "train.float8",
                  "needs a CUDA GPU of compute capability >= 8.9 (H100, H200, L4); train.device=cpu")
-        _require(p.engine != "deepspeed", "train.float8",
+        _require(engine_facts(p).float8, "train.float8",
                  "runs under parallel.engine=fsdp or ddp (DeepSpeed manages the linear layers' weights itself)")
         _require(p.tp == 1, "train.float8",
                  f"is not combined with tensor parallelism yet (parallel.tp={p.tp}): it needs torchao's float8 TP plan")
@@ -126,18 +127,19 @@ def resolve_parallel(p: ParallelConfig, world_size: int) -> ParallelConfig:
     _require(resolved.world_size == world_size, "parallel.dp_shard",
              f"dp_replicate*dp_shard*cp*tp*pp={resolved.world_size} must equal the world size {world_size} "
              "(set parallel.dp_shard=-1 to fill it)")
-    _require(p.engine in ENGINES, "parallel.engine",
-             f"must be fsdp, ddp or deepspeed, got {p.engine!r}")
-    _require(p.engine == "fsdp" or (p.tp == 1 and p.pp == 1), "parallel.engine",
+    engine = engine_facts(p)
+    _require(engine is not None, "parallel.engine", f"must be {' or '.join(ENGINES)}, got {p.engine!r}")
+    _require(engine.tp_pp or (p.tp == 1 and p.pp == 1), "parallel.engine",
              f"{p.engine} composes with data parallelism only (tp={p.tp}, pp={p.pp}); use engine=fsdp with tp or pp")
-    if p.engine == "deepspeed":
-        _require(p.cp == 1 and p.dp_replicate == 1, "parallel.engine",
-                 f"deepspeed runs plain ZeRO data parallelism: needs cp=1 and dp_replicate=1 "
-                 f"(got cp={p.cp}, dp_replicate={p.dp_replicate}); use engine=fsdp for HSDP or CP")
-        _require(p.zero_stage in (1, 2, 3), "parallel.zero_stage", f"must be 1, 2 or 3, got {p.zero_stage}")
-    _require(not p.offload_params or (p.engine == "deepspeed" and p.zero_stage == 3), "parallel.offload_params",
+    _require(engine.cp_hsdp or (p.cp == 1 and p.dp_replicate == 1), "parallel.engine",
+             f"{p.engine} runs plain data parallelism: needs cp=1 and dp_replicate=1 "
+             f"(got cp={p.cp}, dp_replicate={p.dp_replicate}); use engine=fsdp for HSDP or CP")
+    if engine.zero_stages:
+        _require(p.zero_stage in engine.zero_stages, "parallel.zero_stage",
+                 f"must be {', '.join(map(str, engine.zero_stages))}, got {p.zero_stage}")
+    _require(not p.offload_params or engine.offload_params, "parallel.offload_params",
              "needs parallel.engine=deepspeed and parallel.zero_stage=3")
-    _require(not p.offload_optimizer or p.engine == "deepspeed", "parallel.offload_optimizer",
+    _require(not p.offload_optimizer or engine.offload_optimizer, "parallel.offload_optimizer",
              "needs parallel.engine=deepspeed")
     _require(p.pp_schedule in SCHEDULES, "parallel.pp_schedule",
              f"must be one of {', '.join(SCHEDULES)}; got {p.pp_schedule!r}")
@@ -155,11 +157,17 @@ def resolve_parallel(p: ParallelConfig, world_size: int) -> ParallelConfig:
     return resolved
 
 
-def micro_batches(local_batch: int, micro_batch_size: int, pp: int) -> int:
-    """Micro-batches per step: -1 means no accumulation, or with pipelining one sequence each."""
+def micro_rows(micro_batch_size: int, local_batch: int, pp: int) -> int:
+    """Sequences per micro-batch, train.micro_batch_size resolved (the one place -1 is read): -1
+    means the whole local batch (no accumulation), or with pipelining one sequence."""
     if micro_batch_size == -1:
-        return local_batch if pp > 1 else 1
-    return local_batch // micro_batch_size
+        return 1 if pp > 1 else local_batch
+    return micro_batch_size
+
+
+def micro_batches(local_batch: int, micro_batch_size: int, pp: int) -> int:
+    """Micro-batches per step of a local batch."""
+    return local_batch // micro_rows(micro_batch_size, local_batch, pp)
 
 
 def _validate_layout(m: ModelArgs, p: ParallelConfig, seq_len: int, local_batch: int, micro_batch_size: int) -> None:
@@ -193,7 +201,7 @@ def _check_stage(cfg: Config, parallel: ParallelConfig, seq_len: int, global_bat
         _require(global_batch % dp == 0, "train.global_batch_size",
                  f"must be divisible by the data-parallel degree {dp}, got {global_batch}")
         local = global_batch // dp
-        micro = local if t.micro_batch_size == -1 else t.micro_batch_size
+        micro = micro_rows(t.micro_batch_size, local, 1)
         _require(micro > 0 and local % micro == 0, "train.micro_batch_size",
                  f"must divide the per-rank batch {local} (global {global_batch} / dp {dp}), or be -1; "
                  f"got {t.micro_batch_size}")
@@ -208,23 +216,9 @@ def _check_stage(cfg: Config, parallel: ParallelConfig, seq_len: int, global_bat
 
 
 def _validate_objective(cfg: Config, p: ParallelConfig) -> None:
-    t, d = cfg.train, cfg.data
-    _require(t.objective in OBJECTIVES, "train.objective", f"must be one of {', '.join(OBJECTIVES)}; got {t.objective!r}")
-    if t.objective != "dpo":
-        return
-    _require(t.dpo_beta > 0, "train.dpo_beta", f"must be positive, got {t.dpo_beta}")
-    _require(t.dpo_nll_coef >= 0, "train.dpo_nll_coef", f"must be >= 0, got {t.dpo_nll_coef}")
-    _require(t.dpo_reference in DPO_REFERENCES, "train.dpo_reference",
-             f"must be one of {', '.join(DPO_REFERENCES)}; got {t.dpo_reference!r}")
-    # A pair's two sequences are scored together on one rank: a pipeline would have to carry the
-    # reference's log-probs through its schedule, and context parallelism would cut the sequences.
-    for key in ("pp", "cp"):
-        _require(getattr(p, key) == 1, f"parallel.{key}", f"must be 1 with train.objective=dpo (a preference "
-                 f"pair is scored whole on one rank); got {getattr(p, key)}")
-    _require(not d.sources and not d.stages and not d.eval_sources and not d.anneal_weights, "data.sources",
-             "train.objective=dpo reads one preference dataset (data.path): no sources, stages or eval_sources")
-    _require(t.eval_interval == 0, "train.eval_interval",
-             f"must be 0 with train.objective=dpo (no held-out preference pairs), got {t.eval_interval}")
+    spec = objective_spec(cfg.train.objective)
+    if spec.validate is not None:
+        spec.validate(cfg, p)
 
 
 def _finite(node, prefix: str = "") -> None:
@@ -270,7 +264,7 @@ def validate(cfg: Config, world_size: int, dataset=None, tokenizer_vocab: Option
              "cuda or auto")
     _require(t.loss_chunk_tokens is None or t.loss_chunk_tokens >= 0, "train.loss_chunk_tokens",
              f"must be >= 0 (0 = the plain loss) or null (automatic), got {t.loss_chunk_tokens}")
-    _require(not t.loss_chunk_tokens or not (parallel.engine == "deepspeed" and parallel.zero_stage == 3),
+    _require(not t.loss_chunk_tokens or engine_facts(parallel).output_whole_after_forward,
              "train.loss_chunk_tokens", "must be 0 or null under parallel.engine=deepspeed with zero_stage=3 "
              "(ZeRO-3 holds the output weight whole only inside the model's forward)")
     _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
@@ -305,7 +299,7 @@ def validate(cfg: Config, world_size: int, dataset=None, tokenizer_vocab: Option
         _require(model.vocab_size >= tokenizer_vocab, "model.vocab_size",
                  f"{model.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer_vocab}, "
                  f"data.tokenizer={d.tokenizer!r})")
-    if dataset is not None and not d.sources and not d.stages and t.objective != "dpo":  # dpo: pairs, not windows
+    if dataset is not None and not d.sources and not d.stages and objective_spec(t.objective).packs_windows:
         windows = (len(dataset) - 1) // d.seq_len
         _require(windows >= t.global_batch_size, "data.seq_len",
                  f"data {d.path!r} ({len(dataset)} tokens) gives {windows} sequences of {d.seq_len} tokens, "

@@ -16,7 +16,7 @@ Contents are stripped, as Meta's ``ChatFormat`` and ``chat_completion`` do. Spec
 inserted by id; the text is encoded as ordinary text, so a special-token string typed in a message
 stays text. The mask says what each token is: ``PROMPT`` (0: system and user turns, headers: never
 trained), ``RESPONSE`` (1: assistant content) and ``END`` (2: the token that ends an assistant
-turn, ``<|eot_id|>`` or ``</s>``: trained by SFT; ``train.dpo_mask_special`` leaves it out of DPO's
+turn, ``<|eot_id|>`` or ``</s>``: trained by SFT; ``train.dpo.mask_special`` leaves it out of DPO's
 log-probabilities, with the headers, which are prompt tokens here). A chat record marks every
 assistant turn (SFT trains them all, the common convention); a preference record only its final
 answer (earlier assistant turns of the prompt are context: ``final_answer_only``).

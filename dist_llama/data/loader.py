@@ -32,7 +32,31 @@ import numpy as np
 
 from .permutation import KeyedPermutation, mix_key, uniform
 
-__all__ = ["PackedLoader", "Source", "Stage", "TokenSource", "pack_windows"]
+__all__ = ["BatchLoader", "PackedLoader", "Source", "Stage", "TokenSource", "pack_windows"]
+
+
+class BatchLoader(Protocol):
+    """What the training loop draws batches from (PackedLoader: packed windows; PairLoader: one
+    preference pair per row; an objective's own). Its state is its position: a resume, under any
+    data-parallel degree, continues from it exactly."""
+
+    seq_len: int
+    """The sequence length of the next batch (a curriculum stage may change it)."""
+    global_batch_size: int
+    """Rows of the next global batch."""
+    tokens_by_source: dict[str, int]
+    """Input tokens drawn from each source so far."""
+    new_epochs: list[tuple[str, int]]
+    """(source, epoch) of the epochs the last batch started."""
+
+    def next_batch(self) -> dict:
+        """This rank's rows of the next global batch: int64 tensors [rows, seq_len] of tokens,
+        labels (-100: not counted), doc_ids and positions (and what the objective adds)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Resume at the saved position; ValueError when the saved state is another data's."""
 
 
 class TokenSource(Protocol):
@@ -40,6 +64,9 @@ class TokenSource(Protocol):
 
     fingerprint: str
     """Identifies the content: a resume checks it."""
+    kind: str
+    """What dist-llama-prepare --format made it: text, chat (with a loss mask) or preference
+    (chat documents in (chosen, rejected) pairs); sources without the attribute are text."""
 
     def __len__(self) -> int:
         """Tokens in the stream."""
@@ -50,7 +77,9 @@ class TokenSource(Protocol):
     def doc_starts_in(self, start: int, stop: int) -> np.ndarray:
         """Sorted int64 start offsets of the documents overlapping [start, stop) (the first one <= start)."""
 
-    # Chat data only (loss_mask=True): ``loss_mask(start, stop)``, uint8 per token, 0 = not trained.
+    def loss_mask(self, start: int, stop: int) -> np.ndarray:
+        """Chat and preference data only (what PackedLoader(loss_mask=True) and PairLoader read):
+        uint8 per token of [start, stop), data.chat's PROMPT (0: not trained), RESPONSE or END."""
 
 
 @dataclass

@@ -61,7 +61,7 @@ class PairLoader:
         self.new_epochs: list[tuple[str, int]] = []
         self._perm: tuple[int, KeyedPermutation] | None = None
         self.reference: np.ndarray | None = None
-        """float32 [n_pairs, 2]: the reference's log-probs of each pair (train.dpo_reference=precomputed)."""
+        """float32 [n_pairs, 2]: the reference's log-probs of each pair (train.dpo.reference=precomputed)."""
 
     @property
     def local_batch_size(self) -> int:

@@ -48,7 +48,7 @@ def check_run_dir(run_dir: Path) -> Optional[str]:
 def check_devices(gpus: int) -> Optional[str]:
     import torch
 
-    from dist_llama.train.health import known_matmul_error
+    from dist_llama.train.replicas import known_matmul_error
 
     if gpus == 0:
         return known_matmul_error(torch.device("cpu"))

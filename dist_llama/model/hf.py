@@ -7,13 +7,13 @@
 # Plain dicts and tensors in, plain dicts and tensors out: transformers is not needed.
 
 import re
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
 from .args import ModelArgs, ffn_hidden_dim
 
-_LAYER_MAP = {
+LAYER_NAMES = {
     "attention.wq": "self_attn.q_proj",
     "attention.wk": "self_attn.k_proj",
     "attention.wv": "self_attn.v_proj",
@@ -24,22 +24,55 @@ _LAYER_MAP = {
     "attention_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
-_TOP_MAP = {
+"""A block's parameters: our (Meta's) module name → Hugging Face's."""
+TOP_NAMES = {
     "tok_embeddings": "model.embed_tokens",
     "norm": "model.norm",
     "output": "lm_head",
 }
+"""Parameters outside the blocks: ours → Hugging Face's."""
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
 _META_LAYER = re.compile(r"layers\.(\d+)\.(.+)\.weight")
+_HF_TO_META_LAYER = {v: k for k, v in LAYER_NAMES.items()}
+_HF_TO_META_TOP = {v: k for k, v in TOP_NAMES.items()}
 
 
-def _meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    # Per head, rows (pair j, member r) ordered j-major in Meta become r-major in HF.
+def hf_name(name: str) -> str:
+    """Our (Meta's) parameter name → Hugging Face LlamaForCausalLM's (KeyError for other names)."""
+    m = _META_LAYER.fullmatch(name)
+    if m:
+        return f"model.layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}.weight"
+    if not name.endswith(".weight"):
+        raise KeyError(name)
+    return f"{TOP_NAMES[name[: -len('.weight')]]}.weight"
+
+
+def meta_name(key: str) -> Optional[str]:
+    """Hugging Face's parameter name → ours, or None for a key that is not a Llama parameter."""
+    m = _HF_LAYER.fullmatch(key)
+    if m and m.group(2) in _HF_TO_META_LAYER:
+        return f"layers.{m.group(1)}.{_HF_TO_META_LAYER[m.group(2)]}.weight"
+    if key.endswith(".weight") and key[: -len(".weight")] in _HF_TO_META_TOP:
+        return _HF_TO_META_TOP[key[: -len(".weight")]] + ".weight"
+    return None
+
+
+def rope_heads(name: str, args: ModelArgs) -> Optional[int]:
+    """The heads whose rows the RoPE permutation reorders in parameter `name` (ours): wq's query
+    heads, wk's key/value heads; None for every other parameter."""
+    module = name.split(".")[-2] if "." in name else ""
+    return {"wq": args.n_heads, "wk": args.kv_heads}.get(module)
+
+
+def meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """wq/wk rows in Meta's RoPE layout → Hugging Face's: per head, rows (pair j, member r) ordered
+    j-major become r-major."""
     out_dim, in_dim = w.shape
     return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
-def _hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+def hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of meta_to_hf_rows."""
     out_dim, in_dim = w.shape
     return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
@@ -47,24 +80,14 @@ def _hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def from_hf_state_dict(sd: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, torch.Tensor]:
     """HF LlamaForCausalLM state dict -> ours. Tied checkpoints (no lm_head) get output = embeddings;
     rotary inv_freq buffers, which some versions save, are dropped."""
-    hf_top = {v: k for k, v in _TOP_MAP.items()}
-    hf_layer = {v: k for k, v in _LAYER_MAP.items()}
     out = {}
     for key, value in sd.items():
         if key.endswith("rotary_emb.inv_freq"):
             continue
-        m = _HF_LAYER.fullmatch(key)
-        if m:
-            layer, name = m.groups()
-            ours = hf_layer[name]
-            if ours == "attention.wq":
-                value = _hf_to_meta_rows(value, args.n_heads)
-            elif ours == "attention.wk":
-                value = _hf_to_meta_rows(value, args.kv_heads)
-            out[f"layers.{layer}.{ours}.weight"] = value
-        else:
-            assert key.endswith(".weight") and key[: -len(".weight")] in hf_top, f"unexpected HF key {key}"
-            out[f"{hf_top[key[: -len('.weight')]]}.weight"] = value
+        name = meta_name(key)
+        assert name is not None, f"unexpected HF key {key}"
+        heads = rope_heads(name, args)
+        out[name] = hf_to_meta_rows(value, heads) if heads else value
     if "output.weight" not in out:
         out["output.weight"] = out["tok_embeddings.weight"]
     return out
@@ -73,18 +96,9 @@ def from_hf_state_dict(sd: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str
 def to_hf_state_dict(sd: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, torch.Tensor]:
     """Our state dict -> HF LlamaForCausalLM names and RoPE layout (untied lm_head)."""
     out = {}
-    for key, value in sd.items():
-        m = _META_LAYER.fullmatch(key)
-        if m:
-            layer, name = m.groups()
-            if name == "attention.wq":
-                value = _meta_to_hf_rows(value, args.n_heads)
-            elif name == "attention.wk":
-                value = _meta_to_hf_rows(value, args.kv_heads)
-            out[f"model.layers.{layer}.{_LAYER_MAP[name]}.weight"] = value
-        else:
-            assert key.endswith(".weight") and key[: -len(".weight")] in _TOP_MAP, f"unexpected key {key}"
-            out[f"{_TOP_MAP[key[: -len('.weight')]]}.weight"] = value
+    for name, value in sd.items():
+        heads = rope_heads(name, args)
+        out[hf_name(name)] = meta_to_hf_rows(value, heads) if heads else value
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from dist_llama.config import ParallelConfig
+from dist_llama.config.engines import engine_facts
 from dist_llama.parallel.context import apply_cp
 from dist_llama.parallel.data import apply_ac, apply_compile
 from dist_llama.parallel.dims import Meshes, ParallelDims
@@ -20,7 +21,7 @@ def parallelize(part: nn.Module, dims: ParallelDims, meshes: Meshes, p: Parallel
     if float8:
         from dist_llama.parallel.float8 import apply_float8, float8_all_gather  # torchao only when asked for
 
-        apply_float8(part, fsdp_all_gather=float8_all_gather(p.engine, dims))
+        apply_float8(part, fsdp_all_gather=float8_all_gather(engine_facts(p), dims))
     if dims.tp > 1:
         apply_tp(part, meshes.world["tp"], loss_parallel=True)
         if p.async_tp:

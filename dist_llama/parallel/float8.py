@@ -31,9 +31,9 @@ def missing_torchao() -> Optional[str]:
     return None
 
 
-def float8_all_gather(engine: str, dims) -> bool:
-    """Whether FSDP2 all-gathers the float8 weights: under engine=fsdp when parameters are sharded."""
-    return engine == "fsdp" and dims.dp_shard * dims.cp > 1
+def float8_all_gather(engine, dims) -> bool:
+    """Whether the engine (its EngineFacts) all-gathers float8 weights: FSDP2, when parameters are sharded."""
+    return engine.float8_all_gather and dims.dp_shard * dims.cp > 1
 
 
 def _float8_eligible(module: nn.Module, fqn: str) -> bool:

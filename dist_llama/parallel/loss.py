@@ -21,8 +21,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-from dist_llama.config import Config
-
 CHUNK_LOGITS_BYTES = 256 * 2**20
 """The automatic chunk size keeps one chunk's fp32 logits on a rank at most this big."""
 
@@ -33,15 +31,15 @@ def auto_chunk_tokens(vocab_size: int, tp: int) -> int:
     return max(1, CHUNK_LOGITS_BYTES // (4 * -(-vocab_size // tp)))
 
 
-def loss_chunk_tokens(cfg: Config, tp: int) -> int:
-    """train.loss_chunk_tokens resolved: None chunks wherever the loss can take the output weight
-    after the forward (everywhere but DeepSpeed ZeRO-3); even one chunk saves the logits kept for
-    backward."""
-    if cfg.train.loss_chunk_tokens is not None:
-        return cfg.train.loss_chunk_tokens
-    if cfg.parallel.engine == "deepspeed" and cfg.parallel.zero_stage == 3:
+def loss_chunk_tokens(setting: Optional[int], output_whole_after_forward: bool, vocab_size: int, tp: int) -> int:
+    """train.loss_chunk_tokens (`setting`) resolved: None chunks wherever the loss can take the
+    output weight after the forward (the engine's fact: everywhere but DeepSpeed ZeRO-3); even one
+    chunk saves the logits kept for backward."""
+    if setting is not None:
+        return setting
+    if not output_whole_after_forward:
         return 0
-    return auto_chunk_tokens(cfg.model.vocab_size, tp)
+    return auto_chunk_tokens(vocab_size, tp)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):

@@ -14,6 +14,7 @@ import sys
 from typing import Optional, Sequence
 
 from dist_llama.config import ConfigError, load, resolve_parallel, to_object, validate_model
+from dist_llama.plan.engine_costs import engine_costs
 from dist_llama.plan.estimate import Estimate, estimate
 from dist_llama.plan.hardware import GiB, hardware_preset
 
@@ -70,19 +71,12 @@ def _gib(x: float) -> str:
     return f"{x / GiB:9.2f} GiB"
 
 
-def _engine(p) -> str:
-    if p.engine != "deepspeed":
-        return p.engine
-    offload = [name for name, on in (("optimizer", p.offload_optimizer), ("params", p.offload_params)) if on]
-    return f"deepspeed ZeRO-{p.zero_stage}" + (f" (offload {'+'.join(offload)})" if offload else "")
-
-
 def format_table(e: Estimate, cfg, hw) -> str:
     """A readable report of one estimate."""
     p, m = cfg.parallel, e.memory
     lines = [
         f"layout   tp={p.tp} cp={p.cp} pp={p.pp} (V={p.pp_virtual_stages}, {p.pp_schedule}) "
-        f"dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} engine={_engine(p)} ac={p.ac}  on {hw.name}",
+        f"dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} engine={engine_costs(p).describe(p)} ac={p.ac}  on {hw.name}",
         f"rank     {e.rank}: pp rank {e.pp_rank}, stages {e.stage_ids}, {e.layers} layers",
         f"params   total {e.params_total / 1e9:.2f} B, this rank computes {e.params_rank / 1e9:.3f} B, "
         f"stores {e.params_shard / 1e9:.4f} B",

@@ -6,7 +6,7 @@ The model is deliberately simple (a roofline with one achievable fraction of pea
 for attention kernels, one efficiency per link and one overlap fraction), calibrated once against
 the published Llama 3 (Table 4) and Megatron-LM MFU figures (tests/test_plan.py). See
 CALIBRATION for the constants and why each has its value. Model states follow the data-parallel
-engine (FSDP, DDP, DeepSpeed ZeRO-1/2/3 with offload; model_states). The "cpu" preset describes
+engine (FSDP, DDP, DeepSpeed ZeRO-1/2/3 with offload; plan/engine_costs.py). The "cpu" preset describes
 gloo ranks on this machine from measurements; bench/plan_vs_measured.py compares the estimate with
 real runs there.
 """
@@ -18,12 +18,16 @@ import math
 from dataclasses import dataclass, field
 
 from dist_llama.config import Config, micro_batches
+from dist_llama.config.validation import micro_rows
+from dist_llama.config.engines import engine_facts
 from dist_llama.model.args import ModelArgs, ffn_hidden_dim
 from dist_llama.model.flops import count_params, flops_per_token
 from dist_llama.parallel.loss import loss_chunk_tokens
 from dist_llama.parallel.pipeline import layers_per_stage, stage_ids_for_rank
 # hardware_preset is not used here; bench/plan_vs_measured.py knows it from this module.
+from dist_llama.plan.engine_costs import engine_costs
 from dist_llama.plan.hardware import Hardware, hardware_preset  # noqa: F401
+from dist_llama.plan.links import Links, collective, group_spans_nodes
 
 
 @dataclass(frozen=True)
@@ -96,20 +100,6 @@ class Memory:
     @property
     def total(self) -> float:
         return self.model_states + self.gathered + self.buffers + self.activations + self.logits
-
-
-@dataclass
-class Collective:
-    """One kind of communication, summed over a step on one rank."""
-
-    name: str
-    """What and where (e.g. "tp all-gather/reduce-scatter (nvlink)")."""
-    bytes_per_step: float
-    """Bytes this rank sends per step (ring bus volume)."""
-    seconds: float
-    """Time the transfers take at the achieved bandwidth."""
-    exposed_seconds: float
-    """Part of it not hidden behind compute."""
 
 
 @dataclass
@@ -207,157 +197,12 @@ def in_flight_microbatches(schedule: str, pp: int, pp_rank: int, virtual: int, n
     return chunks / virtual
 
 
-# --- model states per engine -----------------------------------------------------------------------
-
-DEEPSPEED_REDUCE_BUCKET = 5e8
-"""DeepSpeed's default zero_optimization.reduce_bucket_size, elements. With contiguous_gradients (on
-by default) ZeRO-1/2 allocate one bucket of it in the compute dtype at each backward and ZeRO-3 one
-flat buffer of it at init (deepspeed/runtime/zero/stage_1_and_2.py backward(), stage3.py), whatever
-the model size; the reduce-scatters go bucket by bucket."""
-DEEPSPEED_GRAD_COMM_BYTES = 4
-"""dist_llama's ds_config reduces gradients in fp32 (communication_data_type), as FSDP does."""
-DEEPSPEED_PREFETCH_BUCKET = 5e7
-"""DeepSpeed's default stage3_prefetch_bucket_size, elements ZeRO-3 gathers ahead of use."""
-
-
 def compute_bytes(cfg: Config, hw: Hardware) -> int:
     """Bytes per element of the compute dtype the training would use on this hardware."""
     return 4 if cfg.train.compute_dtype("cpu" if hw.name == "cpu" else "cuda") == "fp32" else 2
 
 
-def zero_shards(p) -> int:
-    """Ranks one rank's parameters are sharded over: FSDP over dp_shard x cp (replicas of HSDP
-    hold copies), DeepSpeed ZeRO over its data-parallel ranks, nothing under DDP."""
-    if p.engine == "fsdp":
-        return p.dp_shard * p.cp
-    if p.engine == "deepspeed":
-        return p.dp_shard
-    return 1
-
-
-def model_states(p, params_rank: float, block_params: float, c: int) -> dict:
-    """Device bytes of parameters, master copy, gradients, AdamW states, gathered weights and engine
-    buffers of a rank computing with params_rank parameters (its stages and TP slice; blocks of
-    block_params), c bytes per compute-dtype element; and what ZeRO offload keeps on the host.
-
-    DeepSpeed follows the ZeRO paper (Rajbhandari et al. 2020, Fig. 1) with K = 12 (fp32 master,
-    Adam m and v): compute-dtype weights and gradients, ZeRO-1 partitions the K states, ZeRO-2 the
-    gradients too, ZeRO-3 the weights too; DeepSpeed keeps its fp32 master partition even for fp32
-    weights (it clones them). Offloading the optimizer moves the K states to the host, plus an fp32
-    gradient partition the CPU Adam steps with; offloading parameters (ZeRO-3) moves the weight
-    partition."""
-    psi, n = params_rank, zero_shards(p)
-    if p.engine == "deepspeed":
-        stage = p.zero_stage
-        states = {"params": c * psi / n if stage == 3 else c * psi,
-                  "master": 4 * psi / n,
-                  "grads": c * psi if stage == 1 else c * psi / n,
-                  "optimizer": 8 * psi / n,
-                  # ZeRO-3 holds the block in use plus what it prefetched.
-                  "gathered": c * min(psi, block_params + DEEPSPEED_PREFETCH_BUCKET) if stage == 3 else 0.0,
-                  "buffers": c * DEEPSPEED_REDUCE_BUCKET, "host": 0.0}
-        if p.offload_optimizer:
-            states["host"] += states["master"] + states["optimizer"] + 4 * psi / n
-            states["master"] = states["optimizer"] = 0.0
-        if p.offload_params:
-            states["host"] += states["params"]
-            states["params"] = 0.0
-        return states
-    if p.engine == "fsdp" and p.data_parallel:
-        # fp32 shards stepped in place; gradients reduce-scattered in fp32 (Llama 3 §3.3.2).
-        gathered = psi if not p.reshard_after_forward else min(psi, 2 * block_params)
-        return {"params": 4 * psi / n, "master": 0.0, "grads": 4 * psi / n, "optimizer": 8 * psi / n,
-                "gathered": c * gathered, "buffers": 0.0, "host": 0.0}
-    # DDP, or a single data-parallel rank: the fp32 parameters themselves; autocast keeps a
-    # compute-dtype copy of every weight it casts for backward. DDP's reducer holds its own flat
-    # gradient buckets, as large as the gradients (gradient_as_bucket_view is off in apply_ddp).
-    return {"params": 4 * psi, "master": 0.0, "grads": 4 * psi, "optimizer": 8 * psi,
-            "gathered": 0.0 if c == 4 else c * psi,
-            "buffers": 4 * psi if p.engine == "ddp" and p.data_parallel else 0.0, "host": 0.0}
-
-
 # --- the estimate --------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _Links:
-    """Achieved bandwidths and per-call latency, the hardware's or the calibration's."""
-
-    nvlink: float
-    network: float
-    host: float
-    latency_s: float
-
-    @classmethod
-    def of(cls, hw: Hardware, cal: Calibration) -> "_Links":
-        intra = hw.link_efficiency if hw.link_efficiency is not None else cal.intra_node_efficiency
-        inter = hw.link_efficiency if hw.link_efficiency is not None else cal.inter_node_efficiency
-        latency = hw.collective_latency_s if hw.collective_latency_s is not None else cal.collective_latency_s
-        return cls(hw.intra_node_bw * intra, hw.inter_node_bw * inter, hw.host_bw, latency)
-
-    def time(self, volume: float, bw: float, calls: float) -> float:
-        return volume / bw + calls * self.latency_s
-
-
-def _group_spans_nodes(inner: int, size: int, hw: Hardware) -> bool:
-    """A mesh dim of `size` ranks with stride `inner` (product of the dims inside it) fits a node
-    only if inner*size ranks do."""
-    return size > 1 and inner * size > hw.gpus_per_node
-
-
-def _collective(name: str, volume: float, bw: float, calls: float, links: _Links, hidden: float) -> Collective:
-    secs = links.time(volume, bw, calls)
-    return Collective(name, volume, secs, secs * (1 - hidden))
-
-
-def data_parallel_collectives(p, params_rank: float, layers: int, n_micro: int, c: int, hw: Hardware,
-                              links: _Links, cal: Calibration) -> list:
-    """Gradient and parameter traffic of the data-parallel engine per step, one rank."""
-    psi, n = params_rank, zero_shards(p)
-    group = p.dp_cp if p.engine == "ddp" else n
-    bw = links.network if _group_spans_nodes(p.tp, group, hw) else links.nvlink
-    out = []
-    if p.engine == "deepspeed":
-        # Weights travel in the compute dtype, gradients in fp32 (ds_config's communication_data_type).
-        weights, grads = (n - 1) / n * psi * c, (n - 1) / n * psi * DEEPSPEED_GRAD_COMM_BYTES
-        buckets = max(1, math.ceil(psi / DEEPSPEED_REDUCE_BUCKET))
-        if p.zero_stage == 3:
-            # Like FSDP: gather forward and backward, reduce-scatter gradients, every micro-batch;
-            # overlap_comm is on by default for ZeRO-3.
-            if n > 1:
-                out.append(_collective("zero-3 all-gather/reduce-scatter", n_micro * (2 * weights + grads), bw,
-                                       3 * n_micro * (layers + 1), links, cal.overlap))
-        elif n > 1:
-            # ZeRO-2 reduce-scatters every micro-batch's gradients into the partitions, ZeRO-1 once;
-            # then the updated partitions are all-gathered after the step. overlap_comm is off by
-            # default for stages 1/2 and the all-gather follows the step: nothing hides.
-            reduces = n_micro if p.zero_stage == 2 else 1
-            out.append(_collective(f"zero-{p.zero_stage} reduce-scatter grads", reduces * grads, bw,
-                                   reduces * buckets, links, 0.0))
-            out.append(_collective(f"zero-{p.zero_stage} all-gather params", weights, bw, buckets, links, 0.0))
-        if p.offload_optimizer and links.host > 0:
-            # Gradient partition to the host, updated weights back, around the CPU step.
-            out.append(_collective("offload optimizer (pcie)", 2 * c * psi / n, links.host, 2, links, 0.0))
-        if p.offload_params and links.host > 0:
-            out.append(_collective("offload params (pcie)", 2 * n_micro * c * psi / n, links.host,
-                                   2 * n_micro * (layers + 1), links, cal.overlap))
-        return out
-    if p.engine == "fsdp" and p.data_parallel:
-        if n > 1:
-            # Compute-dtype all-gather (once per step when weights are kept after forward, else
-            # forward and backward of every micro-batch), fp32 gradient reduce-scatter once.
-            gathers = 1 if not p.reshard_after_forward else 2 * n_micro
-            volume = (gathers * c + 4) * (n - 1) / n * psi
-            out.append(_collective("fsdp all-gather/reduce-scatter", volume, bw, (gathers + 1) * (layers + 1),
-                                   links, cal.overlap))
-        if p.dp_replicate > 1:
-            volume = 2 * (p.dp_replicate - 1) / p.dp_replicate * 4 * psi / n
-            out.append(_collective("hsdp all-reduce (replicas)", volume, links.network, layers + 1, links, cal.overlap))
-        return out
-    if p.data_parallel:
-        volume = 2 * (p.dp_cp - 1) / p.dp_cp * 4 * psi
-        out.append(_collective("ddp all-reduce", volume, bw, layers + 1, links, cal.overlap))
-    return out
-
 
 def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = CALIBRATION) -> Estimate:
     """Predict one step for `rank` as if its own pipeline rank set the pace (see estimate())."""
@@ -367,7 +212,7 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
     seq = cfg.data.seq_len
     c = compute_bytes(cfg, hw)
     local_batch = t.global_batch_size // dp
-    mbs = local_batch if t.micro_batch_size == -1 and pp == 1 else (1 if t.micro_batch_size == -1 else t.micro_batch_size)
+    mbs = micro_rows(t.micro_batch_size, local_batch, pp)
     n_micro = micro_batches(local_batch, t.micro_batch_size, pp)
     tokens_mb = mbs * seq // cp  # tokens of one micro-batch on this rank's sequence slice (before SP)
 
@@ -385,9 +230,9 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
     block_rank = (per_layer - 2 * m.dim) // tp + 2 * m.dim
     params_rank = layers * block_rank
     params_rank += (m.vocab_size * m.dim // tp if first else 0) + (m.vocab_size * m.dim // tp + m.dim if last else 0)
-    states = model_states(p, params_rank, block_rank, c)
-    sharded_params = p.engine == "fsdp" and p.data_parallel or p.engine == "deepspeed" and p.zero_stage == 3
-    params_shard = params_rank / zero_shards(p) if sharded_params else params_rank
+    costs = engine_costs(p)
+    states = costs.model_states(p, params_rank, block_rank, c)
+    params_shard = params_rank / costs.shards(p) if costs.params_sharded(p) else params_rank
 
     act_layer = activation_bytes_per_layer(m, tokens_mb, tp, "none", c)
     ckpt_layer = activation_bytes_per_layer(m, tokens_mb, tp, "full", c)
@@ -405,7 +250,7 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
     in_flight = in_flight_microbatches(p.pp_schedule, pp, pp_rank, V, n_micro)
     # Under checkpointing, backward recomputes one block at a time and holds its full activations.
     recompute_peak = act_layer if p.ac != "none" else 0.0
-    chunk = loss_chunk_tokens(cfg, tp)
+    chunk = loss_chunk_tokens(t.loss_chunk_tokens, engine_facts(p).output_whole_after_forward, m.vocab_size, tp)
     if not last:
         logits = 0.0
     elif chunk:  # one chunk's fp32 logits and their gradient at a time, one fp32 log-sum-exp per token
@@ -430,29 +275,29 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
     hardware_flops = n_micro * (layers * (layer_matmul_flops + layer_attn_flops) + output_flops)
     compute_seconds = n_micro * mb_seconds
 
-    links = _Links.of(hw, cal)
+    links = Links.of(hw, cal)
     collectives = []
     # TP with SP: per block 2 all-gathers + 2 reduce-scatters of the [s, b, h] activation forward,
     # the same backward, and again in the recomputed forward.
     if tp > 1:
         calls = layers * n_micro * (8 + 4 * recompute)
         volume = calls * (tp - 1) / tp * c * tokens_mb * m.dim
-        bw = links.network if _group_spans_nodes(1, tp, hw) else links.nvlink
-        collectives.append(_collective("tp all-gather/reduce-scatter", volume, bw, calls, links, cal.critical_overlap))
+        bw = links.network if group_spans_nodes(1, tp, hw) else links.nvlink
+        collectives.append(collective("tp all-gather/reduce-scatter", volume, bw, calls, links, cal.critical_overlap))
     # CP: all-gather K and V forward (again on recompute), reduce-scatter dK, dV backward.
     if cp > 1:
         kv_local = 2 * tokens_mb * m.kv_heads // min(tp, m.kv_heads) * head_dim * c
         calls = layers * n_micro * (2 + recompute)
         volume = calls * (cp - 1) * kv_local
-        bw = links.network if _group_spans_nodes(tp, cp, hw) else links.nvlink
-        collectives.append(_collective("cp all-gather K/V", volume, bw, calls, links, cal.critical_overlap))
+        bw = links.network if group_spans_nodes(tp, cp, hw) else links.nvlink
+        collectives.append(collective("cp all-gather K/V", volume, bw, calls, links, cal.critical_overlap))
     # PP: activation forward, its gradient backward, at each of this rank's stage boundaries.
     if pp > 1:
         calls = n_micro * V * 2
         volume = calls * c * tokens_mb * m.dim / tp
-        bw = links.network if _group_spans_nodes(world // pp, pp, hw) else links.nvlink
-        collectives.append(_collective("pp send/recv", volume, bw, calls, links, cal.overlap))
-    collectives += data_parallel_collectives(p, params_rank, layers, n_micro, c, hw, links, cal)
+        bw = links.network if group_spans_nodes(world // pp, pp, hw) else links.nvlink
+        collectives.append(collective("pp send/recv", volume, bw, calls, links, cal.overlap))
+    collectives += costs.collectives(p, params_rank, layers, n_micro, c, hw, links, cal.overlap)
 
     # Step: per-micro-batch work (compute + exposed TP/CP/PP) stretched by the bubble, then the
     # exposed once-per-step traffic.

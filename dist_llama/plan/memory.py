@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from dist_llama.config import Config
+from dist_llama.config.validation import micro_rows
 from dist_llama.plan.fake_pipeline import hidden_state, local_stage_metadata
 from dist_llama.plan.memtrack import MemoryReport, MemoryTracker
 
@@ -33,15 +34,9 @@ TRACKED_STEPS = 1
 pipeline schedule's one-time metadata pass at the first step is inside the tracked one)."""
 
 
-def synthetic_batch(cfg: Config, dp: int, device: torch.device) -> dict:
-    """A batch of this rank's shape (one document per sequence): memory depends on shapes only."""
-    rows, seq = cfg.train.global_batch_size // dp, cfg.data.seq_len
-    zeros = torch.zeros(rows, seq, dtype=torch.long, device=device)
-    batch = {"tokens": zeros, "labels": zeros.clone(), "doc_ids": zeros.clone(),
-             "positions": torch.arange(seq, device=device).expand(rows, seq).contiguous()}
-    if cfg.train.objective == "dpo" and cfg.train.dpo_reference == "precomputed":
-        batch["ref_logps"] = torch.zeros(rows, 2, device=device)  # what the loader adds to each pair
-    return batch
+def synthetic_batch(objective, cfg: Config, dp: int, device: torch.device) -> dict:
+    """A batch of this rank's shape, as the objective reads it: memory depends on shapes only."""
+    return objective.synthetic_batch(cfg.train.global_batch_size // dp, cfg.data.seq_len, device)
 
 
 def prime_optimizers(engine) -> None:
@@ -88,11 +83,13 @@ def tracked_memory(cfg: Config, device: torch.device, steps: int = TRACKED_STEPS
     """This live rank's report (its process group initialised): the trainer's build, real tensors."""
     from dist_llama.parallel.dims import ParallelDims
     from dist_llama.train.build import build_engine_and_step, compute_dtype
+    from dist_llama.train.objectives import build_objective
 
     dims = ParallelDims.from_config(cfg.parallel)
     meshes = dims.build_mesh(device.type)
-    engine, step = build_engine_and_step(cfg, dims, meshes, device, compute_dtype(cfg, device))
-    batch = synthetic_batch(cfg, dims.dp, device)
+    objective = build_objective(cfg)
+    engine, step = build_engine_and_step(cfg, dims, meshes, device, compute_dtype(cfg, device), objective)
+    batch = synthetic_batch(objective, cfg, dims.dp, device)
     return tracked_steps(engine, step, batch, cfg.train.global_batch_size * cfg.data.seq_len, steps)
 
 
@@ -118,6 +115,7 @@ def fake_memory(cfg: Config, world_size: int, rank: int, device_type: str = "cud
 
     from dist_llama.parallel.dims import ParallelDims
     from dist_llama.train.build import build_engine_and_step
+    from dist_llama.train.objectives import build_objective
 
     t0 = time.perf_counter()
     dtype = torch.bfloat16 if cfg.train.compute_dtype(device_type) == "bf16" else torch.float32
@@ -132,12 +130,13 @@ def fake_memory(cfg: Config, world_size: int, rank: int, device_type: str = "cud
         # Outside the fake mode until the parts are materialised: DeviceMesh computes its rank
         # tables with tensor ops that have no fake implementation.
         fake = FakeTensorMode(allow_non_fake_inputs=True)
-        engine, step = build_engine_and_step(cfg, dims, meshes, cpu, dtype, fake_mode=fake)
+        objective = build_objective(cfg)
+        engine, step = build_engine_and_step(cfg, dims, meshes, cpu, dtype, objective, fake_mode=fake)
         with fake:
-            batch = synthetic_batch(cfg, dims.dp, cpu)
+            batch = synthetic_batch(objective, cfg, dims.dp, cpu)
             # The hidden state crossing pipeline stages: the residual stream is in the weights'
             # dtype when the engine casts them, in fp32 under autocast (the embedding stays fp32).
-            rows = cfg.train.micro_batch_size if cfg.train.micro_batch_size > 0 else 1
+            rows = micro_rows(cfg.train.micro_batch_size, cfg.train.global_batch_size // dims.dp, dims.pp)
             hidden = hidden_state(rows, cfg.data.seq_len // dims.cp, cfg.model.dim,
                                   dtype if engine.autocast_dtype is None else torch.float32,
                                   dims.tp)

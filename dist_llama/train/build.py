@@ -19,9 +19,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from dist_llama.config import EXIT_CONFIG, Config, micro_batches, save_resolved
-from dist_llama.config.data_plan import anneal_start_step, stages_of
-from dist_llama.data.loader import PackedLoader, Stage
-from dist_llama.data.pairs import PairLoader
+from dist_llama.config.data_plan import anneal_start_step
+from dist_llama.config.engines import engine_facts
 from dist_llama.faults import FaultInjector
 from dist_llama.model import Transformer
 from dist_llama.model.flops import H100_BF16_PEAK, flops_per_token, measure_cpu_peak_flops
@@ -30,19 +29,21 @@ from dist_llama.parallel.dims import Meshes, ParallelDims
 from dist_llama.parallel.env import DistEnv
 from dist_llama.parallel.loss import loss_chunk_tokens
 from dist_llama.parallel.pipeline import layers_per_stage, split_model, stage_ids_for_rank
-from dist_llama.train.callbacks import Faults, HangReport, ReplicaCheck, StragglerCheck
+from dist_llama.train.callbacks import Faults, HangReport, RecordLog, ReplicaCheck, StragglerCheck, Validation
 from dist_llama.train.checkpoint import Checkpointer
 from dist_llama.train.engines import Engine, build_engine
 from dist_llama.train.evaluate import Evaluator
 from dist_llama.train.heartbeats import Heartbeats
-from dist_llama.train.health import NoWatchdog, StepHealth, Watchdog, preflight
+from dist_llama.train.replicas import preflight
+from dist_llama.train.step_health import StepHealth
+from dist_llama.train.watchdog import NoWatchdog, Watchdog
 from dist_llama.train.metrics import MetricsLogger
 from dist_llama.train.optim import build_optimizer, build_scheduler
-from dist_llama.train.dpo import DPOStep, freeze
-from dist_llama.train.dpo_reference import reference_table
+from dist_llama.train.objectives import BuildContext, Objective, build_objective
+from dist_llama.train.objectives.base import StartContext
 from dist_llama.train.profiling import StepProfiler
 from dist_llama.train.recovery import EXIT_RESTART, RecoveryPolicy, TrainingExit
-from dist_llama.train.step import StepStrategy, build_step, step_args
+from dist_llama.train.step import StepStrategy, build_step, step_layout
 from dist_llama.train.trainer import Trainer, TrainerParts
 from dist_llama.weights import open_weights
 from dist_llama.weights.load import load_into
@@ -50,19 +51,6 @@ from dist_llama.weights.load import load_into
 
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cfg.train.compute_dtype(device.type) == "bf16" else torch.float32
-
-
-def build_loader(cfg: Config, sources: list, dp_rank: int, dp_size: int):
-    """The loader of the config's sources and stages for one data-parallel rank: packed windows
-    (pretrain; sft with the prompts' labels ignored), or one preference pair per row (dpo)."""
-    if cfg.train.objective == "dpo":
-        (source,) = sources
-        return PairLoader(source.data, cfg.data.seq_len, cfg.train.global_batch_size, dp_rank, dp_size,
-                          seed=cfg.train.seed, mask_special=cfg.train.dpo_mask_special, name=source.name)
-    stages = [Stage(st.seq_len, st.global_batch_size, st.weights, st.until_tokens) for st in stages_of(cfg)]
-    return PackedLoader(sources, cfg.data.seq_len, cfg.train.global_batch_size, dp_rank, dp_size,
-                        seed=cfg.train.seed, reset_positions=cfg.data.reset_positions, stages=stages,
-                        loss_mask=cfg.train.objective == "sft")
 
 
 def build_model_parts(cfg: Config, dims: ParallelDims, meshes: Meshes, device: torch.device, engine: Engine,
@@ -92,10 +80,8 @@ def build_model_parts(cfg: Config, dims: ParallelDims, meshes: Meshes, device: t
         parts = split_model(model, stage_ids, counts)
     else:
         parts, stage_ids = [model], [0]
-    # Off by default under DeepSpeed: ZeRO-3 gathers parameters in module hooks that per-block
-    # compiled graphs would have to trace through (DeepSpeed compiles with its own engine.compile()).
-    use_compile = cfg.train.compile if cfg.train.compile is not None else (device.type == "cuda"
-                                                                           and p.engine != "deepspeed")
+    use_compile = cfg.train.compile if cfg.train.compile is not None else (
+        device.type == "cuda" and engine_facts(p).compile_default_cuda)
     for part in parts:
         parallelize(part, dims, meshes, p, use_compile, cfg.train.float8)
         engine.shard(part)
@@ -113,40 +99,43 @@ def build_model_parts(cfg: Config, dims: ParallelDims, meshes: Meshes, device: t
     return parts, stage_ids, n_stages
 
 
-def build_reference(cfg: Config, dims: ParallelDims, meshes: Meshes, device: torch.device, engine: Engine,
-                    fake_mode=None) -> nn.Module:
-    """DPO's frozen reference: the starting weights, also when resuming (they are not in the
-    checkpoint): init_from, or the seed's initialisation; built and sharded like the policy."""
+def starting_model(cfg: Config, dims: ParallelDims, meshes: Meshes, device: torch.device, engine: Engine,
+                   fake_mode=None) -> nn.Module:
+    """A copy of the starting weights, also when resuming (they are not in the checkpoint):
+    init_from, or the seed's initialisation; built and sharded like the policy."""
     ck = cfg.checkpoint
     start = open_weights(ck.init_from, max_seq_len=cfg.model.max_seq_len) if ck.init_from and fake_mode is None else None
-    (reference,), _, _ = build_model_parts(cfg, dims, meshes, device, engine, start, fake_mode)
-    return freeze(reference)
+    (model,), _, _ = build_model_parts(cfg, dims, meshes, device, engine, start, fake_mode)
+    return model
+
+
+def _chunk_tokens(cfg: Config, tp: int) -> int:
+    return loss_chunk_tokens(cfg.train.loss_chunk_tokens, engine_facts(cfg.parallel).output_whole_after_forward,
+                             cfg.model.vocab_size, tp)
 
 
 def build_engine_and_step(cfg: Config, dims: ParallelDims, meshes: Meshes, device: torch.device, dtype: torch.dtype,
-                          init_from=None, fake_mode=None) -> tuple[Engine, StepStrategy]:
+                          objective: Objective, init_from=None, fake_mode=None) -> tuple[Engine, StepStrategy]:
     """The engine holding this rank's model parts and optimizers, and the step strategy that runs
-    them: what one training step needs (the trainer, and the planner's memory dry run of a step)."""
+    them with the objective's loss: what one training step needs (the trainer, and the planner's
+    memory dry run of a step)."""
     n_micro = micro_batches(cfg.train.global_batch_size // dims.dp, cfg.train.micro_batch_size, dims.pp)
     engine = build_engine(cfg, dims, meshes, device, dtype, n_micro)
-    reference = None
-    if cfg.train.objective == "dpo" and cfg.train.dpo_reference == "model":
-        # Built first: the policy's build then re-seeds as always.
-        reference = build_reference(cfg, dims, meshes, device, engine, fake_mode)
+    # Before the policy: its build then re-seeds as always.
+    objective.build_extra(BuildContext(device, lambda: starting_model(cfg, dims, meshes, device, engine, fake_mode),
+                                       fake_mode))
     parts, stage_ids, n_stages = build_model_parts(cfg, dims, meshes, device, engine, init_from, fake_mode)
     engine.wrap(parts, [build_optimizer(part, cfg.optim) for part in parts])
     if cfg.train.float8:
         from dist_llama.parallel.float8 import float8_all_gather, precompute_scales_after_step
 
-        if float8_all_gather(cfg.parallel.engine, dims):
+        if float8_all_gather(engine_facts(cfg.parallel), dims):
             for part, optimizer in zip(engine.parts, engine.optimizers):
                 precompute_scales_after_step(part, optimizer)
-    if cfg.train.objective == "dpo":
-        step = DPOStep(*step_args(engine, device, dims, meshes, n_micro), micro_batch_size=cfg.train.micro_batch_size,
-                       reference=reference, beta=cfg.train.dpo_beta, nll_coef=cfg.train.dpo_nll_coef)
-    else:
-        step = build_step(engine, device, dims, meshes, n_micro, cfg.parallel.pp_schedule, stage_ids, n_stages,
-                          cfg.train.micro_batch_size, loss_chunk_tokens(cfg, dims.tp))
+    layout = step_layout(device, dims, meshes, n_micro, cfg.train.micro_batch_size)
+    pp_mesh = meshes.world["pp"] if dims.pp > 1 else None
+    step = build_step(engine, layout, objective, dims.pp, cfg.parallel.pp_schedule, stage_ids, n_stages, pp_mesh,
+                      _chunk_tokens(cfg, dims.tp))
     return engine, step
 
 
@@ -181,19 +170,18 @@ def build_trainer(cfg: Config, env: DistEnv, sources) -> Trainer:
     elif ck.init_from:
         init_from = open_weights(ck.init_from, max_seq_len=cfg.model.max_seq_len)
 
-    engine, step = build_engine_and_step(cfg, dims, meshes, env.device, compute_dtype(cfg, env.device), init_from)
+    objective = build_objective(cfg)
+    engine, step = build_engine_and_step(cfg, dims, meshes, env.device, compute_dtype(cfg, env.device), objective,
+                                         init_from)
     if init_from is not None:
         logger.event("init_from", 0, path=str(init_from.path), source=init_from.kind)
     schedulers = [build_scheduler(o, cfg.optim, cfg.train.steps, anneal_start_step(cfg)) for o in engine.optimizers]
-    loader = build_loader(cfg, sources, dp_rank=meshes.dp.get_local_rank(), dp_size=dims.dp)
-    if cfg.train.objective == "dpo" and cfg.train.dpo_reference == "precomputed":
-        # Before a resume is loaded the policy holds the starting weights: it is the reference.
-        start = (lambda: engine.parts[0]) if resume is None else (
-            lambda: build_reference(cfg, dims, meshes, env.device, engine))
-        loader.reference = reference_table(cfg, step, loader, run_dir, env.rank, start, logger)
+    loader = objective.loader(sources, dp_rank=meshes.dp.get_local_rank(), dp_size=dims.dp)
+    objective.start(StartContext(step, loader, run_dir, env.rank, logger, resumed=resume is not None,
+                                 build_starting_model=lambda: starting_model(cfg, dims, meshes, env.device, engine)))
     evaluator = Evaluator(getattr(sources, "held_out", ()), cfg.train.eval_interval, cfg.train.steps,
                           cfg.train.eval_tokens, cfg.data.reset_positions, meshes.dp.get_local_rank(), dims.dp,
-                          env.device, loss_mask=cfg.train.objective == "sft")
+                          env.device, loss_mask=objective.loss_mask)
     if cfg.train.peak_flops is not None:
         peak = cfg.train.peak_flops
     elif env.device.type == "cuda":
@@ -208,7 +196,9 @@ def build_trainer(cfg: Config, env: DistEnv, sources) -> Trainer:
         watchdog = Watchdog(h.hang_timeout_s, run_dir / "hangs", env.rank,
                             on_hang=lambda: _exit_on_hang(logger, watchdog),
                             heartbeats=Heartbeats(run_dir / "hangs", env.rank, env.world_size))
-    callbacks = [HangReport(logger), Faults(faults, engine.parts)]
+    # In order: validation adds to a step's record before RecordLog logs it; findings come after.
+    callbacks = [HangReport(logger), Faults(faults, engine.parts), Validation(evaluator, step, watchdog),
+                 RecordLog(logger, cfg.train.log_interval, cfg.train.steps)]
     t = cfg.train
     if t.profile_steps or t.memory_snapshot_step is not None or t.memory_snapshot_on_oom:
         callbacks.append(StepProfiler(logger, run_dir, env.rank, env.device, t.profile_steps,
@@ -225,8 +215,7 @@ def build_trainer(cfg: Config, env: DistEnv, sources) -> Trainer:
         cfg=cfg, device=env.device, engine=engine, step=step, schedulers=schedulers, loader=loader,
         checkpointer=checkpointer, logger=logger, health=StepHealth(h), policy=RecoveryPolicy(h), faults=faults,
         watchdog=watchdog, callbacks=callbacks, flops_per_token=functools.partial(flops_per_token, cfg.model),
-        peak_flops=peak, world_size=env.world_size, layout=dataclasses.asdict(dims), resume=resume,
-        evaluator=evaluator))
+        peak_flops=peak, world_size=env.world_size, layout=dataclasses.asdict(dims), resume=resume))
 
 
 def _exit_on_hang(logger, watchdog) -> None:

@@ -1,10 +1,11 @@
-"""What the loop calls at named points but does not itself do: fault injection, hang reports after a
-restart, straggler and silent-data-corruption checks. Each is a Callback; the loop calls every
-callback's hooks in list order:
+"""What the loop calls at named points but does not itself do: validation, logging the step record,
+fault injection, hang reports after a restart, straggler and silent-data-corruption checks. Each is
+a Callback; the loop calls every callback's hooks in list order:
 
   on_train_start()                  once, before resuming
   on_step_start(step)               before the step's forward (step numbers count from 1)
   on_update(step, elapsed_s)        after the optimizer update, before the step is timed
+  on_record(record, result)         the applied step's record: add to it (validation), log it
   on_step_end(record)               after the step is recorded; returns findings for the recovery
                                     policy, already agreed by every rank
   on_exception(step, exc)           this rank's step raised (exc is re-raised after the callbacks)
@@ -15,12 +16,13 @@ The profiler and memory snapshots (train/profiling.py) are a Callback too.
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass, field
-
 
 from dist_llama.faults import FaultInjector
 from dist_llama.train.compute_clock import ComputeClock
-from dist_llama.train.health import check_replicas, find_stragglers
+from dist_llama.train.evaluate import Evaluator
+from dist_llama.train.replicas import check_replicas, find_stragglers
 from dist_llama.train.heartbeats import progress
 from dist_llama.train.metrics import MetricsLogger, read_jsonl
 from dist_llama.train.recovery import agree
@@ -45,11 +47,50 @@ class Callback:
     def on_update(self, step: int, elapsed_s: float) -> None:
         pass
 
+    def on_record(self, record: dict, result) -> None:
+        pass
+
     def on_step_end(self, record: dict) -> list[Finding]:
         return []
 
     def on_exception(self, step: int, exc: BaseException) -> None:
         pass
+
+
+class Validation(Callback):
+    """The held-out loss at due steps (train.eval_interval, and the last step), added to the record
+    after the update and before this step's checkpoint (train/evaluate.py)."""
+
+    def __init__(self, evaluator: Evaluator, step, watchdog):
+        self.evaluator, self.step, self.watchdog = evaluator, step, watchdog
+
+    def on_record(self, record: dict, result) -> None:
+        if self.evaluator.due(record["step"]):
+            self.watchdog.beat(record["step"], "evaluate")
+            t0 = time.perf_counter()
+            record.update(self.evaluator.evaluate(self.step, result.fetched.seq_len, result.rows))
+            record["val_time_s"] = time.perf_counter() - t0
+
+
+class RecordLog(Callback):
+    """The step record to metrics.jsonl, the console and wandb: every train.log_interval steps,
+    at the last step, and whenever it holds a validation."""
+
+    def __init__(self, logger: MetricsLogger, interval: int, total_steps: int):
+        self.logger, self.interval, self.total_steps = logger, interval, total_steps
+        self.started: float | None = None
+        self.steps = 0
+
+    def on_step_start(self, step: int) -> None:
+        if self.started is None:  # the ETA counts this process's steps, not its start-up
+            self.started = time.perf_counter()
+
+    def on_record(self, record: dict, result) -> None:
+        self.steps += 1
+        step = record["step"]
+        if step % self.interval == 0 or step == self.total_steps or "val_loss" in record:
+            elapsed = time.perf_counter() - self.started
+            self.logger.log_step(record, eta_s=elapsed / self.steps * (self.total_steps - step))
 
 
 class Faults(Callback):

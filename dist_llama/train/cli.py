@@ -22,6 +22,7 @@ import torch.distributed as dist
 from dist_llama import config as config_lib
 from dist_llama.config import EXIT_CONFIG, EXIT_FILE_ENV, Config, ConfigError
 from dist_llama.config.data_plan import sources_of, stages_of
+from dist_llama.config.objectives import objective_spec
 from dist_llama.data import DataError, build_tokenizer, open_dataset
 from dist_llama.data.heldout import DataSources, eval_windows, split_held_out
 from dist_llama.data.loader import Source
@@ -82,13 +83,13 @@ def resolve_config(config_path: Optional[str], overrides: Sequence[str], world_s
         if eval_windows(s.data, seq_len, 1) < 1:
             raise ConfigError(key, f"held-out source {s.name!r} has {len(s.data)} tokens, not one window of "
                                    f"seq_len+1 = {seq_len + 1}")
-    from dist_llama.train.build import build_loader
+    from dist_llama.train.objectives import build_objective
 
-    try:  # every stage has windows to draw from every source it weighs
-        build_loader(cfg, sources, dp_rank=0, dp_size=cfg.parallel.dp)
+    try:  # every stage has windows to draw from every source it weighs; every pair fits a row
+        build_objective(cfg).loader(sources, dp_rank=0, dp_size=cfg.parallel.dp)
     except ValueError as exc:
         key = "data.stages" if cfg.data.stages else "data.sources"
-        if cfg.train.objective == "dpo":
+        if not objective_spec(cfg.train.objective).packs_windows:
             key = "data.seq_len" if "seq_len" in str(exc) else "data.path"
         raise ConfigError(key, str(exc)) from None
     if source is not None:
@@ -129,7 +130,7 @@ def open_sources(cfg: Config, tokenizer) -> DataSources:
     train = [open_one(spec, f"data.sources[{i}].path" if cfg.data.sources else "data.path")
              for i, spec in enumerate(sources_of(cfg))]
     _check_kinds(cfg, train)
-    if cfg.train.objective == "dpo":  # pairs are not split into training and held-out parts
+    if not objective_spec(cfg.train.objective).packs_windows:  # e.g. pairs: no held-out part
         return DataSources(train, [])
     held_out = [open_one(spec, f"data.eval_sources[{i}].path") for i, spec in enumerate(cfg.data.eval_sources or [])]
     if 0 < cfg.data.eval_fraction < 1 and not held_out:  # other values: validate names the key
@@ -147,8 +148,8 @@ def open_sources(cfg: Config, tokenizer) -> DataSources:
 
 
 def _check_kinds(cfg: Config, sources: list[Source]) -> None:
-    """sft trains on chat data (its loss mask), dpo on preference pairs: anything else is exit 2."""
-    need = {"sft": "chat", "dpo": "preference"}.get(cfg.train.objective)
+    """Data of the kind the objective reads (sft: chat, its loss mask; dpo: preference pairs), else exit 2."""
+    need = objective_spec(cfg.train.objective).data_kind
     for i, s in enumerate(sources):
         kind = getattr(s.data, "kind", "text")
         if need is not None and kind != need:

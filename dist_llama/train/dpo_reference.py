@@ -1,4 +1,4 @@
-"""train.dpo_reference=precomputed: the reference model's log-probabilities of every preference
+"""train.dpo.reference=precomputed: the reference model's log-probabilities of every preference
 pair, computed in one pass before training and kept in ``<run_dir>/dpo_reference.safetensors``.
 
 The reference is the starting weights, so before the first step the policy *is* the reference:
@@ -65,7 +65,7 @@ def _write(path: Path, table: np.ndarray, ident: dict) -> None:
     os.replace(tmp, path)
 
 
-def compute_table(step, model: nn.Module, loader) -> np.ndarray:
+def compute_table(step, objective, model: nn.Module, loader) -> np.ndarray:
     """[n_pairs, 2] fp32: `model`'s log-probs of every pair's chosen and rejected response (a
     collective over the step's data-parallel group; see the module docstring)."""
     B, dp, n = loader.global_batch_size, loader.dp_size, loader.n_pairs
@@ -75,14 +75,14 @@ def compute_table(step, model: nn.Module, loader) -> np.ndarray:
         # pairs past the end (the last chunk) repeat the last pair; their rows are cut off below
         rows = [loader.row(min(first + loader.dp_rank * local + i, n - 1)) for i in range(local)]
         batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])).to(step.device) for k in rows[0]}
-        logps = step.sequence_logps(model, batch).float().contiguous()
+        logps = objective.sequence_logps(step, model, batch).float().contiguous()
         shares = [torch.empty_like(logps) for _ in range(dp)]
         dist.all_gather(shares, logps, group=step.dp_group)
         chunks.append(torch.cat(shares))
     return torch.cat(chunks)[:n].cpu().numpy()
 
 
-def reference_table(cfg, step, loader, run_dir: Path, rank: int, starting_model: Callable[[], nn.Module],
+def reference_table(cfg, step, objective, loader, run_dir: Path, rank: int, starting_model: Callable[[], nn.Module],
                     logger) -> np.ndarray:
     """The table for this run (every rank; collective): read from the run directory when it is
     this run's, else computed with `starting_model()` (the starting weights) and written."""
@@ -95,7 +95,7 @@ def reference_table(cfg, step, loader, run_dir: Path, rank: int, starting_model:
         logger.event("dpo_reference_loaded", 0, path=str(path), pairs=loader.n_pairs)
         return table
     t0 = time.perf_counter()
-    table = compute_table(step, starting_model(), loader)
+    table = compute_table(step, objective, starting_model(), loader)
     if rank == 0:
         _write(path, table, ident)
     dist.barrier()

@@ -98,3 +98,17 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, pp_group=None) 
     if max_norm > 0:
         clip_grads_with_norm_(params, max_norm, norm)
     return norm
+
+
+class Schedulers:
+    """Every model part's scheduler, saved as one: they step together, so their states are equal."""
+
+    def __init__(self, schedulers: list[ScaledLambdaLR]):
+        self.schedulers = schedulers
+
+    def state_dict(self) -> dict:
+        return self.schedulers[0].state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        for scheduler in self.schedulers:
+            scheduler.load_state_dict(state)

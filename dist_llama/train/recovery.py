@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from dist_llama.config.names import ACTIONS
+from dist_llama.train.step_health import CHECKS
 
 # Exit codes (DESIGN.md): 0 finished (or stopped on a launcher's request), 2 bad configuration.
 EXIT_OK = 0
@@ -32,8 +33,9 @@ EXIT_RESTART = 75
 EXIT_PREEMPTED = 76
 """Preempted: the state was saved and committed; requeue the job."""
 
-FLAGS = ("nan", "loss_spike", "grad_norm_explosion", "sdc", "preempt", "save")
-"""What ranks agree on at a step boundary: health checks fired, preemption requested, save due."""
+FLAGS = (*CHECKS, "sdc", "preempt", "save", "save_failed")
+"""What ranks agree on at a step boundary: step health checks fired, corruption found, preemption
+requested, a time-based save due, this rank's checkpoints failing."""
 
 
 class TrainingExit(Exception):
@@ -68,6 +70,12 @@ class RecoveryPolicy:
         h = self.health
         self._actions = {"nan": h.nan_action, "loss_spike": h.spike_action,
                          "grad_norm_explosion": h.grad_norm_action, "sdc": h.sdc_action}
+
+    def state_dict(self) -> dict:
+        return {"rollbacks": self.rollbacks}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rollbacks = int(state["rollbacks"])
 
     def decide(self, fired: list[str]) -> str:
         if not fired:

@@ -1,11 +1,13 @@
 """Step strategies: how one optimizer step's forward and backward run on this rank, and the loss
 normalisation every layout shares. Two implementations behind one interface: micro-batch
-accumulation (`MicroBatchStep`) and the pipeline schedule (`PipelineStep`).
+accumulation (`MicroBatchStep`) and the pipeline schedule (`PipelineStep`). What one micro-batch's
+loss is, and what it is averaged over, is the objective's (train/objectives/); where the step runs is
+its `StepLayout`, built once from the mesh.
 
-The loss is the mean over the counted label tokens of the global batch (labels equal to
-IGNORE_INDEX don't count), whatever the layout: the ranks agree on that count N first, then each
-token's loss is scaled by (dp x cp) / N, the factor the gradient averaging of DDP/FSDP/ZeRO over the
-dp x cp ranks divides out again. So accumulation, pipelining and data/context parallelism change
+The loss is the mean over the objective's items of the global batch (counted label tokens: labels
+equal to IGNORE_INDEX don't count; or preference pairs), whatever the layout: the ranks agree on that
+count N first, then each item's loss is scaled by (dp x cp) / N, the factor the gradient averaging of
+DDP/FSDP/ZeRO over the dp x cp ranks divides out again. So accumulation, pipelining and data/context parallelism change
 nothing. Context-parallel ranks shard the sequence here; tensor parallel computes the loss on
 vocab-sharded logits (loss parallel). With `loss_chunk` > 0 the model stops before its output
 projection and the loss applies it a chunk of tokens at a time (parallel/loss.py), so the whole
@@ -15,27 +17,58 @@ micro-batch's logits never exist.
 from __future__ import annotations
 
 import contextlib
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from dist_llama.config.validation import micro_batches, micro_rows
 from dist_llama.parallel.context import cp_shard_batch
 from dist_llama.parallel.loss import chunked_loss_sum
 from dist_llama.parallel.pipeline import build_schedule, build_stages
 from dist_llama.parallel.tensor import loss_parallel_context, token_loss_sum
 from dist_llama.train.engines import Engine
-
-IGNORE_INDEX = -100
-"""Labels with this value are not predicted (prompt tokens, padding): they add no loss and don't count."""
+from dist_llama.train.objectives import Objective
+from dist_llama.train.objectives.base import IGNORE_INDEX
 
 Batch = dict[str, torch.Tensor]
 
 
+@dataclass(frozen=True)
+class StepLayout:
+    """Where this rank's step runs: built once from the mesh (`step_layout`)."""
+
+    device: torch.device
+    dp_group: Any
+    """Data-parallel ranks (different batches): the item count is summed over them."""
+    loss_groups: tuple
+    """The groups whose loss shares add up: dp x cp, then the pipeline's."""
+    cp: int
+    cp_rank: int
+    tp: int
+    n_micro: int
+    """Micro-batches per step (gradient accumulation, or pipeline micro-batches)."""
+    micro_batch_size: int
+    """train.micro_batch_size as set (-1 included): `micro_rows` resolves it for each batch, whose
+    size a curriculum stage may change."""
+    pp: int
+
+
+def step_layout(device: torch.device, dims, meshes, n_micro: int, micro_batch_size: int) -> StepLayout:
+    groups = (meshes.dp_cp.get_group(),) + ((meshes.pp_group,) if meshes.pp_group is not None else ())
+    return StepLayout(device, meshes.dp.get_group(), groups, dims.cp, meshes.world["cp"].get_local_rank(), dims.tp,
+                      n_micro, micro_batch_size, dims.pp)
+
+
 class StepStrategy(Protocol):
+    metrics: dict[str, float]
+    """The objective's metrics of the last step (means over the global batch's items)."""
+
     def count_tokens(self, batch: Batch) -> torch.Tensor:
-        """The global number of counted label tokens in this step's batch. Collective."""
+        """The global number of the objective's items (counted label tokens, or pairs) in this
+        step's batch. Collective."""
 
     def forward_backward(self, batch: Batch, n_tokens: int) -> torch.Tensor:
         """Gradients of the global mean loss into the engine; returns this rank's share of the
@@ -52,29 +85,28 @@ class StepStrategy(Protocol):
 class _Step:
     """What both strategies share: counting, scaling, context parallel and loss parallel."""
 
-    def __init__(self, engine: Engine, device: torch.device, groups, cp: int, cp_rank: int, tp: int, n_micro: int,
-                 loss_chunk: int = 0):
-        self.engine = engine
+    def __init__(self, engine: Engine, layout: StepLayout, objective: Objective, loss_chunk: int = 0):
+        self.engine, self.layout, self.objective = engine, layout, objective
         self.loss_chunk = loss_chunk
         """Tokens per cross-entropy chunk (0: the plain loss on the model's logits)."""
-        self.n_micro = n_micro
-        """Micro-batches per step (gradient accumulation, or pipeline micro-batches)."""
-        self.device = device
-        self.dp_group, self.loss_groups = groups
-        """Data-parallel ranks (different batches); the groups whose loss shares add up (dp x cp, then pp)."""
-        self.cp, self.cp_rank, self.tp = cp, cp_rank, tp
+        self.n_micro = layout.n_micro
+        self.device = layout.device
+        self.dp_group, self.loss_groups = layout.dp_group, list(layout.loss_groups)
+        self.cp, self.cp_rank, self.tp = layout.cp, layout.cp_rank, layout.tp
         self.dp_cp = dist.get_world_size(self.loss_groups[0])
         """dp x cp: what the gradient averaging divides by."""
         self.scale = 0.0
-        """This step's factor on each token's loss: dp x cp / counted tokens."""
+        """This step's factor on each item's loss: dp x cp / the global item count."""
+        self.metrics: dict[str, float] = {}
 
     def count_tokens(self, batch: Batch) -> torch.Tensor:
-        count = (batch["labels"] != IGNORE_INDEX).sum()
+        count = self.objective.count(batch)
         dist.all_reduce(count, group=self.dp_group)
         return count
 
     def forward_backward(self, batch: Batch, n_tokens: int) -> torch.Tensor:
         self.scale = self.dp_cp / max(n_tokens, 1)
+        self.objective.reset(self.device)
         if self.cp > 1:
             batch = cp_shard_batch(batch, self.cp_rank, self.cp)
         with loss_parallel_context(self.tp > 1):
@@ -86,6 +118,7 @@ class _Step:
     def evaluate(self, batch: Batch) -> tuple[float, int]:
         count = self.count_tokens(batch)
         scale, self.scale = self.scale, 1.0  # plain sums: the loss function reads the scale
+        self.objective.reset(self.device)
         try:
             if self.cp > 1:
                 batch = cp_shard_batch(batch, self.cp_rank, self.cp)
@@ -111,7 +144,7 @@ class _Step:
         # In fp32 whatever the compute dtype (the pipeline schedule calls this inside autocast).
         with torch.autocast(self.device.type, enabled=False):
             if self.loss_chunk:
-                total = chunked_loss_sum(out, _output_weight(self._head_part()), labels, self.loss_chunk,
+                total = chunked_loss_sum(out, self.engine.unwrapped(self._head_part()).output.weight, labels, self.loss_chunk,
                                          IGNORE_INDEX, compute_dtype=self.engine.autocast_dtype)
             else:
                 total = token_loss_sum(out, labels, ignore_index=IGNORE_INDEX)
@@ -121,10 +154,14 @@ class _Step:
         """The model part that holds the output projection."""
         raise NotImplementedError
 
-    def _model_kwargs(self) -> dict:
+    def model_kwargs(self) -> dict:
         return {"return_hidden": True} if self.loss_chunk else {}
 
     def global_loss(self, local: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        if self.objective.metric_names:
+            stats = self.objective.stats.clone()
+            dist.all_reduce(stats, group=self.dp_group)  # tensor-parallel ranks hold the same values
+            self.metrics = dict(zip(self.objective.metric_names, (stats / max(n_tokens, 1)).tolist()))
         for group in self.loss_groups:
             dist.all_reduce(local, group=group)
         return local / (self.scale * n_tokens) if n_tokens else local
@@ -135,31 +172,24 @@ class MicroBatchStep(_Step):
     a curriculum stage with a larger batch gets more of them); gradients accumulate, and the engine
     reduces them after the last one."""
 
-    def __init__(self, *args, micro_batch_size: int = -1, loss_chunk: int = 0):
-        super().__init__(*args, loss_chunk=loss_chunk)
-        self.micro_batch_size = micro_batch_size
+    def __init__(self, engine: Engine, layout: StepLayout, objective: Objective, loss_chunk: int = 0):
+        super().__init__(engine, layout, objective, loss_chunk)
+        self.micro_batch_size = layout.micro_batch_size
 
     def _head_part(self) -> torch.nn.Module:
         return self.engine.parts[0]
 
-    def _micro_batches(self, batch: Batch) -> list[Batch]:
-        rows = len(batch["tokens"])
-        n = rows // self.micro_batch_size if self.micro_batch_size > 0 else 1
+    def micro_batches(self, batch: Batch) -> list[Batch]:
+        n = micro_batches(len(batch["tokens"]), self.micro_batch_size, self.layout.pp)
         return [dict(zip(batch, parts)) for parts in zip(*(t.chunk(n) for t in batch.values()))]
-
-    def _micro_loss(self, model: torch.nn.Module, mb: Batch) -> torch.Tensor:
-        """One micro-batch's scaled summed loss."""
-        with self.autocast():
-            out = model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"], **self._model_kwargs())
-        return self.loss(out, mb["labels"])
 
     def _run(self, batch: Batch) -> torch.Tensor:
         (model,) = self.engine.parts
         loss_acc = torch.zeros((), device=self.device)
-        micro_batches = self._micro_batches(batch)
+        micro_batches = self.micro_batches(batch)
         for i, mb in enumerate(micro_batches):
             with self.engine.grad_sync(model, i == len(micro_batches) - 1):
-                loss = self._micro_loss(model, mb)
+                loss = self.objective.micro_loss(self, model, mb)
                 self.engine.backward(loss)
             loss_acc += _local(loss.detach())
         return loss_acc
@@ -169,8 +199,8 @@ class MicroBatchStep(_Step):
         # FSDP gathers and frees as usual); no grad_sync: nothing reaches the gradients.
         (model,) = self.engine.parts
         loss_acc = torch.zeros((), device=self.device)
-        for mb in self._micro_batches(batch):
-            loss_acc += _local(self._micro_loss(model, mb))
+        for mb in self.micro_batches(batch):
+            loss_acc += _local(self.objective.micro_loss(self, model, mb))
         return loss_acc
 
 
@@ -180,12 +210,11 @@ class PipelineStep(_Step):
     the first step, so a curriculum stage with another sequence length or batch gets its own
     pipeline stages and schedule (built once, at its first step)."""
 
-    def __init__(self, engine: Engine, device: torch.device, groups, cp: int, cp_rank: int, tp: int, n_micro: int,
-                 schedule_name: str, stage_ids: list[int], n_stages: int, pp_mesh, micro_rows: int = 1,
-                 loss_chunk: int = 0):
-        super().__init__(engine, device, groups, cp, cp_rank, tp, n_micro, loss_chunk)
+    def __init__(self, engine: Engine, layout: StepLayout, objective: Objective, schedule_name: str,
+                 stage_ids: list[int], n_stages: int, pp_mesh, loss_chunk: int = 0):
+        super().__init__(engine, layout, objective, loss_chunk)
         self.schedule_name, self.stage_ids, self.n_stages, self.pp_mesh = schedule_name, stage_ids, n_stages, pp_mesh
-        self.micro_rows = micro_rows
+        self.micro_rows = micro_rows(layout.micro_batch_size, 0, layout.pp)
         """Sequences per micro-batch."""
         self._schedules: dict[tuple[int, ...], object] = {}
         self.has_first_stage = 0 in stage_ids
@@ -226,7 +255,7 @@ class PipelineStep(_Step):
         target = batch["labels"] if self.has_last_stage else None
         with self.autocast():
             getattr(schedule, method)(*args, target=target, losses=losses, doc_ids=batch["doc_ids"],
-                                      positions=batch["positions"], **self._model_kwargs(), **extra)
+                                      positions=batch["positions"], **self.model_kwargs(), **extra)
         return self._sum(losses)
 
     def _sum(self, losses: list[torch.Tensor]) -> torch.Tensor:
@@ -241,25 +270,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _output_weight(part: torch.nn.Module) -> torch.Tensor:
-    while not hasattr(part, "output"):  # DDP and DeepSpeed keep the model as .module
-        part = part.module
-    return part.output.weight
-
-
-def step_args(engine: Engine, device: torch.device, dims, meshes, n_micro: int) -> tuple:
-    """The positional arguments every step strategy starts with."""
-    groups = (meshes.dp.get_group(),
-              [meshes.dp_cp.get_group()] + ([meshes.pp_group] if meshes.pp_group is not None else []))
-    return engine, device, groups, dims.cp, meshes.world["cp"].get_local_rank(), dims.tp, n_micro
-
-
-def build_step(engine: Engine, device: torch.device, dims, meshes, n_micro: int, schedule_name: str,
-               stage_ids: list[int], n_stages: int, micro_batch_size: int = -1, loss_chunk: int = 0) -> StepStrategy:
-    common = step_args(engine, device, dims, meshes, n_micro)
-    if dims.pp > 1:
-        return PipelineStep(*common, schedule_name, stage_ids, n_stages, meshes.world["pp"],
-                            micro_rows=micro_batch_size if micro_batch_size > 0 else 1, loss_chunk=loss_chunk)
-    return MicroBatchStep(*common, micro_batch_size=micro_batch_size, loss_chunk=loss_chunk)
-
-
+def build_step(engine: Engine, layout: StepLayout, objective: Objective, pp: int, schedule_name: str,
+               stage_ids: list[int], n_stages: int, pp_mesh, loss_chunk: int = 0) -> StepStrategy:
+    """The pipeline schedule when pp > 1, else micro-batch accumulation."""
+    if pp > 1:
+        return PipelineStep(engine, layout, objective, schedule_name, stage_ids, n_stages, pp_mesh, loss_chunk)
+    return MicroBatchStep(engine, layout, objective, loss_chunk)

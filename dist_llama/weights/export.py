@@ -23,19 +23,11 @@ import torch
 
 from dist_llama.config import EXIT_CONFIG
 from dist_llama.model.args import ModelArgs, context_length, ffn_hidden_dim
-from dist_llama.model.hf import _LAYER_MAP, _TOP_MAP, _meta_to_hf_rows
+from dist_llama.model.hf import hf_name, meta_to_hf_rows, rope_heads
 from dist_llama.weights import WeightsError, expected_shapes, open_weights
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _ST_DTYPE = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}
-
-
-def hf_name(name: str) -> str:
-    """dist_llama (Meta) name → Hugging Face LlamaForCausalLM name."""
-    parts = name.split(".")
-    if parts[0] == "layers":
-        return f"model.layers.{parts[1]}.{_LAYER_MAP['.'.join(parts[2:-1])]}.weight"
-    return f"{_TOP_MAP[parts[0]]}.weight"
 
 
 def hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: Optional[int], eos_id: Optional[int]) -> dict:
@@ -59,11 +51,8 @@ def hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: Optional[int], eos_id
 
 def _converted(source, name: str, dtype: torch.dtype) -> torch.Tensor:
     t = source.read(name).to(dtype)
-    module = name.split(".")[-2]
-    if module in ("wq", "wk"):
-        heads = source.args.n_heads if module == "wq" else source.args.kv_heads
-        t = _meta_to_hf_rows(t, heads)
-    return t.contiguous()
+    heads = rope_heads(name, source.args)
+    return (meta_to_hf_rows(t, heads) if heads else t).contiguous()
 
 
 def write_safetensors_streaming(path: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
@@ -18,7 +17,7 @@ from typing import Optional
 import torch
 
 from dist_llama.model.args import ModelArgs, ffn_hidden_dim
-from dist_llama.model.hf import _LAYER_MAP, _TOP_MAP, _hf_to_meta_rows, args_from_hf_config
+from dist_llama.model.hf import args_from_hf_config, hf_to_meta_rows, meta_name
 
 Index = tuple[slice, ...]
 """A box of a tensor: one slice per leading dimension (missing trailing ones: everything)."""
@@ -92,9 +91,9 @@ class HFSource:
                 self._where[key] = handle
         self._hf_names = {}
         for key in self._where:
-            ours = _from_hf_name(key)
-            if ours is not None:
-                self._hf_names[ours] = key
+            if not key.endswith("rotary_emb.inv_freq"):  # derived, not a parameter
+                # a key that is not one of ours keeps its own name, so the check can name it
+                self._hf_names[meta_name(key) or key] = key
         if "output.weight" not in self._hf_names and "tok_embeddings.weight" in self._hf_names:
             self._hf_names["output.weight"] = self._hf_names["tok_embeddings.weight"]  # tied embeddings
         self.tokenizer = _hf_tokenizer(path)
@@ -119,22 +118,8 @@ class HFSource:
         (r0, r1), *rest = box
         h0, h1 = r0 // head_dim, math.ceil(r1 / head_dim)
         block = file.read(key, [(h0 * head_dim, h1 * head_dim), *rest])
-        block = _hf_to_meta_rows(block, h1 - h0) if h1 > h0 else block
+        block = hf_to_meta_rows(block, h1 - h0) if h1 > h0 else block
         return block[r0 - h0 * head_dim: r1 - h0 * head_dim]
-
-
-_HF_TO_OURS_LAYER = {v: k for k, v in _LAYER_MAP.items()}
-_HF_TO_OURS_TOP = {v: k for k, v in _TOP_MAP.items()}
-
-
-def _from_hf_name(key: str) -> Optional[str]:
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", key)
-    if m and m.group(2) in _HF_TO_OURS_LAYER:
-        return f"layers.{m.group(1)}.{_HF_TO_OURS_LAYER[m.group(2)]}.weight"
-    if key.endswith(".weight") and key[: -len(".weight")] in _HF_TO_OURS_TOP:
-        return _HF_TO_OURS_TOP[key[: -len(".weight")]] + ".weight"
-    # Not one of ours (kept under its own name, so the check can name it); inv_freq is derived.
-    return None if key.endswith("rotary_emb.inv_freq") else key
 
 
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}

@@ -16,16 +16,33 @@ from dist_llama.train.engines.zero import ZeroEngine, ds_config
 __all__ = ["Engine", "LocalEngine", "FSDPEngine", "DDPEngine", "ZeroEngine", "build_engine"]
 
 
+def _local(cfg: Config, dims: ParallelDims, meshes: Meshes, device: torch.device, dtype: torch.dtype) -> Engine:
+    alone = dims.tp == 1 and dims.pp == 1  # nothing to wait for
+    return LocalEngine(dtype, cfg.optim.grad_clip, meshes.pp_group, ComputeClock(device) if alone else None)
+
+
+def _fsdp(cfg, dims, meshes, device, dtype, n_micro) -> Engine:
+    if not dims.data_parallel:
+        return _local(cfg, dims, meshes, device, dtype)
+    return FSDPEngine(dims, meshes, dtype, cfg.optim.grad_clip, cfg.parallel.reshard_after_forward)
+
+
+def _ddp(cfg, dims, meshes, device, dtype, n_micro) -> Engine:
+    if not dims.data_parallel:
+        return _local(cfg, dims, meshes, device, dtype)
+    return DDPEngine(meshes, device, dtype, cfg.optim.grad_clip)
+
+
+def _deepspeed(cfg, dims, meshes, device, dtype, n_micro) -> Engine:
+    return ZeroEngine(ds_config(cfg, dims.dp, n_micro, dtype), dims, meshes, device)
+
+
+ENGINE_CLASSES = {"fsdp": _fsdp, "ddp": _ddp, "deepspeed": _deepspeed}
+"""parallel.engine → what builds it; without data parallelism (dp x cp = 1) FSDP and DDP have
+nothing to do, and the model trains as it is (LocalEngine)."""
+
+
 def build_engine(cfg: Config, dims: ParallelDims, meshes: Meshes, device: torch.device, dtype: torch.dtype,
                  n_micro: int) -> Engine:
-    """The engine parallel.engine names; without data parallelism (dp x cp = 1) FSDP and DDP have
-    nothing to do, and the model trains as it is."""
-    p, clip = cfg.parallel, cfg.optim.grad_clip
-    if p.engine == "deepspeed":
-        return ZeroEngine(ds_config(cfg, dims.dp, n_micro, dtype), dims, meshes, device)
-    if not dims.data_parallel:
-        alone = dims.tp == 1 and dims.pp == 1  # nothing to wait for
-        return LocalEngine(dtype, clip, meshes.pp_group, ComputeClock(device) if alone else None)
-    if p.engine == "ddp":
-        return DDPEngine(meshes, device, dtype, clip)
-    return FSDPEngine(dims, meshes, dtype, clip, p.reshard_after_forward)
+    """The engine parallel.engine names (ENGINE_CLASSES)."""
+    return ENGINE_CLASSES[cfg.parallel.engine](cfg, dims, meshes, device, dtype, n_micro)

@@ -1,4 +1,4 @@
-"""The data-parallel engine interface, and the engine for a model with no data parallelism (one
+"""The interface of data-parallel engines; and LocalEngine for a model with no data parallelism (one
 rank, or tensor / pipeline parallel only), which FSDP and DDP build on.
 
 An engine owns what differs between data-parallel implementations: how model parts are sharded or
@@ -6,7 +6,8 @@ wrapped, gradient synchronisation per micro-batch, backward, the global gradient
 dropping a step, its checkpoint state, the replicas the corruption check compares, whether
 autocast or the engine itself handles the compute dtype, and the clock that times this rank's own
 compute without the time it waits for others in the engine's collectives (train/compute_clock.py). The loop and the step strategies call only
-this interface; adding an engine means adding one module and one line to `build_engine`.
+this interface; adding an engine means adding one module, one row in config/engines.py, one line in
+ENGINE_CLASSES (engines/__init__.py) and its costs in plan/engine_costs.py.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class Engine(Protocol):
 
     def shard(self, part: nn.Module) -> None: ...
     def wrap(self, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> None: ...
+    def unwrapped(self, part: nn.Module) -> nn.Module:
+        """The model part inside what `wrap` made of it (DDP's and DeepSpeed's .module)."""
     def grad_sync(self, part: nn.Module, last_micro_batch: bool) -> ContextManager:
         """Around one micro-batch's forward and backward: reduce gradients only after the last one."""
     def backward(self, loss: torch.Tensor) -> None: ...
@@ -96,6 +99,9 @@ class LocalEngine:
     def wrap(self, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> None:
         self.parts, self.optimizers = parts, optimizers
         self._params = [q for part in parts for q in part.parameters() if q.requires_grad]
+
+    def unwrapped(self, part: nn.Module) -> nn.Module:
+        return part
 
     def grad_sync(self, part: nn.Module, last_micro_batch: bool) -> ContextManager:
         return contextlib.nullcontext()

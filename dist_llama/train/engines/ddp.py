@@ -34,6 +34,9 @@ class DDPEngine(LocalEngine):
         ddp.register_comm_hook((self.compute_clock, self.replica_group), _timed_allreduce)
         super().wrap([ddp], optimizers)
 
+    def unwrapped(self, part: nn.Module) -> nn.Module:
+        return part.module
+
     def grad_sync(self, part: nn.Module, last_micro_batch: bool) -> ContextManager:
         return contextlib.nullcontext() if last_micro_batch else part.no_sync()
 

@@ -104,6 +104,9 @@ class ZeroEngine:
     def shard(self, part: nn.Module) -> None:
         pass  # DeepSpeed partitions at initialize (wrap)
 
+    def unwrapped(self, part: nn.Module) -> nn.Module:
+        return part.module
+
     def wrap(self, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> None:
         (model,), (optimizer,) = parts, optimizers
         deepspeed = import_deepspeed(self.device)

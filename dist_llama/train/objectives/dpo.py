@@ -1,4 +1,4 @@
-"""Direct preference optimisation (train.objective=dpo): the step strategy and its loss.
+"""Direct preference optimisation (train.objective=dpo): its loss, data and frozen reference.
 
 Each row of a batch is one preference pair (dist_llama.data.pairs): the chosen sequence (doc_ids
 0), then the rejected one (doc_ids 1); labels are -100 except on the responses' tokens. Per pair,
@@ -11,7 +11,7 @@ mean over the global batch's pairs (layout-invariant as the token mean of pretra
 agree on the pair count, and each pair's loss is scaled by dp / pairs). The reference π_ref is a
 frozen copy of the starting weights (checkpoint.init_from, or the seed's initialisation), built
 and sharded like the policy, with no gradients, no optimizer state, and never checkpointed; or,
-with train.dpo_reference=precomputed, no model at all: the batch carries the reference's log-probs
+with train.dpo.reference=precomputed, no model at all: the batch carries the reference's log-probs
 of each pair (``ref_logps`` [B, 2], computed once before training: train/dpo_reference.py).
 
 Under tensor parallelism the logits are vocab-sharded DTensors: the per-token cross-entropy runs
@@ -22,13 +22,12 @@ its (identical) local copy; the backward through that copy is the replicated gra
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from dist_llama.parallel.tensor import loss_parallel_context
-from dist_llama.train.step import IGNORE_INDEX, Batch, MicroBatchStep
+from dist_llama.train.objectives.base import IGNORE_INDEX, BuildContext, Objective, StartContext
 
 CHOSEN, REJECTED = 0, 1
 """doc_ids of a row's two sequences (dist_llama.data.pairs)."""
@@ -64,64 +63,76 @@ def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, counts: torch.Tensor
     return loss, rewards.detach()
 
 
-class DPOStep(MicroBatchStep):
+class DPO(Objective):
     """Micro-batches of pairs through the frozen reference (no grad; or its log-probs from the
-    batch when `reference` is None) and the policy; the loss is the mean over the global batch's
-    pairs. `metrics` holds the last step's reward statistics (means over the global batch), reduced
-    with the loss."""
+    batch, train.dpo.reference=precomputed) and the policy; the loss is the mean over the global
+    batch's pairs, and the metrics are reward statistics (means over the global batch's pairs)."""
 
-    def __init__(self, *args, micro_batch_size: int = -1, reference: nn.Module | None, beta: float,
-                 nll_coef: float = 0.0):
-        super().__init__(*args, micro_batch_size=micro_batch_size)
-        self.reference, self.beta, self.nll_coef = reference, beta, nll_coef
-        self._stats = torch.zeros(len(METRICS), device=self.device)
-        self.metrics: dict[str, float] = {}
+    metric_names = METRICS
 
-    def count_tokens(self, batch: Batch) -> torch.Tensor:
-        """The global number of pairs (rows): the loss is their mean."""
-        count = torch.tensor(len(batch["tokens"]), device=batch["tokens"].device)
-        dist.all_reduce(count, group=self.dp_group)
-        return count
+    def __init__(self, cfg, spec):
+        super().__init__(cfg, spec)
+        settings = cfg.train.dpo
+        self.beta, self.nll_coef, self.precomputed = settings.beta, settings.nll_coef, settings.reference == "precomputed"
+        self.reference: nn.Module | None = None
 
-    def _pairs(self, model: nn.Module, mb: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        with self.autocast():
+    def loader(self, sources: list, dp_rank: int, dp_size: int):
+        from dist_llama.data.pairs import PairLoader
+
+        cfg = self.cfg
+        (source,) = sources
+        return PairLoader(source.data, cfg.data.seq_len, cfg.train.global_batch_size, dp_rank, dp_size,
+                          seed=cfg.train.seed, mask_special=cfg.train.dpo.mask_special, name=source.name)
+
+    def build_extra(self, ctx: BuildContext) -> None:
+        if not self.precomputed:
+            self.reference = freeze(ctx.build_starting_model())
+
+    def start(self, ctx: StartContext) -> None:
+        if not self.precomputed:
+            return
+        from dist_llama.train.dpo_reference import reference_table
+
+        # Before a resume is loaded the policy holds the starting weights: it is the reference.
+        start = (lambda: ctx.step.engine.parts[0]) if not ctx.resumed else (lambda: freeze(ctx.build_starting_model()))
+        ctx.loader.reference = reference_table(self.cfg, ctx.step, self, ctx.loader, ctx.run_dir, ctx.rank, start,
+                                               ctx.logger)
+
+    def count(self, batch: dict) -> torch.Tensor:
+        """The pairs (rows): the loss is their mean."""
+        return torch.tensor(len(batch["tokens"]), device=batch["tokens"].device)
+
+    def _pairs(self, step, model: nn.Module, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        with step.autocast():
             logits = model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"])
-        with torch.autocast(self.device.type, enabled=False):
+        with torch.autocast(step.device.type, enabled=False):
             return pair_logps(logits, mb["labels"], mb["doc_ids"])
 
     @torch.no_grad()
-    def sequence_logps(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+    def sequence_logps(self, step, model: nn.Module, batch: dict) -> torch.Tensor:
         """[B, 2] log-probabilities of each row's chosen and rejected response under `model`,
         computed as the step computes the reference's (micro-batches, autocast, loss parallel)."""
-        with loss_parallel_context(self.tp > 1):
-            return torch.cat([self._pairs(model, mb)[0] for mb in self._micro_batches(batch)])
+        with loss_parallel_context(step.tp > 1):
+            return torch.cat([self._pairs(step, model, mb)[0] for mb in step.micro_batches(batch)])
 
-    def _micro_loss(self, model: nn.Module, mb: Batch) -> torch.Tensor:
+    def micro_loss(self, step, model: nn.Module, mb: dict) -> torch.Tensor:
         if self.reference is None:
             ref = mb["ref_logps"]
         else:
             with torch.no_grad():
-                ref, _ = self._pairs(self.reference, mb)
-        policy, counts = self._pairs(model, mb)
+                ref, _ = self._pairs(step, self.reference, mb)
+        policy, counts = self._pairs(step, model, mb)
         loss, rewards = dpo_loss(policy, ref, counts, self.beta, self.nll_coef)
         margin = rewards[:, 0] - rewards[:, 1]
-        self._stats += torch.stack([(margin > 0).float().sum(), rewards[:, 0].sum(), rewards[:, 1].sum(),
-                                    margin.sum()])
-        return loss.sum() * self.scale
+        self.stats += torch.stack([(margin > 0).float().sum(), rewards[:, 0].sum(), rewards[:, 1].sum(),
+                                   margin.sum()])
+        return loss.sum() * step.scale
 
-    def _run(self, batch: Batch) -> torch.Tensor:
-        self._stats.zero_()
-        return super()._run(batch)
-
-    def _forward(self, batch: Batch) -> torch.Tensor:
-        self._stats.zero_()
-        return super()._forward(batch)
-
-    def global_loss(self, local: torch.Tensor, n_tokens: int) -> torch.Tensor:
-        stats = self._stats.clone()
-        dist.all_reduce(stats, group=self.dp_group)  # tensor-parallel ranks hold the same values
-        self.metrics = dict(zip(METRICS, (stats / max(n_tokens, 1)).tolist()))
-        return super().global_loss(local, n_tokens)
+    def synthetic_batch(self, rows: int, seq: int, device: torch.device) -> dict:
+        batch = super().synthetic_batch(rows, seq, device)
+        if self.precomputed:
+            batch["ref_logps"] = torch.zeros(rows, 2, device=device)  # what the loader adds to each pair
+        return batch
 
 
 def freeze(reference: nn.Module) -> nn.Module:
