@@ -213,10 +213,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_CONFIG
     out.mkdir(parents=True, exist_ok=True)
     dtype = DTYPES[args.dtype]
-    if args.format == "hf":
-        files = export_hf(source, out, dtype, int(args.max_shard_gb * 2**30))
-    else:
-        files = export_meta(source, out, dtype)
+    try:
+        if args.format == "hf":
+            files = export_hf(source, out, dtype, int(args.max_shard_gb * 2**30))
+        else:
+            files = export_meta(source, out, dtype)
+    except WeightsError as exc:  # a tensor found non-finite as it was read
+        print(f"dist-llama-export: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     total = sum(f.stat().st_size for f in files)
     print(f"exported {source.kind} weights from {source.path} to {out} ({args.format}, {args.dtype}, "
           f"{len(files)} file(s), {total / 2**20:.1f} MiB)")

@@ -17,6 +17,7 @@ from dist_llama.config import ConfigError
 from dist_llama.model.args import ModelArgs, ffn_hidden_dim
 from dist_llama.model.init import canonical_name
 from dist_llama.weights.sources import DCPSource, expected_shapes
+from dist_llama.weights.validate import check_finite
 
 ARCHITECTURE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
                        "norm_eps", "rope_theta", "use_scaled_rope", "rope_scale_factor", "rope_low_freq_factor",
@@ -61,7 +62,9 @@ def _local_box(param: DTensor) -> tuple[slice, ...]:
 
 @torch.no_grad()
 def load_into(part: nn.Module, source) -> None:
-    """Copy the source's values into every parameter of `part` (plain or sharded, any dtype)."""
+    """Copy the source's values into every parameter of `part` (plain or sharded, any dtype).
+    WeightsError (naming file and tensor) for a value that is not finite: each rank checks what it
+    read, so the caller must agree on the outcome across ranks."""
     params = {canonical_name(name): p for name, p in part.named_parameters()}
     if isinstance(source, DCPSource):
         import torch.distributed.checkpoint as dcp
@@ -69,6 +72,8 @@ def load_into(part: nn.Module, source) -> None:
         # DCP reshards by itself: each rank reads the chunks its DTensor shards overlap.
         dcp.load({DCPSource.PREFIX + name: p for name, p in params.items()}, storage_reader=source.reader,
                  no_dist=True)
+        for name, param in params.items():
+            check_finite(param.to_local() if isinstance(param, DTensor) else param, source.path, name)
         return
     for name, param in params.items():
         if isinstance(param, DTensor):
