@@ -113,12 +113,11 @@ def load_model(source, device, dtype, vocab: Optional[int] = None):
 def _check_tensors(source) -> None:
     """Every tensor the architecture needs, in its shape (headers only), before memory is allocated
     for the model the config describes."""
-    from dist_llama.weights.load import check_source
+    from dist_llama.weights.load import tensor_problem
 
-    try:
-        check_source(source, source.args)
-    except ConfigError as exc:
-        raise ConfigError("--checkpoint", exc.message) from None
+    problem = tensor_problem(source, source.args)
+    if problem is not None:
+        raise ConfigError("--checkpoint", problem)
 
 
 def _stop_ids(tokenizer) -> list[int]:

@@ -344,6 +344,15 @@ def _inputs(tmp_path):
         shutil.copytree(hf, d)
         (d / "config.json").write_text(json.dumps(edit(json.loads(json.dumps(config)))))
         cases[f"config.json:{case}"] = (d, d / "config.json", key)
+    # configs that lie about the tensors: more layers, a larger vocabulary than the file holds
+    for case, change, words in (("more_layers_than_tensors", {"num_hidden_layers": 5},
+                                 "tensor layers.4.attention.wq.weight is missing"),
+                                ("vocab_larger_than_tensors", {"vocab_size": 300},
+                                 "tensor tok_embeddings.weight has shape (258, 64), the model needs (300, 64)")):
+        d = tmp_path / f"hf_{case}"
+        shutil.copytree(hf, d)
+        (d / "config.json").write_text(json.dumps({**config, **change}))
+        cases[f"config.json:{case}"] = (d, d, words)
     # a sharded directory whose index names a shard that is not there
     d = tmp_path / "hf_missing_shard"
     shutil.copytree(hf, d)
@@ -393,18 +402,25 @@ HOSTILE = ([f"config.json:{c}" for c in HF_CONFIG_CASES] + ["index:missing_shard
            "index:a_list"] + [f"params.json:{c}" for c in META_PARAMS_CASES] +
            ["params.json:a_list", "meta:shard_lacks_a_tensor", "meta:shard_shapes_disagree", "meta:shard_file_missing",
             "meta:file_not_a_dict"])
+LYING = ["config.json:more_layers_than_tensors", "config.json:vocab_larger_than_tensors"]
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("case", HOSTILE)
+@pytest.mark.parametrize("case", HOSTILE + LYING)
 def test_hostile_weight_inputs_exit_2_naming_file_and_key(hostile_inputs, case, tmp_path, capsys):
-    """The reader raises WeightsError; export and generate exit 2 with one line naming the file and key."""
+    """The reader raises WeightsError (a config that lies about the tensors: the reader takes it,
+    the tensor check refuses it); export and generate exit 2 with one line naming the file and key."""
     from dist_llama.weights import WeightsError, open_weights
+    from dist_llama.weights.load import tensor_problem
 
     d, file, words = hostile_inputs[case]
-    with pytest.raises(WeightsError) as info:
-        open_weights(d)
-    assert str(file) in str(info.value) and words in str(info.value), str(info.value)
+    if case in LYING:
+        message = tensor_problem(open_weights(d), open_weights(d).args)
+    else:
+        with pytest.raises(WeightsError) as info:
+            open_weights(d)
+        message = str(info.value)
+    assert str(file) in message and words in message, message
     code, err = _export(d, tmp_path / "out", capsys)
     assert code == 2 and str(file) in err and words in err, err
     code, err = _generate(d, capsys)

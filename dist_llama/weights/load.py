@@ -8,6 +8,8 @@ only its own layers.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -41,18 +43,25 @@ def check_source(source, args: ModelArgs) -> None:
         raise ConfigError("model.ffn_dim_multiplier", f"checkpoint's FFN hidden size is {ffn_hidden_dim(source.args)}, "
                           f"the config's (ffn_dim_multiplier={args.ffn_dim_multiplier}, multiple_of="
                           f"{args.multiple_of}) is {ffn_hidden_dim(args)} (checkpoint.init_from={source.path})")
+    problem = tensor_problem(source, args)
+    if problem is not None:
+        raise ConfigError("checkpoint.init_from", problem)
+
+
+def tensor_problem(source, args: ModelArgs) -> Optional[str]:
+    """What is wrong with the source's tensor names and shapes for a model with `args` (headers
+    only), naming the source and the tensor; None when it holds exactly that model's parameters."""
     expected = expected_shapes(args)
     names = set(source.names())
     for name, shape in expected.items():
         if name not in names:
-            raise ConfigError("checkpoint.init_from", f"{source.path}: tensor {name} is missing")
+            return f"{source.path}: tensor {name} is missing"
         if tuple(source.shape(name)) != shape:
-            raise ConfigError("checkpoint.init_from", f"{source.path}: tensor {name} has shape "
-                              f"{tuple(source.shape(name))}, the model needs {shape}")
+            return f"{source.path}: tensor {name} has shape {tuple(source.shape(name))}, the model needs {shape}"
     extra = sorted(names - set(expected))
     if extra:
-        raise ConfigError("checkpoint.init_from", f"{source.path}: tensor {extra[0]} is not a parameter of "
-                          f"this model ({len(extra)} such)")
+        return f"{source.path}: tensor {extra[0]} is not a parameter of this model ({len(extra)} such)"
+    return None
 
 
 def _local_box(param: DTensor) -> tuple[slice, ...]:
