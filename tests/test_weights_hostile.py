@@ -225,6 +225,44 @@ def test_init_from_non_finite_weights_exits_2_not_a_crash_loop(hf_dir, tmp_path,
     assert code == 2 and "checkpoint.init_from" in err and VICTIM in err and str(d / "model.safetensors") in err, err
 
 
+def _start_from(overrides, world_size):
+    """One rank of a run started from init_from: (exit code, reason) of the TrainingExit it stopped with."""
+    import torch.distributed as dist
+
+    from dist_llama.train.cli import resolve_config, train
+    from dist_llama.train.recovery import TrainingExit
+
+    cfg, sources = resolve_config(DEBUG, [*TINY, *overrides], world_size)
+    try:
+        train(cfg, sources)
+        outcome = (0, "")
+    except TrainingExit as exc:
+        outcome = (exc.code, exc.reason)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return outcome
+
+
+@pytest.mark.timeout(180)
+def test_a_nan_only_one_rank_reads_stops_every_rank_with_exit_2(hf_dir, tmp_path):
+    """FSDP-2 over 2 ranks: row 0 of the embedding is rank 0's shard only; both ranks stop with exit 2
+    naming the tensor (no rank trains on, none waits for the other)."""
+    from safetensors.torch import load_file, save_file
+
+    from dist_llama.testing import run_ranks
+
+    d = tmp_path / "nan_row0"
+    shutil.copytree(hf_dir, d)
+    tensors = load_file(d / "model.safetensors")
+    tensors["model.embed_tokens.weight"][0, 3] = float("nan")
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    results = run_ranks(_start_from, 2, [f"train.run_dir={tmp_path}/run", f"checkpoint.init_from={d}",
+                                         "checkpoint.enabled=false", "train.steps=1", "parallel.dp_shard=2"], 2,
+                        timeout=150)
+    for code, reason in results:
+        assert code == 2 and "model.embed_tokens.weight" in reason and str(d / "model.safetensors") in reason, reason
+
+
 @pytest.mark.timeout(60)
 def test_a_meta_shard_with_inf_is_named(hf_dir, tmp_path, capsys):
     d = _meta_dir(tmp_path / "meta", {"layers.2.attention.wo.weight": float("inf")})
