@@ -154,10 +154,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if tokenizer.vocab_size > source.args.vocab_size:
             raise ConfigError("--tokenizer", f"{tokenizer.name} has {tokenizer.vocab_size} ids, the model "
                                              f"only {source.args.vocab_size}")
-        if tokenizer.vocab_size < source.args.vocab_size:  # a padded vocabulary, or another tokenizer
-            print(f"{PROG}: the model has {source.args.vocab_size} ids, tokenizer {tokenizer.name} "
-                  f"{tokenizer.vocab_size}: ids {tokenizer.vocab_size}..{source.args.vocab_size - 1} are never "
-                  "generated", file=sys.stderr)
         bos = tokenizer.bos_id is not None
         if args.chat:
             from dist_llama.data.chat import template_for
@@ -185,6 +181,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as exc:  # WeightsError: a NaN or infinity in a weight, named
         print(f"{PROG}: --checkpoint: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if tokenizer.vocab_size < source.args.vocab_size:  # a padded vocabulary, or another tokenizer
+        print(f"{PROG}: the model has {source.args.vocab_size} ids, tokenizer {tokenizer.name} "
+              f"{tokenizer.vocab_size}: ids {tokenizer.vocab_size}..{source.args.vocab_size - 1} are never "
+              "generated", file=sys.stderr)
     stops = _stop_ids(tokenizer)
     if args.chat:
         stops = [template.end_of_turn] + [s for s in stops if s != template.end_of_turn]
