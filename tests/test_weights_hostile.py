@@ -509,6 +509,18 @@ def test_init_from_trained_with_another_tokenizer_exits_2_naming_both(hf_dir, tm
     resolve_config(DEBUG, [*TINY, f"train.run_dir={tmp_path}/r", f"checkpoint.init_from={hf_dir}"], 1)
 
 
+@pytest.mark.timeout(180)
+def test_init_from_a_run_trained_with_another_tokenizer_exits_2(tmp_path, monkeypatch, capsys):
+    """The probe's repro: a dist_llama run trained with the byte tokenizer, continued with another one."""
+    from dist_llama.testing import run_ranks
+
+    first = tmp_path / "first"
+    assert run_ranks(_start_from, 1, [f"train.run_dir={first}", "train.steps=1"], 1, timeout=150) == [(0, "")]
+    tok = _word_tokenizer(tmp_path / "tokenizer.json")
+    code, err = _train_main([f"checkpoint.init_from={first}", f"data.tokenizer={tok}"], monkeypatch, capsys, tmp_path)
+    assert code == 2 and f"data.tokenizer: {tok} (hf:" in err and "byte (byte, 258 ids)" in err, err
+
+
 def test_same_vocabulary_across_formats_and_runs(tmp_path):
     """A tiktoken file and the tokenizer.json export converts it to are one vocabulary; a dist_llama
     run's recorded data.tokenizer is its identity."""
