@@ -569,3 +569,17 @@ def test_generate_never_samples_an_id_the_tokenizer_cannot_decode(hf_dir, tmp_pa
     with torch.no_grad():
         logits = full(torch.tensor([[0, 4, 5, 6]]))[0, -1]
     assert first == int(logits[:7].argmax())
+
+
+def test_the_published_configs_pass_the_checks():
+    """The caps and rules refuse no published Llama (Llama 2 7B-70B, Llama 3.1 8B-405B)."""
+    from pathlib import Path
+
+    from test_weights import _HF, PUBLISHED_HF, PUBLISHED_META
+
+    from dist_llama.weights.validate import check_hf_config, check_meta_params
+
+    for name, values in PUBLISHED_HF.items():
+        check_hf_config({**_HF, **values}, Path(f"{name}/config.json"))
+    for name, (params, _) in PUBLISHED_META.items():
+        check_meta_params(params, Path(f"{name}/params.json"))
