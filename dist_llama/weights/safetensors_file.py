@@ -32,7 +32,7 @@ def _no_duplicates(pairs: list) -> dict:
     keys = [k for k, _ in pairs]
     dup = next((k for k in keys if keys.count(k) > 1), None)
     if dup is not None:
-        raise ValueError(f"{dup} appears twice")
+        raise ValueError(f"{dup} appears twice")  # json would keep the last silently
     return dict(pairs)
 
 
@@ -84,7 +84,7 @@ def read_header(path: Path) -> tuple[int, dict[str, tuple[torch.dtype, tuple[int
     except ValueError as exc:
         if isinstance(exc, WeightsError):
             raise
-        raise WeightsError(f"{path}: not a safetensors file (header is not JSON: {exc})") from None
+        raise WeightsError(f"{path}: not a safetensors file (its JSON header: {exc})") from None
     if not isinstance(header, dict):
         raise WeightsError(f"{path}: not a safetensors file (header must be a JSON object, got {type(header).__name__})")
     if not isinstance(header.get("__metadata__", {}), dict):
