@@ -349,6 +349,8 @@ META_PARAMS_CASES = {
     "ffn_dim_multiplier_0": ({"ffn_dim_multiplier": 0}, "ffn_dim_multiplier"),
     "vocab_size_0": ({"vocab_size": 0}, "vocab_size"),
     "use_scaled_rope_a_string": ({"use_scaled_rope": "yes"}, "use_scaled_rope"),
+    "rope_high_freq_factor_1": ({"use_scaled_rope": True, "rope_high_freq_factor": 1.0}, "rope_high_freq_factor"),
+    "rope_scaling_factor_inf": ({"use_scaled_rope": True, "rope_scaling_factor": float("inf")}, "rope_scaling_factor"),
 }
 
 

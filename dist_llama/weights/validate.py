@@ -128,8 +128,13 @@ def check_meta_params(params: Any, where: Path) -> None:
         _positive(where, "rope_theta", p["rope_theta"])
     if "use_scaled_rope" in p and not isinstance(p["use_scaled_rope"], bool):
         raise WeightsError(f"{where}: use_scaled_rope must be true or false, got {p['use_scaled_rope']!r}")
-    if "rope_scaling_factor" in p:
-        _positive(where, "rope_scaling_factor", p["rope_scaling_factor"])
+    for key in ("rope_scaling_factor", "rope_high_freq_factor"):
+        if p.get(key) is not None:
+            _positive(where, key, p[key])
+    if p.get("rope_high_freq_factor") is not None and not p["rope_high_freq_factor"] > 1.0:
+        # Meta's code fixes the low-frequency factor at 1; the smoothing divides by their difference
+        raise WeightsError(f"{where}: rope_high_freq_factor must be above the low-frequency factor 1, "
+                           f"got {p['rope_high_freq_factor']}")
 
 
 _FINITE_CHUNK = 1 << 24
