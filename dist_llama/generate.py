@@ -86,9 +86,11 @@ def _prompts(args) -> list[str]:
     return prompts
 
 
-def load_model(source, device, dtype):
+def load_model(source, device, dtype, vocab: Optional[int] = None):
     """A Transformer holding `source`'s weights (a dist_llama.weights.WeightSource), built on the meta
-    device so that no random initialisation is spent on it."""
+    device so that no random initialisation is spent on it. `vocab`: keep only the embedding and
+    output rows of the first `vocab` ids (the tokenizer's), so no id it cannot decode is generated.
+    WeightsError (naming file and tensor) for a weight that is not finite."""
     import dataclasses
 
     import torch
@@ -96,15 +98,26 @@ def load_model(source, device, dtype):
     from dist_llama.model import Transformer
 
     # SDPA: FlexAttention's strength is document masks in training; here it would recompile per length.
-    args = dataclasses.replace(source.args, attn_impl="sdpa")
+    args = dataclasses.replace(source.args, attn_impl="sdpa", vocab_size=vocab or source.args.vocab_size)
     with torch.device("meta"):
         model = Transformer(args).to(dtype)
     model.to_empty(device=device)
     model.init_buffers(device)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            param.copy_(source.read(name))
+            rows = (slice(0, args.vocab_size),) if name in ("tok_embeddings.weight", "output.weight") else ()
+            param.copy_(source.read(name, rows))
     return model.eval()
+
+
+def _check_tensors(source) -> None:
+    """Every tensor the architecture needs, in its shape (headers only), before memory is allocated
+    for the model the config describes."""
+    from dist_llama.weights.load import tensor_problem
+
+    problem = tensor_problem(source, source.args)
+    if problem is not None:
+        raise ConfigError("--checkpoint", problem)
 
 
 def _stop_ids(tokenizer) -> list[int]:
@@ -130,6 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             source = open_weights(args.checkpoint)
         except (ValueError, KeyError, OSError) as exc:
             raise ConfigError("--checkpoint", str(exc)) from None
+        _check_tensors(source)
         spec = args.tokenizer or source.tokenizer
         if spec is None:
             raise ConfigError("--tokenizer", f"{args.checkpoint} names no tokenizer; pass one")
@@ -162,7 +176,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    model = load_model(source, device, dtype)
+    try:
+        model = load_model(source, device, dtype, vocab=tokenizer.vocab_size)
+    except ValueError as exc:  # WeightsError: a NaN or infinity in a weight, named
+        print(f"{PROG}: --checkpoint: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if tokenizer.vocab_size < source.args.vocab_size:  # a padded vocabulary, or another tokenizer
+        print(f"{PROG}: the model has {source.args.vocab_size} ids, tokenizer {tokenizer.name} "
+              f"{tokenizer.vocab_size}: ids {tokenizer.vocab_size}..{source.args.vocab_size - 1} are never "
+              "generated", file=sys.stderr)
     stops = _stop_ids(tokenizer)
     if args.chat:
         stops = [template.end_of_turn] + [s for s in stops if s != template.end_of_turn]

@@ -232,6 +232,8 @@ class CheckpointConfig:
     """Resume from the newest valid checkpoint in the run directory, if any."""
     init_from: Optional[str] = None
     """Start from these weights (Hugging Face dir, Meta dir, dist_llama run or step dir) unless the run directory has a checkpoint to resume."""
+    init_from_vocab_remapped: bool = False
+    """Allow data.tokenizer to differ from the tokenizer init_from was trained with (its embedding rows were re-mapped to this one)."""
     interval_s: float = 0.0
     """Also save when this many seconds passed since the last save (0 = off)."""
     async_save: bool = True

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -45,7 +46,7 @@ from dist_llama.train.profiling import StepProfiler
 from dist_llama.train.recovery import EXIT_RESTART, RecoveryPolicy, TrainingExit
 from dist_llama.train.step import StepStrategy, build_step, step_layout
 from dist_llama.train.trainer import Trainer, TrainerParts
-from dist_llama.weights import open_weights
+from dist_llama.weights import WeightsError, open_weights
 from dist_llama.weights.load import load_into
 
 
@@ -94,9 +95,27 @@ def build_model_parts(cfg: Config, dims: ParallelDims, meshes: Meshes, device: t
             part.to_empty(device=device)
             with torch.no_grad():
                 part.init_weights(cfg.train.seed, buffer_device=device)
-        if init_from is not None:
-            load_into(part, init_from)
+    if init_from is not None:
+        _load_initial(parts, init_from)
     return parts, stage_ids, n_stages
+
+
+def _load_initial(parts: list[nn.Module], source) -> None:
+    """Every part takes its values from `source`. A rank that read a non-finite value makes every
+    rank stop with exit 2 naming the file and tensor (each rank checks only what it read)."""
+    problem = None
+    try:
+        for part in parts:
+            load_into(part, source)
+    except WeightsError as exc:
+        problem = str(exc)
+    problems = [problem]
+    if dist.is_initialized():
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+    first = next((p for p in problems if p is not None), None)
+    if first is not None:
+        raise TrainingExit(EXIT_CONFIG, f"checkpoint.init_from: {first}")
 
 
 def starting_model(cfg: Config, dims: ParallelDims, meshes: Meshes, device: torch.device, engine: Engine,

@@ -74,6 +74,8 @@ def resolve_config(config_path: Optional[str], overrides: Sequence[str], world_s
         tokenizer = build_tokenizer(cfg.data.tokenizer)
     except (ValueError, OSError) as exc:
         raise ConfigError("data.tokenizer", str(exc)) from None
+    if source is not None and not cfg.checkpoint.init_from_vocab_remapped:
+        check_init_tokenizer(source, cfg.data.tokenizer, tokenizer)
     sources = open_sources(cfg, tokenizer)
     cfg = config_lib.validate(cfg, world_size, sources[0].data if len(sources) == 1 else None, tokenizer.vocab_size)
     check_machine(cfg)
@@ -165,6 +167,17 @@ def open_initial_weights(cfg: Config):
         return open_weights(cfg.checkpoint.init_from, max_seq_len=cfg.model.max_seq_len)
     except WeightsError as exc:
         raise ConfigError("checkpoint.init_from", str(exc)) from None
+
+
+def check_init_tokenizer(source, spec: str, tokenizer) -> None:
+    """init_from must have been trained with data.tokenizer's vocabulary, when it says which."""
+    from dist_llama.weights.tokenizer_identity import tokenizer_mismatch
+
+    theirs = tokenizer_mismatch(source, tokenizer)
+    if theirs is not None:
+        raise ConfigError("data.tokenizer", f"{spec} ({tokenizer.name}, {tokenizer.vocab_size} ids) is not the tokenizer "
+                          f"checkpoint.init_from={source.path} was trained with: {theirs}; set "
+                          "checkpoint.init_from_vocab_remapped=true if its embedding rows were re-mapped to this one")
 
 
 def adopt_architecture(model, source, explicit: set[str]):

@@ -25,6 +25,7 @@ from dist_llama.config import EXIT_CONFIG
 from dist_llama.model.args import ModelArgs, context_length, ffn_hidden_dim
 from dist_llama.model.hf import hf_name, meta_to_hf_rows, rope_heads
 from dist_llama.weights import WeightsError, expected_shapes, open_weights
+from dist_llama.weights.load import tensor_problem
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _ST_DTYPE = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}
@@ -195,6 +196,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.max_shard_gb <= 0:
             raise WeightsError(f"--max-shard-gb: must be positive, got {args.max_shard_gb}")
         source = open_weights(args.checkpoint)
+        problem = tensor_problem(source, source.args)  # a config that lies about the tensors' shapes
+        if problem is not None:
+            raise WeightsError(problem)
         if args.format == "meta":
             meta_params(source.args)  # refused before anything is written
     except WeightsError as exc:
@@ -202,10 +206,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_CONFIG
     out.mkdir(parents=True, exist_ok=True)
     dtype = DTYPES[args.dtype]
-    if args.format == "hf":
-        files = export_hf(source, out, dtype, int(args.max_shard_gb * 2**30))
-    else:
-        files = export_meta(source, out, dtype)
+    try:
+        if args.format == "hf":
+            files = export_hf(source, out, dtype, int(args.max_shard_gb * 2**30))
+        else:
+            files = export_meta(source, out, dtype)
+    except WeightsError as exc:  # a tensor found non-finite as it was read
+        print(f"dist-llama-export: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     total = sum(f.stat().st_size for f in files)
     print(f"exported {source.kind} weights from {source.path} to {out} ({args.format}, {args.dtype}, "
           f"{len(files)} file(s), {total / 2**20:.1f} MiB)")

@@ -8,6 +8,8 @@ only its own layers.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -17,6 +19,7 @@ from dist_llama.config import ConfigError
 from dist_llama.model.args import ModelArgs, ffn_hidden_dim
 from dist_llama.model.init import canonical_name
 from dist_llama.weights.sources import DCPSource, expected_shapes
+from dist_llama.weights.validate import check_finite
 
 ARCHITECTURE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
                        "norm_eps", "rope_theta", "use_scaled_rope", "rope_scale_factor", "rope_low_freq_factor",
@@ -40,18 +43,25 @@ def check_source(source, args: ModelArgs) -> None:
         raise ConfigError("model.ffn_dim_multiplier", f"checkpoint's FFN hidden size is {ffn_hidden_dim(source.args)}, "
                           f"the config's (ffn_dim_multiplier={args.ffn_dim_multiplier}, multiple_of="
                           f"{args.multiple_of}) is {ffn_hidden_dim(args)} (checkpoint.init_from={source.path})")
+    problem = tensor_problem(source, args)
+    if problem is not None:
+        raise ConfigError("checkpoint.init_from", problem)
+
+
+def tensor_problem(source, args: ModelArgs) -> Optional[str]:
+    """What is wrong with the source's tensor names and shapes for a model with `args` (headers
+    only), naming the source and the tensor; None when it holds exactly that model's parameters."""
     expected = expected_shapes(args)
     names = set(source.names())
     for name, shape in expected.items():
         if name not in names:
-            raise ConfigError("checkpoint.init_from", f"{source.path}: tensor {name} is missing")
+            return f"{source.path}: tensor {name} is missing"
         if tuple(source.shape(name)) != shape:
-            raise ConfigError("checkpoint.init_from", f"{source.path}: tensor {name} has shape "
-                              f"{tuple(source.shape(name))}, the model needs {shape}")
+            return f"{source.path}: tensor {name} has shape {tuple(source.shape(name))}, the model needs {shape}"
     extra = sorted(names - set(expected))
     if extra:
-        raise ConfigError("checkpoint.init_from", f"{source.path}: tensor {extra[0]} is not a parameter of "
-                          f"this model ({len(extra)} such)")
+        return f"{source.path}: tensor {extra[0]} is not a parameter of this model ({len(extra)} such)"
+    return None
 
 
 def _local_box(param: DTensor) -> tuple[slice, ...]:
@@ -61,7 +71,9 @@ def _local_box(param: DTensor) -> tuple[slice, ...]:
 
 @torch.no_grad()
 def load_into(part: nn.Module, source) -> None:
-    """Copy the source's values into every parameter of `part` (plain or sharded, any dtype)."""
+    """Copy the source's values into every parameter of `part` (plain or sharded, any dtype).
+    WeightsError (naming file and tensor) for a value that is not finite: each rank checks what it
+    read, so the caller must agree on the outcome across ranks."""
     params = {canonical_name(name): p for name, p in part.named_parameters()}
     if isinstance(source, DCPSource):
         import torch.distributed.checkpoint as dcp
@@ -69,6 +81,8 @@ def load_into(part: nn.Module, source) -> None:
         # DCP reshards by itself: each rank reads the chunks its DTensor shards overlap.
         dcp.load({DCPSource.PREFIX + name: p for name, p in params.items()}, storage_reader=source.reader,
                  no_dist=True)
+        for name, param in params.items():
+            check_finite(param.to_local() if isinstance(param, DTensor) else param, source.path, name)
         return
     for name, param in params.items():
         if isinstance(param, DTensor):

@@ -3,13 +3,16 @@ dist_llama checkpoint. Each source knows its architecture (as ModelArgs), the na
 its tensors in dist_llama's (Meta's) naming, and reads a tensor or a slice of one without reading
 the rest: safetensors slices lazily, Meta's .pth files are memory-mapped, DCP reads only the chunks
 a request overlaps. Nothing is unpickled beyond what `torch.load(weights_only=True)` allows (DCP's
-.metadata: dcp_metadata.SafeReader's restricted unpickler).
+.metadata: dcp_metadata.SafeReader's restricted unpickler). Nothing a file claims is believed before
+it is checked: config.json / params.json values (validate.py), safetensors headers against the file
+(safetensors_file.py), Meta shards against each other; every tensor read is checked finite.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
@@ -18,13 +21,11 @@ import torch
 
 from dist_llama.model.args import ModelArgs, ffn_hidden_dim
 from dist_llama.model.hf import args_from_hf_config, hf_to_meta_rows, meta_name
+from dist_llama.weights.safetensors_file import SafetensorsFile
+from dist_llama.weights.validate import WeightsError, check_finite, check_hf_config, check_meta_params
 
 Index = tuple[slice, ...]
 """A box of a tensor: one slice per leading dimension (missing trailing ones: everything)."""
-
-
-class WeightsError(ValueError):
-    """A checkpoint that cannot be read, or does not fit: the message names the file or tensor."""
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -72,13 +73,14 @@ class HFSource:
     def __init__(self, path: Path):
         self.path = path
         config = _read_json(path / "config.json")
+        check_hf_config(config, path / "config.json")
         try:
             self.args = args_from_hf_config(SimpleNamespace(**config))
-        except (AttributeError, KeyError, ValueError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise WeightsError(f"{path / 'config.json'}: not a Llama config this model can take ({exc})") from None
         index = path / "model.safetensors.index.json"
         if index.is_file():
-            files = sorted(set(_read_json(index)["weight_map"].values()))
+            files = _index_files(index)
         elif (path / "model.safetensors").is_file():
             files = ["model.safetensors"]
         else:
@@ -88,6 +90,8 @@ class HFSource:
         for name in files:
             handle = SafetensorsFile(path / name)
             for key in handle.tensors:
+                if key in self._where:
+                    raise WeightsError(f"{path}: tensor {key} is in both {self._where[key].path.name} and {name}")
                 self._where[key] = handle
         self._hf_names = {}
         for key in self._where:
@@ -111,67 +115,30 @@ class HFSource:
         box = _box(self.shape(name), index)
         module = name.split(".")[-2]
         if module not in ("wq", "wk"):
-            return file.read(key, box)
+            return check_finite(file.read(key, box), file.path, key)
         # HF rotates half-split pairs: rows are permuted within each head. Read the whole heads
         # the requested rows fall in, permute them back, keep the requested rows.
         head_dim = self.args.dim // self.args.n_heads
         (r0, r1), *rest = box
         h0, h1 = r0 // head_dim, math.ceil(r1 / head_dim)
-        block = file.read(key, [(h0 * head_dim, h1 * head_dim), *rest])
+        block = check_finite(file.read(key, [(h0 * head_dim, h1 * head_dim), *rest]), file.path, key)
         block = hf_to_meta_rows(block, h1 - h0) if h1 > h0 else block
         return block[r0 - h0 * head_dim: r1 - h0 * head_dim]
 
 
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-
-
-class SafetensorsFile:
-    """A safetensors file read with plain positioned reads (no mmap: mapped pages would stay in this
-    process's memory for as long as the file is open, so memory would grow with the model)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        size = path.stat().st_size
-        try:
-            with open(path, "rb") as f:
-                header_len = int.from_bytes(f.read(8), "little")
-                if not 0 < header_len <= size - 8:
-                    raise ValueError(f"header length {header_len}")
-                header = json.loads(f.read(header_len))
-            self.tensors: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
-            """name -> (dtype, shape, offset of its first byte in the file)."""
-            end = 0
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                begin, stop = info["data_offsets"]
-                self.tensors[name] = (_ST_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + header_len + begin)
-                end = max(end, stop)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from None
-        if 8 + header_len + end > size:
-            raise WeightsError(f"{path}: truncated ({size} bytes, the header describes {8 + header_len + end})")
-
-    def read(self, name: str, box: list[tuple[int, int]]) -> torch.Tensor:
-        """The box [(start, stop) per dimension] of tensor `name`, reading only its bytes (whole
-        rows when the box spans every column, else one read per row)."""
-        dtype, shape, offset = self.tensors[name]
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        row = itemsize * math.prod(shape[1:])
-        (r0, r1), *rest = box
-        out = torch.empty([r1 - r0, *(b - a for a, b in rest)], dtype=dtype)
-        buf = out.view(torch.uint8).numpy().reshape(-1)
-        with open(self.path, "rb", buffering=0) as f:
-            if all((a, b) == (0, n) for (a, b), n in zip(rest, shape[1:])):
-                f.seek(offset + r0 * row)
-                f.readinto(memoryview(buf))
-            else:  # a column range of a matrix
-                (c0, c1), = rest
-                width = (c1 - c0) * itemsize
-                for i in range(r1 - r0):
-                    f.seek(offset + (r0 + i) * row + c0 * itemsize)
-                    f.readinto(memoryview(buf[i * width:(i + 1) * width]))
-        return out
+def _index_files(index: Path) -> list[str]:
+    """The weight files a model.safetensors.index.json names: plain file names in its directory."""
+    content = _read_json(index)
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise WeightsError(f"{index}: weight_map must be an object of tensor name -> file name")
+    files = sorted(set(weight_map.values()))
+    for name in files:
+        if Path(name).name != name or name in (".", ".."):
+            raise WeightsError(f"{index}: weight_map names {name!r}, not a file of this directory")
+        if not (index.parent / name).is_file():
+            raise WeightsError(f"{index}: weight_map names {name}, which is missing (or not a regular file)")
+    return files
 
 
 def _hf_tokenizer(path: Path) -> Optional[str]:
@@ -192,11 +159,11 @@ class MetaSource:
     def __init__(self, path: Path, max_seq_len: int):
         self.path = path
         params = _read_json(path / "params.json")
-        self.files = sorted(path.glob("consolidated.*.pth"))
-        if not self.files:
-            raise WeightsError(f"{path}: no consolidated.*.pth files")
+        check_meta_params(params, path / "params.json")
+        self.files = _meta_files(path)
         # Only the shapes are kept: a mapped file's pages would stay in memory while it is open.
         self.shards = [{name: t.shape for name, t in self._open(f).items()} for f in self.files]
+        _check_meta_shards(self.files, self.shards)
         # Llama 2's params.json says vocab_size -1 (the tokenizer's); the output layer knows it,
         # split over the files along the vocabulary.
         vocab = sum(shard.get("output.weight", (0,))[0] for shard in self.shards)
@@ -207,9 +174,13 @@ class MetaSource:
     @staticmethod
     def _open(file: Path) -> dict[str, torch.Tensor]:
         try:
-            return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+            state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
         except Exception as exc:  # noqa: BLE001 (truncated zip, a pickle that is not plain weights, ...)
             raise WeightsError(f"{file}: not a readable weights-only checkpoint ({exc})") from None
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in state.items()):
+            raise WeightsError(f"{file}: must hold a dict of tensor name -> tensor, got {type(state).__name__}")
+        return state
 
     def names(self) -> list[str]:
         return [n for n in self.shards[0] if not n.endswith("rope.freqs")]
@@ -231,7 +202,8 @@ class MetaSource:
         box = _box(self.shape(name), index)
         dim = self._split_dim(name)
         if dim is None or any(a == b for a, b in box):  # replicated, or an empty shard
-            return self._open(self.files[0])[name][tuple(slice(a, b) for a, b in box)].clone()
+            piece = self._open(self.files[0])[name][tuple(slice(a, b) for a, b in box)]
+            return check_finite(piece, self.files[0], name).clone()
         pieces, start = [], 0
         for file, shapes in zip(self.files, self.shards):
             stop = start + shapes[name][dim]
@@ -239,13 +211,44 @@ class MetaSource:
             if lo < hi:
                 local = list(box)
                 local[dim] = (lo - start, hi - start)
-                pieces.append(self._open(file)[name][tuple(slice(a, b) for a, b in local)].clone())
+                piece = self._open(file)[name][tuple(slice(a, b) for a, b in local)]
+                pieces.append(check_finite(piece, file, name).clone())
             start = stop
         return torch.cat(pieces, dim=dim)
 
 
+def _meta_files(path: Path) -> list[Path]:
+    """consolidated.00.pth .. consolidated.NN.pth, one per model-parallel rank, none missing."""
+    files = sorted(path.glob("consolidated.*.pth"))
+    if not files:
+        raise WeightsError(f"{path}: no consolidated.*.pth files")
+    numbers = [re.fullmatch(r"consolidated\.(\d+)\.pth", f.name) for f in files]
+    for i, (file, m) in enumerate(zip(files, numbers)):
+        if m is None or int(m.group(1)) != i:
+            raise WeightsError(f"{path}: {len(files)} shard files, but {file.name} is not consolidated.{i:02d}.pth "
+                               "(a shard is missing, or a stray file)")
+    return files
+
+
+def _check_meta_shards(files: list[Path], shards: list[dict]) -> None:
+    """Every shard holds the same tensors, each shaped like shard 0's except along one dimension
+    (the one it was split on)."""
+    for file, shard in zip(files, shards):
+        for name in sorted(shards[0].keys() ^ shard.keys())[:1]:
+            has, lacks = (files[0], file) if name in shards[0] else (file, files[0])
+            raise WeightsError(f"{lacks}: tensor {name} is missing (it is in {has.name}; shards must hold the "
+                               "same tensors)")
+        for name, shape in shard.items():
+            first = shards[0][name]
+            if len(shape) != len(first) or sum(a != b for a, b in zip(shape, first)) > 1:
+                raise WeightsError(f"{file}: tensor {name} has shape {tuple(shape)}, {files[0].name} has "
+                                   f"{tuple(first)}; shards may differ along one dimension only")
+
+
 def _args_from_meta_params(p: dict, max_seq_len: int, where: Path, vocab_from_weights: int) -> ModelArgs:
     vocab = p.get("vocab_size", -1)
+    if vocab_from_weights < 1 and vocab < 1:
+        raise WeightsError(f"{where}: vocab_size is -1 and there is no output.weight to take it from")
     try:
         args = ModelArgs(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
                          n_kv_heads=p.get("n_kv_heads"), vocab_size=vocab if vocab > 0 else vocab_from_weights,
@@ -304,7 +307,7 @@ class DCPSource:
         meta = self._meta[name]
         full = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
         dcp.load({self.PREFIX + name: full}, storage_reader=self.reader, no_dist=True)
-        return full[tuple(slice(a, b) for a, b in _box(full.shape, index))]
+        return check_finite(full[tuple(slice(a, b) for a, b in _box(full.shape, index))], self.path, name)
 
 
 class DeepSpeedSource:
@@ -331,7 +334,7 @@ class DeepSpeedSource:
 
     def read(self, name: str, index: Index = ()) -> torch.Tensor:
         t = self._state[name]
-        return t[tuple(slice(a, b) for a, b in _box(t.shape, index))].clone()
+        return check_finite(t[tuple(slice(a, b) for a, b in _box(t.shape, index))], self.path, name).clone()
 
 
 def _deepspeed_fp32_state(directory: Path) -> dict[str, torch.Tensor]:
