@@ -271,14 +271,15 @@ def _final_answer(ids: list[int], tok) -> slice:
     return slice(starts[-1], len(ids) - 1)
 
 
-def _multiturn_one_rank(overrides, tok_path):
+def _multiturn_one_rank(overrides, tok_path, run_dir):
     """DPO loss, gradient-free metrics and a plain implementation that scores only each pair's
     final answer, on the first batch after a perturbation of the policy."""
     from dist_llama.data import build_tokenizer
     from dist_llama.model import Transformer
     from dist_llama.parallel.env import init_distributed
 
-    cfg, sources = resolve_config(DEBUG, [*TINY, *overrides, *OPTIONS, "checkpoint.enabled=false"], 1)
+    cfg, sources = resolve_config(DEBUG, [*TINY, *overrides, *OPTIONS, "checkpoint.enabled=false",
+                                          f"train.run_dir={run_dir}"], 1)
     trainer = build_trainer(cfg, init_distributed("cpu"), sources)
     (policy,) = trainer.engine.parts
     _perturb(policy.named_parameters())
@@ -329,7 +330,7 @@ def test_dpo_multiturn_prompt_scores_only_the_final_answer(tmp_path):
     overrides = [f"data.tokenizer={tok}", f"data.path={tmp_path / 'data'}", "train.objective=dpo", "model.vocab_size=-1",
                  "data.seq_len=256", "data.eval_fraction=0", "train.global_batch_size=8",
                  f"train.dpo.beta={BETA}", "train.peak_flops=1e12"]
-    loss, metrics, expected, chosen, rejected = run_ranks(_multiturn_one_rank, 1, overrides, tok, timeout=100)[0]
+    loss, metrics, expected, chosen, rejected = run_ranks(_multiturn_one_rank, 1, overrides, tok, tmp_path / "run", timeout=100)[0]
     assert loss == pytest.approx(expected, rel=1e-5)
     assert metrics["reward_chosen"] == pytest.approx(chosen, rel=1e-4, abs=1e-6)
     assert metrics["reward_rejected"] == pytest.approx(rejected, rel=1e-4, abs=1e-6)

@@ -13,7 +13,7 @@ from dist_llama.testing import run_ranks
 from trainrun import DEBUG, TINY
 
 
-def _first_loss(world_size: int):
+def _first_loss(world_size: int, run_dir):
     import torch.distributed as dist
 
     from dist_llama.data import PackedLoader
@@ -23,7 +23,7 @@ def _first_loss(world_size: int):
     from dist_llama.train.cli import resolve_config
 
     cfg, sources = resolve_config(DEBUG, [*TINY, "train.objective=label_smoothed", "checkpoint.enabled=false",
-                                          "data.eval_fraction=0"], world_size)
+                                          "data.eval_fraction=0", f"train.run_dir={run_dir}"], world_size)
     trainer = build_trainer(cfg, init_distributed("cpu"), sources)
     loss, _ = trainer.compute_gradients(trainer.parts.loader.next_batch())
     trainer.close()
@@ -42,10 +42,10 @@ def _first_loss(world_size: int):
 
 
 @pytest.mark.timeout(120)
-def test_a_new_objective_is_one_module_and_one_registry_line(monkeypatch):
+def test_a_new_objective_is_one_module_and_one_registry_line(monkeypatch, tmp_path):
     monkeypatch.setitem(OBJECTIVES, "label_smoothed",
                         ObjectiveSpec("label_smoothed", "label_smoothing_objective:LabelSmoothed", None))
     for world in (1, 2):
-        loss, expected, plain = run_ranks(_first_loss, world, world, timeout=100)[0]
+        loss, expected, plain = run_ranks(_first_loss, world, world, tmp_path / str(world), timeout=100)[0]
         assert loss == pytest.approx(expected, rel=1e-5), world
         assert abs(loss - plain) > 1e-3  # the registered objective's loss (30x the tolerance), not pretraining's

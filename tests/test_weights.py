@@ -307,7 +307,7 @@ def test_fields_the_config_leaves_unset_come_from_the_checkpoint(tmp_path):
     config = transformers.LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
                                       num_attention_heads=8, num_key_value_heads=4, rope_theta=10000.0)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
-    cfg, _ = resolve_config(DEBUG, [f"checkpoint.init_from={tmp_path / 'hf'}"], 1)
+    cfg, _ = resolve_config(DEBUG, [f"checkpoint.init_from={tmp_path / 'hf'}", f"train.run_dir={tmp_path / 'run'}"], 1)
     assert (cfg.model.norm_eps, cfg.model.vocab_size, cfg.model.dim) == (1e-6, 300, 128)
 
 
