@@ -276,13 +276,9 @@ class Checkpointer:
 
     # --- directory upkeep -----------------------------------------------------------------------
     def _remove_stale_tmp(self) -> None:
-        if not self.root.is_dir():
-            return
-        for p in sorted(self.root.iterdir()):
-            if p.name.startswith(TMP_PREFIX):
-                shutil.rmtree(p, ignore_errors=True)
-                self._event("checkpoint_tmp_removed", step_of(p) or 0, path=str(p),
-                            reason="incomplete save from an earlier process")
+        for p in remove_stale_tmp(self.root):
+            self._event("checkpoint_tmp_removed", step_of(p) or 0, path=str(p),
+                        reason="incomplete save from an earlier process")
 
     def has_checkpoints(self) -> bool:
         """Any step directory, valid or not."""
@@ -355,17 +351,37 @@ class Checkpointer:
     def load(self, path: Path, state: CheckpointState) -> tuple[dict, bool]:
         """Load into `state` (DCP reshards to the current layout). Returns (trainer state, whether
         this rank's RNG was restored). Raises CheckpointError for state this run cannot take."""
-        manifest = read_manifest(path)
-        saved = manifest.get("state", "dcp")
-        if saved != state.format:
-            raise CheckpointError(f"{path} holds {saved} state, this run's engine needs {state.format}: "
-                                  f"resume with the parallel.engine it was saved with")
+        manifest = check_format(path, state.format)
         state.load(Path(path), manifest)
         rng_file = Path(path) / "rng" / f"rank-{self.rank:05d}.pt"
         rng_restored = rng_file.is_file()
         if rng_restored:
             _set_rng_state(torch.load(rng_file, weights_only=True), self.device)
         return json.loads((Path(path) / STATE_FILE).read_text()), rng_restored
+
+
+def check_format(path: Path, state_format: str) -> dict:
+    """The manifest of checkpoint `path`; CheckpointError unless it holds `state_format` state."""
+    manifest = read_manifest(path)
+    saved = manifest.get("state", "dcp")
+    if saved != state_format:
+        raise CheckpointError(f"{path} holds {saved} state, this run's engine needs {state_format}: "
+                              f"resume with the parallel.engine it was saved with")
+    return manifest
+
+
+def remove_stale_tmp(root: Path) -> list[Path]:
+    """Remove the .tmp-* directories an earlier process left in `root` (a checkpoints directory);
+    returns them. Rank 0 calls it, holding the run lock, before writing anything else to the run
+    directory: a save that filled the disk leaves its .tmp behind, and a restart that wrote first
+    would fail on the full disk."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    stale = [p for p in sorted(root.iterdir()) if p.name.startswith(TMP_PREFIX)]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -378,8 +394,12 @@ def failure_reason(exc: BaseException) -> str:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
+        if isinstance(e, tuple):  # DCP's per-rank failure: (exception, traceback summary)
+            todo += [x for x in e if isinstance(x, BaseException)]
+            continue
         if isinstance(e, OSError) and e.strerror:
             return f"{e.strerror}: {e.filename}" if e.filename else f"{type(e).__name__}: {e.strerror}"
-        todo += [e.__cause__, e.__context__, *getattr(e, "failures", {}).values()]
+        failures = getattr(e, "failures", None)
+        todo += [e.__cause__, e.__context__, *(failures.values() if isinstance(failures, dict) else ())]
     reason = f"{type(exc).__name__}: {exc}"
     return reason if len(reason) <= 2000 else reason[:2000] + " ..."

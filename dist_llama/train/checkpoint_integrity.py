@@ -61,10 +61,15 @@ def fsync_path(path: Path) -> None:
 
 def write_durable(path: Path, data: bytes) -> tuple[int, str]:
     """Write, flush to disk; returns (size, sha256) of what was written."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.errno and e.filename is None:  # a failed write names no file: say which
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     return len(data), hashlib.sha256(data).hexdigest()
 
 
@@ -76,15 +81,21 @@ class HashingStream(io.IOBase):
         self._raw = raw
         self._sha = hashlib.sha256()
         self.size = 0
+        self.error: Optional[OSError] = None
+        """The first write error: torch.save's zip writer replaces it with its own ("unexpected pos")."""
 
     def writable(self) -> bool:
         return True
 
     def write(self, b) -> int:
         view = memoryview(b)
-        n = self._raw.write(view)
-        if n is not None and n != view.nbytes:
-            raise OSError(f"short write ({n} of {view.nbytes} bytes)")
+        try:
+            n = self._raw.write(view)
+            if n is not None and n != view.nbytes:
+                raise OSError(f"short write ({n} of {view.nbytes} bytes)")
+        except OSError as e:
+            self.error = self.error or e
+            raise
         self._sha.update(view)
         self.size += view.nbytes
         return view.nbytes
