@@ -108,3 +108,219 @@ def test_a_restart_on_a_disk_filled_by_a_stale_tmp_removes_it_before_writing_any
     assert removed["path"] == str(stale)
     assert [e["step"] for e in _events(run_dir, "checkpoint_loaded")] == [2]
     assert check_checkpoint(run_dir / "checkpoints" / "step-00000002", deep=True) is None
+
+
+# --- a trained run the tests below copy and damage ---------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """4 layers (TINY), checkpoints at steps 2 and 4."""
+    run_dir = tmp_path_factory.mktemp("edges") / "run"
+    assert run_ranks(_train, 1, str(run_dir), ["train.steps=4", "checkpoint.async_save=false"], timeout=120) == [0]
+    return run_dir
+
+
+def _copy(trained, tmp_path, name="run") -> Path:
+    run_dir = tmp_path / name
+    shutil.copytree(trained, run_dir)
+    return run_dir
+
+
+def _rewrite_manifest(step_dir: Path, change) -> None:
+    """Edit manifest.json as one who can write the directory would (sizes and hashes made to agree)."""
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    change(manifest)
+    (step_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def _relist(step_dir: Path, manifest: dict, rel: str) -> None:
+    import hashlib
+
+    data = (step_dir / rel).read_bytes() if (step_dir / rel).is_file() else b""
+    manifest["files"][rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+# --- 18: a refused start writes nothing ----------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_a_start_refused_at_the_deep_check_leaves_config_yaml_alone(trained, tmp_path, capsys, monkeypatch):
+    """Both checkpoints pass the cheap check (sizes) but not the deep one (a flipped byte): the start
+    is refused with exit 2, and config.yaml still describes the run that wrote them (it was rewritten
+    with the refused start's config before)."""
+    from dist_llama.train.cli import main
+
+    run_dir = _copy(trained, tmp_path)
+    for step in ("step-00000002", "step-00000004"):
+        shard = run_dir / "checkpoints" / step / "__0_0.distcp"
+        data = bytearray(shard.read_bytes())
+        data[1000] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    before = (run_dir / "config.yaml").read_bytes()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    code = main(["--config", DEBUG, *COMMON, "train.steps=6", f"train.run_dir={run_dir}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "none is valid" in err, err
+    assert (run_dir / "config.yaml").read_bytes() == before
+
+
+# --- 3: the checkpoint carries its model --------------------------------------------------------------
+def _export_layers(out: Path) -> tuple[int, set[int]]:
+    """(num_hidden_layers in config.json, the layer indices model.safetensors holds)."""
+    from safetensors import safe_open
+
+    config = json.loads((out / "config.json").read_text())
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        layers = {int(k.split(".")[2]) for k in f.keys() if k.startswith("model.layers.")}
+    return config["num_hidden_layers"], layers
+
+
+@pytest.mark.timeout(180)
+def test_a_run_with_another_model_and_checkpoints_off_cannot_rewrite_the_config_and_export_keeps_4_layers(
+        trained, tmp_path, capsys, monkeypatch):
+    """The probe's repro: a 4-layer run with checkpoints, then a start with model.n_layers=2 and
+    checkpoint.enabled=false. That start now exits 2 naming the key, config.yaml untouched; and even
+    with config.yaml rewritten to 2 layers (as the old code did), export writes the 4 layers the
+    checkpoint records in its manifest."""
+    import yaml
+
+    from dist_llama.train.checkpoint_integrity import read_manifest
+    from dist_llama.train.cli import main
+    from dist_llama.weights.export import main as export_main
+
+    run_dir = _copy(trained, tmp_path)
+    before = (run_dir / "config.yaml").read_bytes()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    code = main(["--config", DEBUG, *COMMON, "train.steps=2", "model.n_layers=2", "checkpoint.enabled=false",
+                 f"train.run_dir={run_dir}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.n_layers: checkpoint step-00000004 has 4, config has 2" in err, err
+    assert (run_dir / "config.yaml").read_bytes() == before
+    assert read_manifest(run_dir / "checkpoints" / "step-00000004")["model"]["n_layers"] == 4
+
+    config = yaml.safe_load(before)
+    config["model"]["n_layers"] = 2  # what the old code left behind
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    assert export_main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "hf")]) == 0
+    assert _export_layers(tmp_path / "hf") == (4, {0, 1, 2, 3})
+
+
+@pytest.mark.timeout(180)
+def test_an_older_checkpoint_without_recorded_model_is_checked_against_its_tensors(trained, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """A checkpoint from before the manifest (or trainer state) recorded the model falls back to
+    config.yaml, but every tensor is checked against it: with config.yaml saying 2 layers, export,
+    generate and init_from exit 2 naming a tensor of layer 2, instead of writing a 2-layer model."""
+    import yaml
+
+    from dist_llama.generate import main as generate_main
+    from dist_llama.train.cli import main as train_main
+    from dist_llama.weights.export import main as export_main
+
+    run_dir = _copy(trained, tmp_path)
+    for step in ("step-00000002", "step-00000004"):
+        step_dir = run_dir / "checkpoints" / step
+        state = json.loads((step_dir / "trainer_state.json").read_text())
+        del state["model"]
+        (step_dir / "trainer_state.json").write_text(json.dumps(state))
+
+        def older(manifest, step_dir=step_dir):
+            manifest.pop("model", None)
+            _relist(step_dir, manifest, "trainer_state.json")
+        _rewrite_manifest(step_dir, older)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    # Unchanged, it still reads: the fallback works for checkpoints whose config.yaml is theirs.
+    assert export_main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "ok")]) == 0
+    assert _export_layers(tmp_path / "ok") == (4, {0, 1, 2, 3})
+    config["model"]["n_layers"] = 2
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    readers = {
+        "export": lambda: export_main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "x")]),
+        "generate": lambda: generate_main(["--checkpoint", str(run_dir), "--prompt", "hi", "--max-new-tokens", "1",
+                                           "--device", "cpu"]),
+        "init_from": lambda: train_main(["--config", DEBUG, *COMMON, f"train.run_dir={tmp_path / 'fresh'}",
+                                         f"checkpoint.init_from={run_dir}"]),
+    }
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for who, reader in readers.items():
+        code = reader()
+        err = capsys.readouterr().err
+        assert code == 2 and "tensor layers.2." in err and "config.yaml" in err and "Traceback" not in err, (who, err)
+    assert not (tmp_path / "x").exists()
+
+
+# --- 4: manifests and indexes that name devices, FIFOs, files outside ---------------------------------
+_READERS = r"""
+import json, os, sys
+run_dir, out, config, common, resume = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5] == "1"
+from dist_llama.weights.export import main as export_main
+from dist_llama.train.cli import main as train_main
+os.environ["WORLD_SIZE"] = "1"
+codes = {"export": export_main(["--checkpoint", run_dir, "--out", out + "/x"])}
+print(json.dumps(codes), flush=True)
+codes["init_from"] = train_main(["--config", config, *common, f"train.run_dir={out}/fresh", f"checkpoint.init_from={run_dir}"])
+print(json.dumps(codes), flush=True)
+if resume:
+    codes["resume"] = train_main(["--config", config, *common, "train.steps=6", f"train.run_dir={run_dir}"])
+print(json.dumps(codes), flush=True)
+"""
+
+
+def _run_readers(source: Path, out: Path, resume: bool) -> tuple[dict, str]:
+    """Export, init_from and (for a run directory) resume of `source` in a fresh process, which a
+    hang cannot outlive: (exit code of each, stderr)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)])))
+    out.mkdir()
+    try:
+        proc = subprocess.run([sys.executable, "-c", _READERS, str(source), str(out), DEBUG, json.dumps(COMMON),
+                               "1" if resume else "0"], cwd=out, env=env, capture_output=True, text=True, timeout=150)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"hung: {exc.stdout!r}")
+    lines = proc.stdout.strip().splitlines()
+    return (json.loads(lines[-1]) if lines else {"rc": proc.returncode}), proc.stderr
+
+
+def _dev_zero_entry(step_dir: Path) -> None:
+    _rewrite_manifest(step_dir, lambda m: m["files"].update(
+        {"/dev/zero": {"size": 0, "sha256": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"}}))
+
+
+def _fifo_metadata(step_dir: Path) -> None:
+    (step_dir / ".metadata").unlink()
+    os.mkfifo(step_dir / ".metadata")
+    _rewrite_manifest(step_dir, lambda m: _relist(step_dir, m, ".metadata"))
+
+
+def _rng_links_to_dev_zero(step_dir: Path) -> None:
+    (step_dir / "rng" / "rank-00000.pt").unlink()
+    os.symlink("/dev/zero", step_dir / "rng" / "rank-00000.pt")
+    _rewrite_manifest(step_dir, lambda m: _relist(step_dir, m, "rng/rank-00000.pt"))
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("craft", [_dev_zero_entry, _fifo_metadata, _rng_links_to_dev_zero],
+                         ids=["dev-zero-entry", "fifo-metadata", "rng-symlink-to-dev-zero"])
+def test_a_manifest_naming_a_device_or_fifo_is_refused_not_read(trained, tmp_path, craft):
+    """Every checkpoint's manifest names /dev/zero, a FIFO (size 0, its hash agrees), or a symlink to
+    /dev/zero: export, init_from and resume each exit 2 (resume after skipping both checkpoints) in
+    bounded time, where they hung forever holding the run lock."""
+    run_dir = _copy(trained, tmp_path)
+    for step in ("step-00000002", "step-00000004"):
+        craft(run_dir / "checkpoints" / step)
+    codes, err = _run_readers(run_dir, tmp_path / "out", resume=True)
+    assert codes == {"export": 2, "init_from": 2, "resume": 2}, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert (run_dir / "checkpoints" / "step-00000004").is_dir()
+
+
+@pytest.mark.timeout(300)
+def test_a_hugging_face_index_naming_a_fifo_is_refused_not_read(trained, tmp_path):
+    from dist_llama.weights.export import main as export_main
+
+    hf = tmp_path / "hf"
+    assert export_main(["--checkpoint", str(trained), "--out", str(hf), "--max-shard-gb", "0.0003"]) == 0
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[1]
+    (hf / shard).unlink()
+    os.mkfifo(hf / shard)
+    codes, err = _run_readers(hf, tmp_path / "out", resume=False)
+    assert codes == {"export": 2, "init_from": 2}, err[-3000:]
+    assert shard in err and "not a regular file" in err and "Traceback" not in err, err[-3000:]

@@ -19,6 +19,7 @@ import torch
 
 from dist_llama.model.args import ModelArgs, ffn_hidden_dim
 from dist_llama.model.hf import _LAYER_MAP, _TOP_MAP, _hf_to_meta_rows, args_from_hf_config
+from dist_llama.train.checkpoint_files import member_path
 
 Index = tuple[slice, ...]
 """A box of a tensor: one slice per leading dimension (missing trailing ones: everything)."""
@@ -87,6 +88,10 @@ class HFSource:
                                "(only safetensors weights are read: .bin files would need unpickling)")
         self._where: dict[str, SafetensorsFile] = {}
         for name in files:
+            try:  # a regular file in the directory: not /dev/zero, not a FIFO that blocks the open
+                member_path(path, name, follow_symlinks=True)
+            except (OSError, ValueError) as exc:
+                raise WeightsError(f"{path}: weight file {exc}") from None
             handle = SafetensorsFile(path / name)
             for key in handle.tensors:
                 self._where[key] = handle
