@@ -324,3 +324,69 @@ def test_a_hugging_face_index_naming_a_fifo_is_refused_not_read(trained, tmp_pat
     codes, err = _run_readers(hf, tmp_path / "out", resume=False)
     assert codes == {"export": 2, "init_from": 2}, err[-3000:]
     assert shard in err and "not a regular file" in err and "Traceback" not in err, err[-3000:]
+
+
+# --- 11: pickles in RNG and DeepSpeed files -------------------------------------------------------------
+class _Payload:
+    """Unpickling this calls os.system."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def _plant_payload(step_dir: Path, rel: str, marker: Path) -> None:
+    """Replace `rel` by a torch.save file holding the payload; the manifest made to agree with it."""
+    import torch
+
+    (step_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"cpu": torch.get_rng_state(), "x": _Payload(f"touch {marker}")}, step_dir / rel)
+    _rewrite_manifest(step_dir, lambda m: _relist(step_dir, m, rel))
+
+
+@pytest.mark.timeout(180)
+def test_a_hash_matched_pickle_in_an_rng_file_skips_that_checkpoint(trained, tmp_path):
+    """Resume skips step 4 (a checkpoint_skipped event naming the file and the global it asked for)
+    and resumes step 2, as for a crafted .metadata; it crashed with an UnpicklingError traceback."""
+    run_dir, marker = _copy(trained, tmp_path), tmp_path / "pwned"
+    _plant_payload(run_dir / "checkpoints" / "step-00000004", "rng/rank-00000.pt", marker)
+    assert run_ranks(_train, 1, str(run_dir), ["train.steps=6", "checkpoint.async_save=false"], timeout=120) == [0]
+    (skipped,) = _events(run_dir, "checkpoint_skipped")
+    assert skipped["step"] == 4 and "unsafe rng/rank-00000.pt" in skipped["reason"], skipped
+    assert "posix.system" in skipped["reason"]
+    assert [e["step"] for e in _events(run_dir, "checkpoint_loaded")] == [2]
+    assert not marker.exists()
+
+
+def test_a_hash_matched_pickle_in_a_deepspeed_file_fails_the_deep_check(trained, tmp_path):
+    """The same check covers DeepSpeed's files (the three DeepSpeed classes they hold are admitted by
+    name, as engines/zero.py safe_load admits them): without building anything, no DeepSpeed import."""
+    from dist_llama.train.checkpoint_integrity import check_checkpoint
+
+    step_dir, marker = tmp_path / "step-00000004", tmp_path / "pwned"
+    shutil.copytree(trained / "checkpoints" / "step-00000004", step_dir)
+    _plant_payload(step_dir, "deepspeed/mp_rank_00_model_states.pt", marker)
+    reason = check_checkpoint(step_dir, deep=True)
+    assert reason is not None and "unsafe deepspeed/mp_rank_00_model_states.pt" in reason and "posix.system" in reason
+    assert not marker.exists()
+
+
+# --- 10: a truncated DPO reference table ----------------------------------------------------------------
+@pytest.mark.parametrize("cut", [1, 60, 200])
+def test_a_truncated_dpo_reference_table_is_computed_again_not_a_traceback(tmp_path, cut):
+    """The file's reader returns nothing for a table it cannot use (so the pass runs again), as the
+    module promises; truncating the file raised safetensors' own SafetensorError through it."""
+    import numpy as np
+
+    from dist_llama.train.dpo_reference import FILE, _read, _write
+
+    ident = {"dataset": "x", "n_pairs": 100}
+    path = tmp_path / FILE
+    table = np.arange(200, dtype=np.float32).reshape(100, 2)
+    _write(path, table, ident)
+    assert np.array_equal(_read(path, ident), table)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) - cut])
+    assert _read(path, ident) is None
