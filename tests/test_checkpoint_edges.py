@@ -390,3 +390,73 @@ def test_a_truncated_dpo_reference_table_is_computed_again_not_a_traceback(tmp_p
     data = path.read_bytes()
     path.write_bytes(data[:len(data) - cut])
     assert _read(path, ident) is None
+
+
+# --- 13: export is atomic -------------------------------------------------------------------------------
+def test_an_export_whose_tokenizer_cannot_be_copied_leaves_nothing_at_out(trained, tmp_path, capsys):
+    """The run's tokenizer file is not a tokenizer (as a tokenizer changed or damaged since training):
+    the weights and config.json were written before the copy failed, leaving a complete-looking HF
+    directory without tokenizer files (and a traceback). Now: exit 2 naming the file, nothing at
+    --out, no temporary directory left beside it."""
+    import yaml
+
+    from dist_llama.weights.export import main as export_main
+
+    run_dir = _copy(trained, tmp_path)
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("{not a tokenizer")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["data"]["tokenizer"] = str(bad)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "exports" / "hf"
+    code = export_main(["--checkpoint", str(run_dir), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and str(bad) in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and list((tmp_path / "exports").iterdir()) == []
+    out.mkdir()  # an empty --out is allowed, and stays empty
+    assert export_main(["--checkpoint", str(run_dir), "--out", str(out)]) == 2
+    assert list(out.iterdir()) == [] and [p.name for p in (tmp_path / "exports").iterdir()] == ["hf"]
+
+
+# --- 14: export while the run's retention wants the checkpoint gone --------------------------------------
+def test_a_checkpoint_being_read_is_not_deleted_by_retention_until_the_reader_is_done(trained, tmp_path):
+    """An export of a run still training opened its newest checkpoint, then the run saved twice more
+    and retention (keep_last=2) deleted it mid-read (4 of 4 attempts failed). A reader now holds the
+    checkpoint: retention defers its deletion (an event says so) and deletes it at the first save
+    after the reader closed; the reader reads every tensor meanwhile."""
+    import torch
+    import torch.distributed as dist
+
+    from dist_llama.train.checkpoint import Checkpointer
+    from dist_llama.weights import open_weights
+    from dist_llama.weights.export import export_hf
+
+    run_dir = _copy(trained, tmp_path)
+    root = run_dir / "checkpoints"
+    source = open_weights(run_dir)
+    assert source.path == root / "step-00000004"
+    events = []
+
+    class Log:
+        def event(self, kind, step, **fields):
+            events.append({"event": kind, "step": step, **fields})
+
+    # The run's retention after two more saves (6 and 8), keep_last=2: steps 2 and 4 are to go.
+    for step in (6, 8):
+        shutil.copytree(root / "step-00000004", root / f"step-{step:08d}")
+        _rewrite_manifest(root / f"step-{step:08d}", lambda m, step=step: m.update(step=step))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        ck = Checkpointer(run_dir, keep_last=2, device=torch.device("cpu"), async_save=False, logger=Log())
+        ck._retention()
+        assert sorted(p.name for p in root.iterdir()) == ["step-00000004", "step-00000006", "step-00000008"]
+        (deferred,) = [e for e in events if e["event"] == "checkpoint_removal_deferred"]
+        assert deferred["step"] == 4
+        (tmp_path / "hf").mkdir()
+        export_hf(source, tmp_path / "hf", torch.float32, 2**30)  # reads every tensor of step 4
+        source.hold.close()
+        ck._retention()
+        assert sorted(p.name for p in root.iterdir()) == ["step-00000006", "step-00000008"]
+        ck.close()
+    finally:
+        dist.destroy_process_group()

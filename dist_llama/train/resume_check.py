@@ -32,9 +32,11 @@ MODEL_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multi
 
 
 def model_record(cfg: Config) -> dict:
-    """What a checkpoint records of the model it holds (trainer_state.json "model")."""
+    """What a checkpoint records of the model it holds (trainer_state.json and manifest.json "model"):
+    the fields resume compares, and those a weight reader needs besides (the context the model was
+    trained for, what export writes as max_position_embeddings)."""
     args = dataclasses.asdict(cfg.model)
-    return {k: args[k] for k in MODEL_FIELDS}
+    return {k: args[k] for k in (*MODEL_FIELDS, "max_seq_len", "context_len") if k in args}
 
 
 def check_run_dir(cfg: Config) -> None:
