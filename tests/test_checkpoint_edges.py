@@ -460,3 +460,23 @@ def test_a_checkpoint_being_read_is_not_deleted_by_retention_until_the_reader_is
         ck.close()
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fmt,config_file,key", [("hf", "config.json", "num_hidden_layers"),
+                                                  ("meta", "params.json", "n_layers")])
+def test_a_hf_or_meta_config_that_says_fewer_layers_than_its_tensors_is_refused(trained, tmp_path, capsys, fmt,
+                                                                                config_file, key):
+    """config.json / params.json saying 2 layers beside 4 layers of tensors: exported as 2 layers
+    with exit 0 before; now exit 2 naming the first tensor the stated model does not have."""
+    from dist_llama.weights.export import main as export_main
+
+    src = tmp_path / "src"
+    assert export_main(["--checkpoint", str(trained), "--out", str(src), "--format", fmt]) == 0
+    config = json.loads((src / config_file).read_text())
+    config[key] = 2
+    (src / config_file).write_text(json.dumps(config))
+    capsys.readouterr()
+    assert export_main(["--checkpoint", str(src), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "tensor layers.2." in err and config_file in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

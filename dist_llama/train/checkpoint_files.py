@@ -14,6 +14,7 @@ the Hugging Face cache links every snapshot file to a blob outside the snapshot 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -98,13 +99,14 @@ class ReadHold:
     reads it: retention (`remove_unless_read`) leaves a directory alone while any reader holds it,
     and deletes it at a later save instead. Taking the hold waits for a deletion under way; a
     directory deleted or replaced meanwhile raises FileNotFoundError (the reader picks again).
-    Released by `close()` or with the object; a reader that is killed releases it with its end."""
+    Released by `close()` or with the object; a reader that is killed releases it with its end.
+    Where the filesystem cannot lock a directory there is no hold (`_NO_LOCKS`)."""
 
     def __init__(self, step_dir: Path):
         self.path = Path(step_dir)
         self._fd: int | None = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_SH)
+            _flock(self._fd, fcntl.LOCK_SH)
             try:
                 same = os.path.samestat(os.fstat(self._fd), os.stat(self.path))
             except FileNotFoundError:
@@ -121,7 +123,10 @@ class ReadHold:
             self._fd = None
 
     def __del__(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 (interpreter teardown)
+            pass
 
 
 def remove_unless_read(step_dir: Path) -> bool:
@@ -134,10 +139,24 @@ def remove_unless_read(step_dir: Path) -> bool:
         return True
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
         shutil.rmtree(step_dir, ignore_errors=True)
         return True
     finally:
         os.close(fd)
+
+
+_NO_LOCKS = (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+"""What flock on a directory raises where the filesystem does not lock directories (NFS emulating
+flock with byte-range locks refuses an exclusive lock on a read-only descriptor; Lustre without the
+flock mount option): there, readers hold nothing and retention deletes as it always did."""
+
+
+def _flock(fd: int, operation: int) -> None:
+    try:
+        fcntl.flock(fd, operation)
+    except OSError as e:
+        if e.errno not in _NO_LOCKS:
+            raise

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
-from dist_llama.weights.run_source import is_run_or_step, newest_checkpoint, open_run
+from dist_llama.weights.run_source import check_tensors, is_run_or_step, newest_checkpoint, open_run
 from dist_llama.weights.sources import (DCPSource, DeepSpeedSource, HFSource, MetaSource, WeightsError,
                                         expected_shapes)
 
@@ -27,10 +27,12 @@ def open_weights(path: Union[str, Path], max_seq_len: Optional[int] = None) -> W
     path = Path(path)
     if not path.is_dir():
         raise WeightsError(f"{path}: no such directory")
+    # Every source's tensors are checked against the architecture it states (config.json,
+    # params.json, the checkpoint's manifest) before a value is read.
     if (path / "config.json").is_file():
-        return HFSource(path)
+        return check_tensors(HFSource(path), str(path / "config.json"))
     if (path / "params.json").is_file():
-        return MetaSource(path, max_seq_len or 8192)
+        return check_tensors(MetaSource(path, max_seq_len or 8192), str(path / "params.json"))
     if is_run_or_step(path):
         return open_run(path)  # the checkpoint's own architecture, every tensor checked against it
     raise WeightsError(f"{path}: not a Hugging Face directory (config.json), a Meta directory "

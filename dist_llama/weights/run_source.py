@@ -95,9 +95,9 @@ def recorded_model(step_dir: Path, manifest: dict) -> tuple[Optional[dict], str]
     return (model, str(step_dir / STATE_FILE)) if isinstance(model, dict) else (None, "")
 
 
-def check_tensors(source, where: str) -> None:
-    """WeightsError unless the source holds exactly the parameters, with their shapes, of the model
-    its arguments (read from `where`) describe."""
+def check_tensors(source, where: str):
+    """`source`, once it is known to hold exactly the parameters, with their shapes, of the model its
+    arguments (read from `where`) describe (WeightsError naming the first tensor that differs)."""
     expected = expected_shapes(source.args)
     names = set(source.names())
     for name, shape in expected.items():
@@ -111,3 +111,4 @@ def check_tensors(source, where: str) -> None:
     if extra:
         raise WeightsError(f"{source.path}: tensor {extra[0]} is not a parameter of the model in {where} "
                            f"({len(extra)} such; n_layers={source.args.n_layers})")
+    return source
