@@ -318,18 +318,18 @@ def _shared_resume_check(root: str):
     dist.barrier()
 
     touched = []  # (what, file) in order: every stat and every hash of a checkpoint file
-    real_sha, real_stat = checkpoint_integrity.sha256_file, Path.stat
+    real_sha, real_stat = checkpoint_integrity.sha256_member, Path.stat
 
-    def sha(path):
-        touched.append(("sha", str(Path(path).relative_to(root))))
-        return real_sha(path)
+    def sha(directory, rel, size):
+        touched.append(("sha", str((Path(directory) / rel).relative_to(root))))
+        return real_sha(directory, rel, size)
 
     def stat(path, **kw):
         if path.is_relative_to(root / "checkpoints") and len(path.relative_to(root).parts) > 2:
             touched.append(("stat", str(path.relative_to(root))))
         return real_stat(path, **kw)
 
-    checkpoint_integrity.sha256_file, Path.stat = sha, stat
+    checkpoint_integrity.sha256_member, Path.stat = sha, stat
     events = Events()
     ck = Checkpointer(root, 10, torch.device("cpu"), logger=events)
     chosen = ck.latest()

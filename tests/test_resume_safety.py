@@ -86,7 +86,7 @@ def test_a_torn_last_line_in_the_logs_does_not_stop_a_resume(trained, tmp_path):
 def test_a_failed_save_names_the_operating_system_error_and_its_file():
     import errno
 
-    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
 
     from dist_llama.train.checkpoint import failure_reason
 
@@ -98,7 +98,8 @@ def test_a_failed_save_names_the_operating_system_error_and_its_file():
             raise RuntimeError("write failed") from exc
     except RuntimeError as wrapped:
         assert failure_reason(wrapped) == "No space left on device: /runs/x/checkpoints/.tmp-8/__0_0.distcp"
-    dcp_failure = CheckpointException("save failed", {1: full})  # DCP's per-rank failures
+    # DCP's per-rank failures, as torch 2.13 gathers them: (exception, traceback summary) per rank
+    dcp_failure = CheckpointException("save failed", {0: _wrap_exception(RuntimeError("peer")), 1: _wrap_exception(full)})
     assert failure_reason(dcp_failure).startswith("No space left on device: /runs/x")
 
 

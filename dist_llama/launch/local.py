@@ -20,7 +20,9 @@ its workers with torchrun: nothing trains on unsupervised after `kill -9` of the
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,6 +35,8 @@ from dist_llama.train.runlock import die_with_parent
 
 
 
+FULL_BELOW_BYTES = 64 * 2**20
+"""A filesystem with less free than this (and under 1% of its size) counts as full."""
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -94,7 +98,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env.setdefault(EXIT_FILE_ENV, str(run_dir / "logs" / "exit_status"))
     print(f"dist_llama: {' '.join(cmd)}  (OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, run directory {run_dir})",
           file=sys.stderr, flush=True)
-    return run_torchrun(cmd, env, Path(env[EXIT_FILE_ENV]))
+    code = run_torchrun(cmd, env, Path(env[EXIT_FILE_ENV]))
+    note = disk_full_note(run_dir, Path(env[EXIT_FILE_ENV])) if code != 0 else None
+    if note:
+        print(note, file=sys.stderr, flush=True)
+    return code
+
+
+def disk_full_note(run_dir: Path, exit_file: Path) -> Optional[str]:
+    """One line when a failed job ran out of disk: the trainer's reason names ENOSPC (a checkpoint
+    that could not be written), or the run directory's filesystem has next to no room left (the
+    trainer could not even write its logs)."""
+    try:
+        reason = exit_file.read_text()
+    except OSError:
+        reason = ""
+    try:
+        usage = shutil.disk_usage(run_dir)
+    except OSError:
+        return None
+    if os.strerror(errno.ENOSPC) not in reason and usage.free >= min(FULL_BELOW_BYTES, usage.total // 100):
+        return None
+    return (f"dist_llama: the disk holding {run_dir} is full ({usage.free / 2**20:.1f} MiB free of "
+            f"{usage.total / 2**20:.1f} MiB): free space, then launch again to resume from the last committed checkpoint")
 
 
 def run_torchrun(cmd: list[str], env: dict, exit_file: Path) -> int:

@@ -31,7 +31,7 @@ from dist_llama.parallel.env import DistEnv
 from dist_llama.parallel.loss import loss_chunk_tokens
 from dist_llama.parallel.pipeline import layers_per_stage, split_model, stage_ids_for_rank
 from dist_llama.train.callbacks import Faults, HangReport, RecordLog, ReplicaCheck, StragglerCheck, Validation
-from dist_llama.train.checkpoint import Checkpointer
+from dist_llama.train.checkpoint import Checkpointer, check_format, remove_stale_tmp
 from dist_llama.train.engines import Engine, build_engine
 from dist_llama.train.evaluate import Evaluator
 from dist_llama.train.heartbeats import Heartbeats
@@ -164,14 +164,16 @@ def build_trainer(cfg: Config, env: DistEnv, sources) -> Trainer:
     dims = ParallelDims.from_config(cfg.parallel)
     meshes = dims.build_mesh(env.device.type)
     run_dir = Path(cfg.train.run_dir)
-    if env.rank == 0:
-        save_resolved(cfg, run_dir)
+    # First on a full disk: the .tmp-* an interrupted save left (the run lock is held).
+    stale = remove_stale_tmp(run_dir / "checkpoints") if env.rank == 0 else []
     logger = MetricsLogger(run_dir, env.rank, cfg.train.steps, cfg.logging,
                            OmegaConf.to_container(OmegaConf.structured(cfg)))
     # When this process started (Linux /proc), for restart-time accounting in events.jsonl.
     logger.event("process_start", 0, started=os.stat(f"/proc/{os.getpid()}").st_mtime
                  if os.path.exists(f"/proc/{os.getpid()}") else None,
                  restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+    for p in stale:
+        logger.event("checkpoint_tmp_removed", 0, path=str(p), reason="incomplete save from an earlier process")
     h, ck = cfg.health, cfg.checkpoint
     faults = FaultInjector.from_config(h, env.rank, run_dir, on_fire=logger.fault_fired)
     checkpointer = Checkpointer(run_dir, ck.keep_last, env.device, async_save=ck.async_save, verify=ck.verify,
@@ -192,6 +194,10 @@ def build_trainer(cfg: Config, env: DistEnv, sources) -> Trainer:
     objective = build_objective(cfg)
     engine, step = build_engine_and_step(cfg, dims, meshes, env.device, compute_dtype(cfg, env.device), objective,
                                          init_from)
+    if resume is not None:
+        check_format(resume, engine.format)
+    if env.rank == 0:  # the run record, once the start is known to fit the directory's checkpoints
+        save_resolved(cfg, run_dir)
     if init_from is not None:
         logger.event("init_from", 0, path=str(init_from.path), source=init_from.kind)
     schedulers = [build_scheduler(o, cfg.optim, cfg.train.steps, anneal_start_step(cfg)) for o in engine.optimizers]

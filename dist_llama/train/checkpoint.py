@@ -8,7 +8,8 @@ Layout of <run_dir>/checkpoints/step-XXXXXXXX/:
   trainer_state.json      step, tokens, LR schedule, data sampler position (global, so any dp degree
                           resumes exactly), health statistics, goodput, the layout it was saved under
   rng/rank-XXXXX.pt       each rank's RNG state (tensors only, loaded with weights_only=True)
-  manifest.json           written last: step, state format, layout, every other file with its size
+  manifest.json           written last: step, state format, layout, the model's arguments (what
+                          weight readers check the tensors against), every other file with its size
                           and sha256, total bytes, save time (checkpoint_integrity.py says what makes it valid)
 
 How a save goes (`Checkpointer.save`):
@@ -48,9 +49,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
+from dist_llama.train.checkpoint_files import remove_unless_read
 from dist_llama.train.checkpoint_integrity import (DIGESTS_DIR, MANIFEST, MANIFEST_FORMAT, STATE_FILE, STEP_DIR,
                                                    TMP_PREFIX, CheckpointError, Digests, check_checkpoint,
-                                                   fsync_path, manifest_problem, read_manifest, read_rank_digests,
+                                                   fsync_path, manifest_problem, read_listed, read_manifest, read_rank_digests,
                                                    step_dir_name, step_of, verify_written, write_durable,
                                                    write_rank_digests, write_rng_file)
 
@@ -252,9 +254,12 @@ class Checkpointer:
             raise CheckpointError(problem)
         shutil.rmtree(tmp / DIGESTS_DIR)
         total = sum(size for size, _ in expected.values())
+        recorded = json.loads(state_json) if state_json else {}
         manifest = {"format": MANIFEST_FORMAT, "step": step, "state": state_format,
                     "required": [STATE_FILE, *required],
-                    "layout": json.loads(state_json).get("layout") if state_json else None,
+                    "layout": recorded.get("layout"),
+                    # The architecture the tensors have: readers check them against it, not config.yaml.
+                    "model": recorded.get("model"),
                     "world_size": self.world_size, "time": time.time(), "total_bytes": total,
                     "verified": self.verify,
                     "files": {rel: {"size": size, "sha256": digest} for rel, (size, digest) in sorted(expected.items())}}
@@ -271,18 +276,14 @@ class Checkpointer:
         os.replace(tmp, final)
         fsync_path(self.root)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_unless_read(old)  # else a .tmp-*, removed at the next start
         return total
 
     # --- directory upkeep -----------------------------------------------------------------------
     def _remove_stale_tmp(self) -> None:
-        if not self.root.is_dir():
-            return
-        for p in sorted(self.root.iterdir()):
-            if p.name.startswith(TMP_PREFIX):
-                shutil.rmtree(p, ignore_errors=True)
-                self._event("checkpoint_tmp_removed", step_of(p) or 0, path=str(p),
-                            reason="incomplete save from an earlier process")
+        for p in remove_stale_tmp(self.root):
+            self._event("checkpoint_tmp_removed", step_of(p) or 0, path=str(p),
+                        reason="incomplete save from an earlier process")
 
     def has_checkpoints(self) -> bool:
         """Any step directory, valid or not."""
@@ -311,7 +312,10 @@ class Checkpointer:
             for p in dirs:
                 if p in keep or p.name > newest.name:
                     continue
-                shutil.rmtree(p, ignore_errors=True)
+                if not remove_unless_read(p):  # an export or init_from is reading it: at a later save
+                    self._event("checkpoint_removal_deferred", step_of(p) or 0, path=str(p),
+                                reason="a reader (export, generate, init_from) holds it")
+                    continue
                 if reasons[p] is not None:
                     self._event("checkpoint_removed", step_of(p) or 0, path=str(p), reason=f"invalid: {reasons[p]}")
         except Exception as e:  # noqa: BLE001 (retention must not fail a committed save)
@@ -355,17 +359,37 @@ class Checkpointer:
     def load(self, path: Path, state: CheckpointState) -> tuple[dict, bool]:
         """Load into `state` (DCP reshards to the current layout). Returns (trainer state, whether
         this rank's RNG was restored). Raises CheckpointError for state this run cannot take."""
-        manifest = read_manifest(path)
-        saved = manifest.get("state", "dcp")
-        if saved != state.format:
-            raise CheckpointError(f"{path} holds {saved} state, this run's engine needs {state.format}: "
-                                  f"resume with the parallel.engine it was saved with")
+        manifest = check_format(path, state.format)
         state.load(Path(path), manifest)
-        rng_file = Path(path) / "rng" / f"rank-{self.rank:05d}.pt"
-        rng_restored = rng_file.is_file()
+        rng_file = f"rng/rank-{self.rank:05d}.pt"
+        rng_restored = rng_file in manifest["files"]  # checked with the rest: a regular file, its hash
         if rng_restored:
-            _set_rng_state(torch.load(rng_file, weights_only=True), self.device)
-        return json.loads((Path(path) / STATE_FILE).read_text()), rng_restored
+            _set_rng_state(torch.load(Path(path) / rng_file, weights_only=True), self.device)
+        return json.loads(read_listed(path, STATE_FILE, manifest)), rng_restored
+
+
+def check_format(path: Path, state_format: str) -> dict:
+    """The manifest of checkpoint `path`; CheckpointError unless it holds `state_format` state."""
+    manifest = read_manifest(path)
+    saved = manifest.get("state", "dcp")
+    if saved != state_format:
+        raise CheckpointError(f"{path} holds {saved} state, this run's engine needs {state_format}: "
+                              f"resume with the parallel.engine it was saved with")
+    return manifest
+
+
+def remove_stale_tmp(root: Path) -> list[Path]:
+    """Remove the .tmp-* directories an earlier process left in `root` (a checkpoints directory);
+    returns them. Rank 0 calls it, holding the run lock, before writing anything else to the run
+    directory: a save that filled the disk leaves its .tmp behind, and a restart that wrote first
+    would fail on the full disk."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    stale = [p for p in sorted(root.iterdir()) if p.name.startswith(TMP_PREFIX)]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -378,8 +402,12 @@ def failure_reason(exc: BaseException) -> str:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
+        if isinstance(e, tuple):  # DCP's per-rank failure: (exception, traceback summary)
+            todo += [x for x in e if isinstance(x, BaseException)]
+            continue
         if isinstance(e, OSError) and e.strerror:
             return f"{e.strerror}: {e.filename}" if e.filename else f"{type(e).__name__}: {e.strerror}"
-        todo += [e.__cause__, e.__context__, *getattr(e, "failures", {}).values()]
+        failures = getattr(e, "failures", None)
+        todo += [e.__cause__, e.__context__, *(failures.values() if isinstance(failures, dict) else ())]
     reason = f"{type(exc).__name__}: {exc}"
     return reason if len(reason) <= 2000 else reason[:2000] + " ..."

@@ -53,14 +53,24 @@ class _HashingFileSystem(FileSystem):
 
     @contextmanager
     def create_stream(self, path, mode: str):
-        with super().create_stream(path, mode) as stream:
-            if "w" not in mode and "a" not in mode:
-                yield stream
-                return
-            hashing = HashingStream(stream)
-            yield hashing
-            hashing.close()
-            self.digests[self._rel(path)] = (hashing.size, hashing.hexdigest())
+        try:
+            with super().create_stream(path, mode) as stream:
+                if "w" not in mode and "a" not in mode:
+                    yield stream
+                    return
+                hashing = HashingStream(stream)
+                try:
+                    yield hashing
+                except BaseException as e:
+                    if hashing.error is not None and hashing.error is not e:
+                        raise hashing.error from e  # the cause (a full disk), not torch.save's symptom
+                    raise
+                hashing.close()
+                self.digests[self._rel(path)] = (hashing.size, hashing.hexdigest())
+        except OSError as e:
+            if e.errno and e.filename is None:  # name the file: checkpoint_failed says where
+                raise OSError(e.errno, e.strerror, str(path)) from e
+            raise
 
     def rename(self, path, new_path) -> None:
         super().rename(path, new_path)

@@ -4,7 +4,8 @@ and the check a directory must pass to be loaded.
 
 A directory is a valid checkpoint iff its manifest.json exists and every file it lists exists with
 the listed size (and, in the deep check, the listed sha256, and a DCP .metadata that the restricted
-unpickler of dcp_metadata.py accepts).
+unpickler of dcp_metadata.py accepts). Files are opened through checkpoint_files.py: regular files
+inside the directory only, reads bounded by the listed size.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Optional
 
 import torch
 
+from dist_llama.train.checkpoint_files import (UnsafeFile, member_path, open_member, plain_relative,
+                                               read_member, sha256_member)
 from dist_llama.train.dcp_metadata import MetadataError, read_metadata
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -61,10 +64,15 @@ def fsync_path(path: Path) -> None:
 
 def write_durable(path: Path, data: bytes) -> tuple[int, str]:
     """Write, flush to disk; returns (size, sha256) of what was written."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.errno and e.filename is None:  # a failed write names no file: say which
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     return len(data), hashlib.sha256(data).hexdigest()
 
 
@@ -76,15 +84,21 @@ class HashingStream(io.IOBase):
         self._raw = raw
         self._sha = hashlib.sha256()
         self.size = 0
+        self.error: Optional[OSError] = None
+        """The first write error: torch.save's zip writer replaces it with its own ("unexpected pos")."""
 
     def writable(self) -> bool:
         return True
 
     def write(self, b) -> int:
         view = memoryview(b)
-        n = self._raw.write(view)
-        if n is not None and n != view.nbytes:
-            raise OSError(f"short write ({n} of {view.nbytes} bytes)")
+        try:
+            n = self._raw.write(view)
+            if n is not None and n != view.nbytes:
+                raise OSError(f"short write ({n} of {view.nbytes} bytes)")
+        except OSError as e:
+            self.error = self.error or e
+            raise
         self._sha.update(view)
         self.size += view.nbytes
         return view.nbytes
@@ -161,7 +175,16 @@ def read_rank_digests(directory: Path, world_size: int) -> Digests:
 
 
 def read_manifest(path: Path) -> dict:
-    return json.loads((Path(path) / MANIFEST).read_text())
+    """The manifest of checkpoint `path` (a regular file of bounded size: checkpoint_files)."""
+    manifest = json.loads(read_member(Path(path), MANIFEST))
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{MANIFEST} holds {type(manifest).__name__}, not an object")
+    return manifest
+
+
+def read_listed(path: Path, rel: str, manifest: dict) -> bytes:
+    """A file the manifest lists, read no further than its listed size (UnsafeFile, KeyError)."""
+    return read_member(Path(path), rel, limit=int(manifest["files"][rel]["size"]))
 
 
 def manifest_problem(path: Path) -> Optional[str]:
@@ -180,6 +203,13 @@ def manifest_problem(path: Path) -> Optional[str]:
         return f"unreadable manifest.json ({type(e).__name__}: {e})"
     if STEP_DIR.match(Path(path).name) and step != step_of(path):
         return f"manifest says step {step}, directory says {step_of(path)}"
+    if not isinstance(listed, dict):
+        return "manifest's files is not a map"
+    for rel, info in listed.items():  # no file outside the directory, every size a count of bytes
+        if not plain_relative(rel):
+            return f"manifest lists {rel!r}, not a path inside the checkpoint"
+        if not isinstance(info, dict) or not isinstance(info.get("size"), int) or info["size"] < 0:
+            return f"manifest entry of {rel} has no byte size"
     for rel in required:
         if rel not in listed:
             return f"manifest does not list {rel}"
@@ -200,21 +230,57 @@ def check_checkpoint(path: Path, deep: bool = False, files: Optional[list[str]] 
     for rel in (files if files is not None else listed):
         info = listed[rel]
         try:
-            size = (path / rel).stat().st_size
+            size = member_path(path, rel).stat().st_size
+        except UnsafeFile as e:
+            return f"unsafe file: {e}"
         except OSError:
             return f"missing file {rel}"
         if size != info["size"]:
             return f"{rel}: {size} bytes, manifest says {info['size']}"
         if not deep:
             continue
-        if sha256_file(path / rel) != info["sha256"]:
+        try:
+            digest = sha256_member(path, rel, size)
+        except (OSError, UnsafeFile) as e:
+            return f"{rel}: unreadable ({e})"
+        if digest != info["sha256"]:
             return f"{rel}: sha256 differs from the manifest"
+        if rel.endswith(".pt"):  # RNG states, DeepSpeed's files: pickles too
+            problem = pickle_problem(path, rel)
+            if problem is not None:
+                return f"unsafe {rel} ({problem})"
         if rel == DCP_METADATA and manifest.get("state", "dcp") == "dcp":
             # A matching hash only says nobody changed it since the manifest was written; one
             # who can write both could make it run code when DCP unpickles it, so parse it
             # with the restricted unpickler here and refuse the checkpoint if it is not plain.
             try:
                 read_metadata(path)
-            except MetadataError as e:
+            except (MetadataError, UnsafeFile) as e:
                 return f"unsafe {rel} ({e})"
+    return None
+
+
+DEEPSPEED_GLOBALS = frozenset({"deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                               "deepspeed.runtime.zero.config.ZeroStageEnum",
+                               "deepspeed.utils.tensor_fragment.fragment_address"})
+"""The classes DeepSpeed's checkpoint files hold besides tensors and containers (engines/zero.py
+safe_load admits the same three)."""
+
+
+def pickle_problem(path: Path, rel: str) -> Optional[str]:
+    """Why the torch.save file `rel` of checkpoint `path` would not load with weights_only=True (it
+    names what it asked for), or None. A hash that matches only says nobody changed the file since the
+    manifest was written: one who can write both would otherwise crash the resume with a traceback
+    (weights_only refuses at load), where a crafted .metadata makes it skip the checkpoint. Every
+    global the pickle names is checked without unpickling; the small RNG files are loaded too."""
+    try:
+        with open_member(path, rel) as f:
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(f)) - DEEPSPEED_GLOBALS
+            if unsafe:
+                return f"refused global {sorted(unsafe)[0]}"
+            if rel.startswith("rng/"):
+                f.seek(0)
+                torch.load(f, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 (any file that does not load is the same verdict)
+        return f"{type(e).__name__}: {e}"[:500]
     return None

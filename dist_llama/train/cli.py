@@ -4,7 +4,8 @@ Exit codes: 0 finished; 2 bad configuration or input (one line on stderr: before
 printed by local rank 0; a checkpoint the run cannot resume from; a shard changed after prepare, by
 the rank that read it), or a run directory another live job holds (rank 0, before any process
 group; the other ranks are then stopped by torchrun);
-3 unrecoverable; 75 restart me (health abort, hang); 76 preempted (saved, requeue). See recovery.py.
+3 unrecoverable; 74 saving fails (a full disk: also for good, as a restart would fail the same way);
+75 restart me (health abort, hang); 76 preempted (saved, requeue). See recovery.py.
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ from dist_llama.data.heldout import DataSources, eval_windows, split_held_out
 from dist_llama.data.loader import Source
 from dist_llama.parallel.env import init_distributed, world_size_from_env
 from dist_llama.train.checkpoint import CheckpointError
-from dist_llama.train.recovery import EXIT_OK, EXIT_UNRECOVERABLE, TrainingExit
+from dist_llama.train.recovery import EXIT_OK, EXIT_SAVE_FAILED, EXIT_UNRECOVERABLE, TrainingExit
 from dist_llama.train.resume_check import check_run_dir
 from dist_llama.train.runlock import RunDirInUse, RunLock, die_with_launcher, launched_by_torchrun, stop_launcher
 
 
 
-FOR_GOOD = (EXIT_CONFIG, EXIT_UNRECOVERABLE)
+FOR_GOOD = (EXIT_CONFIG, EXIT_UNRECOVERABLE, EXIT_SAVE_FAILED)
 """Exit codes no restart can change: written to the launcher's exit file, and torchrun's agent ended."""
 
 

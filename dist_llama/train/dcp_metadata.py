@@ -25,6 +25,8 @@ from torch.distributed.checkpoint import filesystem as _fs
 from torch.distributed.checkpoint import metadata as _md
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
+from dist_llama.train.checkpoint_files import member_path, open_member
+
 _ALLOWED = {
     ("torch.distributed.checkpoint.metadata", name): getattr(_md, name)
     for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
@@ -77,9 +79,17 @@ class SafeReader(FileSystemReader):
     def read_metadata(self, *args, **kwargs) -> Metadata:
         # Same path (global .metadata, or a rank's own when DCP falls back to one) and the same
         # load_id bookkeeping as FileSystemReader.read_metadata, with the safe unpickler.
-        path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as f:
+        path = Path(self._get_metadata_path(kwargs.get("rank")))
+        with open_member(path.parent, path.name) as f:  # a regular file, not a FIFO to block on
             metadata = load_metadata(f.read(), str(path))
+        for info in (metadata.storage_data or {}).values():  # the shards DCP will open next
+            rel = getattr(info, "relative_path", None)
+            if not isinstance(rel, str) or "/" in rel:
+                raise MetadataError(f"{path}: names shard file {rel!r}, not a file beside it")
+            try:
+                member_path(path.parent, rel)
+            except (OSError, ValueError) as e:
+                raise MetadataError(f"{path}: shard file {e}") from None
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id

@@ -45,15 +45,15 @@ def identity(cfg, loader, dtype) -> dict:
 
 def _read(path: Path, expected: dict) -> np.ndarray | None:
     """The table of `path` if its identity is `expected`, else None."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="np") as f:
             if json.loads((f.metadata() or {}).get("dist_llama", "null")) != json.loads(json.dumps(expected)):
                 return None
             table = f.get_tensor(KEY)
-    except (OSError, ValueError, json.JSONDecodeError, KeyError):
-        return None  # missing, truncated or not ours: computed again
+    except (OSError, ValueError, json.JSONDecodeError, KeyError, SafetensorError):
+        return None  # missing, truncated (safetensors' own error) or not ours: computed again
     return table if table.shape == (expected["n_pairs"], 2) and table.dtype == np.float32 else None
 
 

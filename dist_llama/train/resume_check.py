@@ -7,6 +7,8 @@ restart from step 0, or a resumed run that quietly trains another model.
   the key and both values.
 - checkpoint.resume=false in a directory that holds checkpoints is refused: retention and resume would
   mix the old run's checkpoints with the new run's.
+- checkpoint.enabled=false there still needs the same model: the run rewrites config.yaml, which
+  must not describe a model the checkpoints do not hold.
 - Checkpoints whose manifests all fail stop the job: starting over would overwrite them. Every rank
   runs this before any process group, so it reads manifests only (the files are checked at resume,
   a share per rank: Checkpointer.latest).
@@ -21,7 +23,7 @@ from typing import Optional
 
 from dist_llama.config import Config, ConfigError
 from dist_llama.config.data_plan import stages_of
-from dist_llama.train.checkpoint_integrity import STATE_FILE, STEP_DIR, manifest_problem
+from dist_llama.train.checkpoint_integrity import STATE_FILE, STEP_DIR, manifest_problem, read_listed, read_manifest
 
 MODEL_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
                 "norm_eps", "rope_theta", "use_scaled_rope", "rope_scale_factor", "rope_low_freq_factor",
@@ -30,16 +32,25 @@ MODEL_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multi
 
 
 def model_record(cfg: Config) -> dict:
-    """What a checkpoint records of the model it holds (trainer_state.json "model")."""
+    """What a checkpoint records of the model it holds (trainer_state.json and manifest.json "model"):
+    the fields resume compares, and those a weight reader needs besides (the context the model was
+    trained for, what export writes as max_position_embeddings)."""
     args = dataclasses.asdict(cfg.model)
-    return {k: args[k] for k in MODEL_FIELDS}
+    return {k: args[k] for k in (*MODEL_FIELDS, "max_seq_len", "context_len") if k in args}
 
 
 def check_run_dir(cfg: Config) -> None:
     """Raise ConfigError if starting `cfg` in its run directory would lose or mix up saved work."""
     root = Path(cfg.train.run_dir) / "checkpoints"
     steps = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name)) if root.is_dir() else []
-    if not steps or not cfg.checkpoint.enabled:
+    if not steps:
+        return
+    if not cfg.checkpoint.enabled:
+        # Nothing is saved or resumed, but config.yaml is rewritten: it must still describe the
+        # model the directory's checkpoints hold (older checkpoints' readers fall back to it).
+        newest = next((p for p in reversed(steps) if manifest_problem(p) is None), None)
+        if newest is not None:
+            _compare_model(cfg, newest, _saved_state(newest))
         return
     if not cfg.checkpoint.resume:
         raise ConfigError("checkpoint.resume", f"false, but {root} holds checkpoints (newest {steps[-1].name}): "
@@ -56,18 +67,28 @@ def check_run_dir(cfg: Config) -> None:
                           "start over, or restore one")
 
 
-def _compare(cfg: Config, step_dir: Path) -> None:
+def _saved_state(step_dir: Path) -> dict:
+    """The checkpoint's trainer state ({} when unreadable: the deep check at resume reports it)."""
     try:
-        state = json.loads((step_dir / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return  # the deep check at resume time reports it
+        state = json.loads(read_listed(step_dir, STATE_FILE, read_manifest(step_dir)))
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _compare_model(cfg: Config, step_dir: Path, state: dict) -> None:
     saved: Optional[dict] = state.get("model")
-    if saved is not None:
+    if isinstance(saved, dict):
         ours = model_record(cfg)
         for key in MODEL_FIELDS:
             if key in saved and saved[key] != ours[key]:
                 raise ConfigError(f"model.{key}", f"checkpoint {step_dir.name} has {saved[key]}, config has "
                                   f"{ours[key]} (resume needs the same model; use another train.run_dir)")
+
+
+def _compare(cfg: Config, step_dir: Path) -> None:
+    state = _saved_state(step_dir)
+    _compare_model(cfg, step_dir, state)
     data = state.get("data") or {}
     if "seed" in data and data["seed"] != cfg.train.seed:
         raise ConfigError("train.seed", f"checkpoint {step_dir.name} has {data['seed']}, config has {cfg.train.seed}")

@@ -100,8 +100,11 @@ class RunLock:
         self._fd = fd
         record = {"host": socket.gethostname(), "pid": os.getpid(), "job": _job_id(), "started": time.time(),
                   "argv": sys.argv}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        except OSError:  # a full disk: the flock is the lock, the record only names its holder
+            pass
 
     def holder(self) -> dict:
         """What the lock file says about the job that took the lock last ({} when unreadable)."""

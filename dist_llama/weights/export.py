@@ -8,12 +8,18 @@ the tokenizer files when the run's tokenizer can be carried over. The safetensor
 by streaming: every header is computed from the shapes first, then tensors are read, converted and
 written one at a time, so peak memory is about one tensor (twice, while it is converted), not the
 model. Meta output holds the whole model in memory: torch.save writes one pickle of a dict.
+
+Everything is written into a directory beside --out that is renamed to --out at the end (`staged`):
+a failed export leaves nothing at --out. Reading a run that is still training holds the checkpoint
+being read (weights/run_source.py): the run's retention leaves it until the export is done.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -180,6 +186,25 @@ def copy_tokenizer(spec: Optional[str], out: Path) -> Optional[str]:
     return tok.name
 
 
+@contextlib.contextmanager
+def staged(out: Path):
+    """A directory beside `out` to write the export into, renamed to `out` once every file is
+    written: a failed export (a tokenizer that cannot be copied, a full disk) leaves no
+    complete-looking directory and no truncated file at `out`. `out` is absent or empty."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.is_dir():
+            out.rmdir()  # the empty directory --out named
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="dist-llama-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="run directory, step directory, HF or Meta directory")
@@ -204,17 +229,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except WeightsError as exc:
         print(f"dist-llama-export: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    out.mkdir(parents=True, exist_ok=True)
     dtype = DTYPES[args.dtype]
     try:
-        if args.format == "hf":
-            files = export_hf(source, out, dtype, int(args.max_shard_gb * 2**30))
-        else:
-            files = export_meta(source, out, dtype)
-    except WeightsError as exc:  # a tensor found non-finite as it was read
-        print(f"dist-llama-export: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    total = sum(f.stat().st_size for f in files)
+        with staged(out) as tmp:
+            if args.format == "hf":
+                files = export_hf(source, tmp, dtype, int(args.max_shard_gb * 2**30))
+            else:
+                files = export_meta(source, tmp, dtype)
+            total = sum(f.stat().st_size for f in files)
+    except (ValueError, OSError) as exc:  # a tokenizer that is not one, a full disk: nothing at --out
+        print(f"dist-llama-export: {exc} (nothing written to {out})", file=sys.stderr)
+        return EXIT_CONFIG if isinstance(exc, ValueError) else 1
     print(f"exported {source.kind} weights from {source.path} to {out} ({args.format}, {args.dtype}, "
           f"{len(files)} file(s), {total / 2**20:.1f} MiB)")
     return 0

@@ -23,6 +23,7 @@ from dist_llama.model.args import ModelArgs, ffn_hidden_dim
 from dist_llama.model.hf import args_from_hf_config, hf_to_meta_rows, meta_name
 from dist_llama.weights.safetensors_file import SafetensorsFile
 from dist_llama.weights.validate import WeightsError, check_finite, check_hf_config, check_meta_params
+from dist_llama.train.checkpoint_files import member_path
 
 Index = tuple[slice, ...]
 """A box of a tensor: one slice per leading dimension (missing trailing ones: everything)."""
@@ -88,6 +89,10 @@ class HFSource:
                                "(only safetensors weights are read: .bin files would need unpickling)")
         self._where: dict[str, SafetensorsFile] = {}
         for name in files:
+            try:  # a regular file in the directory: not /dev/zero, not a FIFO that blocks the open
+                member_path(path, name, follow_symlinks=True)
+            except (OSError, ValueError) as exc:
+                raise WeightsError(f"{path}: weight file {exc}") from None
             handle = SafetensorsFile(path / name)
             for key in handle.tensors:
                 if key in self._where:

@@ -179,7 +179,10 @@ class ZeroEngine:
         ckpt.written, ckpt.errors = {}, []
         self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
         if ckpt.errors:
-            raise OSError(f"DeepSpeed checkpoint write failed: {ckpt.errors[0]}")
+            path, e = ckpt.errors[0]
+            if isinstance(e, OSError) and e.errno:
+                raise OSError(e.errno, e.strerror, path)
+            raise OSError(f"DeepSpeed checkpoint write failed: {path}: {type(e).__name__}: {e}")
         written = {Path(path).relative_to(directory).as_posix(): digest for path, digest in ckpt.written.items()}
         if self.engine.global_rank == 0:  # DeepSpeed's rank 0 also copies its zero_to_fp32.py scripts there
             for script in Path(directory).glob("*.py"):
@@ -215,9 +218,10 @@ def _hashing_checkpoint_engine():
         def __init__(self):
             super().__init__()
             self.written: dict[str, tuple[int, str]] = {}
-            self.errors: list[str] = []
+            self.errors: list[tuple[str, Exception]] = []
 
         def save(self, state_dict, path: str) -> None:
+            stream = None
             try:
                 with open(path, "wb") as f:
                     stream = HashingStream(f)
@@ -226,7 +230,8 @@ def _hashing_checkpoint_engine():
                     os.fsync(f.fileno())
                 self.written[path] = (stream.size, stream.hexdigest())
             except Exception as e:  # noqa: BLE001 (reported by ZeroEngine.save after the collectives)
-                self.errors.append(f"{path}: {type(e).__name__}: {e}")
+                # torch.save reports a failed write as its own RuntimeError: keep the OSError under it.
+                self.errors.append((path, stream.error if stream is not None and stream.error else e))
 
         def load(self, path: str, map_location=None):
             return safe_load(path, map_location)
