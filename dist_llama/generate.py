@@ -110,16 +110,6 @@ def load_model(source, device, dtype, vocab: Optional[int] = None):
     return model.eval()
 
 
-def _check_tensors(source) -> None:
-    """Every tensor the architecture needs, in its shape (headers only), before memory is allocated
-    for the model the config describes."""
-    from dist_llama.weights.load import tensor_problem
-
-    problem = tensor_problem(source, source.args)
-    if problem is not None:
-        raise ConfigError("--checkpoint", problem)
-
-
 def _stop_ids(tokenizer) -> list[int]:
     from dist_llama.data import HFTokenizer, TiktokenTokenizer
 
@@ -143,7 +133,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             source = open_weights(args.checkpoint)
         except (ValueError, KeyError, OSError) as exc:
             raise ConfigError("--checkpoint", str(exc)) from None
-        _check_tensors(source)
         spec = args.tokenizer or source.tokenizer
         if spec is None:
             raise ConfigError("--tokenizer", f"{args.checkpoint} names no tokenizer; pass one")

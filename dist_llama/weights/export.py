@@ -31,7 +31,6 @@ from dist_llama.config import EXIT_CONFIG
 from dist_llama.model.args import ModelArgs, context_length, ffn_hidden_dim
 from dist_llama.model.hf import hf_name, meta_to_hf_rows, rope_heads
 from dist_llama.weights import WeightsError, expected_shapes, open_weights
-from dist_llama.weights.load import tensor_problem
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _ST_DTYPE = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}
@@ -220,10 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise WeightsError(f"--out {out}: exists and is not an empty directory")
         if args.max_shard_gb <= 0:
             raise WeightsError(f"--max-shard-gb: must be positive, got {args.max_shard_gb}")
-        source = open_weights(args.checkpoint)
-        problem = tensor_problem(source, source.args)  # a config that lies about the tensors' shapes
-        if problem is not None:
-            raise WeightsError(problem)
+        source = open_weights(args.checkpoint)  # every tensor checked against the architecture it reads
         if args.format == "meta":
             meta_params(source.args)  # refused before anything is written
     except WeightsError as exc:

@@ -8,7 +8,6 @@ only its own layers.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from torch import nn
@@ -18,7 +17,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from dist_llama.config import ConfigError
 from dist_llama.model.args import ModelArgs, ffn_hidden_dim
 from dist_llama.model.init import canonical_name
-from dist_llama.weights.sources import DCPSource, expected_shapes
+from dist_llama.weights.sources import DCPSource, tensor_problem
 from dist_llama.weights.validate import check_finite
 
 ARCHITECTURE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
@@ -46,22 +45,6 @@ def check_source(source, args: ModelArgs) -> None:
     problem = tensor_problem(source, args)
     if problem is not None:
         raise ConfigError("checkpoint.init_from", problem)
-
-
-def tensor_problem(source, args: ModelArgs) -> Optional[str]:
-    """What is wrong with the source's tensor names and shapes for a model with `args` (headers
-    only), naming the source and the tensor; None when it holds exactly that model's parameters."""
-    expected = expected_shapes(args)
-    names = set(source.names())
-    for name, shape in expected.items():
-        if name not in names:
-            return f"{source.path}: tensor {name} is missing"
-        if tuple(source.shape(name)) != shape:
-            return f"{source.path}: tensor {name} has shape {tuple(source.shape(name))}, the model needs {shape}"
-    extra = sorted(names - set(expected))
-    if extra:
-        return f"{source.path}: tensor {extra[0]} is not a parameter of this model ({len(extra)} such)"
-    return None
 
 
 def _local_box(param: DTensor) -> tuple[slice, ...]:

@@ -19,7 +19,7 @@ from typing import Optional
 from dist_llama.train.checkpoint_files import ReadHold
 from dist_llama.train.checkpoint_integrity import (MANIFEST, STATE_FILE, STEP_DIR, check_checkpoint, read_listed,
                                                    read_manifest)
-from dist_llama.weights.sources import DCPSource, DeepSpeedSource, WeightsError, expected_shapes
+from dist_llama.weights.sources import DCPSource, DeepSpeedSource, WeightsError, tensor_problem
 
 
 def newest_checkpoint(run_dir: Path) -> Optional[Path]:
@@ -98,17 +98,7 @@ def recorded_model(step_dir: Path, manifest: dict) -> tuple[Optional[dict], str]
 def check_tensors(source, where: str):
     """`source`, once it is known to hold exactly the parameters, with their shapes, of the model its
     arguments (read from `where`) describe (WeightsError naming the first tensor that differs)."""
-    expected = expected_shapes(source.args)
-    names = set(source.names())
-    for name, shape in expected.items():
-        if name not in names:
-            raise WeightsError(f"{source.path}: tensor {name} is missing, but the model in {where} has it "
-                               f"(n_layers={source.args.n_layers})")
-        if tuple(source.shape(name)) != shape:
-            raise WeightsError(f"{source.path}: tensor {name} has shape {tuple(source.shape(name))}, the model in "
-                               f"{where} needs {shape}")
-    extra = sorted(names - set(expected))
-    if extra:
-        raise WeightsError(f"{source.path}: tensor {extra[0]} is not a parameter of the model in {where} "
-                           f"({len(extra)} such; n_layers={source.args.n_layers})")
+    problem = tensor_problem(source, source.args)
+    if problem is not None:
+        raise WeightsError(f"{problem} (the model as {where} describes it: n_layers={source.args.n_layers})")
     return source

@@ -51,6 +51,22 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def tensor_problem(source, args: ModelArgs) -> Optional[str]:
+    """What is wrong with the source's tensor names and shapes for a model with `args` (headers
+    only), naming the source and the tensor; None when it holds exactly that model's parameters."""
+    expected = expected_shapes(args)
+    names = set(source.names())
+    for name, shape in expected.items():
+        if name not in names:
+            return f"{source.path}: tensor {name} is missing"
+        if tuple(source.shape(name)) != shape:
+            return f"{source.path}: tensor {name} has shape {tuple(source.shape(name))}, the model needs {shape}"
+    extra = sorted(names - set(expected))
+    if extra:
+        return f"{source.path}: tensor {extra[0]} is not a parameter of this model ({len(extra)} such)"
+    return None
+
+
 def _box(shape: tuple[int, ...], index: Index) -> list[tuple[int, int]]:
     """(start, stop) per dimension of `index` applied to `shape`."""
     index = tuple(index) + (slice(None),) * (len(shape) - len(index))
