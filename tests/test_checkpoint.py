@@ -299,7 +299,7 @@ def _shared_resume_check(root: str):
     files it opens or stats while picking the checkpoint to resume."""
     from dist_llama.train import checkpoint_integrity
     from dist_llama.train.checkpoint import Checkpointer
-    from dist_llama.train.checkpoint_integrity import read_manifest
+    from dist_llama.checkpoint_format.integrity import read_manifest
 
     _init()
     root = Path(root)
@@ -481,7 +481,7 @@ def _manifest(root: str):
 
 @pytest.mark.timeout(60)
 def test_manifest_lists_every_file_with_size_and_sha256(tmp_path):
-    from dist_llama.train.checkpoint_integrity import sha256_file
+    from dist_llama.checkpoint_format.integrity import sha256_file
 
     manifest = run_ranks(_manifest, 1, str(tmp_path), timeout=60)[0]
     ck = tmp_path / "checkpoints" / "step-00000003"

@@ -70,7 +70,7 @@ def test_a_full_disk_under_the_launcher_fails_saves_naming_enospc_and_stops_74_s
     AttributeError on DCP's (exception, traceback) pairs), the .tmp is removed, max_failed_saves in a
     row stop the run with 74 (for good: no restart would find more room), the launcher's last line
     says the disk is full, and the committed checkpoint is intact."""
-    from dist_llama.train.checkpoint_integrity import check_checkpoint
+    from dist_llama.checkpoint_format.integrity import check_checkpoint
 
     run_dir = small_disk / "run"
     env = {k: v for k, v in os.environ.items() if k != "DIST_LLAMA_EXIT_FILE"}
@@ -98,7 +98,7 @@ def test_a_full_disk_under_the_launcher_fails_saves_naming_enospc_and_stops_74_s
 def test_a_restart_on_a_disk_filled_by_a_stale_tmp_removes_it_before_writing_anything(small_disk):
     """A save killed half-way on a full disk leaves its .tmp-step-*: the restart must remove it before
     it writes config.yaml (which failed with ENOSPC), then resume from the committed checkpoint."""
-    from dist_llama.train.checkpoint_integrity import check_checkpoint
+    from dist_llama.checkpoint_format.integrity import check_checkpoint
 
     run_dir = small_disk / "run"
     assert run_ranks(_train, 1, str(run_dir), ["train.steps=2"], timeout=100) == [0]
@@ -184,7 +184,7 @@ def test_a_run_with_another_model_and_checkpoints_off_cannot_rewrite_the_config_
     checkpoint records in its manifest."""
     import yaml
 
-    from dist_llama.train.checkpoint_integrity import read_manifest
+    from dist_llama.checkpoint_format.integrity import read_manifest
     from dist_llama.train.cli import main
     from dist_llama.weights.export import main as export_main
 
@@ -366,7 +366,7 @@ def test_a_hash_matched_pickle_in_an_rng_file_skips_that_checkpoint(trained, tmp
 def test_a_hash_matched_pickle_in_a_deepspeed_file_fails_the_deep_check(trained, tmp_path):
     """The same check covers DeepSpeed's files (the three DeepSpeed classes they hold are admitted by
     name, as engines/zero.py safe_load admits them): without building anything, no DeepSpeed import."""
-    from dist_llama.train.checkpoint_integrity import check_checkpoint
+    from dist_llama.checkpoint_format.integrity import check_checkpoint
 
     step_dir, marker = tmp_path / "step-00000004", tmp_path / "pwned"
     shutil.copytree(trained / "checkpoints" / "step-00000004", step_dir)

@@ -42,7 +42,7 @@ def _craft(step_dir, marker) -> None:
 def test_the_restricted_unpickler_reads_real_metadata_and_refuses_the_rest(tmp_path):
     import torch.distributed.checkpoint as dcp
 
-    from dist_llama.train.dcp_metadata import MetadataError, load_metadata, read_metadata
+    from dist_llama.checkpoint_format.dcp_metadata import MetadataError, load_metadata, read_metadata
 
     state = {"w": torch.randn(3, 4, dtype=torch.bfloat16), "b": torch.zeros(2), "step": 3, "name": "x"}
     dcp.save(state, checkpoint_id=str(tmp_path / "ck"), no_dist=True)

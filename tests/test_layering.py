@@ -133,13 +133,18 @@ def test_no_import_cycle():
 
 
 OTHERS = ("dist_llama.config", "dist_llama.parallel", "dist_llama.train", "dist_llama.plan", "dist_llama.launch",
-          "dist_llama.weights", "dist_llama.faults", "dist_llama.generate", "dist_llama.testing")
+          "dist_llama.weights", "dist_llama.checkpoint_format", "dist_llama.faults", "dist_llama.generate",
+          "dist_llama.testing")
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("layer,banned", [
     ("dist_llama.config", ("dist_llama.train", "dist_llama.parallel", "dist_llama.faults")),
     ("dist_llama.parallel", ("dist_llama.train",)),
+    ("dist_llama.weights", ("dist_llama.train", "dist_llama.plan", "dist_llama.launch")),
+    # what a checkpoint is on disk sits below both train (which writes it) and weights (which reads it)
+    ("dist_llama.checkpoint_format", ("dist_llama.train", "dist_llama.weights", "dist_llama.parallel",
+                                      "dist_llama.plan", "dist_llama.launch")),
     # the ground floors: tokenizers and data, and the model, import nothing else of the package
     ("dist_llama.data", OTHERS + ("dist_llama.model",)),
     ("dist_llama.model", OTHERS + ("dist_llama.data",)),

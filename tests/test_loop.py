@@ -65,7 +65,7 @@ class FakeEngine:
         self.calls.append("poison")
 
     def save(self, directory, on_written, group, stager):
-        from dist_llama.train.checkpoint_integrity import write_durable
+        from dist_llama.checkpoint_format.integrity import write_durable
 
         self.calls.append("save")
         Path(directory).mkdir(parents=True, exist_ok=True)

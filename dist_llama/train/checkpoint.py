@@ -49,8 +49,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-from dist_llama.train.checkpoint_files import remove_unless_read
-from dist_llama.train.checkpoint_integrity import (DIGESTS_DIR, MANIFEST, MANIFEST_FORMAT, STATE_FILE, STEP_DIR,
+from dist_llama.checkpoint_format.files import remove_unless_read
+from dist_llama.checkpoint_format.integrity import (DIGESTS_DIR, MANIFEST, MANIFEST_FORMAT, STATE_FILE, STEP_DIR,
                                                    TMP_PREFIX, CheckpointError, Digests, check_checkpoint,
                                                    fsync_path, manifest_problem, read_listed, read_manifest, read_rank_digests,
                                                    step_dir_name, step_of, verify_written, write_durable,

@@ -22,8 +22,8 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.staging import DefaultStager
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from dist_llama.train.checkpoint_integrity import CheckpointError, Digests, HashingStream, read_rank_digests
-from dist_llama.train.dcp_metadata import SafeReader, read_metadata
+from dist_llama.checkpoint_format.integrity import CheckpointError, Digests, HashingStream, read_rank_digests
+from dist_llama.checkpoint_format.dcp_metadata import SafeReader, read_metadata
 
 METADATA = ".metadata"
 

@@ -23,7 +23,7 @@ from typing import Optional
 
 from dist_llama.config import Config, ConfigError
 from dist_llama.config.data_plan import stages_of
-from dist_llama.train.checkpoint_integrity import STATE_FILE, STEP_DIR, manifest_problem, read_listed, read_manifest
+from dist_llama.checkpoint_format.integrity import STATE_FILE, STEP_DIR, manifest_problem, read_listed, read_manifest
 
 MODEL_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
                 "norm_eps", "rope_theta", "use_scaled_rope", "rope_scale_factor", "rope_low_freq_factor",

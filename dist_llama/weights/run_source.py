@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from dist_llama.train.checkpoint_files import ReadHold
-from dist_llama.train.checkpoint_integrity import (MANIFEST, STATE_FILE, STEP_DIR, check_checkpoint, read_listed,
+from dist_llama.checkpoint_format.files import ReadHold
+from dist_llama.checkpoint_format.integrity import (MANIFEST, STATE_FILE, STEP_DIR, check_checkpoint, read_listed,
                                                    read_manifest)
 from dist_llama.weights.sources import DCPSource, DeepSpeedSource, WeightsError, tensor_problem
 

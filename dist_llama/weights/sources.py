@@ -23,7 +23,7 @@ from dist_llama.model.args import ModelArgs, ffn_hidden_dim
 from dist_llama.model.hf import args_from_hf_config, hf_to_meta_rows, meta_name
 from dist_llama.weights.safetensors_file import SafetensorsFile
 from dist_llama.weights.validate import WeightsError, check_finite, check_hf_config, check_meta_params
-from dist_llama.train.checkpoint_files import member_path
+from dist_llama.checkpoint_format.files import member_path
 
 Index = tuple[slice, ...]
 """A box of a tensor: one slice per leading dimension (missing trailing ones: everything)."""
@@ -304,7 +304,7 @@ class DCPSource:
     PREFIX = "model."
 
     def __init__(self, step_dir: Path, config: dict):
-        from dist_llama.train.dcp_metadata import SafeReader
+        from dist_llama.checkpoint_format.dcp_metadata import SafeReader
 
         self.path = step_dir
         self.args, self.tokenizer = _run_model(config)
@@ -363,7 +363,7 @@ def _deepspeed_fp32_state(directory: Path) -> dict[str, torch.Tensor]:
     unpickle anything, so they are redone here with the same fields)."""
     from deepspeed.utils import zero_to_fp32 as z
 
-    from dist_llama.train.engines.zero import safe_load
+    from dist_llama.checkpoint_format.deepspeed import safe_load
 
     states = []
     for file in z.get_model_state_files(str(directory)):

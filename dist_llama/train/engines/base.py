@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributed.checkpoint.staging import DefaultStager
 
 from dist_llama.train.checkpoint_dcp import DCPState
-from dist_llama.train.checkpoint_integrity import Digests
+from dist_llama.checkpoint_format.integrity import Digests
 from dist_llama.train.compute_clock import ComputeClock, Unmeasured
 from dist_llama.train.optim import clip_grads_with_norm_, global_grad_norm
 

@@ -32,8 +32,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dist_llama.checkpoint_format.deepspeed import safe_load
+from dist_llama.checkpoint_format.integrity import CheckpointError, Digests, HashingStream, sha256_file
 from dist_llama.parallel.dims import Meshes, ParallelDims
-from dist_llama.train.checkpoint_integrity import CheckpointError, Digests, HashingStream, sha256_file
 from dist_llama.train.compute_clock import Unmeasured
 
 CHECKPOINT_TAG = "deepspeed"
@@ -237,14 +238,3 @@ def _hashing_checkpoint_engine():
             return safe_load(path, map_location)
 
     return HashingCheckpointEngine()
-
-
-def safe_load(path, map_location=None):
-    """A DeepSpeed checkpoint file with weights_only=True: tensors and plain containers, plus the
-    three DeepSpeed types its files hold, allowed by name (DeepSpeed's own loader unpickles anything)."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-        return torch.load(path, map_location=map_location, weights_only=True)

@@ -20,9 +20,9 @@ from typing import Optional
 
 import torch
 
-from dist_llama.train.checkpoint_files import (UnsafeFile, member_path, open_member, plain_relative,
+from dist_llama.checkpoint_format.files import (UnsafeFile, member_path, open_member, plain_relative,
                                                read_member, sha256_member)
-from dist_llama.train.dcp_metadata import MetadataError, read_metadata
+from dist_llama.checkpoint_format.dcp_metadata import MetadataError, read_metadata
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 TMP_PREFIX = ".tmp-"

@@ -25,7 +25,7 @@ from torch.distributed.checkpoint import filesystem as _fs
 from torch.distributed.checkpoint import metadata as _md
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from dist_llama.train.checkpoint_files import member_path, open_member
+from dist_llama.checkpoint_format.files import member_path, open_member
 
 _ALLOWED = {
     ("torch.distributed.checkpoint.metadata", name): getattr(_md, name)
