@@ -297,7 +297,7 @@ def test_corrupt_checkpoint_is_skipped_and_the_previous_one_chosen(tmp_path, how
 def _shared_resume_check(root: str):
     """4 FSDP ranks save steps 1 and 2; a file of step 2 is truncated; every rank counts the
     files it opens or stats while picking the checkpoint to resume."""
-    from dist_llama.train import checkpoint_integrity
+    from dist_llama.checkpoint_format import integrity as checkpoint_integrity
     from dist_llama.train.checkpoint import Checkpointer
     from dist_llama.checkpoint_format.integrity import read_manifest
 
