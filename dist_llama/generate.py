@@ -79,8 +79,11 @@ def _check(args) -> None:
 def _prompts(args) -> list[str]:
     if args.prompt:
         return args.prompt
-    with open(args.prompt_file, encoding="utf-8") as f:
-        prompts = [line.rstrip("\r\n") for line in f if line.strip()]
+    try:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts = [line.rstrip("\r\n") for line in f if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise ConfigError("--prompt-file", f"{args.prompt_file} is not UTF-8 text (byte {exc.start})") from None
     if not prompts:
         raise ConfigError("--prompt-file", f"{args.prompt_file} holds no prompt")
     return prompts

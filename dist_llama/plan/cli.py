@@ -14,6 +14,7 @@ import sys
 from typing import Optional, Sequence
 
 from dist_llama.config import ConfigError, load, resolve_parallel, to_object, validate_model
+from dist_llama.config.errors import ArgumentParser as OneLineParser
 from dist_llama.plan.estimate import Estimate, estimate
 from dist_llama.plan.hardware import GiB, hardware_preset
 
@@ -21,7 +22,7 @@ EXIT_BAD_INPUT = 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="dist-llama-plan", description=__doc__.splitlines()[0])
+    ap = OneLineParser(prog="dist-llama-plan", description=__doc__.splitlines()[0])
     ap.add_argument("--config", help="YAML preset (path, or a name under configs/)")
     ap.add_argument("--gpus", type=int, default=8, help="world size")
     ap.add_argument("--hardware", default="h100", choices=("h100", "h200", "a100", "cpu"))

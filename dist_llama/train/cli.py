@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from dist_llama import config as config_lib
 from dist_llama.config import EXIT_CONFIG, EXIT_FILE_ENV, Config, ConfigError
+from dist_llama.config.errors import ArgumentParser as OneLineParser
 from dist_llama.config.data_plan import sources_of, stages_of
 from dist_llama.data import build_tokenizer, open_dataset
 from dist_llama.data.heldout import DataSources, eval_windows, split_held_out
@@ -51,7 +52,7 @@ def report_final(code: int, reason: str) -> int:
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> tuple[Optional[str], list[str]]:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m dist_llama.train",
         description="Train a Llama model. Overrides: key=value or --key=value, e.g. train.steps=20.")
     parser.add_argument("--config", help="YAML preset (a path, or a name in configs/)")
