@@ -28,6 +28,7 @@ from dist_llama.data.loader import Source
 from dist_llama.parallel.env import init_distributed, world_size_from_env
 from dist_llama.train.checkpoint import CheckpointError
 from dist_llama.train.recovery import EXIT_OK, EXIT_UNRECOVERABLE, TrainingExit
+from dist_llama.train.reference_record import record_reference
 from dist_llama.train.resume_check import check_run_dir
 from dist_llama.train.runlock import RunDirInUse, RunLock, die_with_launcher, launched_by_torchrun, stop_launcher
 
@@ -189,6 +190,8 @@ def train(cfg: Config, sources):
     if lock is not None:
         lock.acquire()
     try:
+        if lock is not None:
+            record_reference(cfg)  # before any process group: hashing the weights waits for no peer
         env = init_distributed(cfg.train.device)
         trainer = build_trainer(cfg, env, sources)
         try:
