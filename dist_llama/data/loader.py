@@ -88,7 +88,8 @@ def normalised(weights) -> np.ndarray:
     """Weights as shares summing to 1. Finite weights can still overflow their sum (1e308 + 1e308
     is inf, and every share 0 would draw only the last source): then they are scaled by the largest first."""
     w = np.asarray(weights, dtype=np.float64)
-    total = w.sum()
+    with np.errstate(over="ignore"):
+        total = w.sum()
     if not np.isfinite(total):
         w = w / w.max()
         total = w.sum()

@@ -27,7 +27,7 @@ from dist_llama.data.heldout import DataSources, eval_windows, split_held_out
 from dist_llama.data.loader import Source
 from dist_llama.parallel.env import init_distributed, world_size_from_env
 from dist_llama.train.checkpoint import CheckpointError
-from dist_llama.train.recovery import EXIT_OK, EXIT_UNRECOVERABLE, TrainingExit
+from dist_llama.train.recovery import EXIT_INTERRUPTED, EXIT_OK, EXIT_UNRECOVERABLE, TrainingExit
 from dist_llama.train.reference_record import record_reference
 from dist_llama.train.resume_check import check_run_dir
 from dist_llama.train.runlock import RunDirInUse, RunLock, die_with_launcher, launched_by_torchrun, stop_launcher
@@ -231,6 +231,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except CheckpointError as exc:  # e.g. resuming a DeepSpeed checkpoint under another engine
         print(f"dist_llama: checkpoint error: {exc}", file=sys.stderr)
         return report_final(EXIT_CONFIG, f"checkpoint error: {exc}")
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one during the save
+        print("dist_llama: interrupted (SIGINT) before a step boundary: nothing saved now", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         if dist.is_initialized():
             if together:
