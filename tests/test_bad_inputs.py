@@ -55,6 +55,9 @@ ROWS = [
     ("source-unknown-key", "train", ["--config", "{tmp}/s.yaml"],
      {"s.yaml": "data:\n  sources:\n  - {name: a, path: kjv}\n  - {name: b, path: kjv, wieght: 2}\n"},
      "data.sources[1].wieght: unknown key"),
+    ("stage-weight-type", "train", ["--config", "{tmp}/s.yaml"],
+     {"s.yaml": sources(1, 1) + "  stages:\n  - {seq_len: 64}\n  - {weights: {a: abc}}\n"},
+     "data.stages[1].weights.a: wrong type"),
     # numbers: non-finite anywhere (lists and maps too), absurd where clearly wrong
     ("source-weight-inf", "train", ["--config", "{tmp}/s.yaml"], {"s.yaml": sources(".inf", 1)},
      "data.sources[0].weight: must be a finite number"),

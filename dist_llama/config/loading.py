@@ -36,28 +36,25 @@ def _key_of(exc: OmegaConfBaseException, fallback: str) -> str:
 _MISSING = object()
 
 
-def _locate(data, key: str, value=_MISSING, prefix: str = "") -> Optional[str]:
-    """The dotted path (list items as [i]) of the first `key` in `data` (holding `value`, if given):
+def _nodes(data, prefix: str = ""):
+    """(dotted path, value) of every node under `data`, list items as [i]."""
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for k, v in items:
+        path = f"{prefix}[{k}]" if isinstance(data, list) else f"{prefix}.{k}" if prefix else str(k)
+        yield path, v
+        yield from _nodes(v, path)
+
+
+def _locate(data, key: str, value=_MISSING) -> Optional[str]:
+    """The full path of the first node whose path ends with `key` (and holds `value`, if given):
     omegaconf names a key inside a list item without its path (`weight`, not `data.sources[1].weight`)."""
-    if isinstance(data, dict):
-        for k, v in data.items():
-            path = f"{prefix}.{k}" if prefix else str(k)
-            if str(k) == key and (value is _MISSING or v == value):
-                return path
-            found = _locate(v, key, value, path)
-            if found:
-                return found
-    elif isinstance(data, list):
-        for i, v in enumerate(data):
-            found = _locate(v, key, value, f"{prefix}[{i}]")
-            if found:
-                return found
-    return None
+    return next((path for path, v in _nodes(data) if (path == key or path.endswith("." + key))
+                 and (value is _MISSING or v == value)), None)
 
 
 def _full_key(exc: OmegaConfBaseException, other, source: str, value=_MISSING) -> str:
     key = _key_of(exc, source)
-    if key == source or "." in key or "[" in key:
+    if key == source:
         return key
     data = OmegaConf.to_container(other) if isinstance(other, DictConfig) else other
     return _locate(data, key, value) or _locate(data, key) or key
