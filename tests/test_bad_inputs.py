@@ -27,6 +27,7 @@ def sources(weight_a, weight_b) -> str:
 DEBUG = "configs/debug.yaml"
 T = ("train", ["--config", DEBUG, "train.run_dir={tmp}/run"])  # prefix: the debug preset in a fresh run dir
 P = ["--tokenizer", "byte", "--out", "{tmp}/out"]  # prepare's required flags
+PLAN = ["--config", DEBUG, "model.vocab_size=256"]  # the planner needs an explicit vocabulary
 
 # (id, command, args, files written first {name: text or bytes}, text the one line must contain)
 ROWS = [
@@ -118,6 +119,10 @@ ROWS = [
     ("plan-config-empty", "plan", ["--config", "{tmp}/e.yaml"], {"e.yaml": ""}, "e.yaml is empty"),
     ("plan-config-binary", "plan", ["--config", "{tmp}/b.yaml"], {"b.yaml": b"\x80\x81"}, "b.yaml is not UTF-8"),
     ("plan-gpus-not-a-number", "plan", ["--config", DEBUG, "--gpus", "abc"], {}, "--gpus"),
+    ("plan-gpus-zero", "plan", [*PLAN, "--gpus", "0"], {}, "--gpus: must be a world size >= 1"),
+    ("plan-memory-cap-nan", "plan", [*PLAN, "--search", "--memory-cap", "nan"], {}, "--memory-cap"),
+    ("plan-top-zero", "plan", [*PLAN, "--search", "--top", "0"], {}, "--top"),
+    ("plan-png-directory-missing", "plan", [*PLAN, "--search", "--png", "{tmp}/no/x.png"], {}, "--png"),
     ("submit-config-empty", "submit", ["--config", "{tmp}/e.yaml", "--dry-run"], {"e.yaml": ""}, "e.yaml is empty"),
     ("submit-cluster-binary", "submit", ["--config", DEBUG, "--cluster", "{tmp}/c.yaml", "--dry-run"],
      {"c.yaml": b"\x80\x81"}, "--cluster: "),

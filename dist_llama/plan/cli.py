@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -127,9 +128,22 @@ def format_memory(mem: dict, hw) -> str:
     return "\n".join(lines)
 
 
+def _check_flags(args) -> None:
+    """The numeric flags and the output path, before anything is estimated."""
+    if args.gpus < 1:
+        raise ConfigError("--gpus", f"must be a world size >= 1, got {args.gpus}")
+    if args.memory_cap is not None and not 0 < args.memory_cap < float("inf"):  # nan too
+        raise ConfigError("--memory-cap", f"must be a positive number of GiB, got {args.memory_cap}")
+    if args.top < 1:
+        raise ConfigError("--top", f"must be >= 1, got {args.top}")
+    if args.png and not os.path.isdir(os.path.dirname(os.path.abspath(args.png))):
+        raise ConfigError("--png", f"{args.png}: its directory does not exist")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, args.overrides = _parser().parse_known_args(argv)
     try:
+        _check_flags(args)
         cfg = resolved_config(args.config, args.overrides, args.gpus, layout=not args.search)
         if not 0 <= args.rank < args.gpus:
             raise ConfigError("--rank", f"must be in [0, {args.gpus}), got {args.rank}")
