@@ -115,6 +115,9 @@ ROWS = [
      {"tok.model": "", "t.jsonl": '{"text": "a"}\n'}, "tok.model"),
     ("prepare-out-is-a-file", "prepare", ["--tokenizer", "byte", "--out", "{tmp}/f", "{tmp}/t.jsonl"],
      {"f": "x", "t.jsonl": '{"text": "a"}\n'}, "f: exists and is not a directory"),
+    ("prepare-force-over-a-non-dataset", "prepare", ["--tokenizer", "byte", "--out", "{tmp}/home", "--force",
+                                                    "{tmp}/t.jsonl"], {"home/notes.txt": "keep me", "t.jsonl": '{"text": "a"}\n'},
+     "home: --force replaces a dataset"),
     # dist-llama-plan, dist-llama-submit, dist-llama-generate, dist-llama-export (arguments that are not weights)
     ("plan-config-empty", "plan", ["--config", "{tmp}/e.yaml"], {"e.yaml": ""}, "e.yaml is empty"),
     ("plan-config-binary", "plan", ["--config", "{tmp}/b.yaml"], {"b.yaml": b"\x80\x81"}, "b.yaml is not UTF-8"),
@@ -198,3 +201,5 @@ def test_bad_input_is_one_line_and_exit_2(row, tmp_path, capsys):
     assert expected in lines[0], lines[0]
     if command == "train":
         assert not (tmp_path / "run" / "config.yaml").exists(), "a refused start wrote the run record"
+    if name == "prepare-force-over-a-non-dataset":
+        assert (tmp_path / "home" / "notes.txt").read_text() == "keep me"

@@ -314,6 +314,14 @@ def make_temp_dir(out_dir: str) -> str:
             continue
 
 
+def _is_dataset(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            return json.load(f).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _nonempty_dir(path: str) -> bool:
     return os.path.isdir(path) and bool(os.listdir(path))
 
@@ -354,6 +362,9 @@ def prepare(
         raise InputError(f"{out_dir}: exists and is not a directory")
     if _nonempty_dir(out_dir) and not force:
         raise InputError(f"{out_dir}: exists and is not empty (use --force to overwrite)")
+    if _nonempty_dir(out_dir) and not _is_dataset(out_dir):  # --force on `.` or a home would delete it
+        raise InputError(f"{out_dir}: --force replaces a dataset dist-llama-prepare wrote; this directory holds "
+                         "no such meta.json, so it is left alone: give a new --out")
 
     total = sum(os.path.getsize(p) for p in inputs)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
