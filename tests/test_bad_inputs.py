@@ -24,6 +24,8 @@ def sources(weight_a, weight_b) -> str:
             f"  - {{name: b, path: kjv, weight: {weight_b}}}\n")
 
 
+META = {"format": "dist_llama.tokens", "version": 1, "tokenizer": "byte", "vocab_size": 258, "dtype": "uint16",
+        "n_tokens": 10, "n_docs": 1, "shards": [], "bos": True}  # a dataset's meta.json, hand-edited below
 DEBUG = "configs/debug.yaml"
 T = ("train", ["--config", DEBUG, "train.run_dir={tmp}/run"])  # prefix: the debug preset in a fresh run dir
 P = ["--tokenizer", "byte", "--out", "{tmp}/out"]  # prepare's required flags
@@ -78,6 +80,10 @@ ROWS = [
     # paths that are not what the key needs
     ("data-path-directory", *T, {}, "data.path"),
     ("tokenizer-empty-file", *T, {"tok.model": ""}, "data.tokenizer"),
+    ("dataset-meta-wrong-types", *T, {"ds/meta.json": json.dumps({**META, "n_tokens": "10", "shards": 5})},
+     "meta.json: n_tokens must be a non-negative integer"),
+    ("dataset-shard-outside", *T, {"ds/meta.json": json.dumps({**META, "shards": [{"file": "../x.bin", "n_tokens": 10}]}),
+                                   "x.bin": b"\0" * 20}, "'../x.bin' is not a file name in the dataset directory"),
     ("run-dir-is-a-file", "train", ["--config", DEBUG, "train.run_dir={tmp}/f"], {"f": "x"}, "train.run_dir"),
     ("init-from-not-weights", *T, {}, "checkpoint.init_from"),
     # overrides
@@ -150,7 +156,8 @@ ARGS = {  # the override each row of the T prefix adds
     "lr-1e308": "optim.lr=1e308", "lr-nan": "optim.lr=nan", "eps-1e308": "optim.eps=1e308",
     "weight-decay-1e308": "optim.weight_decay=1e308", "seed-negative": "train.seed=-1",
     "eval-fraction-nan": "data.eval_fraction=nan", "seq-len-negative": "data.seq_len=-5",
-    "data-path-directory": "data.path={tmp}", "tokenizer-empty-file": "data.tokenizer={tmp}/tok.model",
+    "data-path-directory": "data.path={tmp}", "dataset-meta-wrong-types": "data.path={tmp}/ds",
+    "dataset-shard-outside": "data.path={tmp}/ds", "tokenizer-empty-file": "data.tokenizer={tmp}/tok.model",
     "init-from-not-weights": "checkpoint.init_from={tmp}", "override-without-value": "train.steps",
     "override-unresolved": "train.steps=${{oops}}",
 }
