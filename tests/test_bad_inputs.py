@@ -124,6 +124,8 @@ ROWS = [
     ("prepare-force-over-a-non-dataset", "prepare", ["--tokenizer", "byte", "--out", "{tmp}/home", "--force",
                                                     "{tmp}/t.jsonl"], {"home/notes.txt": "keep me", "t.jsonl": '{"text": "a"}\n'},
      "home: --force replaces a dataset"),
+    ("prepare-out-under-a-file", "prepare", ["--tokenizer", "byte", "--out", "{tmp}/f/out", "{tmp}/t.jsonl"],
+     {"f": "x", "t.jsonl": '{"text": "a"}\n'}, "out: cannot be created"),
     # dist-llama-plan, dist-llama-submit, dist-llama-generate, dist-llama-export (arguments that are not weights)
     ("plan-config-empty", "plan", ["--config", "{tmp}/e.yaml"], {"e.yaml": ""}, "e.yaml is empty"),
     ("plan-config-binary", "plan", ["--config", "{tmp}/b.yaml"], {"b.yaml": b"\x80\x81"}, "b.yaml is not UTF-8"),

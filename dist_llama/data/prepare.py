@@ -378,7 +378,10 @@ def prepare(
         bar.set_postfix_str(f"{tqdm.format_sizeof(rate)}tok/s", refresh=False)
         bar.update(nbytes)
 
-    tmp = make_temp_dir(out_dir)
+    try:
+        tmp = make_temp_dir(out_dir)
+    except OSError as exc:  # a parent that is a file, or not writable: the argument, not the machine
+        raise InputError(f"{out_dir}: cannot be created ({exc.strerror or exc})") from None
     try:
         meta = write_batches(iter_batches(inputs, text_key), tokenizer, tmp, shard_tokens=shard_tokens, bos=bos,
                              sources=inputs, text_key=text_key, workers=workers, spec=spec, on_batch=on_batch,
