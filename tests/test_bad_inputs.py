@@ -145,6 +145,10 @@ ROWS = [
      {}, "cluster.exclude: wrong type"),
     ("submit-nodes-zero", "submit", ["--config", DEBUG, "--cluster", "local", "--nodes", "0", "--dry-run"], {},
      "--nodes"),
+    # /proc looks writable to root (access(2)), but nothing can be created in it: found only when writing
+    ("submit-run-dir-cannot-be-created", "submit", ["--config", DEBUG, "--cluster", "local", "--nodes", "1", "--cpu",
+                                                    "--gpus-per-node", "2", "train.run_dir=/proc/dist-llama-test/run"],
+     {}, "train.run_dir: "),  # root: found when writing; others: not writable in validation
     ("generate-prompt-file-binary", "generate", ["--checkpoint", "{tmp}", "--prompt-file", "{tmp}/p.txt"],
      {"p.txt": b"\xff\xfe\n"}, "--prompt-file"),
     ("generate-temperature-nan", "generate", ["--checkpoint", "{tmp}", "--prompt", "hi", "--temperature", "nan"], {},

@@ -256,7 +256,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(job.script, end="")
         print(f"# dry run: {summary}; would write {job.script_path} and {job.config_path}", file=sys.stderr)
         return 0
-    write_job(job)
+    try:
+        write_job(job)
+    except OSError as exc:  # a run directory that cannot hold the job's files: nothing is submitted
+        print(f"dist-llama-submit: config error: train.run_dir: cannot write {job.script_path.parent} "
+              f"({exc.strerror or exc})", file=sys.stderr)
+        return EXIT_CONFIG
     cmd = ["sbatch", "--parsable"] + (["--wait"] if args.wait else []) + [str(job.script_path)]
     print(f"dist-llama-submit: {summary}\n  {' '.join(cmd)}", file=sys.stderr, flush=True)
     if args.wait:
