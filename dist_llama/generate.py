@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+MIN_TEMPERATURE = 1e-4
+"""Below this, sampling is greedy in all but name, and a small enough value overflows the logits."""
+
+
 def _check(args) -> None:
     """Bad flags exit 2 before anything is loaded."""
     if bool(args.prompt) == bool(args.prompt_file):
@@ -68,8 +72,18 @@ def _check(args) -> None:
         raise ConfigError("--checkpoint", f"no such file or directory: {args.checkpoint}")
     if args.max_new_tokens < 0:
         raise ConfigError("--max-new-tokens", f"must be >= 0, got {args.max_new_tokens}")
-    if not args.temperature >= 0:
-        raise ConfigError("--temperature", f"must be >= 0 (0: greedy), got {args.temperature}")
+    if not (args.temperature == 0 or MIN_TEMPERATURE <= args.temperature < float("inf")):
+        raise ConfigError("--temperature", f"must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, inf) (logits divided by "
+                                           f"less overflow), got {args.temperature}")
+    if not 0 <= args.seed < 2**63:
+        raise ConfigError("--seed", f"must be in [0, 2**63), got {args.seed}")
+    if args.device is not None:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+            raise ConfigError("--device", f"must be cpu, cuda or cuda:N, got {args.device!r}")
+        import torch
+
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("--device", f"{args.device}: no CUDA device is available here")
     if args.top_k is not None and args.top_k < 1:
         raise ConfigError("--top-k", f"must be >= 1, got {args.top_k}")
     if not 0 < args.top_p <= 1:
@@ -79,8 +93,11 @@ def _check(args) -> None:
 def _prompts(args) -> list[str]:
     if args.prompt:
         return args.prompt
-    with open(args.prompt_file, encoding="utf-8") as f:
-        prompts = [line.rstrip("\r\n") for line in f if line.strip()]
+    try:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts = [line.rstrip("\r\n") for line in f if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise ConfigError("--prompt-file", f"{args.prompt_file} is not UTF-8 text (byte {exc.start})") from None
     if not prompts:
         raise ConfigError("--prompt-file", f"{args.prompt_file} holds no prompt")
     return prompts

@@ -4,7 +4,7 @@
   the loss (with Llama 3's NLL term and masking) and every gradient equal a plain PyTorch
   implementation written here, which scores each chosen and rejected sequence on its own, read
   from the dataset's documents; the loss with the reference's log-probs precomputed
-  (train.dpo_reference=precomputed) equals the loss with the reference model (one rank);
+  (train.dpo.reference=precomputed) equals the loss with the reference model (one rank);
 - tp2 (model reference) and FSDP-2 (precomputed reference) train like one rank (losses and
   weights); the tp2 run's reward accuracy on synthetic preferences rises from 0 to above 0.9 in 4
   steps;
@@ -100,7 +100,7 @@ def _one_rank(prefs):
     grads = {n: p.grad.clone() for n, p in policy.named_parameters()}
     metrics = dict(trainer.parts.step.metrics)
     trainer.engine.discard()
-    # train.dpo_reference=precomputed: the reference's log-probs of every pair from one pass, then
+    # train.dpo.reference=precomputed: the reference's log-probs of every pair from one pass, then
     # the same batch again with them in it, and no reference model
     loader, step, objective = trainer.parts.loader, trainer.parts.step, trainer.parts.step.objective
     loader.reference, loader.consumed = compute_table(step, objective, objective.reference, loader), 0
@@ -128,7 +128,7 @@ def test_dpo_loss_and_gradients_equal_a_plain_implementation(prefs):
     assert dpo_only == pytest.approx(math.log(2), rel=1e-6)  # -log σ(0): the policy is the reference
     assert abs(loss - first) > 1e-3  # the perturbation matters
     assert loss == pytest.approx(expected, rel=1e-5)
-    assert precomputed == pytest.approx(loss, rel=1e-6)  # train.dpo_reference=precomputed
+    assert precomputed == pytest.approx(loss, rel=1e-6)  # train.dpo.reference=precomputed
     for name, g in expected_grads.items():
         err = (grads[name] - g).abs().max() / g.abs().max()
         assert err <= 1e-4, (name, err.item())

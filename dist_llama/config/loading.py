@@ -3,6 +3,7 @@ omegaconf (unknown keys, wrong types: ConfigError naming the key); and saving th
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -64,51 +65,131 @@ def _key_of(exc: OmegaConfBaseException, fallback: str) -> str:
     return getattr(exc, "full_key", None) or fallback
 
 
-def _merge(base: DictConfig, other, source: str) -> DictConfig:
+_MISSING = object()
+
+
+def _nodes(data, prefix: str = ""):
+    """(dotted path, value) of every node under `data`, list items as [i]."""
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for k, v in items:
+        path = f"{prefix}[{k}]" if isinstance(data, list) else f"{prefix}.{k}" if prefix else str(k)
+        yield path, v
+        yield from _nodes(v, path)
+
+
+def _locate(data, key: str, value=_MISSING) -> Optional[str]:
+    """The full path of the first node whose path ends with `key` (and holds `value`, if given):
+    omegaconf names a key inside a list item without its path (`weight`, not `data.sources[1].weight`)."""
+    return next((path for path, v in _nodes(data) if (path == key or path.endswith("." + key))
+                 and (value is _MISSING or v == value)), None)
+
+
+def _full_key(exc: OmegaConfBaseException, other, source: str, value=_MISSING) -> str:
+    key = _key_of(exc, source)
+    if key == source:
+        return key
+    data = OmegaConf.to_container(other) if isinstance(other, DictConfig) else other
+    return _locate(data, key, value) or _locate(data, key) or key
+
+
+def _merge(base: DictConfig, other, source: str, prefix: str = "") -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
     except ConfigKeyError as exc:
-        key = _key_of(exc, source)
+        key = _full_key(exc, other, source)
         parent = key.rsplit(".", 1)[0] if "." in key else ""
-        node = OmegaConf.select(base, parent) if parent else base
-        allowed = ", ".join(node.keys()) if isinstance(node, DictConfig) else "?"
-        raise ConfigError(key, f"unknown key (from {source}); allowed here: {allowed}") from None
+        node = OmegaConf.select(base, parent) if parent and "[" not in parent else base
+        item = getattr(exc, "object_type", None)
+        if "[" in key and dataclasses.is_dataclass(item):  # a key inside a list item: that item's fields
+            allowed = ", ".join(f.name for f in dataclasses.fields(item))
+        else:
+            allowed = ", ".join(node.keys()) if isinstance(node, DictConfig) else "?"
+        raise ConfigError(prefix + key, f"unknown key (from {source}); allowed here: {allowed}") from None
     except OmegaConfBaseException as exc:
-        key = _key_of(exc, source)
-        node_type = type(OmegaConf.select(base, key)).__name__ if key != source else "?"
-        raise ConfigError(key, f"wrong type or value (from {source}): {exc.msg.splitlines()[0]}; "
-                          f"expected {node_type}") from None
+        key = _full_key(exc, other, source, getattr(exc, "value", _MISSING))
+        node_type = type(OmegaConf.select(base, key)).__name__ if key != source and "[" not in key else "?"
+        expected = f"; expected {node_type}" if node_type not in ("?", "NoneType") else ""
+        raise ConfigError(prefix + key, f"wrong type or value (from {source}): {exc.msg.splitlines()[0]}"
+                                        f"{expected}") from None
 
 
-def load(config_path: Optional[str], overrides: Sequence[str] = (), schema: type = Config) -> DictConfig:
-    """Schema defaults, then the YAML preset, then key=value overrides, each checked by omegaconf."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load keeps the last of two equal keys and drops the first without a word: a
+    section written twice (`train:` ... `train:`) silently loses half of the preset."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key (a list): SafeLoader's own error follows
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path, flag: str = "--config") -> dict:
+    """A preset file's mapping of sections; ConfigError (naming `flag` and the file) for a file that is
+    not UTF-8, not YAML, holds a key twice, is empty, or is not a mapping."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(flag, f"{path} is not UTF-8 text (byte {exc.start}): a YAML preset is expected") from None
+    except OSError as exc:
+        raise ConfigError(flag, f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        preset = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(flag, f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if preset is None:  # an empty preset would silently train the schema's default model
+        raise ConfigError(flag, f"{path} is empty (no settings): give a preset with at least one section, "
+                                "or leave out the flag for the defaults")
+    if not isinstance(preset, dict):
+        raise ConfigError(flag, f"{path} must hold a mapping of sections, got {type(preset).__name__}")
+    return preset
+
+
+def preset_path(config_path: str, flag: str = "--config") -> Path:
+    """The preset file: a path, or a name in configs/."""
+    path = Path(config_path)
+    if not path.is_file() and (CONFIG_DIR / path.name).is_file():
+        path = CONFIG_DIR / path.name
+    if not path.is_file():
+        raise ConfigError(flag, f"file not found: {config_path}" + (" (a directory)" if path.is_dir() else ""))
+    return path
+
+
+def parse_override(item: str) -> DictConfig:
+    try:
+        return OmegaConf.from_dotlist([item])
+    except OmegaConfBaseException as exc:
+        raise ConfigError(item.split("=", 1)[0], f"cannot parse override: {exc.msg.splitlines()[0]}") from None
+
+
+def load(config_path: Optional[str], overrides: Sequence[str] = (), schema: type = Config,
+         flag: str = "--config", prefix: str = "") -> DictConfig:
+    """Schema defaults, then the YAML preset, then key=value overrides, each checked by omegaconf.
+    `flag` names the preset in errors; `prefix` goes before every key named (e.g. "cluster.")."""
     cfg = OmegaConf.structured(schema)
     if config_path:
-        path = Path(config_path)
-        if not path.is_file() and (CONFIG_DIR / path.name).is_file():
-            path = CONFIG_DIR / path.name
-        if not path.is_file():
-            raise ConfigError("--config", f"file not found: {config_path}")
-        try:
-            preset = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError("--config", f"{config_path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(preset, dict):
-            raise ConfigError("--config", f"{config_path} must hold a mapping of sections")
+        path = preset_path(config_path, flag)
+        preset = read_yaml(path, flag)
         for section, value in preset.items():
             # A section the schema holds as a mapping (model, train, ...): a scalar there is a mistake.
             expects_mapping = isinstance(cfg.get(section) if section in cfg else None, DictConfig)
             if expects_mapping and value is not None and not isinstance(value, dict):
-                raise ConfigError(str(section), f"must be a mapping of keys (in {config_path}), got "
-                                                f"{type(value).__name__} {value!r}")
-        cfg = _merge(cfg, _rename_in_preset(preset, str(config_path)), str(config_path))
+                raise ConfigError(prefix + str(section), f"must be a mapping of keys (in {config_path}), got "
+                                                         f"{type(value).__name__} {value!r}")
+        cfg = _merge(cfg, _rename_in_preset(preset, str(config_path)), str(config_path), prefix)
     dotlist = _parse_overrides(overrides)
     for item in dotlist:
-        try:
-            override = OmegaConf.from_dotlist([item])
-        except OmegaConfBaseException as exc:
-            raise ConfigError(item.split("=", 1)[0], f"cannot parse override: {exc.msg.splitlines()[0]}") from None
-        cfg = _merge(cfg, override, "command line")
+        cfg = _merge(cfg, parse_override(item), "command line", prefix)
     return cfg
 
 
@@ -124,9 +205,7 @@ def explicit_keys(config_path: Optional[str], overrides: Sequence[str] = ()) -> 
                 keys.add(f"{prefix}{key}")
 
     if config_path:
-        path = Path(config_path)
-        path = path if path.is_file() else CONFIG_DIR / path.name
-        walk(_rename_in_preset(yaml.safe_load(path.read_text()) or {}, None), "")
+        walk(_rename_in_preset(read_yaml(preset_path(config_path)), None), "")
     keys.update(item.split("=", 1)[0] for item in _parse_overrides(overrides, warn=False))
     return keys
 

@@ -221,15 +221,42 @@ def _validate_objective(cfg: Config, p: ParallelConfig) -> None:
         spec.validate(cfg, p)
 
 
-def _finite(node, prefix: str = "") -> None:
-    """Every float in the config is finite: an `inf` LR or eps trains into NaN and a restart loop."""
-    for f in dataclasses.fields(node):
-        value = getattr(node, f.name)
-        key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
-            _finite(value, key + ".")
-        elif isinstance(value, float):
-            _require(math.isfinite(value), key, f"must be a finite number, got {value}")
+def _finite(value, key: str = "") -> None:
+    """Every float in the config is finite, inside lists and maps too (data.sources[i].weight,
+    data.stages[i].weights.NAME): an `inf` LR or eps trains into NaN and a restart loop."""
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            _finite(getattr(value, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _finite(item, f"{key}[{i}]")
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _finite(item, f"{key}.{name}")
+    elif isinstance(value, float):
+        _require(math.isfinite(value), key, f"must be a finite number, got {value}")
+
+
+LR_MAX = 10.0
+"""An AdamW step moves every weight by about the LR: far above this nothing trains (and 1e308
+overflows the optimizer's fp32 state), so a larger value is a typo, not a setting."""
+
+
+def _validate_optim(o) -> None:
+    _require(o.lr <= LR_MAX, "optim.lr", f"must be in (0, {LR_MAX:g}] (AdamW moves each weight by about lr a step), "
+                                         f"got {o.lr}")
+    _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _require(o.decay_steps is None or o.decay_steps > 0, "optim.decay_steps", "must be positive or null")
+    for key in ("beta1", "beta2"):
+        value = getattr(o, key)
+        _require(0.0 <= value < 1.0, f"optim.{key}", f"must be in [0, 1), got {value}")
+    _require(0 < o.eps <= 1, "optim.eps", f"must be in (0, 1] (it is added to the update's denominator), got {o.eps}")
+    # Decoupled weight decay multiplies each weight by (1 - lr * weight_decay) every step.
+    _require(o.weight_decay >= 0 and o.lr * o.weight_decay < 1, "optim.weight_decay",
+             f"must be >= 0 with optim.lr * weight_decay < 1 (else every step flips the weights' sign), "
+             f"got {o.weight_decay} (lr {o.lr})")
+    _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables), got {o.grad_clip}")
 
 
 def _run_dir_writable(path: str) -> None:
@@ -267,15 +294,7 @@ def validate(cfg: Config, world_size: int, dataset=None, tokenizer_vocab: Option
     _require(not t.loss_chunk_tokens or engine_facts(parallel).output_whole_after_forward,
              "train.loss_chunk_tokens", "must be 0 or null under parallel.engine=deepspeed with zero_stage=3 "
              "(ZeRO-3 holds the output weight whole only inside the model's forward)")
-    _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
-    _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
-    _require(o.decay_steps is None or o.decay_steps > 0, "optim.decay_steps", "must be positive or null")
-    for key in ("beta1", "beta2"):
-        value = getattr(o, key)
-        _require(0.0 <= value < 1.0, f"optim.{key}", f"must be in [0, 1), got {value}")
-    _require(o.eps > 0, "optim.eps", f"must be positive, got {o.eps}")
-    _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables), got {o.grad_clip}")
+    _validate_optim(o)
     _require(c.interval >= 0, "checkpoint.interval", f"must be >= 0, got {c.interval}")
     _require(c.max_failed_saves >= 0, "checkpoint.max_failed_saves", f"must be >= 0, got {c.max_failed_saves}")
     _require(cfg.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode",

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .prepare_inputs import InputError
+from .record_checks import check_record, check_turns
 from .tokenizer import Tokenizer
 
 __all__ = ["PROMPT", "RESPONSE", "END", "ChatTemplate", "template_for", "FORMATS", "encode_records",
@@ -125,13 +126,7 @@ def _check_messages(messages, template: str) -> None:
     for i, m in enumerate(messages):
         if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
             raise ValueError(f"message {i} must be {{\"role\": {'|'.join(ROLES)}, \"content\": string}}, got {m!r}")
-        if m["role"] == "system" and i:
-            raise ValueError(f"message {i}: a system message may only come first")
-    if template == "llama2":  # [INST] blocks: user and assistant strictly alternate, user first
-        turns = [m["role"] for m in messages if m["role"] != "system"]
-        if any(r != ("user" if k % 2 == 0 else "assistant") for k, r in enumerate(turns)):
-            raise ValueError(f"the Llama 2 template needs user and assistant turns alternating from a user "
-                             f"turn, got {turns}")
+    check_turns(messages)  # both templates: [INST] blocks need it, and Llama 3 chats are served so
 
 
 def _json_object(line: bytes, path: str, lineno: int) -> dict:
@@ -147,6 +142,7 @@ def _json_object(line: bytes, path: str, lineno: int) -> dict:
 def _record_documents(obj: dict, fmt: str, template: ChatTemplate) -> list[tuple[list[int], list[int]]]:
     """The documents of one record: a conversation (chat), or prompt+chosen then prompt+rejected
     (preference: the pair stays adjacent, document 2k and 2k+1)."""
+    check_record(obj, fmt)
     if fmt == "chat":
         if "messages" not in obj:
             raise ValueError(f"no key 'messages' (keys: {', '.join(map(str, obj)) or 'none'})")

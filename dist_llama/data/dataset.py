@@ -57,6 +57,12 @@ class TokenDataset:
         if meta.get("format", FORMAT) != FORMAT or meta.get("version") != FORMAT_VERSION:
             raise bad(f"unsupported format {meta.get('format')!r} version {meta.get('version')!r} "
                       f"(this code reads {FORMAT!r} version {FORMAT_VERSION})")
+        for key in ("vocab_size", "n_tokens", "n_docs"):  # a hand-edited meta.json: a number as text, a list
+            if not isinstance(meta[key], int) or isinstance(meta[key], bool) or meta[key] < (key == "vocab_size"):
+                raise bad(f"{key} must be a {'positive' if key == 'vocab_size' else 'non-negative'} integer, "
+                          f"got {meta[key]!r}")
+        if not isinstance(meta["shards"], list):
+            raise bad(f"shards must be a list of {{file, n_tokens}}, got {type(meta['shards']).__name__}")
         if meta["dtype"] not in ("uint16", "uint32"):
             raise bad(f"unsupported dtype {meta['dtype']!r}")
         dtype = np.dtype(meta["dtype"]).newbyteorder("<")
@@ -95,8 +101,10 @@ class TokenDataset:
         total = 0
         for entry in entries:
             if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)
-                    and isinstance(entry.get("n_tokens"), int)):
+                    and isinstance(entry.get("n_tokens"), int) and entry["n_tokens"] >= 0):
                 raise bad(f"bad shard entry {entry!r}")
+            if os.path.basename(entry["file"]) != entry["file"] or entry["file"] in ("", ".", ".."):
+                raise bad(f"shard file {entry['file']!r} is not a file name in the dataset directory")
             fpath = os.path.join(path, entry["file"])
             n = entry["n_tokens"]
             if not os.path.isfile(fpath):

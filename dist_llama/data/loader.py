@@ -113,6 +113,18 @@ class _Position:
     """Input tokens from each source, all stages."""
 
 
+def normalised(weights) -> np.ndarray:
+    """Weights as shares summing to 1. Finite weights can still overflow their sum (1e308 + 1e308
+    is inf, and every share 0 would draw only the last source): then they are scaled by the largest first."""
+    w = np.asarray(weights, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        total = w.sum()
+    if not np.isfinite(total):
+        w = w / w.max()
+        total = w.sum()
+    return w / total
+
+
 class PackedLoader:
     def __init__(self, sources, seq_len: int, global_batch_size: int, dp_rank: int, dp_size: int,
                  seed: int = 0, reset_positions: bool = True, stages: Optional[Sequence[Stage]] = None,
@@ -231,8 +243,7 @@ class PackedLoader:
     def _assign(self, start: int, stop: int) -> np.ndarray:
         """The source index of each of this stage's global samples [start, stop)."""
         names = [s.name for s in self.sources]
-        weights = np.array([self.stage.weights.get(n, 0.0) for n in names], dtype=np.float64)
-        bounds = np.cumsum(weights / weights.sum())
+        bounds = np.cumsum(normalised([self.stage.weights.get(n, 0.0) for n in names]))
         u = uniform(mix_key(self.seed, self.pos.stage, 0x50), np.arange(start, stop, dtype=np.int64))
         return np.minimum(np.searchsorted(bounds, u, side="right"), len(names) - 1)
 

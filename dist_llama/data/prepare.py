@@ -58,7 +58,10 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .chat import FORMATS, encode_records
+from dist_llama.config.errors import ArgumentParser as OneLineParser
+
+from .bad_records import SKIPPED_FILE, encode_or_skip, write_skipped
+from .chat import FORMATS
 from .prepare_inputs import Batch, InputError, batch_documents, check_inputs, iter_batches, text_batches
 from .tokenizer import Tokenizer, build_tokenizer
 
@@ -123,25 +126,26 @@ class _ShardWriter:
             self._f = None
 
 
-def _encode(batch: Batch, tokenizer: Tokenizer, text_key: str, bos: bool, fmt: str = "text"):
+def _encode(batch: Batch, tokenizer: Tokenizer, text_key: str, bos: bool, fmt: str = "text", skip_bad: bool = False):
     """Tokenise one batch: (its ids in the storage dtype, back to back; each document's length;
-    the input bytes it accounts for; the mask of chat and preference data, else None)."""
+    the input bytes it accounts for; the mask of chat and preference data, else None; the records
+    skipped, with skip_bad)."""
     dtype = np.dtype(dtype_for_vocab(tokenizer.vocab_size)).newbyteorder("<")
-    masks = None
+    masks, skipped = None, []
     if fmt == "text":
         docs = batch_documents(batch, text_key)
         arrays = tokenizer.encode_arrays(docs, bos=bos, eos=True) if docs else []
     else:
-        arrays, masks = encode_records(batch.items, tokenizer, fmt)
+        arrays, masks, skipped = encode_or_skip(batch.items, tokenizer, fmt, skip_bad)
     if not arrays:
         return np.empty(0, dtype=dtype), np.empty(0, dtype=np.int64), batch.nbytes, \
-            None if masks is None else np.empty(0, dtype=np.uint8)
+            None if masks is None else np.empty(0, dtype=np.uint8), skipped
     lens = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
     flat = np.concatenate(arrays)
     if len(flat) and (flat.min() < 0 or flat.max() >= tokenizer.vocab_size):
         raise ValueError(f"tokenizer {tokenizer.name} produced ids outside [0, {tokenizer.vocab_size})")
     # converted here, in the worker: half or a quarter of the int64 bytes go back to the writer
-    return flat.astype(dtype), lens, batch.nbytes, None if masks is None else np.concatenate(masks)
+    return flat.astype(dtype), lens, batch.nbytes, None if masks is None else np.concatenate(masks), skipped
 
 
 @functools.lru_cache(maxsize=1)
@@ -150,11 +154,11 @@ def _worker_tokenizer(spec: str) -> Tokenizer:
     return build_tokenizer(spec)
 
 
-def _encode_in_worker(spec: str, name: str, text_key: str, bos: bool, fmt: str, batch: Batch):
+def _encode_in_worker(spec: str, name: str, text_key: str, bos: bool, fmt: str, skip_bad: bool, batch: Batch):
     tok = _worker_tokenizer(spec)
     if tok.name != name:  # the file was replaced after the parent read it: the ids would mix two tokenizers
         raise ValueError(f"{spec}: the tokenizer changed while preparing ({name} became {tok.name})")
-    return _encode(batch, tok, text_key, bos, fmt)
+    return _encode(batch, tok, text_key, bos, fmt, skip_bad)
 
 
 def _init_worker() -> None:
@@ -164,14 +168,15 @@ def _init_worker() -> None:
 
 
 def _tokenize_in_order(batches: Iterable[Batch], tokenizer: Tokenizer, consume: Callable, *,
-                       text_key: str, bos: bool, workers: int, spec: str | None, fmt: str = "text") -> None:
-    """``consume(ids, lens, nbytes, mask)`` for every batch, strictly in input order; batches are
+                       text_key: str, bos: bool, workers: int, spec: str | None, fmt: str = "text",
+                       skip_bad: bool = False) -> None:
+    """``consume(ids, lens, nbytes, mask, skipped)`` for every batch, strictly in input order; batches are
     tokenised in this process (``workers == 1``) or in ``workers`` processes."""
     if workers == 1:
         for batch in batches:
-            consume(*_encode(batch, tokenizer, text_key, bos, fmt))
+            consume(*_encode(batch, tokenizer, text_key, bos, fmt, skip_bad))
         return
-    task = functools.partial(_encode_in_worker, spec, tokenizer.name, text_key, bos, fmt)
+    task = functools.partial(_encode_in_worker, spec, tokenizer.name, text_key, bos, fmt, skip_bad)
     # spawn, not fork: the parent may hold threads (tiktoken's and sentencepiece's batch encoders,
     # the tokenizers' rayon pool, torch's) whose locks a forked child would inherit mid-use.
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
@@ -225,6 +230,7 @@ def write_batches(
     spec: str | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     fmt: str = "text",
+    skip_bad: bool = False,
 ) -> dict:
     """:func:`write_dataset` of batches from :mod:`.prepare_inputs`, tokenised by ``workers``
     processes that build the tokenizer from ``spec``; ``on_batch(input bytes, tokens)`` after each
@@ -241,8 +247,10 @@ def write_batches(
     writer = _ShardWriter(out_dir, dtype, shard_tokens)
     masks = _ShardWriter(out_dir, "uint8", shard_tokens, prefix="mask") if fmt != "text" else None
     starts: list[np.ndarray] = []
+    skipped: list[dict] = []
 
-    def consume(ids: np.ndarray, lens: np.ndarray, nbytes: int, mask: np.ndarray | None) -> None:
+    def consume(ids: np.ndarray, lens: np.ndarray, nbytes: int, mask: np.ndarray | None, bad: list) -> None:
+        skipped.extend(bad)
         if len(lens):
             starts.append(writer.n_tokens + np.concatenate(([0], np.cumsum(lens)[:-1])))
         writer.write(ids)
@@ -253,7 +261,7 @@ def write_batches(
 
     try:
         _tokenize_in_order(batches, tokenizer, consume, text_key=text_key, bos=bos, workers=workers, spec=spec,
-                           fmt=fmt)
+                           fmt=fmt, skip_bad=skip_bad)
     finally:
         writer.close()
         if masks is not None:
@@ -280,7 +288,8 @@ def write_batches(
     }
     if masks is not None:
         meta.update(kind=fmt, bos=tokenizer.bos_id is not None,
-                    mask={"sha256": masks.sha.hexdigest(), "shards": masks.shards})
+                    mask={"sha256": masks.sha.hexdigest(), "shards": masks.shards}, skipped=len(skipped))
+    write_skipped(out_dir, skipped)
     tmp = os.path.join(out_dir, "meta.json.tmp")
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
@@ -305,6 +314,14 @@ def make_temp_dir(out_dir: str) -> str:
             continue
 
 
+def _is_dataset(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            return json.load(f).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _nonempty_dir(path: str) -> bool:
     return os.path.isdir(path) and bool(os.listdir(path))
 
@@ -321,6 +338,7 @@ def prepare(
     progress: bool = True,
     workers: int = 1,
     fmt: str = "text",
+    skip_bad: bool = False,
 ) -> dict:
     """Tokenize ``inputs`` into a new dataset directory ``out_dir``; returns its meta dict.
 
@@ -344,6 +362,9 @@ def prepare(
         raise InputError(f"{out_dir}: exists and is not a directory")
     if _nonempty_dir(out_dir) and not force:
         raise InputError(f"{out_dir}: exists and is not empty (use --force to overwrite)")
+    if _nonempty_dir(out_dir) and not _is_dataset(out_dir):  # --force on `.` or a home would delete it
+        raise InputError(f"{out_dir}: --force replaces a dataset dist-llama-prepare wrote; this directory holds "
+                         "no such meta.json, so it is left alone: give a new --out")
 
     total = sum(os.path.getsize(p) for p in inputs)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
@@ -357,11 +378,14 @@ def prepare(
         bar.set_postfix_str(f"{tqdm.format_sizeof(rate)}tok/s", refresh=False)
         bar.update(nbytes)
 
-    tmp = make_temp_dir(out_dir)
+    try:
+        tmp = make_temp_dir(out_dir)
+    except OSError as exc:  # a parent that is a file, or not writable: the argument, not the machine
+        raise InputError(f"{out_dir}: cannot be created ({exc.strerror or exc})") from None
     try:
         meta = write_batches(iter_batches(inputs, text_key), tokenizer, tmp, shard_tokens=shard_tokens, bos=bos,
                              sources=inputs, text_key=text_key, workers=workers, spec=spec, on_batch=on_batch,
-                             fmt=fmt)
+                             fmt=fmt, skip_bad=skip_bad)
         bar.close()
         commit_dir(tmp, out_dir, replace=force)
     except BaseException:
@@ -391,7 +415,7 @@ def commit_dir(tmp: str, out_dir: str, *, replace: bool) -> bool:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="dist-llama-prepare",
         description="Tokenize .txt / .jsonl / .jsonl.gz / .parquet files into memory-mapped token shards.",
     )
@@ -411,6 +435,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="tokenizing processes; the output is the same for any number (default: the usable cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--skip-bad", action="store_true",
+                   help=f"chat, preference: leave out records that cannot be trained on (listed in OUT/{SKIPPED_FILE}) "
+                        "instead of stopping at the first")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt, .jsonl, .jsonl.gz or .parquet files")
     return p
 
@@ -433,13 +460,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         meta = prepare(args.inputs, args.tokenizer, args.out, text_key=args.text_key, shard_tokens=args.shard_tokens,
                        bos=not args.no_bos, force=args.force, progress=not args.quiet, workers=workers,
-                       fmt=args.format)
+                       fmt=args.format, skip_bad=args.skip_bad)
     except ValueError as e:  # InputError, tokenizer errors
         print(f"dist-llama-prepare: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except OSError as e:
         print(f"dist-llama-prepare: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    if meta.get("skipped"):
+        print(f"dist-llama-prepare: skipped {meta['skipped']} bad record(s), listed in "
+              f"{os.path.join(os.path.abspath(args.out), SKIPPED_FILE)}", file=sys.stderr)
     print(
         f"wrote {meta['n_tokens']:,} tokens, {meta['n_docs']:,} documents, {len(meta['shards'])} shard(s) "
         f"({meta['dtype']}, tokenizer {meta['tokenizer']}) to {os.path.abspath(args.out)}"

@@ -14,7 +14,6 @@ requeue, preflight and the exclude list.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import re
@@ -29,6 +28,7 @@ from omegaconf import OmegaConf
 
 from dist_llama import config as config_lib
 from dist_llama.config import CONFIG_DIR, EXIT_CONFIG, ConfigError
+from dist_llama.config.errors import ArgumentParser as OneLineParser
 from dist_llama.launch.local import torchrun_args
 from dist_llama.launch.script_values import (NAME, check, check_line, default_job_name, sbatch_path,
                                              validate_cluster)
@@ -85,7 +85,22 @@ def load_cluster(name: Optional[str], overrides: Sequence[str] = ()) -> ClusterC
         if not Path(path).is_file():
             known = sorted(p.stem for p in (CONFIG_DIR / "clusters").glob("*.yaml"))
             raise ConfigError("--cluster", f"no file {name} and no preset {name!r}; presets: {', '.join(known)}")
-    return config_lib.to_object(config_lib.load(path, overrides, schema=ClusterConfig))
+    check_time_values(path, overrides)
+    return config_lib.to_object(config_lib.load(path, overrides, schema=ClusterConfig, flag="--cluster",
+                                                prefix="cluster."))
+
+
+def check_time_values(path: Optional[str], overrides: Sequence[str]) -> None:
+    """A time limit must reach sbatch as written: YAML 1.1 reads an unquoted 48:00:00 as the base-60
+    integer 172800, which sbatch would take as minutes (120 days)."""
+    from dist_llama.config.loading import parse_override, preset_path, read_yaml
+
+    found = [(str(path), read_yaml(preset_path(path, "--cluster"), "--cluster").get("time"))] if path else []
+    found += [("the command line", parse_override(o).get("time")) for o in overrides if o.split("=", 1)[0] == "time"]
+    for where, value in found:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise ConfigError("cluster.time", f"is the number {value} in {where} (YAML reads an unquoted 48:00:00 as "
+                                              "a base-60 integer): quote it, e.g. time: \"48:00:00\"")
 
 
 def job_size(cfg: config_lib.Config, nodes: Optional[int], gpus_per_node: int) -> int:
@@ -200,7 +215,7 @@ def write_job(job: Job) -> None:
 
 
 def parse_args(argv: Optional[Sequence[str]]):
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="dist-llama-submit", description="Render, show or submit the Slurm batch script for a training run. "
         "Extra key=value arguments override the training config; cluster.KEY=value overrides the cluster preset.")
     parser.add_argument("--config", required=True, help="training YAML preset (a path, or a name in configs/)")
@@ -240,7 +255,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(job.script, end="")
         print(f"# dry run: {summary}; would write {job.script_path} and {job.config_path}", file=sys.stderr)
         return 0
-    write_job(job)
+    try:
+        write_job(job)
+    except OSError as exc:  # a run directory that cannot hold the job's files: nothing is submitted
+        print(f"dist-llama-submit: config error: train.run_dir: cannot write {job.script_path.parent} "
+              f"({exc.strerror or exc})", file=sys.stderr)
+        return EXIT_CONFIG
     cmd = ["sbatch", "--parsable"] + (["--wait"] if args.wait else []) + [str(job.script_path)]
     print(f"dist-llama-submit: {summary}\n  {' '.join(cmd)}", file=sys.stderr, flush=True)
     if args.wait:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
 from dist_llama.config import ConfigError, load, resolve_parallel, to_object, validate_model
+from dist_llama.config.errors import ArgumentParser as OneLineParser
 from dist_llama.plan.engine_costs import engine_costs
 from dist_llama.plan.estimate import Estimate, estimate
 from dist_llama.plan.hardware import GiB, hardware_preset
@@ -22,7 +24,7 @@ EXIT_BAD_INPUT = 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="dist-llama-plan", description=__doc__.splitlines()[0])
+    ap = OneLineParser(prog="dist-llama-plan", description=__doc__.splitlines()[0])
     ap.add_argument("--config", help="YAML preset (path, or a name under configs/)")
     ap.add_argument("--gpus", type=int, default=8, help="world size")
     ap.add_argument("--hardware", default="h100", choices=("h100", "h200", "a100", "cpu"))
@@ -120,9 +122,22 @@ def format_memory(mem: dict, hw) -> str:
     return "\n".join(lines)
 
 
+def _check_flags(args) -> None:
+    """The numeric flags and the output path, before anything is estimated."""
+    if args.gpus < 1:
+        raise ConfigError("--gpus", f"must be a world size >= 1, got {args.gpus}")
+    if args.memory_cap is not None and not 0 < args.memory_cap < float("inf"):  # nan too
+        raise ConfigError("--memory-cap", f"must be a positive number of GiB, got {args.memory_cap}")
+    if args.top < 1:
+        raise ConfigError("--top", f"must be >= 1, got {args.top}")
+    if args.png and not os.path.isdir(os.path.dirname(os.path.abspath(args.png))):
+        raise ConfigError("--png", f"{args.png}: its directory does not exist")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, args.overrides = _parser().parse_known_args(argv)
     try:
+        _check_flags(args)
         cfg = resolved_config(args.config, args.overrides, args.gpus, layout=not args.search)
         if not 0 <= args.rank < args.gpus:
             raise ConfigError("--rank", f"must be in [0, {args.gpus}), got {args.rank}")

@@ -10,7 +10,6 @@ group; the other ranks are then stopped by torchrun);
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import faulthandler
 import logging
@@ -22,6 +21,7 @@ import torch.distributed as dist
 
 from dist_llama import config as config_lib
 from dist_llama.config import EXIT_CONFIG, EXIT_FILE_ENV, Config, ConfigError
+from dist_llama.config.errors import ArgumentParser as OneLineParser
 from dist_llama.config.data_plan import sources_of, stages_of
 from dist_llama.config.objectives import objective_spec
 from dist_llama.data import DataError, build_tokenizer, open_dataset
@@ -29,7 +29,8 @@ from dist_llama.data.heldout import DataSources, eval_windows, split_held_out
 from dist_llama.data.loader import Source
 from dist_llama.parallel.env import init_distributed, world_size_from_env
 from dist_llama.train.checkpoint import CheckpointError
-from dist_llama.train.recovery import EXIT_OK, EXIT_SAVE_FAILED, EXIT_UNRECOVERABLE, TrainingExit
+from dist_llama.train.recovery import EXIT_INTERRUPTED, EXIT_OK, EXIT_SAVE_FAILED, EXIT_UNRECOVERABLE, TrainingExit
+from dist_llama.train.reference_record import record_reference
 from dist_llama.train.resume_check import check_run_dir
 from dist_llama.train.runlock import RunDirInUse, RunLock, die_with_launcher, launched_by_torchrun, stop_launcher
 
@@ -55,7 +56,7 @@ def report_final(code: int, reason: str, alone: bool = False) -> int:
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> tuple[Optional[str], list[str]]:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m dist_llama.train",
         description="Train a Llama model. Overrides: key=value or --key=value, e.g. train.steps=20.")
     parser.add_argument("--config", help="YAML preset (a path, or a name in configs/)")
@@ -205,6 +206,8 @@ def train(cfg: Config, sources):
     if lock is not None:
         lock.acquire()
     try:
+        if lock is not None:
+            record_reference(cfg)  # before any process group: hashing the weights waits for no peer
         env = init_distributed(cfg.train.device)
         trainer = build_trainer(cfg, env, sources)
         try:
@@ -255,6 +258,9 @@ def _main(argv: Optional[Sequence[str]]) -> tuple[int, bool]:
         alone = True
         print(f"dist_llama: data error: {exc}", file=sys.stderr)
         return report_final(EXIT_CONFIG, f"data error: {exc}", alone=True), True
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one during the save
+        print("dist_llama: interrupted (SIGINT) before a step boundary: nothing saved now", file=sys.stderr)
+        return EXIT_INTERRUPTED, False
     finally:
         # Left to the exit when alone: a group torn down now fails the peers' collectives, and they
         # would exit (and torchrun restart them) before this rank has ended the agent.

@@ -32,6 +32,9 @@ EXIT_RESTART = 75
 """Restart me (health abort, hang): the launcher restarts the job, which resumes from the newest valid checkpoint."""
 EXIT_PREEMPTED = 76
 """Preempted: the state was saved and committed; requeue the job."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (SIGINT): the state was saved and committed at the next step boundary, as on preemption;
+128 + SIGINT, the code a shell reports for an interrupted command. A second Ctrl-C stops at once."""
 
 FLAGS = (*CHECKS, "sdc", "preempt", "save", "save_failed")
 """What ranks agree on at a step boundary: step health checks fired, corruption found, preemption
@@ -109,7 +112,7 @@ class PreemptionFlag:
     exit, and the launcher that wrote the file requeues the job itself.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self, stop_file: Optional[str] = None):
         self.signal_name = None
@@ -137,6 +140,9 @@ class PreemptionFlag:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
+        if self._signalled and signum == signal.SIGINT:  # a second Ctrl-C: do not wait for the save
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
         if self._signalled and signum == signal.SIGTERM:
             # A second SIGTERM (a launcher stopping workers that could not reach a step boundary,
             # e.g. because a peer died): stop now, as the default handler would.

@@ -24,6 +24,7 @@ from typing import Optional
 from dist_llama.config import Config, ConfigError
 from dist_llama.config.data_plan import stages_of
 from dist_llama.checkpoint_format.integrity import STATE_FILE, STEP_DIR, manifest_problem, read_listed, read_manifest
+from dist_llama.train.reference_record import check_reference
 
 MODEL_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
                 "norm_eps", "rope_theta", "use_scaled_rope", "rope_scale_factor", "rope_low_freq_factor",
@@ -59,7 +60,8 @@ def check_run_dir(cfg: Config) -> None:
     for p in reversed(steps):  # newest first; stop at the first complete one
         reason = manifest_problem(p)
         if reason is None:
-            return _compare(cfg, p)
+            _compare(cfg, p)
+            return check_reference(cfg)  # DPO: the reference the resumed run trains against
         reasons[p.name] = reason
     first = next(iter(reasons.items()))
     raise ConfigError("train.run_dir", f"{root} holds {len(steps)} checkpoints and none is valid "

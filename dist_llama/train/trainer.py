@@ -25,8 +25,9 @@ from dist_llama.train.step_health import CHECKS, StepHealth
 from dist_llama.train.watchdog import NoWatchdog, Watchdog
 from dist_llama.train.metrics import MetricsLogger, peak_memory_gib
 from dist_llama.train.optim import ScaledLambdaLR, Schedulers
-from dist_llama.train.recovery import (EXIT_OK, EXIT_PREEMPTED, EXIT_RESTART, EXIT_SAVE_FAILED, EXIT_UNRECOVERABLE,
-                                       STOP_FILE_ENV, PreemptionFlag, RecoveryPolicy, TrainingExit, agree)
+from dist_llama.train.recovery import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, EXIT_RESTART, EXIT_SAVE_FAILED,
+                                       EXIT_UNRECOVERABLE, STOP_FILE_ENV, PreemptionFlag, RecoveryPolicy, TrainingExit,
+                                       agree)
 from dist_llama.train.resume_check import model_record
 from dist_llama.train.state import Goodput, Progress
 from dist_llama.train.step import Batch, StepStrategy
@@ -225,7 +226,7 @@ class Trainer:
         try:
             history = self._fit()
         except TrainingExit as exc:
-            if exc.code in (EXIT_OK, EXIT_PREEMPTED) and rank == 0:
+            if exc.code in (EXIT_OK, EXIT_PREEMPTED, EXIT_INTERRUPTED) and rank == 0:
                 crashloop.record_end(run_dir, self.step, exc.code)
             elif exc.code == EXIT_RESTART and rank == 0:  # every rank leaves together: one record
                 crashloop.record_failure(run_dir, self.step + 1, rank, exc.reason)
@@ -437,4 +438,6 @@ class Trainer:
         self.logger.event("preempted", self.step, signal=source)
         if source == "stop_file":
             raise TrainingExit(EXIT_OK, f"stopped at step {self.step}: the launcher asked (stop file), state saved")
+        if source == "SIGINT":  # Ctrl-C: the user stops the run, no launcher requeues it
+            raise TrainingExit(EXIT_INTERRUPTED, f"interrupted (SIGINT) at step {self.step}, state saved")
         raise TrainingExit(EXIT_PREEMPTED, f"preempted ({source}) at step {self.step}")

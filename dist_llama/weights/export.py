@@ -16,7 +16,6 @@ being read (weights/run_source.py): the run's retention leaves it until the expo
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -28,6 +27,7 @@ from typing import Optional, Sequence
 import torch
 
 from dist_llama.config import EXIT_CONFIG
+from dist_llama.config.errors import ArgumentParser as OneLineParser
 from dist_llama.model.args import ModelArgs, context_length, ffn_hidden_dim
 from dist_llama.model.hf import hf_name, meta_to_hf_rows, rope_heads
 from dist_llama.weights import WeightsError, expected_shapes, open_weights
@@ -205,7 +205,7 @@ def staged(out: Path):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="dist-llama-export", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="dist-llama-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="run directory, step directory, HF or Meta directory")
     parser.add_argument("--out", required=True, help="output directory (created; must be empty if it exists)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
@@ -217,8 +217,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise WeightsError(f"--out {out}: exists and is not an empty directory")
-        if args.max_shard_gb <= 0:
-            raise WeightsError(f"--max-shard-gb: must be positive, got {args.max_shard_gb}")
+        if not 0 < args.max_shard_gb < float("inf"):  # nan too
+            raise WeightsError(f"--max-shard-gb: must be a positive finite number, got {args.max_shard_gb}")
         source = open_weights(args.checkpoint)  # every tensor checked against the architecture it reads
         if args.format == "meta":
             meta_params(source.args)  # refused before anything is written

@@ -111,7 +111,9 @@ class ZeroEngine:
     def wrap(self, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> None:
         (model,), (optimizer,) = parts, optimizers
         deepspeed = import_deepspeed(self.device)
-        # The process group exists already (init_distributed); DeepSpeed uses it.
+        # The process group exists already (init_distributed); DeepSpeed uses it. It still asserts
+        # LOCAL_RANK, which only a launcher sets: one process without torchrun is local rank 0.
+        os.environ.setdefault("LOCAL_RANK", "0")
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config,
                                                dist_init_required=False)
         self.engine.checkpoint_engine = _hashing_checkpoint_engine()
