@@ -1,9 +1,6 @@
 """How every command reports bad configuration or input: ConfigError, and exit code EXIT_CONFIG."""
 
-import argparse
-
-EXIT_CONFIG = 2
-"""Exit code of every command for bad configuration or input."""
+from dist_llama.exit_codes import EXIT_CONFIG, ArgumentParser  # noqa: F401 (every command's, re-exported)
 EXIT_FILE_ENV = "DIST_LLAMA_EXIT_FILE"
 """Where the trainer writes "CODE reason" when the run stops for good (2 or 3): torchrun's own status
 (1, or killed) cannot tell a crash a launcher should retry from a stop it must not repeat."""
@@ -16,11 +13,3 @@ class ConfigError(ValueError):
         self.key = key
         self.message = message
         super().__init__(f"{key}: {message}")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser whose errors (a missing flag, `--workers abc`) are one line with exit code
-    EXIT_CONFIG, like every other bad input: argparse prints its whole usage before the error."""
-
-    def error(self, message: str):
-        self.exit(EXIT_CONFIG, f"{self.prog}: error: {message} (see --help)\n")

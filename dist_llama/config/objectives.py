@@ -30,6 +30,9 @@ class ObjectiveSpec:
     """The dist-llama-prepare --format its data needs (chat, preference), or None for any."""
     packs_windows: bool = True
     """Whether it packs documents into seq_len windows (and can hold out data for validation)."""
+    starting_reference: bool = False
+    """Whether it trains against the starting weights (a frozen reference not in the checkpoints):
+    their identity is recorded in the run directory and a resume with other ones is refused."""
     validate: Optional[Callable] = None
     """validate(cfg, parallel): ConfigError naming the key of a setting it cannot run with."""
 
@@ -60,7 +63,7 @@ OBJECTIVES = {
     "pretrain": ObjectiveSpec("pretrain", "dist_llama.train.objectives.pretrain:Pretrain", None),
     "sft": ObjectiveSpec("sft", "dist_llama.train.objectives.pretrain:SFT", "chat"),
     "dpo": ObjectiveSpec("dpo", "dist_llama.train.objectives.dpo:DPO", "preference", packs_windows=False,
-                         validate=_validate_dpo),
+                         starting_reference=True, validate=_validate_dpo),
 }
 """train.objective → its spec."""
 

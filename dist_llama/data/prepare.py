@@ -58,7 +58,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from dist_llama.config.errors import ArgumentParser as OneLineParser
+from dist_llama.exit_codes import ArgumentParser as OneLineParser
 
 from .bad_records import SKIPPED_FILE, encode_or_skip, write_skipped
 from .chat import FORMATS

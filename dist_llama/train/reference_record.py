@@ -1,7 +1,7 @@
 """What DPO's reference model was, recorded in the run directory (`<run_dir>/dpo_reference.json`).
 
 The reference is the starting weights (checkpoint.init_from, or the seed's initialisation), and it
-is not in the checkpoints: every restart rebuilds it from init_from (train.dpo_reference=model), or
+is not in the checkpoints: every restart rebuilds it from init_from (train.dpo.reference=model), or
 recomputes the precomputed table from it when the table is gone. Weights swapped at that path
 between restarts would silently give the resumed run another reference. So the first start
 records the reference's identity: the sha256 of every file the weights are read from (a Hugging
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from dist_llama.config import Config, ConfigError
+from dist_llama.config.objectives import objective_spec
 from dist_llama.checkpoint_format.integrity import MANIFEST, sha256_file
 
 FILE = "dpo_reference.json"
@@ -77,7 +78,7 @@ def _read(run_dir: Path) -> Optional[dict]:
 
 def check_reference(cfg: Config) -> None:
     """Before a resume of a DPO run: ConfigError if the reference would differ from the recorded one."""
-    if cfg.train.objective != "dpo":
+    if not objective_spec(cfg.train.objective).starting_reference:
         return
     run_dir = Path(cfg.train.run_dir)
     recorded = _read(run_dir)
@@ -92,7 +93,7 @@ def check_reference(cfg: Config) -> None:
 
 def record_reference(cfg: Config) -> None:
     """Rank 0, under the run lock, before any process group: write (or refresh) the record."""
-    if cfg.train.objective != "dpo":
+    if not objective_spec(cfg.train.objective).starting_reference:
         return
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
