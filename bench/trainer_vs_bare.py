@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from dist_llama.model.flops import count_params, mfu
 from dist_llama.parallel.env import init_distributed
-from dist_llama.train.build import build_loader, build_trainer, compute_dtype
+from dist_llama.train.build import build_trainer, compute_dtype
+from dist_llama.train.objectives import build_objective
 from dist_llama.train.cli import resolve_config
 from dist_llama.model import Transformer
 
@@ -88,7 +89,7 @@ def main():
     env = init_distributed(cfg.train.device)
     trainer = build_trainer(cfg, env, sources)
     # The bare loop trains on the windows the trainer sees, fetched up front.
-    loader = build_loader(cfg, sources, dp_rank=0, dp_size=1)
+    loader = build_objective(cfg).loader(sources, dp_rank=0, dp_size=1)
     batches = [{k: v.to(env.device) for k, v in loader.next_batch().items()} for _ in range(args.steps)]
     bare = bare_loop(cfg, env.device, compute_dtype(cfg, env.device), batches)
 

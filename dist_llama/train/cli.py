@@ -40,6 +40,13 @@ FOR_GOOD = (EXIT_CONFIG, EXIT_UNRECOVERABLE, EXIT_SAVE_FAILED)
 """Exit codes no restart can change: written to the launcher's exit file, and torchrun's agent ended."""
 
 
+def say(line: str) -> None:
+    """One line on stderr in one write (print writes the newline apart): ranks sharing the console
+    must not interleave mid-line."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def report_final(code: int, reason: str, alone: bool = False) -> int:
     """Write the exit file (rank 0: every rank stops for the same reason; or this rank, `alone` to
     know it) and return the code."""
@@ -51,7 +58,7 @@ def report_final(code: int, reason: str, alone: bool = False) -> int:
                 f.write(f"{code} {' '.join(reason.split())}\n")
             os.replace(tmp, path)
         except OSError as exc:  # the exit code still says it; the launcher may requeue once too many
-            print(f"dist_llama: could not write {path}: {exc}", file=sys.stderr)
+            say(f"dist_llama: could not write {path}: {exc}")
     return code
 
 
@@ -237,7 +244,7 @@ def _main(argv: Optional[Sequence[str]]) -> tuple[int, bool]:
         cfg, sources = resolve_config(config_path, overrides, world_size_from_env())
     except ConfigError as exc:
         if os.environ.get("LOCAL_RANK", "0") == "0":  # every rank finds it: once per node's console
-            print(f"dist_llama: config error: {exc}", file=sys.stderr)
+            say(f"dist_llama: config error: {exc}")
         return report_final(EXIT_CONFIG, f"config error: {exc}"), False
     together = False  # every rank leaves at the same point: finished, or a collectively agreed exit
     alone = False  # this rank's own stop for good: its peers wait in a collective until the agent ends
@@ -246,20 +253,20 @@ def _main(argv: Optional[Sequence[str]]) -> tuple[int, bool]:
         together = True
     except TrainingExit as exc:
         together = True
-        print(f"dist_llama: {exc.reason} (exit code {exc.code})", file=sys.stderr)
+        say(f"dist_llama: {exc.reason} (exit code {exc.code})")
         return report_final(exc.code, exc.reason), False
     except RunDirInUse as exc:  # no exit file: the directory (and its launcher files) is another job's
-        print(f"dist_llama: {exc}", file=sys.stderr)
+        say(f"dist_llama: {exc}")
         return EXIT_CONFIG, False
     except CheckpointError as exc:  # e.g. resuming a DeepSpeed checkpoint under another engine
-        print(f"dist_llama: checkpoint error: {exc}", file=sys.stderr)
+        say(f"dist_llama: checkpoint error: {exc}")
         return report_final(EXIT_CONFIG, f"checkpoint error: {exc}"), False
     except DataError as exc:  # read by this rank only (failures.jsonl has it as the cause)
         alone = True
-        print(f"dist_llama: data error: {exc}", file=sys.stderr)
+        say(f"dist_llama: data error: {exc}")
         return report_final(EXIT_CONFIG, f"data error: {exc}", alone=True), True
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one during the save
-        print("dist_llama: interrupted (SIGINT) before a step boundary: nothing saved now", file=sys.stderr)
+        say("dist_llama: interrupted (SIGINT) before a step boundary: nothing saved now")
         return EXIT_INTERRUPTED, False
     finally:
         # Left to the exit when alone: a group torn down now fails the peers' collectives, and they

@@ -174,8 +174,14 @@ def stop_launcher(end_agent: bool, grace_s: float = 0.5, wait_s: float = 10.0) -
     reason to the console) and SIGTERMs the agent, which stops its workers and exits 1 (printing
     the SignalException's traceback: torchrun's own, and the only way to make it exit with a code
     rather than a signal); every rank then waits up to wait_s to be stopped by it (or to end with
-    it, die_with_launcher). A no-op unless the parent is torchrun's agent."""
-    if not launched_by_torchrun() or restarts_left() <= 0 or not _parent_is_torchrun():
+    it, die_with_launcher). Without restarts left the other ranks still wait: the agent then stops
+    them when the reporting rank exits, after it printed why (a rank that exited first would have the
+    agent stop the reporting one before it could). A no-op unless the parent is torchrun's agent."""
+    if not launched_by_torchrun() or not _parent_is_torchrun():
+        return
+    if restarts_left() <= 0:
+        if not end_agent:
+            time.sleep(wait_s)
         return
     if end_agent:
         time.sleep(grace_s)
