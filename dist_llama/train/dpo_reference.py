@@ -11,7 +11,7 @@ pair). Rank 0 writes it (safetensors, the identity below in its metadata; atomic
 
 A run that resumes, or starts again, reads the file when its identity still matches (dataset,
 mask, starting weights, model, compute dtype); otherwise the table is computed again, from the
-starting weights rebuilt as the model reference would be (`build_reference`), as the resumed
+starting weights rebuilt as the model reference would be (`train/build.py:starting_model`), as the resumed
 policy is no longer the reference.
 """
 
