@@ -106,7 +106,7 @@ def resolve_config(config_path: Optional[str], overrides: Sequence[str], world_s
     if source is not None:
         from dist_llama.weights.load import check_source
 
-        check_source(source, cfg.model)  # architecture, then every tensor's name and shape (headers only)
+        check_source(source, cfg.model)  # the architecture (its tensors were checked when opened)
     check_run_dir(cfg)
     return cfg, sources
 
