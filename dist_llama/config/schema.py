@@ -165,6 +165,12 @@ class DPOConfig:
 
 
 @dataclass
+class RewardConfig:
+    margin: str = "none"
+    """The ranking loss's margin m(r): none (Llama 3), small or large (Llama 2's Table 27, from each pair's rating), or record (each record's numeric margin)."""
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000
     """Optimizer steps to train for (total, including steps before a resume)."""
@@ -195,9 +201,11 @@ class TrainConfig:
     peak_flops: Optional[float] = None
     """Per-device peak FLOP/s for MFU; None = H100 dense BF16 on cuda, a matmul probe on cpu."""
     objective: str = "pretrain"
-    """pretrain (every token), sft (assistant tokens of --format chat data only) or dpo (--format preference pairs against a frozen reference)."""
+    """pretrain (every token), sft (assistant tokens of --format chat data only), dpo (--format preference pairs against a frozen reference) or reward (a reward model: a scalar head ranking the pairs)."""
     dpo: DPOConfig = field(default_factory=DPOConfig)
     """train.objective=dpo: its settings."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """train.objective=reward: its settings."""
     profile_steps: List[int] = field(default_factory=list)
     """Steps to trace with torch.profiler on every rank: <run_dir>/profile/step-N/rank-R.json (Chrome trace; Perfetto)."""
     memory_snapshot_step: Optional[int] = None

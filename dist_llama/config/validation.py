@@ -311,7 +311,7 @@ def validate(cfg: Config, world_size: int, dataset=None, tokenizer_vocab: Option
         raise ConfigError("health.faults", str(exc)) from None
     _validate_objective(cfg, parallel)
     validate_data_plan(cfg, parallel, functools.partial(_check_stage, cfg, parallel))
-    model = cfg.model
+    model = dataclasses.replace(cfg.model, score_head=objective_spec(t.objective).score_head)  # the objective decides
     if tokenizer_vocab is not None:
         if model.vocab_size == -1:
             model = dataclasses.replace(model, vocab_size=tokenizer_vocab)

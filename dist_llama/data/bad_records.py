@@ -21,15 +21,15 @@ SKIPPED_FILE = "skipped.jsonl"
 
 
 def encode_or_skip(items, tokenizer: Tokenizer, fmt: str,
-                   skip_bad: bool) -> tuple[list[np.ndarray], list[np.ndarray], list[dict]]:
+                   skip_bad: bool) -> tuple[list[np.ndarray], list[np.ndarray], list[tuple], list[dict]]:
     """encode_records of a batch's items; with skip_bad, record by record, the bad ones returned
     as {file, line, reason} instead of raised."""
     if not skip_bad:
         return (*encode_records(items, tokenizer, fmt), [])
-    ids, masks, skipped = [], [], []
+    ids, masks, pairs, skipped = [], [], [], []
     for item in items:
         try:
-            more_ids, more_masks = encode_records([item], tokenizer, fmt)
+            more_ids, more_masks, more_pairs = encode_records([item], tokenizer, fmt)
         except InputError as exc:
             path, line = item[1], item[2]
             reason = str(exc).removeprefix(f"{path}:{line}: ").removeprefix(f"{path}: ")
@@ -37,7 +37,8 @@ def encode_or_skip(items, tokenizer: Tokenizer, fmt: str,
             continue
         ids += more_ids
         masks += more_masks
-    return ids, masks, skipped
+        pairs += more_pairs
+    return ids, masks, pairs, skipped
 
 
 def write_skipped(out_dir: str, skipped: list[dict]) -> None:

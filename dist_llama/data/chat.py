@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .preference import record_pairs
 from .prepare_inputs import InputError
 from .record_checks import check_record, check_turns
 from .tokenizer import Tokenizer
@@ -139,29 +140,31 @@ def _json_object(line: bytes, path: str, lineno: int) -> dict:
     return obj
 
 
-def _record_documents(obj: dict, fmt: str, template: ChatTemplate) -> list[tuple[list[int], list[int]]]:
-    """The documents of one record: a conversation (chat), or prompt+chosen then prompt+rejected
-    (preference: the pair stays adjacent, document 2k and 2k+1)."""
+def _record_documents(obj: dict, fmt: str, template: ChatTemplate) -> tuple[list, list]:
+    """The documents of one record: a conversation (chat), or per pair prompt+better then
+    prompt+worse (preference: a pair stays adjacent, documents 2k and 2k+1); and each pair's
+    (rating index, margin) (data/preference.py)."""
     check_record(obj, fmt)
     if fmt == "chat":
         if "messages" not in obj:
             raise ValueError(f"no key 'messages' (keys: {', '.join(map(str, obj)) or 'none'})")
         if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in obj["messages"] or []):
             raise ValueError("no assistant message: nothing to train on")
-        return [template.render(obj["messages"])]
-    for key in ("prompt", "chosen", "rejected"):
-        if key not in obj:
-            raise ValueError(f"no key {key!r} (a preference record is {{prompt: [messages], chosen: str, "
-                             "rejected: str}})")
-    for key in ("chosen", "rejected"):
-        if not isinstance(obj[key], str):
-            raise ValueError(f"{key!r} must be a string, got {type(obj[key]).__name__}")
+        return [template.render(obj["messages"])], []
+    if "prompt" not in obj:
+        raise ValueError("no key 'prompt' (a preference record is {prompt: [messages], chosen: str, rejected: str}, "
+                         "or {prompt, responses: [best, ..., worst]})")
+    pairs = record_pairs(obj)
     prompt = obj["prompt"]
     if not isinstance(prompt, list) or not prompt or not isinstance(prompt[-1], dict) \
             or prompt[-1].get("role") != "user":
         raise ValueError("'prompt' must be a list of messages ending with a user message")
-    docs = [template.render(prompt + [{"role": "assistant", "content": obj[k]}]) for k in ("chosen", "rejected")]
-    return [(ids, final_answer_only(mask).tolist()) for ids, mask in docs]
+    docs = []
+    for better, worse, _, _ in pairs:
+        for text in (better, worse):
+            ids, mask = template.render(prompt + [{"role": "assistant", "content": text}])
+            docs.append((ids, final_answer_only(mask).tolist()))
+    return docs, [(rating, margin) for _, _, rating, margin in pairs]
 
 
 def final_answer_only(mask) -> np.ndarray:
@@ -176,20 +179,22 @@ def final_answer_only(mask) -> np.ndarray:
     return out
 
 
-def encode_records(items, tokenizer: Tokenizer, fmt: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def encode_records(items, tokenizer: Tokenizer, fmt: str) -> tuple[list[np.ndarray], list[np.ndarray], list[tuple]]:
     """(ids, mask) arrays of every document in a batch's items (JSON lines; see prepare_inputs),
-    InputError naming the file and line of a bad record."""
+    and for preference data each pair's (file, line, rating index, margin); InputError naming the
+    file and line of a bad record."""
     template = template_for(tokenizer)
-    ids, masks = [], []
+    ids, masks, pairs = [], [], []
     for kind, path, where, payload in items:
         if kind != "json":
             raise InputError(f"{path}: --format {fmt} reads .jsonl / .jsonl.gz records only")
         obj = _json_object(payload, path, where)
         try:
-            docs = _record_documents(obj, fmt, template)
+            docs, labels = _record_documents(obj, fmt, template)
         except ValueError as e:
             raise InputError(f"{path}:{where}: {e}") from None
         for doc_ids, doc_mask in docs:
             ids.append(np.asarray(doc_ids, dtype=np.int64))
             masks.append(np.asarray(doc_mask, dtype=np.uint8))
-    return ids, masks
+        pairs += [(path, where, rating, margin) for rating, margin in labels]
+    return ids, masks, pairs

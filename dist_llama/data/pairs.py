@@ -25,14 +25,18 @@ import numpy as np
 
 from .chat import END, final_answer_only
 from .permutation import KeyedPermutation, mix_key
+from .preference import MARGINS, pair_labels, pair_origin
 
-__all__ = ["PairLoader", "CHOSEN", "REJECTED", "PAD"]
+__all__ = ["PairLoader", "ScoredPairLoader", "CHOSEN", "REJECTED", "PAD"]
 
 CHOSEN, REJECTED, PAD = 0, 1, 2
 """doc_ids of a row's chosen sequence, rejected sequence and padding."""
 
 
 class PairLoader:
+    room_extra = 1
+    """A row holds seq_len + room_extra tokens of a pair (DPO: the last one is only a label)."""
+
     def __init__(self, data, seq_len: int, global_batch_size: int, dp_rank: int, dp_size: int, seed: int = 0,
                  mask_special: bool = False, name: str = "data"):
         """data: a TokenDataset of kind 'preference'. mask_special: the end-of-turn token of each
@@ -48,10 +52,13 @@ class PairLoader:
             raise ValueError(f"{self.n_pairs} preference pairs, fewer than global_batch_size {global_batch_size}")
         starts = np.append(np.asarray(data.doc_starts, dtype=np.int64), len(data))
         pair_len = starts[2::2] - starts[:-1:2]
-        if pair_len.max() > seq_len + 1:
-            k = int(pair_len.argmax())
-            raise ValueError(f"preference pair {k} has {int(pair_len[k])} tokens, more than seq_len+1 = "
-                             f"{seq_len + 1}: raise seq_len to at least {int(pair_len.max()) - 1}")
+        self.labels = pair_labels(data)
+        room = seq_len + self.room_extra
+        if pair_len.max() > room:
+            k = int(np.flatnonzero(pair_len > room)[0])
+            raise ValueError(f"{pair_origin(data, self.labels, k)}: the preference pair has {int(pair_len[k])} "
+                             f"tokens (prompt twice, both responses), more than data.seq_len{'+1' * self.room_extra}"
+                             f" = {room}: raise data.seq_len to at least {int(pair_len.max()) - self.room_extra}")
         self.data, self.name = data, name
         self.seq_len, self.global_batch_size = int(seq_len), int(global_batch_size)
         self.dp_rank, self.dp_size, self.seed = int(dp_rank), int(dp_size), int(seed)
@@ -128,3 +135,45 @@ class PairLoader:
         if not isinstance(consumed, (int, np.integer)) or consumed < 0:
             raise ValueError(f"data loader state has a bad 'consumed' value: {consumed!r}")
         self.consumed = int(consumed)
+
+
+class ScoredPairLoader(PairLoader):
+    """Pairs for a reward model: a row as PairLoader's, plus where each response ends (``ends``
+    [2]: the positions of the chosen and the rejected sequence's last token, where the score is
+    read), the pair's ``margin`` (Llama 2's m(r) from its rating: margin "small" or "large"; the
+    record's own: "record"; 0: "none") and its ``rating`` index (-1: none). Both sequences sit in
+    the seq_len input positions whole."""
+
+    room_extra = 0
+
+    def __init__(self, data, seq_len: int, global_batch_size: int, dp_rank: int, dp_size: int, seed: int = 0,
+                 margin: str = "none", name: str = "data"):
+        super().__init__(data, seq_len, global_batch_size, dp_rank, dp_size, seed=seed, name=name)
+        n = self.n_pairs
+        labels = self.labels if self.labels is not None else np.tile([-1.0, 0.0, -1.0, np.nan], (n, 1))
+        self.rating = labels[:, 2].astype(np.int64)
+        if margin == "none":
+            self.margin = np.zeros(n)
+        elif margin == "record":
+            self.margin = labels[:, 3]
+            missing = np.flatnonzero(np.isnan(self.margin))
+            if len(missing):
+                raise ValueError(f"{pair_origin(data, self.labels, int(missing[0]))}: no numeric 'margin' "
+                                 f"(train.reward.margin=record reads each record's margin; {len(missing)} of {n} "
+                                 "pairs have none)")
+        else:
+            missing = np.flatnonzero(self.rating < 0)
+            if len(missing):
+                raise ValueError(f"{pair_origin(data, self.labels, int(missing[0]))}: no 'rating' (train.reward."
+                                 f"margin={margin} takes Llama 2's margin from each pair's rating; {len(missing)} "
+                                 f"of {n} pairs have none)")
+            self.margin = np.asarray(MARGINS[margin])[self.rating]
+
+    def row(self, pair: int) -> dict[str, np.ndarray]:
+        row = super().row(pair)
+        c_len = int((row["doc_ids"] == CHOSEN).sum())
+        r_len = int((row["doc_ids"] == REJECTED).sum())
+        row["ends"] = np.array([c_len - 1, c_len + r_len - 1], dtype=np.int64)
+        row["margin"] = np.float32(self.margin[pair])
+        row["rating"] = np.int64(self.rating[pair])
+        return row

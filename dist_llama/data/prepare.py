@@ -61,6 +61,7 @@ import numpy as np
 from dist_llama.exit_codes import ArgumentParser as OneLineParser
 
 from .bad_records import SKIPPED_FILE, encode_or_skip, write_skipped
+from .preference import PAIRS_FILE, pair_table
 from .chat import FORMATS
 from .prepare_inputs import Batch, InputError, batch_documents, check_inputs, iter_batches, text_batches
 from .tokenizer import Tokenizer, build_tokenizer
@@ -129,23 +130,23 @@ class _ShardWriter:
 def _encode(batch: Batch, tokenizer: Tokenizer, text_key: str, bos: bool, fmt: str = "text", skip_bad: bool = False):
     """Tokenise one batch: (its ids in the storage dtype, back to back; each document's length;
     the input bytes it accounts for; the mask of chat and preference data, else None; the records
-    skipped, with skip_bad)."""
+    skipped, with skip_bad; each preference pair's (file, line, rating, margin))."""
     dtype = np.dtype(dtype_for_vocab(tokenizer.vocab_size)).newbyteorder("<")
-    masks, skipped = None, []
+    masks, skipped, pairs = None, [], []
     if fmt == "text":
         docs = batch_documents(batch, text_key)
         arrays = tokenizer.encode_arrays(docs, bos=bos, eos=True) if docs else []
     else:
-        arrays, masks, skipped = encode_or_skip(batch.items, tokenizer, fmt, skip_bad)
+        arrays, masks, pairs, skipped = encode_or_skip(batch.items, tokenizer, fmt, skip_bad)
     if not arrays:
         return np.empty(0, dtype=dtype), np.empty(0, dtype=np.int64), batch.nbytes, \
-            None if masks is None else np.empty(0, dtype=np.uint8), skipped
+            None if masks is None else np.empty(0, dtype=np.uint8), skipped, pairs
     lens = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
     flat = np.concatenate(arrays)
     if len(flat) and (flat.min() < 0 or flat.max() >= tokenizer.vocab_size):
         raise ValueError(f"tokenizer {tokenizer.name} produced ids outside [0, {tokenizer.vocab_size})")
     # converted here, in the worker: half or a quarter of the int64 bytes go back to the writer
-    return flat.astype(dtype), lens, batch.nbytes, None if masks is None else np.concatenate(masks), skipped
+    return flat.astype(dtype), lens, batch.nbytes, None if masks is None else np.concatenate(masks), skipped, pairs
 
 
 @functools.lru_cache(maxsize=1)
@@ -170,7 +171,7 @@ def _init_worker() -> None:
 def _tokenize_in_order(batches: Iterable[Batch], tokenizer: Tokenizer, consume: Callable, *,
                        text_key: str, bos: bool, workers: int, spec: str | None, fmt: str = "text",
                        skip_bad: bool = False) -> None:
-    """``consume(ids, lens, nbytes, mask, skipped)`` for every batch, strictly in input order; batches are
+    """``consume(ids, lens, nbytes, mask, skipped, pairs)`` for every batch, strictly in input order; batches are
     tokenised in this process (``workers == 1``) or in ``workers`` processes."""
     if workers == 1:
         for batch in batches:
@@ -248,9 +249,14 @@ def write_batches(
     masks = _ShardWriter(out_dir, "uint8", shard_tokens, prefix="mask") if fmt != "text" else None
     starts: list[np.ndarray] = []
     skipped: list[dict] = []
+    pairs: list[tuple] = []
+    pair_files: dict[str, int] = {}
 
-    def consume(ids: np.ndarray, lens: np.ndarray, nbytes: int, mask: np.ndarray | None, bad: list) -> None:
+    def consume(ids: np.ndarray, lens: np.ndarray, nbytes: int, mask: np.ndarray | None, bad: list,
+                labels: list) -> None:
         skipped.extend(bad)
+        pairs.extend((pair_files.setdefault(path, len(pair_files)), line, rating, margin)
+                     for path, line, rating, margin in labels)
         if len(lens):
             starts.append(writer.n_tokens + np.concatenate(([0], np.cumsum(lens)[:-1])))
         writer.write(ids)
@@ -289,6 +295,11 @@ def write_batches(
     if masks is not None:
         meta.update(kind=fmt, bos=tokenizer.bos_id is not None,
                     mask={"sha256": masks.sha.hexdigest(), "shards": masks.shards}, skipped=len(skipped))
+    if fmt == "preference":
+        table = pair_table(pairs)
+        np.save(os.path.join(out_dir, PAIRS_FILE), table, allow_pickle=False)
+        meta.update(pairs={"file": PAIRS_FILE, "sha256": hashlib.sha256(table.tobytes()).hexdigest(),
+                           "files": list(pair_files)})
     write_skipped(out_dir, skipped)
     tmp = os.path.join(out_dir, "meta.json.tmp")
     with open(tmp, "w") as f:

@@ -35,11 +35,4 @@ def check_record(obj: dict, fmt: str) -> None:
             raise ValueError(f"'messages' must be a list of {{role, content}} messages, got "
                              f"{type(obj['messages']).__name__}")
         return
-    chosen, rejected = obj.get("chosen"), obj.get("rejected")
-    if not (isinstance(chosen, str) and isinstance(rejected, str)):
-        return  # the type checks name it
-    for key, text in (("chosen", chosen), ("rejected", rejected)):
-        if not text.strip():
-            raise ValueError(f"{key!r} is empty: a preference pair needs two responses")
-    if chosen.strip() == rejected.strip():
-        raise ValueError("'chosen' and 'rejected' are the same response: the pair prefers nothing")
+    # preference records: data/preference.py checks the responses

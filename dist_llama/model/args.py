@@ -42,6 +42,9 @@ class ModelArgs:
     max_position_embeddings; taken from checkpoint.init_from); None: see context_length()."""
     attn_impl: str = "auto"
     """Attention kernel: "sdpa", "flex", or "auto" (flex on CUDA, sdpa elsewhere)."""
+    score_head: bool = False
+    """A reward model: a scalar `score` head (Linear(dim, 1), transformers' LlamaForSequenceClassification)
+    in place of the `output` projection."""
 
     @property
     def kv_heads(self) -> int:

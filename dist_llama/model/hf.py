@@ -29,6 +29,7 @@ TOP_NAMES = {
     "tok_embeddings": "model.embed_tokens",
     "norm": "model.norm",
     "output": "lm_head",
+    "score": "score",  # LlamaForSequenceClassification's head (a reward model)
 }
 """Parameters outside the blocks: ours → Hugging Face's."""
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
@@ -157,6 +158,10 @@ def args_from_hf_config(hf_config: Any) -> ModelArgs:
         max_seq_len=c.max_position_embeddings,
         context_len=c.max_position_embeddings,
     )
+    # A reward model: transformers' sequence classifier with one label (its `score` head).
+    args.score_head = any(str(a).endswith("ForSequenceClassification") for a in getattr(c, "architectures", None) or ())
+    if args.score_head and getattr(c, "num_labels", 1) != 1:
+        raise ValueError(f"a sequence classifier with num_labels={c.num_labels}; a reward model has one label")
     if rope_type == "llama3":
         args.use_scaled_rope = True
         args.rope_scale_factor = float(rope["factor"])

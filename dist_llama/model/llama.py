@@ -288,7 +288,10 @@ class Transformer(nn.Module):
         # keys keep their global layer index, so checkpoints stay addressable by layer.
         self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # A reward model reads one scalar per position instead of next-token logits (Llama 2 §3.2.2:
+        # the classification head replaces the next-token head).
+        self.output = None if args.score_head else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.score = nn.Linear(args.dim, 1, bias=False) if args.score_head else None
         self.mask = AttentionMask(args.attn_impl)
 
         # Derived from args, never checkpointed; recomputed by init_weights after to_empty().
@@ -344,6 +347,8 @@ class Transformer(nn.Module):
             return lambda t, generator: nn.init.ones_(t)
         if module == "tok_embeddings":
             return nn.init.normal_
+        if module == "score":  # as transformers initialises LlamaForSequenceClassification's head
+            return functools.partial(nn.init.normal_, std=0.02)
         if module == "output":
             std = self.args.dim**-0.5
             return functools.partial(nn.init.trunc_normal_, std=std, a=-3 * std, b=3 * std)
@@ -368,8 +373,8 @@ class Transformer(nn.Module):
         attend to the cached keys and values of positions < start_pos, then join them. No doc_ids
         or positions with it; the training path (cache None) is untouched.
         return_hidden: stop before `output` (for a loss that applies it to a chunk of tokens at a time).
-        Returns fp32 logits [B, S, vocab], or the hidden states [B, S, dim] (after `norm` where this
-        module has it) when output is None or return_hidden."""
+        Returns fp32 logits [B, S, vocab] (a score head: fp32 scores [B, S, 1]), or the hidden states
+        [B, S, dim] (after `norm` where this module has it) when it has no head or return_hidden."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         seqlen = h.shape[1]
 
@@ -394,6 +399,7 @@ class Transformer(nn.Module):
 
         if self.norm is not None:
             h = self.norm(h)
-        if self.output is None or return_hidden:
+        head = self.score if self.score is not None else self.output
+        if head is None or return_hidden:
             return h
-        return self.output(h).float()
+        return head(h).float()

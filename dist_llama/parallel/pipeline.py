@@ -72,7 +72,7 @@ def split_model(model: nn.Module, stage_ids: Sequence[int], counts: Sequence[int
         if s != 0:
             dropped.append(model.tok_embeddings)
         if s != n_stages - 1:
-            dropped += [model.norm, model.output]
+            dropped += [model.norm, model.output, model.score]
         # The modules this stage drops are copied as None (a deepcopy memo entry) instead of
         # copied and deleted: a stage of a 126-layer model copies its own layers only.
         part = copy.deepcopy(model, memo={id(m): None for m in dropped})

@@ -15,7 +15,8 @@ state (RoPE table slice, attention mask), and a DTensor reports the global shape
   as a plain tensor and wraps it (forward pre-hook); a stage without output returns the local slice
   [B, S/tp, dim] as a plain tensor (forward hook), so plain tensors travel between stages.
 
-After apply_tp every parameter is a DTensor on the tp mesh: the RMSNorm weights Replicate(),
+After apply_tp every parameter is a DTensor on the tp mesh: the RMSNorm weights and a reward model's
+score head Replicate(),
 tok_embeddings Shard(0) (vocab rows), wq/wk/wv/w1/w3/output Shard(0) (output features), wo/w2
 Shard(1) (input features). Their gradients are DTensors with the same placements.
 """
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -103,6 +104,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool = True) 
                                          use_local_output=not loss_parallel)
     if plan:
         parallelize_module(model, tp_mesh, plan)
+    if model.score is not None:
+        _replicate_head(model.score, tp_mesh)
     if model.tok_embeddings is not None:
         _keep_grad_sharded_like(model.tok_embeddings.weight)
 
@@ -128,8 +131,18 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool = True) 
         model.register_forward_pre_hook(_wrap_hidden_input(tp_mesh), with_kwargs=True)
     else:
         model.register_forward_pre_hook(_check_seq_len(tp), with_kwargs=True)
-    if model.output is None:
+    if model.output is None and model.score is None:
         model.register_forward_hook(_unwrap_hidden_output)
+
+
+def _replicate_head(head: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """A reward model's score head (dim → 1) whole on every TP rank: one output feature cannot be
+    sharded. Its input, the sequence-sharded norm output, is gathered first; its output is a plain
+    full tensor, the same on every rank (and so its weight's gradient: no reduction needed)."""
+    def gather(module, inputs, mesh):
+        return tuple(x.redistribute(placements=(Replicate(),)) if isinstance(x, DTensor) else x for x in inputs)
+
+    distribute_module(head, tp_mesh, input_fn=gather, output_fn=lambda module, out, mesh: out.to_local())
 
 
 def _check_seq_len(tp: int):

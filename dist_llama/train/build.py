@@ -33,7 +33,6 @@ from dist_llama.parallel.pipeline import layers_per_stage, split_model, stage_id
 from dist_llama.train.callbacks import Faults, HangReport, RecordLog, ReplicaCheck, StragglerCheck, Validation
 from dist_llama.train.checkpoint import Checkpointer, check_format, remove_stale_tmp
 from dist_llama.train.engines import Engine, build_engine
-from dist_llama.train.evaluate import Evaluator
 from dist_llama.train.heartbeats import Heartbeats
 from dist_llama.train.replicas import preflight
 from dist_llama.train.step_health import StepHealth
@@ -47,7 +46,7 @@ from dist_llama.train.recovery import EXIT_RESTART, RecoveryPolicy, TrainingExit
 from dist_llama.train.step import StepStrategy, build_step, step_layout
 from dist_llama.train.trainer import Trainer, TrainerParts
 from dist_llama.weights import WeightsError, open_weights
-from dist_llama.weights.load import load_into
+from dist_llama.weights.load import load_into, new_head
 
 
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -200,13 +199,16 @@ def build_trainer(cfg: Config, env: DistEnv, sources) -> Trainer:
         save_resolved(cfg, run_dir)
     if init_from is not None:
         logger.event("init_from", 0, path=str(init_from.path), source=init_from.kind)
+        if new_head(init_from, cfg.model):
+            logger.event("score_head_initialised", 0, path=str(init_from.path),
+                         reason="a language model has no score head: the reward head starts from train.seed, "
+                                "every other weight is loaded")
     schedulers = [build_scheduler(o, cfg.optim, cfg.train.steps, anneal_start_step(cfg)) for o in engine.optimizers]
     loader = objective.loader(sources, dp_rank=meshes.dp.get_local_rank(), dp_size=dims.dp)
     objective.start(StartContext(step, loader, run_dir, env.rank, logger, resumed=resume is not None,
                                  build_starting_model=lambda: starting_model(cfg, dims, meshes, env.device, engine)))
-    evaluator = Evaluator(getattr(sources, "held_out", ()), cfg.train.eval_interval, cfg.train.steps,
-                          cfg.train.eval_tokens, cfg.data.reset_positions, meshes.dp.get_local_rank(), dims.dp,
-                          env.device, loss_mask=objective.loss_mask)
+    evaluator = objective.evaluator(list(getattr(sources, "held_out", ())), meshes.dp.get_local_rank(), dims.dp,
+                                    env.device)
     if cfg.train.peak_flops is not None:
         peak = cfg.train.peak_flops
     elif env.device.type == "cuda":

@@ -89,20 +89,27 @@ def resolve_config(config_path: Optional[str], overrides: Sequence[str], world_s
     cfg = config_lib.validate(cfg, world_size, sources[0].data if len(sources) == 1 else None, tokenizer.vocab_size)
     check_machine(cfg)
     seq_len = max(st.seq_len for st in stages_of(cfg))
-    for i, s in enumerate(sources.held_out):  # every validation of every stage has a window to read
+    packs = objective_spec(cfg.train.objective).packs_windows
+    for i, s in enumerate(sources.held_out if packs else ()):  # every validation of every stage has a window to read
         key = f"data.eval_sources[{i}].path" if cfg.data.eval_sources else "data.eval_fraction"
         if eval_windows(s.data, seq_len, 1) < 1:
             raise ConfigError(key, f"held-out source {s.name!r} has {len(s.data)} tokens, not one window of "
                                    f"seq_len+1 = {seq_len + 1}")
     from dist_llama.train.objectives import build_objective
 
+    objective = build_objective(cfg)
     try:  # every stage has windows to draw from every source it weighs; every pair fits a row
-        build_objective(cfg).loader(sources, dp_rank=0, dp_size=cfg.parallel.dp)
+        objective.loader(sources, dp_rank=0, dp_size=cfg.parallel.dp)
     except ValueError as exc:
         key = "data.stages" if cfg.data.stages else "data.sources"
-        if not objective_spec(cfg.train.objective).packs_windows:
+        if not packs:
             key = "data.seq_len" if "seq_len" in str(exc) else "data.path"
         raise ConfigError(key, str(exc)) from None
+    if not packs and sources.held_out:  # every held-out pair fits a row too
+        try:
+            objective.evaluator(list(sources.held_out), 0, cfg.parallel.dp, None)
+        except ValueError as exc:
+            raise ConfigError("data.eval_sources[0].path", str(exc)) from None
     if source is not None:
         from dist_llama.weights.load import check_source
 
@@ -141,9 +148,10 @@ def open_sources(cfg: Config, tokenizer) -> DataSources:
     train = [open_one(spec, f"data.sources[{i}].path" if cfg.data.sources else "data.path")
              for i, spec in enumerate(sources_of(cfg))]
     _check_kinds(cfg, train)
-    if not objective_spec(cfg.train.objective).packs_windows:  # e.g. pairs: no held-out part
-        return DataSources(train, [])
     held_out = [open_one(spec, f"data.eval_sources[{i}].path") for i, spec in enumerate(cfg.data.eval_sources or [])]
+    if not objective_spec(cfg.train.objective).packs_windows:  # e.g. pairs: held out only as a dataset of their own
+        _check_kinds(cfg, held_out, "data.eval_sources[{}].path")
+        return DataSources(train, held_out)
     if 0 < cfg.data.eval_fraction < 1 and not held_out:  # other values: validate names the key
         unsplit = []
         for source in train:
@@ -158,13 +166,13 @@ def open_sources(cfg: Config, tokenizer) -> DataSources:
     return DataSources(train, held_out)
 
 
-def _check_kinds(cfg: Config, sources: list[Source]) -> None:
+def _check_kinds(cfg: Config, sources: list[Source], key: str | None = None) -> None:
     """Data of the kind the objective reads (sft: chat, its loss mask; dpo: preference pairs), else exit 2."""
     need = objective_spec(cfg.train.objective).data_kind
     for i, s in enumerate(sources):
         kind = getattr(s.data, "kind", "text")
         if need is not None and kind != need:
-            raise ConfigError(f"data.sources[{i}].path" if cfg.data.sources else "data.path",
+            raise ConfigError(key.format(i) if key else f"data.sources[{i}].path" if cfg.data.sources else "data.path",
                               f"train.objective={cfg.train.objective} needs data prepared with dist-llama-prepare "
                               f"--format {need}; {s.name!r} is {kind} data")
 

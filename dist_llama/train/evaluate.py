@@ -15,7 +15,6 @@ import torch
 
 from dist_llama.data.heldout import eval_batches
 from dist_llama.data.loader import Source
-from dist_llama.train.step import Batch, StepStrategy
 
 
 class Evaluator:
@@ -29,14 +28,14 @@ class Evaluator:
         self.interval, self.total_steps, self.tokens = interval, total_steps, tokens
         self.reset_positions, self.loss_mask = reset_positions, loss_mask
         self.dp_rank, self.dp_size, self.device = dp_rank, dp_size, device
-        self._batches: dict[tuple[str, int, int], list[Batch]] = {}
+        self._batches: dict[tuple[str, int, int], list[dict]] = {}
         """This rank's batches by (source, seq_len, global batch): read once, the same every time."""
 
     def due(self, step: int) -> bool:
         """Whether to validate after `step` (every interval, and at the last step)."""
         return bool(self.sources) and self.interval > 0 and (step % self.interval == 0 or step == self.total_steps)
 
-    def batches(self, source: Source, seq_len: int, global_batch_size: int) -> list[Batch]:
+    def batches(self, source: Source, seq_len: int, global_batch_size: int) -> list[dict]:
         key = (source.name, seq_len, global_batch_size)
         if key not in self._batches:
             self._batches[key] = [{k: v.to(self.device) for k, v in b.items()} for b in eval_batches(
@@ -44,8 +43,9 @@ class Evaluator:
                 self.reset_positions, self.loss_mask)]
         return self._batches[key]
 
-    def evaluate(self, step: StepStrategy, seq_len: int, global_batch_size: int) -> dict:
-        """{val_loss: mean over every counted held-out token, val_loss_by_source: {name: mean}}. Collective."""
+    def evaluate(self, step, seq_len: int, global_batch_size: int) -> dict:
+        """step: the StepStrategy (train/step.py; not imported: objectives choose their evaluator).
+        {val_loss: mean over every counted held-out token, val_loss_by_source: {name: mean}}. Collective."""
         sums = {}
         for source in self.sources:
             loss, count = 0.0, 0

@@ -161,7 +161,7 @@ class _Step:
         if self.objective.metric_names:
             stats = self.objective.stats.clone()
             dist.all_reduce(stats, group=self.dp_group)  # tensor-parallel ranks hold the same values
-            self.metrics = dict(zip(self.objective.metric_names, (stats / max(n_tokens, 1)).tolist()))
+            self.metrics = self.objective.summarize(stats, n_tokens)
         for group in self.loss_groups:
             dist.all_reduce(local, group=group)
         return local / (self.scale * n_tokens) if n_tokens else local

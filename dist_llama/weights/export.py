@@ -47,6 +47,11 @@ def hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: Optional[int], eos_id
         "initializer_range": 0.02, "use_cache": True, "torch_dtype": "bfloat16" if dtype == torch.bfloat16 else "float32",
         "bos_token_id": bos_id, "eos_token_id": eos_id, "rope_scaling": None,
     }
+    if args.score_head:  # a reward model: transformers' sequence classifier, one label
+        # HF reads the score at the last token that is not pad_token_id: BOS starts sequences but
+        # never ends one (EOS may: Llama 2's turns end with </s>).
+        config.update(architectures=["LlamaForSequenceClassification"], num_labels=1,
+                      id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, pad_token_id=bos_id if bos_id is not None else 0)
     if args.use_scaled_rope:
         config["rope_scaling"] = {"rope_type": "llama3", "factor": args.rope_scale_factor,
                                   "low_freq_factor": args.rope_low_freq_factor,
@@ -121,6 +126,9 @@ META_ROPE_CONSTANTS = {"rope_low_freq_factor": 1.0, "rope_old_context_len": 8192
 def meta_params(args: ModelArgs) -> dict:
     """Meta's params.json of `args`: every scaling value its convention holds (use_scaled_rope,
     rope_scaling_factor, rope_high_freq_factor); WeightsError naming a value it cannot hold."""
+    if args.score_head:
+        raise WeightsError("--format meta: this is a reward model (a score head), which Meta's format has no "
+                           "place for; export --format hf (LlamaForSequenceClassification)")
     params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.kv_heads,
               "vocab_size": args.vocab_size, "multiple_of": args.multiple_of,
               "ffn_dim_multiplier": args.ffn_dim_multiplier, "norm_eps": args.norm_eps,

@@ -39,6 +39,9 @@ def check_source(source, args: ModelArgs) -> None:
         if ours != theirs:
             key = "model.n_kv_heads" if field == "kv_heads" else f"model.{field}"
             raise ConfigError(key, f"checkpoint has {theirs}, config has {ours} (checkpoint.init_from={source.path})")
+    if source.args.score_head and not args.score_head:
+        raise ConfigError("checkpoint.init_from", f"{source.path} is a reward model (a score head, no output "
+                          "projection): only train.objective=reward can start from it")
     if ffn_hidden_dim(args) != ffn_hidden_dim(source.args):
         raise ConfigError("model.ffn_dim_multiplier", f"checkpoint's FFN hidden size is {ffn_hidden_dim(source.args)}, "
                           f"the config's (ffn_dim_multiplier={args.ffn_dim_multiplier}, multiple_of="
@@ -50,12 +53,21 @@ def _local_box(param: DTensor) -> tuple[slice, ...]:
     return tuple(slice(o, o + s) for o, s in zip(offset, shape))
 
 
+def new_head(source, args: ModelArgs) -> bool:
+    """Whether a model with `args` started from `source` gets a newly initialised score head (a
+    reward model from a language model)."""
+    return args.score_head and not source.args.score_head
+
+
 @torch.no_grad()
 def load_into(part: nn.Module, source) -> None:
-    """Copy the source's values into every parameter of `part` (plain or sharded, any dtype).
+    """Copy the source's values into every parameter of `part` (plain or sharded, any dtype); a
+    reward model's score head keeps its initialisation when the source has none.
     WeightsError (naming file and tensor) for a value that is not finite: each rank checks what it
     read, so the caller must agree on the outcome across ranks."""
     params = {canonical_name(name): p for name, p in part.named_parameters()}
+    if "score.weight" not in source.names():  # a reward model from a language model: the head stays new
+        params.pop("score.weight", None)
     if isinstance(source, DCPSource):
         import torch.distributed.checkpoint as dcp
 

@@ -33,8 +33,11 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Every parameter of a model with these args, in dist_llama's names, and its shape."""
     head_dim = args.dim // args.n_heads
     hidden = ffn_hidden_dim(args)
-    shapes = {"tok_embeddings.weight": (args.vocab_size, args.dim), "norm.weight": (args.dim,),
-              "output.weight": (args.vocab_size, args.dim)}
+    shapes = {"tok_embeddings.weight": (args.vocab_size, args.dim), "norm.weight": (args.dim,)}
+    if args.score_head:  # a reward model
+        shapes["score.weight"] = (1, args.dim)
+    else:
+        shapes["output.weight"] = (args.vocab_size, args.dim)
     for i in range(args.n_layers):
         p = f"layers.{i}."
         shapes.update({
@@ -119,7 +122,8 @@ class HFSource:
             if not key.endswith("rotary_emb.inv_freq"):  # derived, not a parameter
                 # a key that is not one of ours keeps its own name, so the check can name it
                 self._hf_names[meta_name(key) or key] = key
-        if "output.weight" not in self._hf_names and "tok_embeddings.weight" in self._hf_names:
+        if "output.weight" not in self._hf_names and "tok_embeddings.weight" in self._hf_names \
+                and not self.args.score_head:
             self._hf_names["output.weight"] = self._hf_names["tok_embeddings.weight"]  # tied embeddings
         self.tokenizer = _hf_tokenizer(path)
 

@@ -89,6 +89,18 @@ class Objective:
             out = model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"], **step.model_kwargs())
         return step.loss(out, mb["labels"])
 
+    def summarize(self, stats: torch.Tensor, n_items: int) -> dict:
+        """The step's metrics from the global sums of metric_names: their means over the items."""
+        return dict(zip(self.metric_names, (stats / max(n_items, 1)).tolist()))
+
+    def evaluator(self, held_out: list, dp_rank: int, dp_size: int, device: torch.device):
+        """Validation on the held-out sources (train/evaluate.py: the loss on their first windows)."""
+        from dist_llama.train.evaluate import Evaluator
+
+        cfg = self.cfg
+        return Evaluator(held_out, cfg.train.eval_interval, cfg.train.steps, cfg.train.eval_tokens,
+                         cfg.data.reset_positions, dp_rank, dp_size, device, loss_mask=self.loss_mask)
+
     def reset(self, device: torch.device) -> None:
         """A new step (or evaluation) begins: its metric sums start at zero."""
         if self.metric_names:
