@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Post-training on 2 gloo ranks: pretrain, then SFT on chat data, then DPO on preference pairs,
+# Post-training on 2 gloo ranks: pretrain, then SFT on chat data, then DPO and a reward model on preference pairs,
 # each started from the previous run (checkpoint.init_from), resumable, and answers in the chat
 # template. TOKENIZER must have a chat template the data needs: a Llama 3 tokenizer (headers,
 # <|eot_id|>) or any other (Llama 2's [INST] format, e.g. "byte").
@@ -22,5 +22,11 @@ dist-llama-prepare --tokenizer "$TOKENIZER" --format preference --out "$RUNS/dat
 "${TRAIN[@]}" train.objective=dpo checkpoint.init_from="$RUNS/sft" data.path="$RUNS/data/prefs" \
     train.dpo.beta=0.1 train.dpo.nll_coef=0.2 train.dpo.mask_special=true \
     train.steps=40 optim.lr=1e-4 optim.warmup_steps=5 train.run_dir="$RUNS/dpo"
+
+# A reward model from the same SFT weights (a new scalar head), on the same pairs; its accuracy on them.
+# With "rating" fields in PREFS, train.reward.margin=small|large adds Llama 2's margins.
+"${TRAIN[@]}" train.objective=reward checkpoint.init_from="$RUNS/sft" data.path="$RUNS/data/prefs" \
+    train.steps=40 optim.lr=1e-4 optim.warmup_steps=5 train.run_dir="$RUNS/reward"
+dist-llama-score --checkpoint "$RUNS/reward" --input "$PREFS" | tail -n 1
 
 dist-llama-generate --checkpoint "$RUNS/dpo" --tokenizer "$TOKENIZER" --chat --prompt "say red" --max-new-tokens 16

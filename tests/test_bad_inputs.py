@@ -107,6 +107,17 @@ ROWS = [
      {"p.jsonl": jsonl(RECORD, {**RECORD, "rejected": " Yes. "})}, "p.jsonl:2: 'chosen' and 'rejected' are the same"),
     ("prepare-pair-empty", "prepare", [*P, "--format", "preference", "{tmp}/p.jsonl"],
      {"p.jsonl": jsonl({**RECORD, "chosen": "  "})}, "p.jsonl:1: 'chosen' is empty"),
+    ("prepare-pair-no-rejected", "prepare", [*P, "--format", "preference", "{tmp}/p.jsonl"],
+     {"p.jsonl": jsonl(RECORD, {k: v for k, v in RECORD.items() if k != "rejected"})}, "p.jsonl:2: no key 'rejected'"),
+    ("prepare-pair-unknown-rating", "prepare", [*P, "--format", "preference", "{tmp}/p.jsonl"],
+     {"p.jsonl": jsonl({**RECORD, "rating": "much better"})}, "p.jsonl:1: unknown rating 'much better' (allowed:"),
+    ("prepare-ranked-row-of-one", "prepare", [*P, "--format", "preference", "{tmp}/p.jsonl"],
+     {"p.jsonl": jsonl({"prompt": RECORD["prompt"], "responses": ["Yes."]})},
+     "p.jsonl:1: 'responses' must list at least two responses"),
+    ("prepare-pair-margin-text", "prepare", [*P, "--format", "preference", "{tmp}/p.jsonl"],
+     {"p.jsonl": jsonl({**RECORD, "margin": "big"})}, "p.jsonl:1: 'margin' must be a finite number"),
+    ("score-bad-record", "score", ["--checkpoint", "{tmp}", "--input", "{tmp}/p.jsonl"], {"p.jsonl": "{oops\n"},
+     "--checkpoint"),
     ("prepare-shard-tokens-nan", "prepare", [*P, "--shard-tokens", "nan", "{tmp}/t.jsonl"], {"t.jsonl": '{"text": "a"}\n'},
      "--shard-tokens"),
     ("prepare-shard-tokens-zero", "prepare", [*P, "--shard-tokens", "0", "{tmp}/t.jsonl"], {"t.jsonl": '{"text": "a"}\n'},
@@ -186,6 +197,8 @@ def _main(command: str):
         from dist_llama.launch.slurm import main
     elif command == "generate":
         from dist_llama.generate import main
+    elif command == "score":
+        from dist_llama.score import main
     else:
         from dist_llama.weights.export import main
     return main

@@ -242,3 +242,90 @@ def test_reward_refuses_pipeline_and_context_parallel_naming_the_key(rated):
         resolve_config(DEBUG, [*TINY, *rated.overrides, "train.reward.margin=huge"], 1)
     with pytest.raises(ConfigError, match="train.eval_interval"):  # validation needs held-out pairs
         resolve_config(DEBUG, [*TINY, *rated.overrides, "train.eval_interval=5"], 1)
+
+
+def _held_out_sequences(rated) -> list[list[int]]:
+    from dist_llama.data.dataset import TokenDataset
+
+    data = TokenDataset.open(rated.dir / "heldout")
+    bounds = [*map(int, data.doc_starts), len(data)]
+    return [data.tokens(bounds[d], bounds[d + 1]).tolist() for d in range(data.n_docs)]
+
+
+def _score_cli(argv, capsys) -> tuple[int, list[dict]]:
+    from dist_llama.score import main
+
+    code = main(argv)
+    out = capsys.readouterr().out
+    return code, [json.loads(line) for line in out.splitlines()]
+
+
+@pytest.mark.timeout(240)
+def test_reward_run_from_a_language_model_scores_exports_and_reads_back(rated, tmp_path, capsys):
+    """LM run → reward run (init_from: a new head) → dist-llama-score → HF export: transformers'
+    AutoModelForSequenceClassification scores what dist_llama scores; init_from of the export too."""
+    from transformers import AutoModelForSequenceClassification
+
+    from dist_llama.model import Transformer
+    from dist_llama.model.reward import score_sequences
+    from dist_llama.weights import open_weights
+    from dist_llama.weights.export import main as export
+    from dist_llama.weights.load import load_into
+
+    base = [*TINY, *rated.overrides]
+    lm = tmp_path / "lm"
+    train(1, *base, "train.objective=pretrain", "train.steps=2", f"train.run_dir={lm}")
+    run = tmp_path / "reward"
+    train(2, *base, "parallel.dp_shard=2", "train.steps=6", f"checkpoint.init_from={lm}", f"train.run_dir={run}")
+    events = [json.loads(line) for line in open(run / "events.jsonl")]
+    assert [e["path"] for e in events if e["event"] == "score_head_initialised"] == [str(lm / "checkpoints" / "step-00000002")]
+
+    code, lines = _score_cli(["--checkpoint", str(run), "--input", str(rated.dir / "heldout.jsonl"), "--json"], capsys)
+    assert code == 0 and len(lines) == 65
+    *records, summary = lines
+    assert summary["pairs"] == 64
+    assert summary["accuracy"] == sum(r["correct"] for r in records) / 64
+
+    out = tmp_path / "hf"
+    assert export(["--checkpoint", str(run), "--out", str(out)]) == 0
+    hf = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert type(hf).__name__ == "LlamaForSequenceClassification" and hf.config.num_labels == 1
+    seqs = _held_out_sequences(rated)
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [hf.config.pad_token_id] * (width - len(s)) for s in seqs])
+    mask = (torch.arange(width)[None] < torch.tensor([len(s) for s in seqs])[:, None]).long()
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, attention_mask=mask).logits[:, 0].view(-1, 2)
+    ours = torch.tensor([[r["chosen"], r["rejected"]] for r in records])
+    assert (theirs - ours).abs().max() <= 1e-5, (theirs - ours).abs().max()
+
+    source = open_weights(out)  # what checkpoint.init_from reads
+    assert source.args.score_head
+    model = Transformer(source.args)
+    model.init_weights(99)  # nothing of it may survive the load
+    load_into(model, source)
+    again = score_sequences(model.eval(), seqs).view(-1, 2)
+    assert (again - ours).abs().max() <= 1e-5
+
+
+@pytest.mark.timeout(120)
+def test_score_bad_inputs_are_one_line_exit_2(rated, tmp_path, capsys):
+    from dist_llama.score import main
+
+    lm = tmp_path / "lm"
+    train(1, *TINY, *rated.overrides, "train.objective=pretrain", "train.steps=1", f"train.run_dir={lm}")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": [{"role": "user", "content": "say red"}], "chosen": "red"}) + "\n")
+    cases = [(["--checkpoint", str(lm), "--input", str(bad)], "is a language model, not a reward model"),
+             (["--checkpoint", str(tmp_path / "nope"), "--input", str(bad)], "--checkpoint: no such file")]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_pair_longer_than_seq_len_names_its_file_and_line(rated):
+    from dist_llama.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.seq_len: .*train\.jsonl:1: the preference pair has \d+ tokens"):
+        resolve_config(DEBUG, [*TINY, *rated.overrides, "data.seq_len=16"], 1)
