@@ -169,8 +169,10 @@ def reference(rated):
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("layout", [(1,), (2, "parallel.dp_shard=2"), (2, "parallel.tp=2", "parallel.dp_shard=1")],
-                         ids=["1rank", "fsdp2", "tp2"])
+@pytest.mark.parametrize("layout", [(1,), (2, "parallel.dp_shard=2"), (2, "parallel.tp=2", "parallel.dp_shard=1"),
+                                    (2, "parallel.engine=ddp", "parallel.dp_replicate=2", "parallel.dp_shard=1"),
+                                    (2, "parallel.engine=deepspeed", "parallel.zero_stage=2", "parallel.dp_shard=2")],
+                         ids=["1rank", "fsdp2", "tp2", "ddp2", "zero2"])
 def test_first_step_loss_equals_transformers_and_trl(rated, reference, layout, tmp_path):
     formula, trl, mean_margin, accuracy = reference
     assert trl == pytest.approx(formula, rel=1e-6)  # the two references agree
@@ -329,3 +331,20 @@ def test_a_pair_longer_than_seq_len_names_its_file_and_line(rated):
 
     with pytest.raises(ConfigError, match=r"data\.seq_len: .*train\.jsonl:1: the preference pair has \d+ tokens"):
         resolve_config(DEBUG, [*TINY, *rated.overrides, "data.seq_len=16"], 1)
+
+
+@pytest.mark.timeout(200)
+def test_reward_run_resumes_bit_exact(rated, tmp_path):
+    """Stopped after the step-2 checkpoint and restarted: the same losses and weights as without a stop."""
+    import shutil
+
+    args = [*rated.overrides, "parallel.dp_shard=2", "train.steps=4", "checkpoint.interval=2",
+            "checkpoint.async_save=false"]
+    whole = tmp_path / "whole"
+    losses, params = train(2, *args, f"train.run_dir={whole}")
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-00000004")
+    resumed_losses, resumed = train(2, *args, f"train.run_dir={cut}")
+    assert resumed_losses == losses[2:]
+    assert all(torch.equal(resumed[k], params[k]) for k in params)
