@@ -90,7 +90,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    rank, world = init_ranks()
+    ranks = init_ranks()
+    rank, world = ranks.rank, ranks.world
     from dist_llama.lm_eval_model import DistLlamaLM
     from dist_llama.model.batch_generation import generate_batch
 
