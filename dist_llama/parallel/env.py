@@ -35,6 +35,13 @@ def before_fork() -> None:
     start: ~ProcessGroupGloo joins worker threads that exist only in this process, so the child
     waits in pthread_join forever (native stacks of CI's hung pipeline ranks). So: collect first,
     and refuse to fork beside a group that is still alive."""
+    import torch.distributed as dist
+
+    # The default group is checked directly: its gloo threads may not be running yet on a loaded
+    # machine, so their names alone would miss it.
+    if dist.is_available() and dist.is_initialized():
+        raise RuntimeError("this process still runs a gloo process group: destroy it and drop every reference "
+                           "to it before forking ranks, which would inherit it")
     if not _gloo_threads():
         return
     gc.collect()
