@@ -143,7 +143,6 @@ def test_scores_match_single_process(single, tmp_path, name, world, overrides):
     (["train.downstream_include_path=/nonexistent"], "train.downstream_include_path", "/nonexistent"),
     (["train.downstream_eval_interval=-1"], "train.downstream_eval_interval", "-1"),
     (["train.downstream_limit=0"], "train.downstream_limit", "0"),
-    (["train.objective=reward"], "train.downstream_eval_interval", "reward"),
 ])
 def test_config_errors_name_the_key(overrides, key, named, capsys, monkeypatch, tmp_path):
     from dist_llama.train.cli import main, resolve_config
@@ -156,6 +155,17 @@ def test_config_errors_name_the_key(overrides, key, named, capsys, monkeypatch, 
     assert main(["--config", DEBUG, *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and key in err[0] and named in err[0], err
+
+
+@pytest.mark.timeout(30)
+def test_a_reward_model_is_refused():
+    from dist_llama import config as config_lib
+    from dist_llama.config.data_plan import _validate_downstream
+
+    cfg = config_lib.to_object(config_lib.load(DEBUG, [*TINY, *ON, "train.objective=reward"]))
+    with pytest.raises(ConfigError) as exc:
+        _validate_downstream(cfg)
+    assert exc.value.key == "train.downstream_eval_interval" and "reward" in str(exc.value)
 
 
 @pytest.mark.timeout(60)

@@ -29,13 +29,13 @@ KEY = "train.downstream_tasks"
 def check_downstream(train) -> None:
     """Before any process group: the include path exists, every task is one lm-eval knows with its
     local data files on disk, and is multiple choice. ConfigError naming the key."""
-    from dist_llama.eval import check_tasks, task_manager
+    from dist_llama.eval import check_tasks
 
     offline()
     path = train.downstream_include_path
     if path is not None and not os.path.isdir(path):
         raise ConfigError("train.downstream_include_path", f"no such directory: {path}")
-    manager = task_manager(path)
+    manager = task_manager(path, train.downstream_tasks)
     check_tasks(list(train.downstream_tasks), manager, key=KEY)
     for name in train.downstream_tasks:
         entry = manager.task_index.get(name)
@@ -43,6 +43,18 @@ def check_downstream(train) -> None:
         if kind is not None and kind != "multiple_choice":
             raise ConfigError(KEY, f"task {name!r} is {kind}; only multiple_choice tasks are scored in the loop "
                                    "(use dist-llama-eval on a checkpoint for the others)")
+
+
+def task_manager(path, names):
+    """lm-eval's TaskManager over the include path alone when it holds every task named (indexing
+    lm-eval's thousands of own task files takes many seconds), else over both."""
+    from lm_eval.tasks import TaskManager
+
+    if path is not None:
+        local = TaskManager(include_path=path, include_defaults=False)
+        if set(names) <= set(local.all_tasks):
+            return local
+    return TaskManager(include_path=path)
 
 
 def request_batch(pairs: list[tuple[list[int], list[int]]], seq_len: int, rows: int, device: torch.device) -> dict:
@@ -86,12 +98,10 @@ class Downstream(Callback):
     def __init__(self, train, step, tokenizer, device: torch.device, watchdog):
         from lm_eval.tasks import get_task_dict
 
-        from dist_llama.eval import task_manager
-
         offline()
         self.interval, self.total_steps, self.limit = train.downstream_eval_interval, train.steps, train.downstream_limit
         self.step, self.tokenizer, self.device, self.watchdog = step, tokenizer, device, watchdog
-        self.tasks = get_task_dict(list(train.downstream_tasks), task_manager(train.downstream_include_path))
+        self.tasks = get_task_dict(list(train.downstream_tasks), task_manager(train.downstream_include_path, train.downstream_tasks))
 
     def due(self, step: int) -> bool:
         return self.interval > 0 and (step % self.interval == 0 or step == self.total_steps)
