@@ -1,6 +1,6 @@
 """In-loop downstream evaluation (train.downstream_*): the shipped multiple-choice task scored on the
 live model gives the log-likelihoods of a plain forward of the same weights through the one-process
-lm-eval model (≤ 1e-5), the same scores and log-likelihoods on dp2 x tp2 and pp2 as on one rank
+lm-eval model (≤ 1e-5), the same scores and log-likelihoods on dp2 x tp2, pp2 and cp2 as on one rank
 (≤ 1e-5), and training losses bit for bit the same with it on or off; bad settings exit 2 naming the
 key; logging.tensorboard writes the logged records' numbers as TensorBoard scalars."""
 
@@ -119,6 +119,7 @@ def test_downstream_changes_no_training_loss(single, tmp_path):
 LAYOUTS = [
     ("dp2_tp2", 4, ["parallel.dp_shard=2", "parallel.tp=2"]),
     ("pp2", 2, ["parallel.pp=2"]),
+    ("cp2", 2, ["parallel.cp=2"]),
 ]
 
 
