@@ -9,6 +9,7 @@ from typing import Optional
 
 from dist_llama.config.engines import engine_facts
 from dist_llama.config.errors import ConfigError
+from dist_llama.config.objectives import objective_spec
 from dist_llama.config.schema import Config, ParallelConfig, SourceConfig
 
 
@@ -150,6 +151,21 @@ def _validate_eval(cfg: Config) -> None:
     _require(t.eval_tokens > 0, "train.eval_tokens", f"must be positive, got {t.eval_tokens}")
     _require(t.eval_interval == 0 or held_out_of(cfg), "train.eval_interval",
              "validation needs held-out data: set data.eval_sources or data.eval_fraction > 0")
+    _validate_downstream(cfg)
+
+
+def _validate_downstream(cfg: Config) -> None:
+    """In-loop downstream scores (train/downstream.py). Whether the tasks exist and their data files
+    are on disk is checked once lm-eval is imported (train/cli.py)."""
+    t = cfg.train
+    _require(t.downstream_eval_interval >= 0, "train.downstream_eval_interval",
+             f"must be >= 0 (0 = never), got {t.downstream_eval_interval}")
+    _require(t.downstream_limit > 0, "train.downstream_limit", f"must be positive, got {t.downstream_limit}")
+    if t.downstream_eval_interval:
+        _require(bool(t.downstream_tasks), "train.downstream_tasks",
+                 "name at least one lm-eval task when train.downstream_eval_interval > 0")
+        _require(not objective_spec(t.objective).score_head, "train.downstream_eval_interval",
+                 f"must be 0 with train.objective={t.objective} (a reward model has no language-model head)")
 
 
 def _require(ok: bool, key: str, message: str) -> None:

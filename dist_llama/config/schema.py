@@ -198,6 +198,14 @@ class TrainConfig:
     """Validate on the held-out data every this many steps and at the last step (0 = never)."""
     eval_tokens: int = 65536
     """Input tokens evaluated per held-out source per validation (its first windows, in order)."""
+    downstream_eval_interval: int = 0
+    """Score train.downstream_tasks on the live model every this many steps and at the last step (0 = never): downstream/<task>/acc and acc_norm in the step record."""
+    downstream_tasks: List[str] = field(default_factory=list)
+    """lm-eval multiple-choice task names (lm-eval's own, or YAML files under train.downstream_include_path) scored in the loop."""
+    downstream_include_path: Optional[str] = None
+    """A directory of lm-eval task YAML files (e.g. tests/tasks) for train.downstream_tasks."""
+    downstream_limit: int = 100
+    """Documents scored per downstream task per evaluation (the first ones, the same every time)."""
     peak_flops: Optional[float] = None
     """Per-device peak FLOP/s for MFU; None = H100 dense BF16 on cuda, a matmul probe on cpu."""
     objective: str = "pretrain"
@@ -303,6 +311,8 @@ class LoggingConfig:
     """wandb project name."""
     console: bool = True
     """Print a progress line on rank 0 every log step."""
+    tensorboard: bool = False
+    """Write the step records' scalars (the same as wandb's) as TensorBoard event files in <run_dir>/tensorboard."""
 
 
 @dataclass

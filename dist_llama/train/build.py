@@ -227,6 +227,11 @@ def build_trainer(cfg: Config, env: DistEnv, sources) -> Trainer:
     callbacks = [HangReport(logger), Faults(faults, engine.parts), Validation(evaluator, step, watchdog),
                  RecordLog(logger, cfg.train.log_interval, cfg.train.steps)]
     t = cfg.train
+    if t.downstream_eval_interval:  # its scores join the record before RecordLog logs it
+        from dist_llama.data import build_tokenizer
+        from dist_llama.train.downstream import Downstream
+
+        callbacks.insert(3, Downstream(t, step, build_tokenizer(cfg.data.tokenizer), env.device, watchdog))
     if t.profile_steps or t.memory_snapshot_step is not None or t.memory_snapshot_on_oom:
         callbacks.append(StepProfiler(logger, run_dir, env.rank, env.device, t.profile_steps,
                                       t.memory_snapshot_step, t.memory_snapshot_on_oom))

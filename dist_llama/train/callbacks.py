@@ -73,8 +73,8 @@ class Validation(Callback):
 
 
 class RecordLog(Callback):
-    """The step record to metrics.jsonl, the console and wandb: every train.log_interval steps,
-    at the last step, and whenever it holds a validation."""
+    """The step record to metrics.jsonl, the console, wandb and TensorBoard: every
+    train.log_interval steps, at the last step, and whenever it holds a validation or downstream scores."""
 
     def __init__(self, logger: MetricsLogger, interval: int, total_steps: int):
         self.logger, self.interval, self.total_steps = logger, interval, total_steps
@@ -88,7 +88,7 @@ class RecordLog(Callback):
     def on_record(self, record: dict, result) -> None:
         self.steps += 1
         step = record["step"]
-        if step % self.interval == 0 or step == self.total_steps or "val_loss" in record:
+        if step % self.interval == 0 or step == self.total_steps or "val_loss" in record or "downstream_time_s" in record:
             elapsed = time.perf_counter() - self.started
             self.logger.log_step(record, eta_s=elapsed / self.steps * (self.total_steps - step))
 

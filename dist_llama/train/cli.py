@@ -114,6 +114,10 @@ def resolve_config(config_path: Optional[str], overrides: Sequence[str], world_s
         from dist_llama.weights.load import check_source
 
         check_source(source, cfg.model)  # the architecture (its tensors were checked when opened)
+    if cfg.train.downstream_eval_interval:
+        from dist_llama.train.downstream import check_downstream
+
+        check_downstream(cfg.train)
     check_run_dir(cfg)
     return cfg, sources
 

@@ -1,4 +1,4 @@
-"""Run-directory logs (metrics.jsonl, events.jsonl), the console line, and wandb.
+"""Run-directory logs (metrics.jsonl, events.jsonl), the console line, wandb and TensorBoard.
 
 Only rank 0 writes metrics; every rank may record events (each carries its rank).
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 WANDB_ID_FILE = "wandb_id.txt"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def peak_memory_gib(device, reserved: bool = False) -> float:
@@ -64,11 +65,16 @@ class MetricsLogger:
         self.total_steps = total_steps
         self.console = logging_cfg.console and rank == 0
         self.wandb = None
+        self.tensorboard = None
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             mode = os.environ.get("WANDB_MODE", logging_cfg.wandb_mode)
             if mode != "disabled":
                 self.wandb = _init_wandb(run_dir, mode, logging_cfg.wandb_project, config_dict)
+            if getattr(logging_cfg, "tensorboard", False):
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
 
     @property
     def wandb_id(self) -> Optional[str]:
@@ -80,6 +86,11 @@ class MetricsLogger:
         _append_jsonl(self.run_dir / "metrics.jsonl", record)
         if self.wandb is not None:
             self.wandb.log(_wandb_fields(record), step=record["step"])
+        if self.tensorboard is not None:  # wandb's fields, those that are numbers
+            for name, value in _wandb_fields(record).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(name, value, global_step=record["step"])
+            self.tensorboard.flush()  # a killed job keeps what it logged
         if self.console:
             mem = f"{record['mem_gib']:.2f} GiB" if "mem_gib" in record else "-"
             val = f"  val {record['val_loss']:.4f}" if "val_loss" in record else ""
@@ -106,6 +117,9 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
 
 def _wandb_fields(record: dict[str, Any]) -> dict[str, Any]:

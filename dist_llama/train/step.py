@@ -81,6 +81,11 @@ class StepStrategy(Protocol):
         """Forward only, no gradients, no state changed: (summed token loss, counted tokens) of the
         global batch. Collective."""
 
+    def evaluate_rows(self, batch: Batch) -> torch.Tensor:
+        """Forward only, as `evaluate`, of a global batch every rank holds whole (each data-parallel
+        rank runs its contiguous share of the rows): each row's summed token loss, on every rank.
+        Collective."""
+
 
 class _Step:
     """What both strategies share: counting, scaling, context parallel and loss parallel."""
@@ -98,6 +103,8 @@ class _Step:
         self.scale = 0.0
         """This step's factor on each item's loss: dp x cp / the global item count."""
         self.metrics: dict[str, float] = {}
+        self.per_row = False
+        """Whether `loss` returns each row's summed loss (evaluate_rows) instead of their total."""
 
     def count_tokens(self, batch: Batch) -> torch.Tensor:
         count = self.objective.count(batch)
@@ -133,6 +140,25 @@ class _Step:
     def _forward(self, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
 
+    def evaluate_rows(self, batch: Batch) -> torch.Tensor:
+        rows = len(batch["tokens"])
+        dp, dp_rank = dist.get_world_size(self.dp_group), dist.get_rank(self.dp_group)
+        share = rows // dp
+        local = {k: v[dp_rank * share : (dp_rank + 1) * share] for k, v in batch.items()}
+        scale, self.scale, self.per_row = self.scale, 1.0, True
+        try:
+            if self.cp > 1:
+                local = cp_shard_batch(local, self.cp_rank, self.cp)
+            with torch.no_grad(), loss_parallel_context(self.tp > 1):
+                losses = self._forward(local)
+        finally:
+            self.scale, self.per_row = scale, False
+        out = torch.zeros(rows, device=self.device)
+        out[dp_rank * share : (dp_rank + 1) * share] = losses
+        for group in self.loss_groups:  # dp ranks fill their rows, cp ranks add their tokens, the last stage gives
+            dist.all_reduce(out, group=group)
+        return out
+
     def autocast(self):
         """The one mixed-precision decision for every strategy: the engine's (autocast to its dtype,
         or nothing when it casts the weights itself or computes in fp32)."""
@@ -140,7 +166,11 @@ class _Step:
         return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     def loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The scaled summed loss of the model's output: logits, or with loss_chunk the hidden states."""
+        """The scaled summed loss of the model's output: logits, or with loss_chunk the hidden states
+        (with `per_row`: each row's)."""
+        return self._row_losses(out, labels) if self.per_row else self._loss_sum(out, labels)
+
+    def _loss_sum(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # In fp32 whatever the compute dtype (the pipeline schedule calls this inside autocast).
         with torch.autocast(self.device.type, enabled=False):
             if self.loss_chunk:
@@ -149,6 +179,10 @@ class _Step:
             else:
                 total = token_loss_sum(out, labels, ignore_index=IGNORE_INDEX)
             return total * self.scale
+
+    def _row_losses(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Each row's summed loss (the same token loss, one row at a time)."""
+        return torch.stack([_local(self._loss_sum(out[i : i + 1], labels[i : i + 1])) for i in range(len(labels))])
 
     def _head_part(self) -> torch.nn.Module:
         """The model part that holds the output projection."""
@@ -198,6 +232,8 @@ class MicroBatchStep(_Step):
         # The engine's wrapper is called as in training (DDP skips its reducer under no_grad,
         # FSDP gathers and frees as usual); no grad_sync: nothing reaches the gradients.
         (model,) = self.engine.parts
+        if self.per_row:  # the language model's token loss, whatever the objective
+            return torch.cat([Objective.micro_loss(self.objective, self, model, mb) for mb in self.micro_batches(batch)])
         loss_acc = torch.zeros((), device=self.device)
         for mb in self.micro_batches(batch):
             loss_acc += _local(self.objective.micro_loss(self, model, mb))
@@ -256,10 +292,13 @@ class PipelineStep(_Step):
         with self.autocast():
             getattr(schedule, method)(*args, target=target, losses=losses, doc_ids=batch["doc_ids"],
                                       positions=batch["positions"], **self.model_kwargs(), **extra)
-        return self._sum(losses)
+        return self._sum(losses, len(batch["tokens"]))
 
-    def _sum(self, losses: list[torch.Tensor]) -> torch.Tensor:
-        """The micro-batch losses of the last stage; zero on the other stages."""
+    def _sum(self, losses: list[torch.Tensor], rows: int) -> torch.Tensor:
+        """The micro-batch losses of the last stage; zero on the other stages (with `per_row`: the
+        rows' losses in order)."""
+        if self.per_row:
+            return torch.cat(losses) if self.has_last_stage else torch.zeros(rows, device=self.device)
         if not self.has_last_stage:
             return torch.zeros((), device=self.device)
         return torch.stack([_local(loss.detach()) for loss in losses]).sum()
