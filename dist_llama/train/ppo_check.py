@@ -29,6 +29,10 @@ def check_reward_model(cfg, key: str, path: str, tokenizer) -> None:
         source = open_weights(path, max_seq_len=cfg.model.max_seq_len)
     except WeightsError as exc:
         raise ConfigError(key, str(exc)) from None
+    theirs = tokenizer_mismatch(source, tokenizer)
+    if theirs is not None:
+        raise ConfigError(key, f"{path} was trained with another tokenizer, {theirs}, than the policy's "
+                          f"data.tokenizer={cfg.data.tokenizer}")
     if not source.args.score_head:
         raise ConfigError(key, f"{path} is a language model, not a reward model (no score head): train one with "
                           "train.objective=reward")
@@ -39,10 +43,6 @@ def check_reward_model(cfg, key: str, path: str, tokenizer) -> None:
     except ConfigError as exc:
         raise ConfigError(key, f"{path} is not a model of the policy's architecture{value}: {exc.message.split(' (')[0]} "
                           f"for {exc.key}") from None
-    theirs = tokenizer_mismatch(source, tokenizer)
-    if theirs is not None:
-        raise ConfigError(key, f"{path} was trained with another tokenizer, {theirs}, than the policy's "
-                          f"data.tokenizer={cfg.data.tokenizer}")
 
 
 def check_ppo_inputs(cfg, tokenizer) -> None:
