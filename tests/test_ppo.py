@@ -3,7 +3,7 @@ rule (train.ppo.reward_fn, tests/ppo_rewards.py: the share of the target word in
 a reward model (a LlamaForSequenceClassification directory written here):
 
 - one PPO iteration (two mini-batches: one update inside the iteration, one by the trainer) gives the
-  same policy and value weights on 1 rank, FSDP-2 and tp2 (≤ 1e-5);
+  same policy and value weights on 1 rank, FSDP-2, tp2 and DDP-2 (≤ 1e-5);
 - learns: over 30 iterations the mean reward of the last five is above the first five's by 0.15
   while the KL to the reference stays below 8 nats per response (1 nat a token; β = 0.3);
 - a run stopped after iteration 2 and resumed equals the uninterrupted 4-iteration run bit for bit
@@ -67,16 +67,17 @@ def ppo_run(world_size, overrides):
     return run_ranks(_run, world_size, overrides, world_size, timeout=200)[0]
 
 
-def test_one_iteration_is_the_same_on_one_rank_fsdp2_and_tp2(prompts, tmp_path):
+def test_one_iteration_is_the_same_on_one_rank_fsdp2_tp2_and_ddp2(prompts, tmp_path):
     _, data = prompts
     base = [*data, *RULE, "train.steps=1", "checkpoint.enabled=false"]
     one = ppo_run(1, [*base, f"train.run_dir={tmp_path / 'one'}"])
     fsdp = ppo_run(2, [*base, f"train.run_dir={tmp_path / 'fsdp'}"])
     tp = ppo_run(2, [*base, f"train.run_dir={tmp_path / 'tp'}", "parallel.tp=2"])
+    ddp = ppo_run(2, [*base, f"train.run_dir={tmp_path / 'ddp'}", "parallel.engine=ddp"])
     (h1, p1) = one
     assert any(k.startswith("value_model.") for k in p1) and "output.weight" in p1
     assert h1[0]["approx_kl"] > 0  # the second mini-batch ran on weights the first one updated
-    for (h, p) in (fsdp, tp):
+    for (h, p) in (fsdp, tp, ddp):
         assert h[0]["response_len"] == h1[0]["response_len"] and h[0]["reward_raw"] == pytest.approx(
             h1[0]["reward_raw"], abs=1e-6)  # the same rollouts
         assert h[0]["loss"] == pytest.approx(h1[0]["loss"], rel=1e-5, abs=1e-6)
