@@ -192,3 +192,22 @@ def test_bad_inputs_exit_2_naming_the_key(prompts, tmp_path, case, capsys):
     assert len(err) == 1 and f"{key}:" in err[0], err
     assert WHAT[case] in err[0], err
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.ppo.mini_batch_size=5", "train.ppo.mini_batch_size"),
+    ("train.ppo.clip=0", "train.ppo.clip"),
+    ("train.ppo.lam=1.5", "train.ppo.lam"),
+    ("train.ppo.max_new_tokens=32", "train.ppo.max_new_tokens"),
+    ("train.ppo.reward_fn=no_colon", "train.ppo.reward_fn"),
+    ("train.ppo.reward_fn=ppo_rewards:missing", "train.ppo.reward_fn"),
+    ("train.ppo.value_init=reward", "train.ppo.value_init"),
+    ("train.ppo.value_init=other", "train.ppo.value_init"),
+])
+def test_settings_are_validated_naming_the_key(prompts, tmp_path, override, key):
+    from dist_llama.config import ConfigError
+
+    _, data = prompts
+    with pytest.raises(ConfigError) as exc:
+        resolve_config(DEBUG, [*data, *RULE, override, f"train.run_dir={tmp_path / 'run'}"], 1)
+    assert exc.value.key == key, exc.value
