@@ -87,6 +87,15 @@ def test_one_iteration_is_the_same_on_one_rank_fsdp2_tp2_and_ddp2(prompts, tmp_p
             assert err <= 1e-5, (k, err.item())
 
 
+def test_one_mini_batch_starts_at_ratio_one_and_no_old_new_kl(prompts, tmp_path):
+    """The whole batch as one mini-batch: the update's forward is the rollout policy itself."""
+    _, data = prompts
+    history, _ = ppo_run(1, [*data, *RULE, "train.ppo.mini_batch_size=16", "train.steps=1",
+                             "checkpoint.enabled=false", f"train.run_dir={tmp_path / 'run'}"])
+    (h,) = history
+    assert h["ratio"] == 1.0 and h["approx_kl"] == 0.0 and h["clip_frac"] == 0.0 and h["kl"] == 0.0
+
+
 def test_learns_the_target_word_with_bounded_kl(prompts, tmp_path):
     _, data = prompts
     history, _ = ppo_run(1, [*data, *RULE, "train.steps=30", "checkpoint.enabled=false",
