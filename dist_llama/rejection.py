@@ -129,19 +129,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                       f"model's max_seq_len {model.args.max_seq_len}")
         identity = job_identity(args, {"policy": str(source.path), "reward": args.reward,
                                        "reward_safety": args.reward_safety}, args.prompts)
-        rank, world = init_ranks()
+        if args.tp > 1:
+            raise ConfigError("--tp", "rejection sampling holds the policy and reward models whole on every rank "
+                                      "(--tp 1)")
+        ranks = init_ranks()
         from dist_llama.data.chat import template_for
 
         template, stops = template_for(tokenizer), stop_ids(tokenizer)
         pad = tokenizer.bos_id if tokenizer.bos_id is not None else 0
         counts = run_blocks(prompts, Path(args.out), identity, args.batch_prompts,
                             lambda block: score_block(sample_block(policy, tokenizer, block, args, stops), rewards,
-                                                      template, pad), rank, world)
+                                                      template, pad), ranks)
     except ConfigError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    report(counts, rank)
-    if rank == 0:
+    report(counts, ranks.rank)
+    if ranks.rank == 0:
         best = best_answers(Path(args.out), args.keep_best_of, _unsafe_marks(args.prompts), args.safety_threshold)
         Path(args.sft_out).write_text("".join(json.dumps(b) + "\n" for b in best))
         print(f"{PROG}: {len(best)} best answers in {args.sft_out}; mean best score "

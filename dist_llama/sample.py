@@ -13,9 +13,11 @@ assistant's turn (a final assistant message, as in chat training data, is left o
 The prompts are cut into blocks of --batch-prompts, each generated as one batch (the K samples of
 a prompt share its prefill: model/batch_generation.py); block b runs on rank b mod world size, and
 sample j of prompt i draws from a generator seeded by (--seed, i, j). So the file is the same for
-any number of ranks. Each finished block is written atomically to OUT.parts/; a restarted job skips
+any number of ranks (for a given --tp). Each finished block is written atomically to OUT.parts/; a restarted job skips
 the blocks already there, and rank 0 joins them into OUT at the end: byte-identical to an
-uninterrupted run. Every rank holds the whole model (replicated).
+uninterrupted run. Every rank holds the whole model (replicated), or with --tp N each group of N
+ranks holds one copy sharded Megatron-style (parallel/tensor.py apply_tp_inference), each rank
+reading only its slices of the weights.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ def add_sampling_flags(ap) -> None:
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold, in (0, 1]")
     ap.add_argument("--seed", type=int, default=0, help="sample j of prompt i draws with a generator seeded by (seed, i, j)")
     ap.add_argument("--batch-prompts", type=int, default=8, help="prompts generated together (a block)")
+    ap.add_argument("--tp", type=int, default=1,
+                    help="tensor-parallel degree: groups of this many ranks share one copy of the model (for a model "
+                         "one device cannot hold); the world size must be a multiple")
     ap.add_argument("--tokenizer", default=None, help="tokenizer spec; default: the checkpoint's")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
@@ -64,6 +69,9 @@ def check_sampling_flags(args) -> None:
 
     if args.samples < 1:
         raise ConfigError("--samples", f"must be >= 1, got {args.samples}")
+    if args.tp < 1 or int(os.environ.get("WORLD_SIZE", "1")) % args.tp:
+        raise ConfigError("--tp", f"must be >= 1 and divide the number of ranks ({os.environ.get('WORLD_SIZE', '1')}), "
+                                  f"got {args.tp}")
     if args.batch_prompts < 1:
         raise ConfigError("--batch-prompts", f"must be >= 1, got {args.batch_prompts}")
     if args.max_new_tokens < 1:
@@ -168,14 +176,15 @@ def job_identity(args, checkpoint: dict, prompts_path: str) -> dict:
     """What decides the output: a restart with anything else must not reuse the finished blocks."""
     with open(prompts_path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
-    keys = ("samples", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "batch_prompts", "tokenizer")
+    keys = ("samples", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "batch_prompts", "tokenizer", "tp")
     return {"prompts_sha256": digest, **checkpoint, **{k: getattr(args, k) for k in keys}}
 
 
 def run_blocks(prompts: list[Prompt], out: Path, identity: dict, batch: int, make_block: Callable[[list[Prompt]], list[dict]],
-               rank: int, world: int) -> dict:
-    """Every block of this rank not yet in OUT.parts, written as it finishes; then (rank 0) OUT.
-    Returns this rank's counts {prompts, samples, tokens, seconds}."""
+               ranks: "Ranks") -> dict:
+    """Every block of this rank's group not yet in OUT.parts, written (by the group's first rank) as
+    it finishes; then (rank 0) OUT. Returns this rank's counts {prompts, samples, tokens, seconds}."""
+    rank, world = ranks.rank, ranks.world
     import torch.distributed as dist
     from tqdm import tqdm
 
@@ -191,13 +200,14 @@ def run_blocks(prompts: list[Prompt], out: Path, identity: dict, batch: int, mak
     if rank == 0 and not job.exists():
         _write_atomic(job, json.dumps(identity, indent=1) + "\n")
     blocks = [prompts[s : s + batch] for s in range(0, len(prompts), batch)]
-    mine = [b for b in range(rank, len(blocks), world) if not (parts / f"block-{b:06d}.jsonl").exists()]
+    mine = [b for b in range(ranks.group, len(blocks), ranks.groups) if not (parts / f"block-{b:06d}.jsonl").exists()]
     counts = {"prompts": 0, "samples": 0, "tokens": 0, "seconds": 0.0}
     t0 = time.perf_counter()
     bar = tqdm(mine, desc=f"{PROG} rank {rank}", unit="block", disable=rank != 0, file=sys.stderr)
     for b in bar:
         records = make_block(blocks[b])
-        _write_atomic(parts / f"block-{b:06d}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        if ranks.writes:
+            _write_atomic(parts / f"block-{b:06d}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         counts["prompts"] += len(records)
         counts["samples"] += sum(len(r["samples"]) for r in records)
         counts["tokens"] += sum(len(s["ids"]) for r in records for s in r["samples"])
@@ -219,8 +229,9 @@ def report(counts: dict, rank: int) -> None:
                      f"{counts['tokens']} tokens, {rate:.1f} tokens/s\n")  # one write: ranks' lines stay whole
 
 
-def load_policy(checkpoint: str, tokenizer_spec: Optional[str], device, dtype):
-    """(model, tokenizer, source) of a language model checkpoint; ConfigError naming the flag."""
+def load_policy(checkpoint: str, tokenizer_spec: Optional[str], device, dtype, load: bool = True):
+    """(model, tokenizer, source) of a language model checkpoint (model None unless `load`: the
+    caller shards it); ConfigError naming the flag."""
     from dist_llama.data import build_tokenizer
     from dist_llama.generate import load_model
     from dist_llama.weights import open_weights
@@ -243,6 +254,8 @@ def load_policy(checkpoint: str, tokenizer_spec: Optional[str], device, dtype):
     if tokenizer.vocab_size > source.args.vocab_size:
         raise ConfigError("--tokenizer", f"{tokenizer.name} has {tokenizer.vocab_size} ids, the model only "
                                          f"{source.args.vocab_size}")
+    if not load:
+        return None, tokenizer, source
     try:
         model = load_model(source, device, dtype, vocab=tokenizer.vocab_size)
     except ValueError as exc:
@@ -266,13 +279,52 @@ def check_lengths(prompts: list[Prompt], max_new_tokens: int, max_seq_len: int) 
                                               f"{max_new_tokens} new tokens exceeds the model's max_seq_len {max_seq_len}")
 
 
-def init_ranks() -> tuple[int, int]:
+@dataclass
+class Ranks:
+    """This process among the job's: rank and world size; its group (the ranks sharing one copy of
+    the model: --tp of them), the number of groups; whether it writes its group's blocks."""
+
+    rank: int = 0
+    world: int = 1
+    group: int = 0
+    groups: int = 1
+    writes: bool = True
+    tp_mesh: object = None
+
+
+def init_ranks(tp: int = 1, device_type: str = "cpu") -> Ranks:
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return int(os.environ.get("RANK", "0")), world
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    tp_mesh = None
+    if tp > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        tp_mesh = init_device_mesh(device_type, (world // tp, tp), mesh_dim_names=("dp", "tp"))["tp"]
+    return Ranks(rank, world, rank // tp, world // tp, rank % tp == 0, tp_mesh)
+
+
+def load_tensor_parallel(source, tp_mesh, device, dtype):
+    """The model sharded over `tp_mesh` for generation, each rank reading only its slices."""
+    import dataclasses
+
+    import torch
+
+    from dist_llama.model import Transformer
+    from dist_llama.parallel.tensor import apply_tp_inference
+    from dist_llama.weights.load import load_into
+
+    args = dataclasses.replace(source.args, attn_impl="sdpa")
+    with torch.device("meta"):
+        model = Transformer(args).to(dtype)
+    apply_tp_inference(model, tp_mesh)
+    model.to_empty(device=device)
+    model.init_buffers(device)
+    load_into(model, source)
+    return model.eval()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -284,18 +336,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         check_sampling_flags(args)
         device, dtype = device_and_dtype(args)
-        model, tokenizer, source = load_policy(args.checkpoint, args.tokenizer, device, dtype)
+        model, tokenizer, source = load_policy(args.checkpoint, args.tokenizer, device, dtype, load=args.tp == 1)
         prompts = read_prompts(args.prompts, tokenizer)
-        check_lengths(prompts, args.max_new_tokens, model.args.max_seq_len)
+        check_lengths(prompts, args.max_new_tokens, source.args.max_seq_len)
         identity = job_identity(args, {"checkpoint": str(source.path)}, args.prompts)
-        rank, world = init_ranks()
+        ranks = init_ranks(args.tp, device.type)
+        if args.tp > 1:
+            model = load_tensor_parallel(source, ranks.tp_mesh, device, dtype)
         stops = stop_ids(tokenizer)
         counts = run_blocks(prompts, Path(args.out), identity, args.batch_prompts,
-                            lambda block: sample_block(model, tokenizer, block, args, stops), rank, world)
+                            lambda block: sample_block(model, tokenizer, block, args, stops), ranks)
     except ConfigError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    report(counts, rank)
+    report(counts, ranks.rank)
     return 0
 
 

@@ -13,8 +13,9 @@ loss with margins, accuracy per rating, export as transformers' LlamaForSequence
 from __future__ import annotations
 
 import json
-import math
 import random
+import subprocess
+import sys
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from chatdata import COLOURS, FILLERS, word_tokenizer
+from conftest import ROOT
 from trainrun import DEBUG, TINY, train
 from dist_llama.testing import run_ranks
 # imported here, so that forked ranks start with them (the trainer's imports take seconds)
@@ -287,6 +289,11 @@ def test_reward_run_from_a_language_model_scores_exports_and_reads_back(rated, t
     *records, summary = lines
     assert summary["pairs"] == 64
     assert summary["accuracy"] == sum(r["correct"] for r in records) / 64
+
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "dist_llama.score", "--checkpoint", str(run), "--input", str(rated.dir / "heldout.jsonl"),
+                          "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert two.returncode == 0 and [json.loads(line) for line in two.stdout.splitlines()] == lines, two.stderr[-2000:]
 
     out = tmp_path / "hf"
     assert export(["--checkpoint", str(run), "--out", str(out)]) == 0

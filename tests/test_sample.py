@@ -250,3 +250,22 @@ def _save_byte_reward(path):
                                       tie_word_embeddings=False)
     transformers.LlamaForSequenceClassification(config).save_pretrained(path, safe_serialization=True)
     llama3_tokenizer(path / "tokenizer.json")
+
+
+@pytest.mark.timeout(300)
+def test_tensor_parallel_sampling(chat_models, tmp_path):
+    """--tp 2: each pair of ranks holds one sharded copy. Greedy answers equal one process's; sampled
+    files are the same for one tensor-parallel group (2 ranks) and two (4 ranks)."""
+    d, _ = chat_models
+    base = ["--checkpoint", str(d / "policy"), "--prompts", str(d / "prompts.jsonl"), "--max-new-tokens", "6",
+            "--batch-prompts", "4"]
+    greedy = [*base, "--temperature", "0"]
+    _run(_cmd("dist_llama.sample", *greedy, "--out", str(tmp_path / "plain.jsonl")))
+    _run(_cmd("dist_llama.sample", *greedy, "--tp", "2", "--out", str(tmp_path / "tp.jsonl"), nproc=2))
+    ids = [[s["ids"] for s in json.loads(line)["samples"]] for line in (tmp_path / "plain.jsonl").read_text().splitlines()]
+    assert ids == [[s["ids"] for s in json.loads(line)["samples"]]
+                   for line in (tmp_path / "tp.jsonl").read_text().splitlines()]
+    sampled = [*base, *SAMPLE[:6], "--tp", "2"]
+    _run(_cmd("dist_llama.sample", *sampled, "--out", str(tmp_path / "one_group.jsonl"), nproc=2))
+    _run(_cmd("dist_llama.sample", *sampled, "--out", str(tmp_path / "two_groups.jsonl"), nproc=4))
+    assert (tmp_path / "one_group.jsonl").read_bytes() == (tmp_path / "two_groups.jsonl").read_bytes()

@@ -198,17 +198,21 @@ def cached_attention_mask(start_pos: int, seqlen: int, device: torch.device) -> 
 
 class KVCache:
     """One layer's keys and values for positions 0..max_seq_len-1 (Meta's cache_k / cache_v):
-    [batch, max_seq_len, n_kv_heads, head_dim]. Inference on one process only."""
+    [batch, max_seq_len, kv heads, head_dim], allocated at the first update with the heads the
+    keys come with (all of them, or a tensor-parallel rank's share). Inference only."""
 
-    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
-        shape = (batch_size, max_seq_len, n_kv_heads, head_dim)
-        self.cache_k = torch.zeros(shape, dtype=dtype, device=device)
-        self.cache_v = torch.zeros(shape, dtype=dtype, device=device)
+    def __init__(self, batch_size: int, max_seq_len: int, dtype: torch.dtype, device: torch.device):
+        self.batch_size, self.max_seq_len, self.dtype, self.device = batch_size, max_seq_len, dtype, device
+        self.cache_k: Optional[torch.Tensor] = None
+        self.cache_v: Optional[torch.Tensor] = None
 
     def update(self, start_pos: int, xk: torch.Tensor, xv: torch.Tensor):
         """Store this call's keys and values at start_pos..; return those of positions 0.. so far."""
         bsz, seqlen = xk.shape[:2]
+        if self.cache_k is None:
+            shape = (self.batch_size, self.max_seq_len, *xk.shape[2:])
+            self.cache_k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.cache_v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.cache_k[:bsz, start_pos : start_pos + seqlen] = xk
         self.cache_v[:bsz, start_pos : start_pos + seqlen] = xv
         return self.cache_k[:bsz, : start_pos + seqlen], self.cache_v[:bsz, : start_pos + seqlen]
@@ -333,9 +337,7 @@ class Transformer(nn.Module):
     def new_cache(self, batch_size: int, max_seq_len: int) -> Dict[str, KVCache]:
         """An empty KVCache per layer (keyed like self.layers), on the weights' device and dtype."""
         wk = next(iter(self.layers.values())).attention.wk.weight
-        head_dim = self.args.dim // self.args.n_heads
-        return {key: KVCache(batch_size, max_seq_len, self.args.kv_heads, head_dim, wk.dtype, wk.device)
-                for key in self.layers}
+        return {key: KVCache(batch_size, max_seq_len, wk.dtype, wk.device) for key in self.layers}
 
     def param_init(self, name: str) -> Init:
         """How the parameter `name` starts: RMSNorm weights 1; tok_embeddings N(0, 1); wq/wk/wv/w1

@@ -135,6 +135,29 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool = True) 
         model.register_forward_hook(_unwrap_hidden_output)
 
 
+def apply_tp_inference(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Megatron-style tensor parallelism for generation, in place, on a whole (meta or full) model:
+    each rank holds its slice of the heads, hidden units and vocabulary rows; activations between
+    the projections are plain full tensors (no sequence parallelism, so one new token a step works),
+    the logits are gathered whole, and norms and a score head are replicated. The KV cache then holds
+    each rank's share of the key/value heads."""
+    tp = tp_mesh.size()
+    args = model.args
+    if args.n_heads % tp or args.kv_heads % tp:
+        raise ValueError(f"tensor parallel degree {tp} must divide n_kv_heads ({args.kv_heads}) and n_heads "
+                         f"({args.n_heads})")
+    plan = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())}
+    if model.output is not None:
+        plan["output"] = ColwiseParallel(output_layouts=Replicate())
+    parallelize_module(model, tp_mesh, plan)
+    block_plan = {"attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(),
+                  "attention.wv": ColwiseParallel(), "attention.wo": RowwiseParallel(),
+                  "feed_forward.w1": ColwiseParallel(), "feed_forward.w2": RowwiseParallel(),
+                  "feed_forward.w3": ColwiseParallel()}
+    for block in model.layers.values():
+        parallelize_module(block, tp_mesh, block_plan)
+
+
 def _replicate_head(head: nn.Module, tp_mesh: DeviceMesh) -> None:
     """A reward model's score head (dim → 1) whole on every TP rank: one output feature cannot be
     sharded. Its input, the sequence-sharded norm output, is gathered first; its output is a plain

@@ -17,7 +17,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from dist_llama.config import ConfigError
 from dist_llama.model.args import ModelArgs, ffn_hidden_dim
 from dist_llama.model.init import canonical_name
-from dist_llama.weights.sources import DCPSource
+from dist_llama.weights.sources import DCPSource, quiet_single_process_load
 from dist_llama.weights.validate import check_finite
 
 ARCHITECTURE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
@@ -72,8 +72,9 @@ def load_into(part: nn.Module, source) -> None:
         import torch.distributed.checkpoint as dcp
 
         # DCP reshards by itself: each rank reads the chunks its DTensor shards overlap.
-        dcp.load({DCPSource.PREFIX + name: p for name, p in params.items()}, storage_reader=source.reader,
-                 no_dist=True)
+        with quiet_single_process_load():
+            dcp.load({DCPSource.PREFIX + name: p for name, p in params.items()}, storage_reader=source.reader,
+                     no_dist=True)
         for name, param in params.items():
             check_finite(param.to_local() if isinstance(param, DTensor) else param, source.path, name)
         return

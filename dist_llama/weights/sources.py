@@ -10,8 +10,10 @@ it is checked: config.json / params.json values (validate.py), safetensors heade
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import warnings
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -293,6 +295,13 @@ def _args_from_meta_params(p: dict, max_seq_len: int, where: Path, vocab_from_we
 
 
 # --- dist_llama -----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet_single_process_load():
+    """DCP warns on every no_dist load that it assumes one process, which is what was asked for."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
 def _run_model(config: dict) -> tuple[ModelArgs, Optional[str]]:
     """The architecture and tokenizer a dist_llama run recorded in its config.yaml."""
     model = dict(config.get("model", {}))
@@ -332,7 +341,8 @@ class DCPSource:
 
         meta = self._meta[name]
         full = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-        dcp.load({self.PREFIX + name: full}, storage_reader=self.reader, no_dist=True)
+        with quiet_single_process_load():
+            dcp.load({self.PREFIX + name: full}, storage_reader=self.reader, no_dist=True)
         return check_finite(full[tuple(slice(a, b) for a, b in _box(full.shape, index))], self.path, name)
 
 
