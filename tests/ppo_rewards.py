@@ -11,3 +11,7 @@ def target_word(prompt_ids, response_ids) -> float:
     """A probability that rises with the share of the response's tokens that are the target word."""
     share = sum(t == TARGET_ID for t in response_ids) / max(len(response_ids), 1)
     return 0.1 + 0.8 * share
+
+
+def not_a_number(prompt_ids, response_ids) -> float:
+    return float("nan")

@@ -121,6 +121,41 @@ def test_resume_is_bit_exact(prompts, tmp_path):
     assert all(torch.equal(resumed_p[k], full_p[k]) for k in full_p)
 
 
+def _nan_run(overrides, world_size):
+    import torch.distributed as dist
+
+    from dist_llama.testing import gather_full_state_dict
+    from dist_llama.train.build import build_trainer as build
+    from dist_llama.parallel.env import init_distributed
+    from dist_llama.train.recovery import TrainingExit
+
+    cfg, sources = resolve_config(DEBUG, overrides, world_size)
+    trainer = build(cfg, init_distributed(cfg.train.device), sources)
+    try:
+        trainer.fit()
+        code = 0
+    except TrainingExit as exc:
+        code = exc.code
+    finally:
+        trainer.close()
+    params = gather_full_state_dict(trainer.engine.parts)
+    dist.destroy_process_group()
+    return code, all(bool(torch.isfinite(v).all()) for v in params.values())
+
+
+def test_a_nan_reward_stops_the_iteration_before_any_update(prompts, tmp_path):
+    """NaN rewards make NaN advantages and returns: the first mini-batch's update is not applied, and
+    the trainer's health check (nan_action=abort) stops the run with finite weights."""
+    from dist_llama.train.recovery import EXIT_UNRECOVERABLE
+
+    _, data = prompts
+    rule = [r.replace("target_word", "not_a_number") for r in RULE]
+    code, finite = run_ranks(_nan_run, 1, [*data, *rule, "train.steps=1", "health.nan_action=abort",
+                                           "checkpoint.enabled=false", f"train.run_dir={tmp_path / 'run'}"], 1,
+                             timeout=200)[0]
+    assert code == EXIT_UNRECOVERABLE and finite
+
+
 def _reward_model(out, tokenizer: str, dim: int = 64, score_head: bool = True):
     """A LlamaForSequenceClassification directory of the tiny model's architecture (with `dim`;
     without score_head a LlamaForCausalLM one)."""

@@ -16,7 +16,8 @@ One training step is one PPO iteration over this step's prompts (data/prompts.py
 
 The last mini-batch's gradients are left to the trainer, so its health checks, recovery and update
 apply as for every objective; the loss it checks is the iteration's mean of policy + value loss (a
-NaN in either is a NaN). The value model is the engine's second part (keys `value_model.*` in the
+NaN in either is a NaN). An earlier mini-batch whose gradient norm is not finite is not applied: the
+iteration stops there and reports a NaN loss, so no NaN reaches the weights before the checks. The value model is the engine's second part (keys `value_model.*` in the
 checkpoint, beside the policy's), so checkpoints hold both models and both optimizers; the
 reference and reward models are frozen (no gradients, no optimizer state, never checkpointed).
 """
@@ -173,7 +174,10 @@ class PPO(Objective):
                           approx_kl=st["approx_kl"], ratio=st["ratio"], ppo_tokens=mask[sl].sum())
                 total += (pl + vl).detach()
                 if not (epoch == ppo.epochs - 1 and j == n_mini - 1):  # the last update is the trainer's
-                    engine.grad_norm()
+                    if not torch.isfinite(engine.grad_norm()):  # global: every rank takes this branch
+                        # No update with it: the trainer's health check sees a NaN and acts.
+                        engine.discard()
+                        return torch.full((), float("nan"), device=step.device)
                     engine.step()
         self._add(rollout_s=rollout_s / step.dp_cp, iteration_s=(time.perf_counter() - t0) / step.dp_cp)
         return total / (ppo.epochs * n_mini)
