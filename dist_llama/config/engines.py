@@ -40,6 +40,8 @@ class EngineFacts:
     """Whether parallel.offload_optimizer is allowed."""
     offload_params: bool = False
     """Whether parallel.offload_params is allowed."""
+    second_trained_model: bool = True
+    """Whether a second model with its own optimizer can train beside the policy (PPO's value model)."""
 
 
 def _fsdp(p) -> EngineFacts:
@@ -58,7 +60,7 @@ def _deepspeed(p) -> EngineFacts:
     zero3 = p.zero_stage == 3
     return EngineFacts("deepspeed", shards_over_dp=True, tp_pp=False, cp_hsdp=False, output_whole_after_forward=not zero3,
                        float8=False, float8_all_gather=False, compile_default_cuda=False, fixed_global_batch=True,
-                       zero_stages=(1, 2, 3), offload_optimizer=True, offload_params=zero3)
+                       zero_stages=(1, 2, 3), offload_optimizer=True, offload_params=zero3, second_trained_model=False)
 
 
 ENGINES = {"fsdp": _fsdp, "ddp": _ddp, "deepspeed": _deepspeed}

@@ -171,6 +171,46 @@ class RewardConfig:
 
 
 @dataclass
+class PPOConfig:
+    """train.objective=ppo (Llama 2 §3.2.3). Llama 2's optimizer for PPO is AdamW with betas (0.9, 0.95),
+    eps 1e-5, weight decay 0.1, gradient clipping 1.0 and a constant LR of 1e-6 (optim.*: set them
+    there), a batch of 512 prompts (train.global_batch_size) and mini-batches of 64."""
+
+    reward: str = ""
+    """The helpfulness reward model: a dist_llama reward run (or step) directory, or an exported Hugging Face LlamaForSequenceClassification directory."""
+    reward_safety: str = ""
+    """An optional safety reward model (same forms); its score replaces the helpfulness score when it is below safety_threshold."""
+    safety_threshold: float = 0.15
+    """Llama 2: the safety score (a probability, the sigmoid of the head) is used below this threshold."""
+    reward_fn: str = ""
+    """A rule-based reward instead of reward models, module:function; called as fn(prompt_ids, response_ids) -> a probability in [0, 1] per response (e.g. for tests)."""
+    value_init: str = "reward"
+    """The value model's start: reward (the helpfulness reward model, as InstructGPT) or policy (the starting policy with a new scalar head)."""
+    kl_coef: float = 0.01
+    """Beta of the per-token KL penalty against the starting policy (Llama 2: 0.01 for 7B/13B, 0.005 for 34B/70B)."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    clip: float = 0.2
+    """Epsilon of the clipped surrogate (the ratio is clipped to [1 - clip, 1 + clip])."""
+    value_clip: float = 0.2
+    """The value model's update is clipped to old value +- this in its loss."""
+    epochs: int = 1
+    """PPO epochs over each rollout batch."""
+    mini_batch_size: int = 64
+    """Rollouts per mini-batch (one optimizer step each for the policy and the value model); divides train.global_batch_size."""
+    max_new_tokens: int = 128
+    """Response length cap of a rollout."""
+    temperature: float = 1.0
+    """Sampling temperature of rollouts."""
+    top_p: float = 1.0
+    """Nucleus sampling of rollouts (1 = off)."""
+    value_lr: float = 1e-6
+    """The value model's (constant) learning rate; its optimizer is otherwise optim.*."""
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000
     """Optimizer steps to train for (total, including steps before a resume)."""
@@ -209,11 +249,13 @@ class TrainConfig:
     peak_flops: Optional[float] = None
     """Per-device peak FLOP/s for MFU; None = H100 dense BF16 on cuda, a matmul probe on cpu."""
     objective: str = "pretrain"
-    """pretrain (every token), sft (assistant tokens of --format chat data only), dpo (--format preference pairs against a frozen reference) or reward (a reward model: a scalar head ranking the pairs)."""
+    """pretrain (every token), sft (assistant tokens of --format chat data only), dpo (--format preference pairs against a frozen reference), reward (a reward model: a scalar head ranking the pairs) or ppo (RLHF with PPO against reward models, on --format chat prompts)."""
     dpo: DPOConfig = field(default_factory=DPOConfig)
     """train.objective=dpo: its settings."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """train.objective=reward: its settings."""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """train.objective=ppo: its settings."""
     profile_steps: List[int] = field(default_factory=list)
     """Steps to trace with torch.profiler on every rank: <run_dir>/profile/step-N/rank-R.json (Chrome trace; Perfetto)."""
     memory_snapshot_step: Optional[int] = None

@@ -127,6 +127,15 @@ def starting_model(cfg: Config, dims: ParallelDims, meshes: Meshes, device: torc
     return model
 
 
+def model_like_policy(cfg: Config, dims: ParallelDims, meshes: Meshes, device: torch.device, engine: Engine,
+                      init_from: str, fake_mode=None, **model_args) -> nn.Module:
+    """A model built and sharded like the policy, with ModelArgs fields `model_args` changed, from
+    the weights at `init_from` (empty: the seed's initialisation)."""
+    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model_args),
+                                checkpoint=dataclasses.replace(cfg.checkpoint, init_from=init_from or None))
+    return starting_model(other, dims, meshes, device, engine, fake_mode)
+
+
 def _chunk_tokens(cfg: Config, tp: int) -> int:
     return loss_chunk_tokens(cfg.train.loss_chunk_tokens, engine_facts(cfg.parallel).output_whole_after_forward,
                              cfg.model.vocab_size, tp)
@@ -140,10 +149,13 @@ def build_engine_and_step(cfg: Config, dims: ParallelDims, meshes: Meshes, devic
     n_micro = micro_batches(cfg.train.global_batch_size // dims.dp, cfg.train.micro_batch_size, dims.pp)
     engine = build_engine(cfg, dims, meshes, device, dtype, n_micro)
     # Before the policy: its build then re-seeds as always.
-    objective.build_extra(BuildContext(device, lambda: starting_model(cfg, dims, meshes, device, engine, fake_mode),
-                                       fake_mode))
+    objective.build_extra(BuildContext(
+        device, lambda: starting_model(cfg, dims, meshes, device, engine, fake_mode), fake_mode,
+        lambda path, **args: model_like_policy(cfg, dims, meshes, device, engine, path, fake_mode, **args)))
     parts, stage_ids, n_stages = build_model_parts(cfg, dims, meshes, device, engine, init_from, fake_mode)
-    engine.wrap(parts, [build_optimizer(part, cfg.optim) for part in parts])
+    trained = objective.trained_parts()
+    engine.wrap(parts + [m for m, _ in trained],
+                [build_optimizer(part, cfg.optim) for part in parts] + [build_optimizer(m, o) for m, o in trained])
     if cfg.train.float8:
         from dist_llama.parallel.float8 import float8_all_gather, precompute_scales_after_step
 

@@ -98,6 +98,7 @@ def resolve_config(config_path: Optional[str], overrides: Sequence[str], world_s
     from dist_llama.train.objectives import build_objective
 
     objective = build_objective(cfg)
+    objective.check_inputs(tokenizer)
     try:  # every stage has windows to draw from every source it weighs; every pair fits a row
         objective.loader(sources, dp_rank=0, dp_size=cfg.parallel.dp)
     except ValueError as exc:

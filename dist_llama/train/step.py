@@ -117,7 +117,7 @@ class _Step:
         if self.cp > 1:
             batch = cp_shard_batch(batch, self.cp_rank, self.cp)
         with loss_parallel_context(self.tp > 1):
-            return self._run(batch)
+            return self.objective.forward_backward(self, batch)
 
     def _run(self, batch: Batch) -> torch.Tensor:
         raise NotImplementedError

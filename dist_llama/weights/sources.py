@@ -326,8 +326,9 @@ class DCPSource:
             metadata = self.reader.read_metadata()
         except Exception as exc:  # noqa: BLE001
             raise WeightsError(f"{step_dir / '.metadata'}: not readable ({exc})") from None
+        # A PPO run's value model (`value_model.*`) is no part of the policy it holds.
         self._meta = {k[len(self.PREFIX):]: v for k, v in metadata.state_dict_metadata.items()
-                      if k.startswith(self.PREFIX)}
+                      if k.startswith(self.PREFIX) and not k.startswith(self.PREFIX + "value_model.")}
 
     def names(self) -> list[str]:
         return list(self._meta)

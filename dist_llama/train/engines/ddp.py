@@ -29,10 +29,12 @@ class DDPEngine(LocalEngine):
                               if meshes.world["cp"].size() > 1 else ComputeClock(device))
 
     def wrap(self, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> None:
-        (part,) = parts
-        ddp = apply_ddp(part, self.meshes, self.device)
-        ddp.register_comm_hook((self.compute_clock, self.replica_group), _timed_allreduce)
-        super().wrap([ddp], optimizers)
+        wrapped = []
+        for part in parts:  # the model; a second one trains beside it under PPO (its value model)
+            ddp = apply_ddp(part, self.meshes, self.device)
+            ddp.register_comm_hook((self.compute_clock, self.replica_group), _timed_allreduce)
+            wrapped.append(ddp)
+        super().wrap(wrapped, optimizers)
 
     def unwrapped(self, part: nn.Module) -> nn.Module:
         return part.module

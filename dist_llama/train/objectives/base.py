@@ -29,6 +29,10 @@ class BuildContext:
     parallelised and sharded like the policy."""
     fake_mode: Any = None
     """The planner's FakeTensorMode, when building for its memory dry run."""
+    build_model: Optional[Callable[..., nn.Module]] = None
+    """build_model(init_from, **model_args): a model built and sharded like the policy, with those
+    ModelArgs fields changed (score_head=True: a reward or value model), from the weights at
+    init_from (a path; empty: the seed's initialisation)."""
 
 
 @dataclass
@@ -73,11 +77,25 @@ class Objective:
                             seed=cfg.train.seed, reset_positions=cfg.data.reset_positions, stages=stages,
                             loss_mask=self.loss_mask)
 
+    def check_inputs(self, tokenizer) -> None:
+        """Checks of its own inputs before any process group (ConfigError naming the key: exit 2)."""
+
     def build_extra(self, ctx: BuildContext) -> None:
         """Build model parts beside the policy (before it, so its seeding is unchanged)."""
 
     def start(self, ctx: StartContext) -> None:
         """Work before the first step (after the loader exists)."""
+
+    def trained_parts(self) -> list[tuple[nn.Module, Any]]:
+        """Models build_extra made that train beside the policy, each with the optim settings of its
+        own optimizer: the engine holds them after the policy (checkpointed with it)."""
+        return []
+
+    def forward_backward(self, step, batch: dict) -> torch.Tensor:
+        """The step's gradients into the engine (the step strategy's micro-batches through
+        micro_loss); returns this rank's scaled loss share. An objective with a loop of its own
+        (PPO's iteration) replaces it."""
+        return step._run(batch)
 
     def count(self, batch: dict) -> torch.Tensor:
         """This rank's number of items the loss is averaged over: counted label tokens."""
