@@ -6,8 +6,9 @@ tracker of plan/memtrack.py.
 - `fake_memory`: one rank of a job of any size on a fake process group (collectives return at
   once) with FakeTensorMode (tensors have shapes, dtypes and lifetimes, no data), so a 405B rank is
   stepped in seconds on a laptop. The model is built on the meta device and materialised as fake
-  CPU tensors: the CPU code path (SDPA with a boolean document mask, where CUDA uses FlexAttention
-  and no S x S mask) with the compute dtype of the target device.
+  CPU tensors: the CPU code path with the compute dtype of the target device, except attention,
+  which allocates as the target's does (plan/fake_attention.py: FlexAttention on CUDA, no S x S
+  tensor; SDPA with a boolean document mask on CPU).
 - `tracked_memory`: the same report for the real tensors of a live rank (gloo ranks in the tests
   and bench/memory_vs_measured.py), the check that the fake step counts what a real one allocates.
 
@@ -26,6 +27,7 @@ import torch.distributed as dist
 
 from dist_llama.config import Config
 from dist_llama.config.validation import micro_rows
+from dist_llama.plan.fake_attention import cuda_attention
 from dist_llama.plan.fake_pipeline import hidden_state, local_stage_metadata
 from dist_llama.plan.memtrack import MemoryReport, MemoryTracker
 
@@ -140,7 +142,8 @@ def fake_memory(cfg: Config, world_size: int, rank: int, device_type: str = "cud
             hidden = hidden_state(rows, cfg.data.seq_len // dims.cp, cfg.model.dim,
                                   dtype if engine.autocast_dtype is None else torch.float32,
                                   dims.tp)
-            with local_stage_metadata(hidden) if dims.pp > 1 else contextlib.nullcontext():
+            with (local_stage_metadata(hidden) if dims.pp > 1 else contextlib.nullcontext(),
+                  cuda_attention(engine.parts) if device_type == "cuda" else contextlib.nullcontext()):
                 report = tracked_steps(engine, step, batch, cfg.train.global_batch_size * cfg.data.seq_len, steps)
     finally:
         dist.destroy_process_group()
