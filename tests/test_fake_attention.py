@@ -50,3 +50,23 @@ def test_swap_is_undone():
     with cuda_attention([holder]):
         assert "forward" in vars(holder.core)
     assert "forward" not in vars(holder.core)
+
+
+@pytest.mark.timeout(90)
+def test_cli_memory_dry_run_prints_no_library_warnings():
+    # tp2 x dp2 x pp2 on a CUDA target: FSDP2 warns that the stage returned a view and DTensor
+    # that the 2-D gradient norm takes two all-reduces, in every fake run unless silenced.
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    args = ["--config", str(ROOT / "configs" / "debug.yaml"), "--gpus", "8", "--rank", "0", "--hardware", "h100",
+            "model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=258",
+            "data.seq_len=64", "train.global_batch_size=4", "parallel.tp=2", "parallel.pp=2", "parallel.dp_shard=2",
+            "--dry-run", "--memory"]
+    proc = subprocess.run([sys.executable, "-m", "dist_llama.plan.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=80)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "memory dry run" in proc.stdout
+    assert proc.stderr == ""

@@ -107,11 +107,36 @@ def tracked_memory_on_gloo(cfg: Config) -> dict:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def quiet_library():
+    """Silence what the fake runs make torch say about the trainer's own layouts, which the
+    planner's output is not the place for: FSDP2's warning that a wrapped module returned a view
+    (the pipeline stage's output) and DTensor's note that a 2-D norm reduction takes two all-reduces."""
+    import logging
+    import warnings
+
+    redistribute = logging.getLogger("torch.distributed.tensor._redistribute")
+    level = redistribute.level
+    redistribute.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="FSDP2-wrapped module", category=UserWarning)
+            yield
+    finally:
+        redistribute.setLevel(level)
+
+
 def fake_memory(cfg: Config, world_size: int, rank: int, device_type: str = "cuda",
                 steps: int = TRACKED_STEPS) -> dict:
     """Rank `rank` of a `world_size`-rank job stepped on fake tensors over a fake process group;
     `device_type` chooses the compute dtype (bf16 on cuda unless train.dtype says otherwise).
     Initialises and destroys the (process-global) fake process group."""
+    with quiet_library():
+        return _fake_memory(cfg, world_size, rank, device_type, steps)
+
+
+def _fake_memory(cfg: Config, world_size: int, rank: int, device_type: str = "cuda",
+                steps: int = TRACKED_STEPS) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
