@@ -221,7 +221,7 @@ def test_search_png_chart(tmp_path):
 
     png = tmp_path / "plan.png"
     proc = subprocess.run([sys.executable, "-m", "dist_llama.plan.cli", "--config", "configs/llama3_8b.yaml",
-                           "--gpus", "64", "--hardware", "h100", "--search", "--top", "5", "--png", str(png)],
+                           "--gpus", "64", "--hardware", "h100", "--search", "--fast", "--top", "5", "--png", str(png)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(proc.stdout.strip().splitlines()) == 2 + 5  # title, header, 5 layouts

@@ -16,7 +16,7 @@ def test_search_finds_layouts_where_the_presets_default_does_not_divide_the_batc
     # The preset alone: dp = 1024 does not divide 512 sequences.
     assert main(["--config", "configs/llama3_70b.yaml", "--gpus", "1024"]) == 2
     assert "train.global_batch_size" in capsys.readouterr().err
-    assert main(["--config", "configs/llama3_70b.yaml", "--gpus", "1024", "--search", "--top", "50", "--json"]) == 0
+    assert main(["--config", "configs/llama3_70b.yaml", "--gpus", "1024", "--search", "--fast", "--top", "50", "--json"]) == 0
     found = json.loads(capsys.readouterr().out)
     assert len(found) == 50
     for layout in found:
@@ -85,3 +85,15 @@ def test_search_confirm_on_the_command_line(capsys):
     assert only["estimate"] == first["estimate"]["memory"]["total"]
     from dist_llama.plan.hardware import hardware_preset
     assert first["confirm"]["fits"] == (only["peak"] <= hardware_preset("cpu", ranks=4).memory_bytes)
+
+
+@pytest.mark.timeout(60)
+def test_search_steps_the_top_three_unless_fast(capsys):
+    assert main([*DEBUG_TINY, "--gpus", "4", "--search", "--fast", "--confirm", "1"]) == 2
+    assert "--fast" in capsys.readouterr().err
+    assert main([*DEBUG_TINY, "--gpus", "4", "--search", "--fast", "--top", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "--fast: estimate only" in out and "stepped on fake tensors" not in out
+    assert main([*DEBUG_TINY, "--gpus", "4", "--search", "--top", "4", "--json"]) == 0
+    layouts = json.loads(capsys.readouterr().out)
+    assert ["confirm" in layout for layout in layouts] == [True, True, True, False][:len(layouts)]

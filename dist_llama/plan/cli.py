@@ -21,6 +21,9 @@ from dist_llama.plan.estimate import Estimate, estimate
 from dist_llama.plan.hardware import GiB, hardware_preset
 
 EXIT_BAD_INPUT = 2
+DEFAULT_CONFIRM = 3
+"""Layouts --search steps on fake tensors unless told otherwise: an estimate alone has ranked layouts
+whose real peak was over the cap first."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,10 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--memory-cap", type=float, default=None,
                     help="GiB per GPU for --search (default: the hardware's memory)")
     ap.add_argument("--top", type=int, default=10, help="layouts --search lists")
-    ap.add_argument("--confirm", type=int, default=0, metavar="N",
+    ap.add_argument("--confirm", type=int, default=None, metavar="N",
                     help="with --search: run the real step on fake tensors (as --dry-run --memory) for the peak ranks "
-                         "(first and last pipeline stage) of the best N layouts, print its peak beside the estimate "
-                         "and drop the layouts whose peak is over the cap")
+                         "(first and last pipeline stage) of the best N layouts (default 3), print its peak beside the "
+                         "estimate and drop the layouts whose peak is over the cap")
+    ap.add_argument("--fast", action="store_true",
+                    help="with --search: rank by the estimate alone (no fake step; the output says so)")
     ap.add_argument("--png", default=None, help="with --search: also draw MFU and memory per layout to this PNG")
     ap.add_argument("--dry-run", action="store_true",
                     help="also build this rank's real model parts on a fake process group and compare")
@@ -143,8 +148,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ConfigError("--rank", f"must be in [0, {args.gpus}), got {args.rank}")
         if args.memory and not args.dry_run:
             raise ConfigError("--memory", "needs --dry-run (it steps the dry run's model parts)")
-        if args.confirm and not args.search:
-            raise ConfigError("--confirm", "needs --search (it confirms the layouts the search ranks first)")
+        if (args.confirm is not None or args.fast) and not args.search:
+            raise ConfigError("--confirm" if args.confirm is not None else "--fast",
+                              "needs --search (it confirms the layouts the search ranks first)")
+        if args.confirm is not None and args.fast:
+            raise ConfigError("--fast", "skips the fake step that --confirm runs; give one of them")
+        if args.confirm is None:
+            args.confirm = 0 if args.fast else DEFAULT_CONFIRM
         if args.confirm < 0:
             raise ConfigError("--confirm", f"must be a number of layouts >= 0, got {args.confirm}")
         hw = hardware_preset(args.hardware, ranks=args.gpus)
@@ -168,7 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                **({"confirm": confirmed[i]} if i < len(confirmed) else {})}
                               for i, (c, e) in enumerate(found)], indent=2, default=str))
         else:
-            print(format_search(found, cap, confirmed))
+            print(format_search(found, cap, confirmed, fast=args.fast))
         return 0
     est = estimate(cfg, hw, args.rank)
     report = {"estimate": est.to_dict()}

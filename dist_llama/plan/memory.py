@@ -6,8 +6,9 @@ tracker of plan/memtrack.py.
 - `fake_memory`: one rank of a job of any size on a fake process group (collectives return at
   once) with FakeTensorMode (tensors have shapes, dtypes and lifetimes, no data), so a 405B rank is
   stepped in seconds on a laptop. The model is built on the meta device and materialised as fake
-  CPU tensors: the CPU code path (SDPA with a boolean document mask, where CUDA uses FlexAttention
-  and no S x S mask) with the compute dtype of the target device.
+  CPU tensors: the CPU code path with the compute dtype of the target device, except attention,
+  which allocates as the target's does (plan/fake_attention.py: FlexAttention on CUDA, no S x S
+  tensor; SDPA with a boolean document mask on CPU).
 - `tracked_memory`: the same report for the real tensors of a live rank (gloo ranks in the tests
   and bench/memory_vs_measured.py), the check that the fake step counts what a real one allocates.
 
@@ -26,6 +27,7 @@ import torch.distributed as dist
 
 from dist_llama.config import Config
 from dist_llama.config.validation import micro_rows
+from dist_llama.plan.fake_attention import cuda_attention
 from dist_llama.plan.fake_pipeline import hidden_state, local_stage_metadata
 from dist_llama.plan.memtrack import MemoryReport, MemoryTracker
 
@@ -105,11 +107,36 @@ def tracked_memory_on_gloo(cfg: Config) -> dict:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def quiet_library():
+    """Silence what the fake runs make torch say about the trainer's own layouts, which the
+    planner's output is not the place for: FSDP2's warning that a wrapped module returned a view
+    (the pipeline stage's output) and DTensor's note that a 2-D norm reduction takes two all-reduces."""
+    import logging
+    import warnings
+
+    redistribute = logging.getLogger("torch.distributed.tensor._redistribute")
+    level = redistribute.level
+    redistribute.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="FSDP2-wrapped module", category=UserWarning)
+            yield
+    finally:
+        redistribute.setLevel(level)
+
+
 def fake_memory(cfg: Config, world_size: int, rank: int, device_type: str = "cuda",
                 steps: int = TRACKED_STEPS) -> dict:
     """Rank `rank` of a `world_size`-rank job stepped on fake tensors over a fake process group;
     `device_type` chooses the compute dtype (bf16 on cuda unless train.dtype says otherwise).
     Initialises and destroys the (process-global) fake process group."""
+    with quiet_library():
+        return _fake_memory(cfg, world_size, rank, device_type, steps)
+
+
+def _fake_memory(cfg: Config, world_size: int, rank: int, device_type: str = "cuda",
+                steps: int = TRACKED_STEPS) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -140,7 +167,8 @@ def fake_memory(cfg: Config, world_size: int, rank: int, device_type: str = "cud
             hidden = hidden_state(rows, cfg.data.seq_len // dims.cp, cfg.model.dim,
                                   dtype if engine.autocast_dtype is None else torch.float32,
                                   dims.tp)
-            with local_stage_metadata(hidden) if dims.pp > 1 else contextlib.nullcontext():
+            with (local_stage_metadata(hidden) if dims.pp > 1 else contextlib.nullcontext(),
+                  cuda_attention(engine.parts) if device_type == "cuda" else contextlib.nullcontext()):
                 report = tracked_steps(engine, step, batch, cfg.train.global_batch_size * cfg.data.seq_len, steps)
     finally:
         dist.destroy_process_group()

@@ -114,14 +114,15 @@ def _layout(cfg: Config) -> str:
 
 
 def format_search(results: list[tuple[Config, Estimate]], memory_cap: float,
-                  confirmed: list[dict] | None = None) -> str:
+                  confirmed: list[dict] | None = None, fast: bool = False) -> str:
     """The table; with `confirmed` (confirm()'s records of the first layouts) a column with the
     fake-tensor step's peak (its rank, the estimate there), and the layouts over the cap moved
     out of the ranking into a list of their own."""
     confirmed = confirmed or []
     head = f"{'tp':>3}{'cp':>4}{'pp':>4}{'dp':>6}  {'schedule':<22}{'ac':<6}{'memory GiB':>11}{'tok/s/GPU':>11}{'MFU':>8}"
     lines = [f"best layouts under {memory_cap / 2**30:.0f} GiB per GPU (by predicted MFU"
-             + (f"; the first {len(confirmed)} stepped on fake tensors" if confirmed else "") + "):",
+             + (f"; the first {len(confirmed)} stepped on fake tensors" if confirmed else "")
+             + ("; --fast: estimate only, no layout stepped" if fast else "") + "):",
              head + ("   fake step GiB (rank, estimate there)" if confirmed else "")]
     dropped = []
     for i, (cfg, est) in enumerate(results):
