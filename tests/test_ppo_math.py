@@ -126,7 +126,7 @@ def test_first_minibatch_has_ratio_one_and_no_old_new_kl():
 
 
 def test_entropy_equals_trl():
-    trl_utils = pytest.importorskip("trl.trainer.utils")
+    import trl.trainer.utils as trl_utils  # a test dependency: a missing install must fail, not skip
     logits = torch.randn(3, 5, 17, generator=torch.Generator().manual_seed(4)) * 3
     torch.testing.assert_close(pm.entropy(logits), trl_utils.entropy_from_logits(logits), **TOL)
     p = torch.softmax(logits, -1)
