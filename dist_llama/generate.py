@@ -127,6 +127,46 @@ def load_model(source, device, dtype, vocab: Optional[int] = None):
     return model.eval()
 
 
+def open_checkpoint(checkpoint: str, tokenizer_spec: Optional[str], score_head: Optional[bool] = None):
+    """(weight source, tokenizer) of a checkpoint for the post-training commands: ConfigError naming
+    the flag when it does not exist, is not weights, is not the kind asked for (score_head True: a
+    reward model; False: a language model; None: either), or its tokenizer cannot be had or is larger
+    than the model's vocabulary."""
+    from dist_llama.data import build_tokenizer
+    from dist_llama.weights import open_weights
+
+    if not os.path.exists(checkpoint):
+        raise ConfigError("--checkpoint", f"no such file or directory: {checkpoint}")
+    try:
+        source = open_weights(checkpoint)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ConfigError("--checkpoint", str(exc)) from None
+    if score_head is False and source.args.score_head:
+        raise ConfigError("--checkpoint", f"{checkpoint} is a reward model (a score head): it cannot generate")
+    if score_head and not source.args.score_head:
+        raise ConfigError("--checkpoint", f"{checkpoint} is a language model, not a reward model (train it with "
+                                          "train.objective=reward)")
+    spec = tokenizer_spec or source.tokenizer
+    if spec is None:
+        raise ConfigError("--tokenizer", f"{checkpoint} names no tokenizer; pass one")
+    try:
+        tokenizer = build_tokenizer(spec)
+    except (ValueError, OSError) as exc:
+        raise ConfigError("--tokenizer", str(exc)) from None
+    if tokenizer.vocab_size > source.args.vocab_size:
+        raise ConfigError("--tokenizer", f"{tokenizer.name} has {tokenizer.vocab_size} ids, the model "
+                                         f"only {source.args.vocab_size}")
+    return source, tokenizer
+
+
+def load_checked(source, device, dtype, tokenizer):
+    """load_model with the tokenizer's vocabulary; a weight that is not finite is a ConfigError naming it."""
+    try:
+        return load_model(source, device, dtype, vocab=tokenizer.vocab_size)
+    except ValueError as exc:
+        raise ConfigError("--checkpoint", str(exc)) from None
+
+
 def _stop_ids(tokenizer) -> list[int]:
     from dist_llama.data import HFTokenizer, TiktokenTokenizer
 
@@ -143,23 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = _parser().parse_args(argv)
         _check(args)
         prompts = _prompts(args)
-        from dist_llama.data import build_tokenizer
-        from dist_llama.weights import open_weights
-
-        try:
-            source = open_weights(args.checkpoint)
-        except (ValueError, KeyError, OSError) as exc:
-            raise ConfigError("--checkpoint", str(exc)) from None
-        spec = args.tokenizer or source.tokenizer
-        if spec is None:
-            raise ConfigError("--tokenizer", f"{args.checkpoint} names no tokenizer; pass one")
-        try:
-            tokenizer = build_tokenizer(spec)
-        except ValueError as exc:
-            raise ConfigError("--tokenizer", str(exc)) from None
-        if tokenizer.vocab_size > source.args.vocab_size:
-            raise ConfigError("--tokenizer", f"{tokenizer.name} has {tokenizer.vocab_size} ids, the model "
-                                             f"only {source.args.vocab_size}")
+        source, tokenizer = open_checkpoint(args.checkpoint, args.tokenizer)
         bos = tokenizer.bos_id is not None
         if args.chat:
             from dist_llama.data.chat import template_for

@@ -232,34 +232,10 @@ def report(counts: dict, rank: int) -> None:
 def load_policy(checkpoint: str, tokenizer_spec: Optional[str], device, dtype, load: bool = True):
     """(model, tokenizer, source) of a language model checkpoint (model None unless `load`: the
     caller shards it); ConfigError naming the flag."""
-    from dist_llama.data import build_tokenizer
-    from dist_llama.generate import load_model
-    from dist_llama.weights import open_weights
+    from dist_llama.generate import load_checked, open_checkpoint
 
-    if not os.path.exists(checkpoint):
-        raise ConfigError("--checkpoint", f"no such file or directory: {checkpoint}")
-    try:
-        source = open_weights(checkpoint)
-    except (ValueError, KeyError, OSError) as exc:
-        raise ConfigError("--checkpoint", str(exc)) from None
-    if source.args.score_head:
-        raise ConfigError("--checkpoint", f"{checkpoint} is a reward model (a score head): it cannot generate")
-    spec = tokenizer_spec or source.tokenizer
-    if spec is None:
-        raise ConfigError("--tokenizer", f"{checkpoint} names no tokenizer; pass one")
-    try:
-        tokenizer = build_tokenizer(spec)
-    except (ValueError, OSError) as exc:
-        raise ConfigError("--tokenizer", str(exc)) from None
-    if tokenizer.vocab_size > source.args.vocab_size:
-        raise ConfigError("--tokenizer", f"{tokenizer.name} has {tokenizer.vocab_size} ids, the model only "
-                                         f"{source.args.vocab_size}")
-    if not load:
-        return None, tokenizer, source
-    try:
-        model = load_model(source, device, dtype, vocab=tokenizer.vocab_size)
-    except ValueError as exc:
-        raise ConfigError("--checkpoint", str(exc)) from None
+    source, tokenizer = open_checkpoint(checkpoint, tokenizer_spec, score_head=False)
+    model = load_checked(source, device, dtype, tokenizer) if load else None
     return model, tokenizer, source
 
 

@@ -119,33 +119,10 @@ def score_records(model, records: list[tuple[str, list[list[int]]]], pad_id: int
 
 def load_reward_model(checkpoint: str, tokenizer_spec: Optional[str], device, dtype):
     """(model, tokenizer) of a reward checkpoint; ConfigError naming the flag for anything else."""
-    from dist_llama.data import build_tokenizer
-    from dist_llama.generate import load_model
-    from dist_llama.weights import open_weights
+    from dist_llama.generate import load_checked, open_checkpoint
 
-    if not os.path.exists(checkpoint):
-        raise ConfigError("--checkpoint", f"no such file or directory: {checkpoint}")
-    try:
-        source = open_weights(checkpoint)
-    except (ValueError, KeyError, OSError) as exc:
-        raise ConfigError("--checkpoint", str(exc)) from None
-    if not source.args.score_head:
-        raise ConfigError("--checkpoint", f"{checkpoint} is a language model, not a reward model (train it with "
-                                          "train.objective=reward)")
-    spec = tokenizer_spec or source.tokenizer
-    if spec is None:
-        raise ConfigError("--tokenizer", f"{checkpoint} names no tokenizer; pass one")
-    try:
-        tokenizer = build_tokenizer(spec)
-    except (ValueError, OSError) as exc:
-        raise ConfigError("--tokenizer", str(exc)) from None
-    if tokenizer.vocab_size > source.args.vocab_size:
-        raise ConfigError("--tokenizer", f"{tokenizer.name} has {tokenizer.vocab_size} ids, the model only "
-                                         f"{source.args.vocab_size}")
-    try:
-        model = load_model(source, device, dtype, vocab=tokenizer.vocab_size)
-    except ValueError as exc:  # a weight that is not finite, named
-        raise ConfigError("--checkpoint", str(exc)) from None
+    source, tokenizer = open_checkpoint(checkpoint, tokenizer_spec, score_head=True)
+    model = load_checked(source, device, dtype, tokenizer)
     return model, tokenizer
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .chat import END, final_answer_only
-from .permutation import KeyedPermutation, mix_key
+from .permutation import EpochOrder, restored_consumed
 from .preference import MARGINS, pair_labels, pair_origin
 
 __all__ = ["PairLoader", "ScoredPairLoader", "CHOSEN", "REJECTED", "PAD"]
@@ -66,7 +66,7 @@ class PairLoader:
         self.pad_id = int(data.meta.get("eos_id") or 0)
         self.consumed = 0
         self.new_epochs: list[tuple[str, int]] = []
-        self._perm: tuple[int, KeyedPermutation] | None = None
+        self._order = EpochOrder(self.n_pairs, self.seed, 0x9A1)
         self.reference: np.ndarray | None = None
         """float32 [n_pairs, 2]: the reference's log-probs of each pair (train.dpo.reference=precomputed)."""
 
@@ -79,10 +79,7 @@ class PairLoader:
         return {self.name: self.consumed * self.seq_len}
 
     def _pair(self, k: int) -> int:
-        epoch = k // self.n_pairs
-        if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, KeyedPermutation(self.n_pairs, mix_key(self.seed, 0x9A1, epoch)))
-        return int(self._perm[1](k % self.n_pairs)[0])
+        return self._order(k)
 
     def _side(self, doc: int) -> tuple[np.ndarray, np.ndarray]:
         start = int(self.data.doc_starts[doc])
@@ -126,15 +123,7 @@ class PairLoader:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Resume at the saved position; the dataset, seed, seq_len and mask_special must match
         (ValueError naming the key and both values)."""
-        mine = self.state_dict()
-        for key in ("dataset", "seed", "seq_len", "mask_special"):
-            if sd.get(key) != mine[key]:
-                raise ValueError(f"data loader state mismatch on {key!r}: checkpoint has {sd.get(key)!r}, "
-                                 f"current run has {mine[key]!r}")
-        consumed = sd.get("consumed")
-        if not isinstance(consumed, (int, np.integer)) or consumed < 0:
-            raise ValueError(f"data loader state has a bad 'consumed' value: {consumed!r}")
-        self.consumed = int(consumed)
+        self.consumed = restored_consumed(sd, self.state_dict(), ("dataset", "seed", "seq_len", "mask_special"))
 
 
 class ScoredPairLoader(PairLoader):

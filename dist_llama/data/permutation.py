@@ -70,3 +70,31 @@ def uniform(key: int, index: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         bits = _mix(np.asarray(index, dtype=np.uint64) ^ np.uint64(key))
     return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+class EpochOrder:
+    """Global sample k → item perm_e(k mod n) of epoch e = k // n, a keyed permutation per epoch:
+    a pure function of (seed, salt, k), so a loader's state is only how many samples it consumed."""
+
+    def __init__(self, n: int, seed: int, salt: int):
+        self.n, self.seed, self.salt = n, seed, salt
+        self._perm: tuple[int, KeyedPermutation] | None = None
+
+    def __call__(self, k: int) -> int:
+        epoch = k // self.n
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, KeyedPermutation(self.n, mix_key(self.seed, self.salt, epoch)))
+        return int(self._perm[1](k % self.n)[0])
+
+
+def restored_consumed(saved: dict, mine: dict, keys) -> int:
+    """The sample count of a saved loader state whose `keys` equal this loader's (ValueError naming
+    the first that does not, or a bad count)."""
+    for key in keys:
+        if saved.get(key) != mine[key]:
+            raise ValueError(f"data loader state mismatch on {key!r}: checkpoint has {saved.get(key)!r}, "
+                             f"current run has {mine[key]!r}")
+    consumed = saved.get("consumed")
+    if not isinstance(consumed, (int, np.integer)) or consumed < 0:
+        raise ValueError(f"data loader state has a bad 'consumed' value: {consumed!r}")
+    return int(consumed)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .chat import END, PROMPT
-from .permutation import KeyedPermutation, mix_key
+from .permutation import EpochOrder, restored_consumed
 
 __all__ = ["PromptLoader", "prompt_length"]
 
@@ -57,7 +57,7 @@ class PromptLoader:
         self.seq_len = self.max_prompt_len
         self.consumed = 0
         self.new_epochs: list[tuple[str, int]] = []
-        self._perm: tuple[int, KeyedPermutation] | None = None
+        self._order = EpochOrder(self.n, self.seed, 0x990)
 
     def _stop_ids(self) -> list[int]:
         """The end-of-turn token (what closes an assistant answer in the data), then end of text."""
@@ -80,10 +80,7 @@ class PromptLoader:
         return {self.name: self.consumed * self.max_prompt_len}
 
     def _conversation(self, k: int) -> int:
-        epoch = k // self.n
-        if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, KeyedPermutation(self.n, mix_key(self.seed, 0x990, epoch)))
-        return int(self._perm[1](k % self.n)[0])
+        return self._order(k)
 
     def next_batch(self) -> dict:
         """This rank's prompts of the next global batch: prompt [b, max_prompt_len] (right-padded),
@@ -108,12 +105,4 @@ class PromptLoader:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Resume at the saved position; the dataset and seed must match (ValueError naming the key)."""
-        mine = self.state_dict()
-        for key in ("dataset", "seed"):
-            if sd.get(key) != mine[key]:
-                raise ValueError(f"data loader state mismatch on {key!r}: checkpoint has {sd.get(key)!r}, "
-                                 f"current run has {mine[key]!r}")
-        consumed = sd.get("consumed")
-        if not isinstance(consumed, (int, np.integer)) or consumed < 0:
-            raise ValueError(f"data loader state has a bad 'consumed' value: {consumed!r}")
-        self.consumed = int(consumed)
+        self.consumed = restored_consumed(sd, self.state_dict(), ("dataset", "seed"))
