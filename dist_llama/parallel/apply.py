@@ -17,7 +17,9 @@ from dist_llama.parallel.tensor import apply_tp, enable_async_tp
 
 
 def parallelize(part: nn.Module, dims: ParallelDims, meshes: Meshes, p: ParallelConfig, compile: bool,
-                float8: bool = False) -> None:
+                float8: bool = False, first_block: int = 0) -> None:
+    """`first_block`: blocks this rank's earlier parts hold (activation checkpointing counts over
+    the rank's blocks)."""
     if float8:
         from dist_llama.parallel.float8 import apply_float8, float8_all_gather  # torchao only when asked for
 
@@ -29,6 +31,6 @@ def parallelize(part: nn.Module, dims: ParallelDims, meshes: Meshes, p: Parallel
     if dims.cp > 1:
         apply_cp(part, meshes.world["cp"])
     if p.ac != "none":
-        apply_ac(part, p.ac, p.ac_every)
+        apply_ac(part, p.ac, p.ac_every, first_block)
     if compile:
         apply_compile(part)

@@ -12,11 +12,15 @@ from torch.nn.parallel import DistributedDataParallel
 from dist_llama.parallel.dims import Meshes, ParallelDims
 
 
-def apply_ac(model: nn.Module, mode: str, every: int) -> None:
+def apply_ac(model: nn.Module, mode: str, every: int, first: int = 0) -> None:
     """Recompute blocks' activations in backward: all of them (full), or one in `every` (selective).
 
-    Wrapped blocks keep their parameter names in state dicts (DCP strips the wrapper's prefix)."""
-    for i, (name, block) in enumerate(list(model.layers.items())):
+    `first` is how many blocks this rank's earlier parts hold (pipeline stages of one rank): the
+    count runs over the rank's blocks, not each part's, so a rank of seven one-block stages
+    recomputes four of them under every 2, not all seven (each part's first block), and memory stays
+    even across pipeline ranks. Wrapped blocks keep their parameter names in state dicts (DCP strips
+    the wrapper's prefix)."""
+    for i, (name, block) in enumerate(list(model.layers.items()), start=first):
         if mode == "full" or (mode == "selective" and i % every == 0):
             model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
 

@@ -40,14 +40,32 @@ class FSDPCosts:
     def params_sharded(self, p) -> bool:
         return p.data_parallel
 
-    def model_states(self, p, psi: float, block_params: float, c: int) -> dict:
+    def model_states(self, p, psi: float, block_params: float, c: int, root_params: float = 0.0) -> dict:
         if not p.data_parallel:
             return _replica_states(psi, c, 0.0)
         n = self.shards(p)
-        # fp32 shards stepped in place; gradients reduce-scattered in fp32 (Llama 3 §3.3.2).
-        gathered = psi if not p.reshard_after_forward else min(psi, 2 * block_params)
+        # fp32 shards stepped in place; gradients reduce-scattered in fp32 (Llama 3 §3.3.2). In
+        # backward: the root (embeddings, norm, output; never resharded after forward), the block
+        # being differentiated and the next one, prefetched; and the last block's reduce-scatter,
+        # its whole fp32 gradient in and this rank's shard out.
+        gathered = psi if not p.reshard_after_forward else min(psi, 2 * block_params + root_params)
+        buffers = (4 + 4 / n) * block_params if n > 1 else 0.0
         return {"params": 4 * psi / n, "master": 0.0, "grads": 4 * psi / n, "optimizer": 8 * psi / n,
-                "gathered": c * gathered, "buffers": 0.0, "host": 0.0}
+                "gathered": c * gathered, "buffers": buffers, "host": 0.0}
+
+    def casts_weights(self, p) -> bool:
+        return p.data_parallel
+
+    def pipeline_states(self, p, psi: float, c: int, steady: bool) -> dict:
+        """torch's pipeline stages reduce-scatter FSDP gradients only after the last micro-batch's
+        backward (stage.py: set_requires_gradient_sync(False) before), so no reduce-scatter buffer
+        is live at the peak and the sharded gradients do not exist yet; from a stage's first
+        backward on (`steady`: before the rank's peak) its gradients are whole, in the fp32 reduce
+        dtype. (Its weights stay gathered after each backward too, but the next forward reshards
+        them, so the peak, early in a backward, sees the usual gathered blocks.)"""
+        if not p.data_parallel:
+            return {}
+        return {"grads": 4 * psi if steady else 0.0, "buffers": 0.0}
 
     def collectives(self, p, psi: float, layers: int, n_micro: int, c: int, hw: Hardware, links: Links,
                     overlap: float) -> list[Collective]:
@@ -80,10 +98,16 @@ class DDPCosts:
     def params_sharded(self, p) -> bool:
         return False
 
-    def model_states(self, p, psi: float, block_params: float, c: int) -> dict:
+    def model_states(self, p, psi: float, block_params: float, c: int, root_params: float = 0.0) -> dict:
         # The reducer holds its own flat gradient buckets, as large as the gradients
         # (gradient_as_bucket_view is off in apply_ddp).
         return _replica_states(psi, c, 4 * psi if p.data_parallel else 0.0)
+
+    def casts_weights(self, p) -> bool:
+        return False  # autocast
+
+    def pipeline_states(self, p, psi: float, c: int, steady: bool) -> dict:
+        return {}  # the replica's gradients are whole already
 
     def collectives(self, p, psi: float, layers: int, n_micro: int, c: int, hw: Hardware, links: Links,
                     overlap: float) -> list[Collective]:
@@ -112,7 +136,7 @@ class ZeroCosts:
     def params_sharded(self, p) -> bool:
         return p.zero_stage == 3
 
-    def model_states(self, p, psi: float, block_params: float, c: int) -> dict:
+    def model_states(self, p, psi: float, block_params: float, c: int, root_params: float = 0.0) -> dict:
         n, stage = self.shards(p), p.zero_stage
         states = {"params": c * psi / n if stage == 3 else c * psi,
                   "master": 4 * psi / n,
@@ -128,6 +152,12 @@ class ZeroCosts:
             states["host"] += states["params"]
             states["params"] = 0.0
         return states
+
+    def casts_weights(self, p) -> bool:
+        return True  # DeepSpeed's bf16 mode
+
+    def pipeline_states(self, p, psi: float, c: int, steady: bool) -> dict:
+        return {}  # dist_llama runs DeepSpeed without pipeline parallelism
 
     def collectives(self, p, psi: float, layers: int, n_micro: int, c: int, hw: Hardware, links: Links,
                     overlap: float) -> list[Collective]:

@@ -89,6 +89,16 @@ class Memory:
     """Micro-batches whose activations are held at the peak (schedule dependent)."""
     activation_per_layer_microbatch: float
     """Saved activations of one layer for one micro-batch."""
+    working: float = 0.0
+    """What a block's backward makes besides the saved activations: the gradients of its SwiGLU
+    hidden (two F-sized tensors) and of the block input; on the first stage under TP, the embedding's
+    full-vocabulary gradient and its fp32 copy (DTensor's embedding backward is Replicate, sliced back
+    to the weight's shard only afterwards). The loss's backward and a block's do not overlap: total
+    counts the larger of this and `logits`."""
+    pipeline: float = 0.0
+    """Pipeline buffers: torch's stages allocate a receive buffer per micro-batch for each side of
+    each of the rank's stages that borders another stage (activations coming in, gradients coming
+    back), kept for the step."""
     host: float = 0.0
     """Bytes kept in CPU memory by ZeRO offload (not part of total)."""
 
@@ -99,7 +109,8 @@ class Memory:
 
     @property
     def total(self) -> float:
-        return self.model_states + self.gathered + self.buffers + self.activations + self.logits
+        return (self.model_states + self.gathered + self.buffers + self.pipeline + self.activations
+                + max(self.logits, self.working))
 
 
 @dataclass
@@ -231,7 +242,7 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
     params_rank = layers * block_rank
     params_rank += (m.vocab_size * m.dim // tp if first else 0) + (m.vocab_size * m.dim // tp + m.dim if last else 0)
     costs = engine_costs(p)
-    states = costs.model_states(p, params_rank, block_rank, c)
+    states = costs.model_states(p, params_rank, block_rank, c, root_params=params_rank - layers * block_rank)
     params_shard = params_rank / costs.shards(p) if costs.params_sharded(p) else params_rank
 
     act_layer = activation_bytes_per_layer(m, tokens_mb, tp, "none", c)
@@ -248,19 +259,53 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
         # FlexAttention keeps a block mask of a few MiB instead).
         saved_layers += mbs * (seq // cp) * seq
     in_flight = in_flight_microbatches(p.pp_schedule, pp, pp_rank, V, n_micro)
-    # Under checkpointing, backward recomputes one block at a time and holds its full activations.
-    recompute_peak = act_layer if p.ac != "none" else 0.0
+    if pp > 1:
+        # What torch's stages defer to the last micro-batch (FSDP's reduction); `steady`: a backward
+        # runs before the rank's last forward (1F1B's steady state), so whatever the first backward
+        # leaves behind is there beside the peak activations.
+        states.update(costs.pipeline_states(p, params_rank, c, steady=in_flight < n_micro))
+    # Under checkpointing, backward recomputes one block at a time and holds its full activations;
+    # under selective checkpointing a block kept whole has been freed by then (backward runs from
+    # the last block, and every wrapped block but the rank's last has one after it).
+    all_wrapped = p.ac == "full" or (p.ac == "selective" and (p.ac_every == 1 or layers == 1))
+    recompute_peak = act_layer if all_wrapped else 0.0
     chunk = loss_chunk_tokens(t.loss_chunk_tokens, engine_facts(p).output_whole_after_forward, m.vocab_size, tp)
     if not last:
         logits = 0.0
-    elif chunk:  # one chunk's fp32 logits and their gradient at a time, one fp32 log-sum-exp per token
-        logits = 8 * min(chunk, tokens_mb) * m.vocab_size / tp + 4 * tokens_mb
+    elif chunk:
+        # Backward (parallel/loss.py): one chunk's fp32 probabilities beside their compute-dtype
+        # gradient (one tensor in fp32), the output weight's fp32 gradient accumulator, the hidden
+        # state's gradient and one fp32 log-sum-exp per token.
+        chunk_bytes = 4 + (c if c != 4 else 0)
+        logits = (chunk_bytes * min(chunk, tokens_mb) * m.vocab_size / tp + 4 * m.vocab_size * m.dim / tp
+                  + c * tokens_mb * m.dim + 4 * tokens_mb)
     else:  # the whole micro-batch's logits in the compute dtype, and fp32 for the loss
         logits = (c + 4) * tokens_mb * m.vocab_size / tp
+    # Backward's working set: two F-sized gradients of the SwiGLU hidden and one of the block input.
+    working = c * tokens_mb * (2 * ffn_hidden_dim(m) + m.dim) / tp
+    if first and tp > 1:  # the embedding's full-vocabulary gradient and its fp32 copy
+        working = max(working, (c + 4) * m.vocab_size * m.dim)
+    # Receive buffers, one per micro-batch for each side of each stage facing another stage; the
+    # hidden state crosses in the weights' dtype, in fp32 under autocast.
+    sides = sum((s != 0) + (s != n_stages - 1) for s in stage_ids) if pp > 1 else 0
+    hidden_bytes = c if costs.casts_weights(p) else 4
+    boundary = mbs * (seq // cp) * m.dim / tp * hidden_bytes  # one micro-batch's hidden state
+    pipeline = n_micro * sides * boundary
+    if V > 1:
+        # The multi-stage runtime waits on its sends only at the end of the step: each stage output
+        # and input gradient sent after a backward finished before the peak (about all but the
+        # micro-batches still in flight) is still held.
+        done = max(0.0, (n_micro - in_flight) * V)
+        pipeline += done * sides / V * boundary
+    if pp > 1:
+        # Each stage that sends keeps its output of every micro-batch in flight for that backward.
+        senders = sum(s != n_stages - 1 for s in stage_ids)
+        saved_layers += senders * boundary
     memory = Memory(params=states["params"], master=states["master"], grads=states["grads"],
                     optimizer=states["optimizer"], gathered=states["gathered"], buffers=states["buffers"],
-                    activations=saved_layers * in_flight + recompute_peak, logits=logits, in_flight_microbatches=math.ceil(in_flight),
-                    activation_per_layer_microbatch=act_layer, host=states["host"])
+                    activations=saved_layers * in_flight + recompute_peak, logits=logits,
+                    in_flight_microbatches=math.ceil(in_flight), activation_per_layer_microbatch=act_layer,
+                    host=states["host"], working=working, pipeline=pipeline)
 
     # FLOPs this rank executes per step: 6 per parameter per token for the matmuls (+2 per
     # recomputed forward), attention on the causal half of S x S.

@@ -82,8 +82,10 @@ def build_model_parts(cfg: Config, dims: ParallelDims, meshes: Meshes, device: t
         parts, stage_ids = [model], [0]
     use_compile = cfg.train.compile if cfg.train.compile is not None else (
         device.type == "cuda" and engine_facts(p).compile_default_cuda)
+    blocks_before = 0
     for part in parts:
-        parallelize(part, dims, meshes, p, use_compile, cfg.train.float8)
+        parallelize(part, dims, meshes, p, use_compile, cfg.train.float8, first_block=blocks_before)
+        blocks_before += len(part.layers)
         engine.shard(part)
         if on_meta:
             if fake_mode is not None:
