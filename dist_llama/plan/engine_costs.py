@@ -65,7 +65,12 @@ class FSDPCosts:
         them, so the peak, early in a backward, sees the usual gathered blocks.)"""
         if not p.data_parallel:
             return {}
-        return {"grads": 4 * psi if steady else 0.0, "buffers": 0.0}
+        states = {"grads": 4 * psi if steady else 0.0, "buffers": 0.0}
+        if p.pp_virtual_stages > 1:
+            # The multi-stage runtime unshards and reshards stages itself, at most three at a time
+            # (torch's _add_unshard_reshard, max_active_stages=3).
+            states["gathered"] = c * psi * min(p.pp_virtual_stages, 3) / p.pp_virtual_stages
+        return states
 
     def collectives(self, p, psi: float, layers: int, n_micro: int, c: int, hw: Hardware, links: Links,
                     overlap: float) -> list[Collective]:

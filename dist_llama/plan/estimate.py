@@ -174,24 +174,32 @@ def layer_params(m: ModelArgs) -> int:
     return attention + 3 * m.dim * ffn_hidden_dim(m) + 2 * m.dim
 
 
-def activation_bytes_per_layer(m: ModelArgs, tokens: int, tp: int, ac: str, c: int = 2) -> float:
+def activation_bytes_per_layer(m: ModelArgs, tokens: int, tp: int, ac: str, c: int = 2, cuda: bool = False) -> float:
     """Bytes one block saves for backward for `tokens` tokens (micro-batch x local sequence), with
     c-byte compute-dtype activations, counted from this Llama block as autograd runs it (checked
     against the fake-tensor step, plan/memory.py). With H = tokens x dim, K = tokens x kv_dim,
-    F = tokens x ffn_dim, under tensor + sequence parallelism of degree t:
+    F = tokens x ffn_dim, under tensor + sequence parallelism of degree t, on a CPU (SDPA):
     - each RMSNorm: its input in fp32 (4H/t; the norm runs in fp32 even under bf16) and its output (cH/t);
     - each SP all-gather of a norm output, saved whole by the matmuls after it (cH; none when t = 1);
     - RoPE: q and k in fp32 complex form (4(H + K)/t);
     - attention: rotated q, K and V expanded to all query heads, and the output (4cH/t), and wo's
       reshaped input (cH/t); the S x S scores are never stored (flash / fused SDPA);
     - SwiGLU: w1's output, its SiLU, w3's output and their product (4cF/t).
+    On a CUDA target (`cuda`: FlexAttention, which takes K and V unexpanded; counted on fake steps
+    of Llama 2 7B and Llama 3 8B with tp 1 and 2) RoPE keeps no fp32 copy (its products are with
+    constants), attention keeps the rotated q and k, v and the output (2c(H + K)/t), and each
+    RMSNorm its fp32 input and output cast (4H/t + cH/t) and, when t = 1, the product with its
+    weight too (cH).
     Korthikanti et al.'s 34 sbh/t (GPT block, 16-bit) is about 55 sbh/t here for Llama 3 8B.
     Full recompute keeps only the block input: cH/t."""
     H, K, F = tokens * m.dim, tokens * m.kv_heads * (m.dim // m.n_heads), tokens * ffn_hidden_dim(m)
     if ac == "full":
         return c * H / tp
-    norms = 2 * (4 + c) * H / tp
     gathered = 2 * c * H if tp > 1 else 0.0
+    if cuda:
+        norms = 2 * (4 + c) * H / tp + (2 * c * H if tp == 1 else 0.0)
+        return norms + gathered + 2 * c * (H + K) / tp + 4 * c * F / tp
+    norms = 2 * (4 + c) * H / tp
     return norms + gathered + 4 * (H + K) / tp + 5 * c * H / tp + 4 * c * F / tp
 
 
@@ -245,8 +253,9 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
     states = costs.model_states(p, params_rank, block_rank, c, root_params=params_rank - layers * block_rank)
     params_shard = params_rank / costs.shards(p) if costs.params_sharded(p) else params_rank
 
-    act_layer = activation_bytes_per_layer(m, tokens_mb, tp, "none", c)
-    ckpt_layer = activation_bytes_per_layer(m, tokens_mb, tp, "full", c)
+    cuda = hw.name != "cpu"
+    act_layer = activation_bytes_per_layer(m, tokens_mb, tp, "none", c, cuda)
+    ckpt_layer = activation_bytes_per_layer(m, tokens_mb, tp, "full", c, cuda)
     if p.ac == "full":
         saved_layers = layers * ckpt_layer
     elif p.ac == "selective":
@@ -283,8 +292,12 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
         logits = (c + 4) * tokens_mb * m.vocab_size / tp
     # Backward's working set: two F-sized gradients of the SwiGLU hidden and one of the block input.
     working = c * tokens_mb * (2 * ffn_hidden_dim(m) + m.dim) / tp
-    if first and tp > 1:  # the embedding's full-vocabulary gradient and its fp32 copy
-        working = max(working, (c + 4) * m.vocab_size * m.dim)
+    if first and tp > 1:
+        # The embedding's full-vocabulary gradient and its fp32 copy, at the end of a backward
+        # through the first stage, when that micro-batch's activations there are gone (with
+        # several stages per rank, those of the later stages too, for about all micro-batches).
+        freed = saved_layers if V == 1 else saved_layers * in_flight * (V - 1) / V
+        working = max(working, (c + 4) * m.vocab_size * m.dim - freed)
     # Receive buffers, one per micro-batch for each side of each stage facing another stage; the
     # hidden state crosses in the weights' dtype, in fp32 under autocast.
     sides = sum((s != 0) + (s != n_stages - 1) for s in stage_ids) if pp > 1 else 0
