@@ -95,7 +95,7 @@ def test_memory_follows_zero3_and_schedule():
     full = estimate(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, ac="full")), hw, rank=0)
     # Full recompute keeps each block's input (2 bytes x tokens x dim / tp), and the stage its
     # output, per micro-batch in flight, plus the one block being recomputed.
-    per_layer = activation_bytes_per_layer(LLAMA3_405B, 8192, 8, "none", 2)
+    per_layer = activation_bytes_per_layer(LLAMA3_405B, 8192, 8, "none", 2, cuda=True)
     hidden = 2 * 8192 * 16384 / 8
     assert full.memory.activations == pytest.approx(16 * (first.layers + 1) * hidden + per_layer)
     assert full.hardware_flops_rank > first.hardware_flops_rank
