@@ -7,7 +7,8 @@ which can see them. Each is a formula of documented defaults, not a flat percent
   since ... some context needs to be created on GPU" without a figure; pytorch/pytorch#34323 shows
   781 MB for CUDA's initialisation alone before lazy loading (CUDA 11.7+, the Linux default since
   12.2, loads only the kernels used); NVIDIA/nccl#1685 reports 1.06 GB of non-PyTorch memory on an
-  8 x H100 rank after init, of which one world communicator is ~0.55 GiB by the formula below.
+  8 x H100 rank after init, of which one 8-rank communicator with NVLS is ~0.54 GiB by the formula
+  below, leaving about 0.45 GiB for the context.
 - workspaces: cuBLAS workspaces, one per (handle, stream) pair, allocated through torch's caching
   allocator (so `torch.cuda.memory_allocated` counts them; the live-tensor tracker does not). torch
   (aten/src/ATen/cuda/CublasHandlePool.cpp, getChosenWorkspaceSize) defaults to 4096 KiB x 8 =
@@ -37,11 +38,16 @@ which can see them. Each is a formula of documented defaults, not a flat percent
   It is an upper bound for NCCL >= 2.22, which connects only the algorithms a communicator uses
   (NCCL_RUNTIME_CONNECT=1); the world group carries only barriers and object exchange, so no NVLS.
 - fragmentation: what the caching allocator reserves beyond the live tensors, as a fraction of the
-  tensor peak: 5% with expandable_segments:True in PYTORCH_CUDA_ALLOC_CONF (as torchtitan's
-  run_train.sh sets it; Megatron's calculator adds a flat 5%, vllm-project/compressed-tensors#587
-  reserves 5% after measuring 2.4% stranded), 15% without (torch's docs describe fixed segments
-  stranding memory when sizes change; meta-pytorch/torchtune#1185 measured a 51% higher peak
-  without it on Llama 3 8B QLoRA, our layouts' repeating block shapes fragment far less).
+  tensor peak. 5% with expandable_segments:True in PYTORCH_CUDA_ALLOC_CONF (PYTORCH_ALLOC_CONF in
+  newer torch; torchtitan's run_train.sh sets it): segments grow in place, so what is left is the
+  gaps between tensors of different lifetimes; Megatron's memory calculator adds a flat 5%, and
+  vllm-project/compressed-tensors#587 reserves 5% after measuring 1.83 GiB stranded beside 75.3 GiB
+  allocated (2.4%). 15% without it: torch's CUDA notes ("Optimizing memory usage with
+  PYTORCH_CUDA_ALLOC_CONF") explain how fixed-size segments leave unusable free slices when
+  allocation sizes change, and meta-pytorch/torchtune#1185 measured a 51% higher peak without it
+  (Llama 3 8B QLoRA on an A100); a pretraining step repeats one block's shapes, so we take a value
+  between the two. Both are allowances to replace by measurement (torch.cuda.max_memory_reserved
+  against the fake step's peak) once a GPU is at hand.
 
 On "cpu" hardware (gloo ranks) every allowance is 0: CPU tensors need no device context, gloo keeps
 no device buffers, and what the planner is compared with there is the live-bytes tracker, which
