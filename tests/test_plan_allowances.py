@@ -154,3 +154,26 @@ def test_fake_step_peak_plus_allowances(capsys):
     nccl = 2 * 16 * RECEIVE + 2 * NVLS_PER_HEAD
     expected = 512 * MiB + 2 * 32 * MiB + nccl + 0.05 * mem["peak"]
     assert mem["device_peak"] == pytest.approx(mem["peak"] + expected)
+
+
+@pytest.mark.timeout(120)
+def test_confirm_drops_a_layout_whose_stepped_peak_fits_only_without_allowances():
+    """--confirm on a CUDA target: dp2 of a tiny model, stepped on fake tensors, fits a cap one
+    byte over its peak by tensors but not with its allowances (the world, FSDP's shard group, dp
+    and dp x cp: four 2-rank communicators, three with NVLink SHARP)."""
+    from dist_llama.plan.search import confirm, format_search, search
+
+    cfg = resolved_config("configs/debug.yaml", ["model.dim=64", "model.n_layers=2", "model.n_heads=4",
+                                                 "model.n_kv_heads=2", "model.vocab_size=258", "data.seq_len=64",
+                                                 "train.global_batch_size=2"], 2, layout=False)
+    hw = hardware_preset("h100")
+    flat = next(r for r in search(cfg, 2, hw, 2**40, top=100) if r[0].parallel.dp == 2 and r[0].parallel.ac == "none")
+    (roomy,) = confirm([flat], 2, hw, 2**40, 1, "cuda")
+    nccl = 16 * RECEIVE + 3 * (16 * RECEIVE + 2 * NVLS_PER_HEAD)
+    allowances = 512 * MiB + 2 * 32 * MiB + nccl + 0.05 * roomy["peak"]
+    assert roomy["fits"] and roomy["device_peak"] == pytest.approx(roomy["peak"] + allowances)
+    cap = roomy["peak"] + 1
+    (tight,) = confirm([flat], 2, hw, cap, 1, "cuda")
+    assert tight["peak"] == roomy["peak"] and not tight["fits"]
+    ranking, _, dropped = format_search([flat], cap, [tight]).partition("\ndropped")
+    assert "rank 0" in dropped and "rank 0" not in ranking
