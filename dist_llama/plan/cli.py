@@ -128,7 +128,7 @@ def format_allowances(a: Allowances, tensors: float, hw) -> list[str]:
             f"  cublas workspaces         {_gib(a.workspaces)}",
             f"  nccl buffers              {_gib(a.nccl)}  ({a.communicators} communicators)",
             f"  fragmentation             {_gib(a.fragmentation)}  ({allocator}"
-            f"{'' if hw.name == 'cpu' else f', {100 * a.fragmentation / tensors:.0f}% of the tensors'})",
+            f"{'' if hw.name == 'cpu' else f', {100 * a.fragmentation / max(tensors, 1.0):.0f}% of the tensors'})",
             f"  device total              {_gib(device_total)}  of {hw.memory_bytes / GiB:.0f} GiB"
             f"{'' if device_total <= hw.memory_bytes else '  DOES NOT FIT'}"]
 
