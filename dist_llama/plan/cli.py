@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 from dist_llama.config import ConfigError, load, resolve_parallel, to_object, validate_model
 from dist_llama.config.errors import ArgumentParser as OneLineParser
+from dist_llama.plan.allowances import Allowances, device_allowances, refit
 from dist_llama.plan.engine_costs import engine_costs
 from dist_llama.plan.estimate import Estimate, estimate
 from dist_llama.plan.hardware import GiB, hardware_preset
@@ -51,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                          "pipeline schedule, TP, CP, AC, FSDP as configured) on fake tensors and report its "
                          "peak memory by kind and the moment of the peak")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--no-expandable-segments", dest="expandable_segments", action="store_false",
+                    help="allow for the caching allocator's fragmentation without "
+                         "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (15%% of the tensor peak instead of 5%%)")
     ap.add_argument("--goodput", action="store_true",
                     help="also simulate effective training time under Llama 3's failure rate, with Llama 3's "
                          "detection/restart/checkpoint figures beside dist_llama's measured ones scaled to this job")
@@ -97,8 +101,8 @@ def format_table(e: Estimate, cfg, hw) -> str:
         f"  activations               {_gib(m.activations)}  ({m.in_flight_microbatches} micro-batches in flight, "
         f"{m.activation_per_layer_microbatch / GiB:.3f} GiB per layer per micro-batch without AC)",
         f"  logits                    {_gib(m.logits)}",
-        f"  total                     {_gib(m.total)}  of {hw.memory_bytes / GiB:.0f} GiB"
-        f"{'' if e.fits else '  DOES NOT FIT'}",
+        f"  total                     {_gib(m.total)}  (tensors)",
+        *format_allowances(e.allowances, m.total, hw),
         *([f"  host (ZeRO offload)       {_gib(m.host)}"] if m.host else []),
         f"compute  {e.micro_batches} micro-batches, {e.hardware_flops_rank / 1e15:.2f} PFLOP on this rank, "
         f"{e.compute_seconds:.3f} s",
@@ -114,6 +118,29 @@ def format_table(e: Estimate, cfg, hw) -> str:
     return "\n".join(lines)
 
 
+def format_allowances(a: Allowances, tensors: float, hw) -> list[str]:
+    """The allowances' lines (plan/allowances.py) and the device total they make with the tensors."""
+    device_total = tensors + a.total
+    allocator = "expandable_segments" if a.expandable_segments else "no expandable_segments"
+    if hw.name == "cpu":
+        allocator = "none on gloo ranks: no device, and the tracker counts tensors"
+    return [f"  cuda context              {_gib(a.cuda_context)}",
+            f"  cublas workspaces         {_gib(a.workspaces)}",
+            f"  nccl buffers              {_gib(a.nccl)}  ({a.communicators} communicators)",
+            f"  fragmentation             {_gib(a.fragmentation)}  ({allocator}"
+            f"{'' if hw.name == 'cpu' else f', {100 * a.fragmentation / max(tensors, 1.0):.0f}% of the tensors'})",
+            f"  device total              {_gib(device_total)}  of {hw.memory_bytes / GiB:.0f} GiB"
+            f"{'' if device_total <= hw.memory_bytes else '  DOES NOT FIT'}"]
+
+
+def estimate_dict(e: Estimate) -> dict:
+    """Estimate.to_dict with the allowances' total and the device total (tensors + allowances)."""
+    d = e.to_dict()
+    d["allowances"] = e.allowances.to_dict()
+    d["device_total"] = e.memory.total + e.allowances.total
+    return d
+
+
 def format_memory(mem: dict, hw) -> str:
     """The fake-tensor step's peak, by kind, beside the estimate."""
     moment = mem["moment"]
@@ -123,6 +150,9 @@ def format_memory(mem: dict, hw) -> str:
              f"{'' if mem['peak'] <= hw.memory_bytes else '  DOES NOT FIT'}  (estimate {_gib(mem['estimated_total'])}, "
              f"{100 * mem['estimate_relative_error']:+.1f}%)",
              *(f"  {kind:<25} {_gib(v)}" for kind, v in mem["by_kind"].items()),
+             f"  peak + allowances         {_gib(mem['device_peak'])}  of {hw.memory_bytes / GiB:.0f} GiB"
+             f"{'' if mem['device_peak'] <= hw.memory_bytes else '  DOES NOT FIT'}  (+{_gib(mem['allowances']['total']).strip()}: "
+             f"context, workspaces, nccl, fragmentation)",
              f"  at step {moment['step']}, {moment['phase']}, micro-batch {moment['micro_batch']}, {moment['module']}"]
     return "\n".join(lines)
 
@@ -161,7 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.search:
             from dist_llama.plan.search import format_search, plot_search, search
             cap = args.memory_cap * 2**30 if args.memory_cap else hw.memory_bytes
-            found = search(cfg, args.gpus, hw, cap, args.top)
+            found = search(cfg, args.gpus, hw, cap, args.top, args.expandable_segments)
     except (ConfigError, ValueError) as exc:
         print(f"dist-llama-plan: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -170,18 +200,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.confirm:
             from dist_llama.plan.search import confirm
             confirmed = confirm(found, args.gpus, hw, cap, args.confirm, "cpu" if hw.name == "cpu" else "cuda",
+                                expandable_segments=args.expandable_segments,
                                 progress=lambda text: print(f"dist-llama-plan: {text}", file=sys.stderr, flush=True))
         if args.png:
             plot_search(found, cap, args.png)
         if args.json:
-            print(json.dumps([{"parallel": dataclasses.asdict(c.parallel), "estimate": e.to_dict(),
+            print(json.dumps([{"parallel": dataclasses.asdict(c.parallel), "estimate": estimate_dict(e),
                                **({"confirm": confirmed[i]} if i < len(confirmed) else {})}
                               for i, (c, e) in enumerate(found)], indent=2, default=str))
         else:
             print(format_search(found, cap, confirmed, fast=args.fast))
         return 0
-    est = estimate(cfg, hw, args.rank)
-    report = {"estimate": est.to_dict()}
+    est = refit(estimate(cfg, hw, args.rank), cfg.parallel, hw, args.expandable_segments)
+    report = {"estimate": estimate_dict(est)}
     if args.goodput:
         from dist_llama.plan.scenarios import checkpoint_bytes_per_rank, compare
         report["goodput"] = compare(checkpoint_bytes_per_rank(cfg, hw), args.gpus)
@@ -196,6 +227,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         mem = fake_memory(cfg, args.gpus, args.rank, "cpu" if hw.name == "cpu" else "cuda")
         mem["estimated_total"] = est.memory.total
         mem["estimate_relative_error"] = (est.memory.total - mem["peak"]) / mem["peak"]
+        allowances = device_allowances(cfg.parallel, hw, mem["peak"], args.expandable_segments)
+        mem["allowances"] = allowances.to_dict()
+        mem["device_peak"] = mem["peak"] + allowances.total
         report["memory"] = mem
     if args.json:
         print(json.dumps(report, indent=2, default=str))

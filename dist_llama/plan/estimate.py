@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 from dist_llama.config import Config, micro_batches
 from dist_llama.config.validation import micro_rows
@@ -25,6 +26,7 @@ from dist_llama.model.flops import count_params, flops_per_token
 from dist_llama.parallel.loss import loss_chunk_tokens
 from dist_llama.parallel.pipeline import layers_per_stage, stage_ids_for_rank
 # hardware_preset is not used here; bench/plan_vs_measured.py knows it from this module.
+from dist_llama.plan.allowances import Allowances, device_allowances
 from dist_llama.plan.engine_costs import engine_costs
 from dist_llama.plan.hardware import Hardware, hardware_preset  # noqa: F401
 from dist_llama.plan.links import Links, collective, group_spans_nodes
@@ -156,7 +158,9 @@ class Estimate:
     mfu: float = 0.0
     """Model FLOPs utilisation, 0..1."""
     fits: bool = True
-    """Whether the peak memory fits the device."""
+    """Whether the peak memory (tensors + allowances) fits the device."""
+    allowances: Optional[Allowances] = None
+    """What the device holds beyond the tensors (plan/allowances.py): context, workspaces, NCCL, fragmentation."""
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -373,7 +377,8 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
         model_flops_per_token=fpt, hardware_flops_rank=hardware_flops, compute_seconds=compute_seconds,
         collectives=collectives, bubble_fraction=bubble, step_seconds=step, tokens_per_step=tokens_per_step,
         tokens_per_s_per_gpu=tokens_per_s_per_gpu, tflops_per_gpu=tokens_per_s_per_gpu * fpt / 1e12,
-        mfu=tokens_per_s_per_gpu * fpt / hw.peak_flops, fits=memory.total <= hw.memory_bytes)
+        mfu=tokens_per_s_per_gpu * fpt / hw.peak_flops, allowances=(allow := device_allowances(p, hw, memory.total)),
+        fits=memory.total + allow.total <= hw.memory_bytes)
 
 
 def estimate(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = CALIBRATION) -> Estimate:

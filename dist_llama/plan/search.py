@@ -8,6 +8,7 @@ import dataclasses
 import itertools
 
 from dist_llama.config import Config, ConfigError, validate
+from dist_llama.plan.allowances import device_allowances, refit
 from dist_llama.plan.estimate import Estimate, estimate, estimate_rank
 from dist_llama.plan.hardware import Hardware
 
@@ -33,9 +34,11 @@ def candidates(cfg: Config, gpus: int, hw: Hardware):
             continue
 
 
-def search(cfg: Config, gpus: int, hw: Hardware, memory_cap: float, top: int = 10) -> list[tuple[Config, Estimate]]:
+def search(cfg: Config, gpus: int, hw: Hardware, memory_cap: float, top: int = 10,
+           expandable_segments: bool = True) -> list[tuple[Config, Estimate]]:
     """The `top` layouts by predicted MFU whose peak memory (pipeline rank 0 holds the most
-    in-flight micro-batches) stays under memory_cap bytes. The preset's own layout plays no part:
+    in-flight micro-batches), tensors + the device's allowances (plan/allowances.py, fragmentation
+    per `expandable_segments`), stays under memory_cap bytes. The preset's own layout plays no part:
     every tp x cp x pp (x schedule, AC) is tried, the data-parallel degree taking the rest of the
     GPUs, and only those a run would accept are kept (dp dividing the global batch, the
     micro-batch size dividing the per-rank batch, tp dividing the heads, ...).
@@ -43,8 +46,8 @@ def search(cfg: Config, gpus: int, hw: Hardware, memory_cap: float, top: int = 1
     results, valid = [], 0
     for candidate in candidates(cfg, gpus, hw):
         valid += 1
-        est = estimate(candidate, hw, rank=0)
-        if est.memory.total <= memory_cap:
+        est = refit(estimate(candidate, hw, rank=0), candidate.parallel, hw, expandable_segments)
+        if est.memory.total + est.allowances.total <= memory_cap:
             results.append((candidate, est))
     if not valid:
         raise ConfigError("--gpus", _no_layout(cfg, gpus, hw))
@@ -80,10 +83,11 @@ def peak_ranks(cfg: Config, hw: Hardware) -> list[int]:
 
 
 def confirm(results: list[tuple[Config, Estimate]], gpus: int, hw: Hardware, memory_cap: float, n: int,
-            device_type: str, progress=None, jobs: int | None = None) -> list[dict]:
+            device_type: str, progress=None, jobs: int | None = None, expandable_segments: bool = True) -> list[dict]:
     """The real step on fake tensors (plan/memory.py: one forked process per rank, `jobs` at a time,
     default one per CPU core) for the peak ranks of the first n layouts: per rank its estimate and
-    measured peak; the layout's peak (the highest of them) and whether it fits memory_cap.
+    measured peak; the layout's peak (the highest of them) and whether it fits memory_cap with the
+    device's allowances (plan/allowances.py) on top.
     `progress(text)` hears of each run as it ends."""
     from dist_llama.plan.memory import fake_memories
 
@@ -102,8 +106,9 @@ def confirm(results: list[tuple[Config, Estimate]], gpus: int, hw: Hardware, mem
                   "by_kind": mem["by_kind"], "moment": mem["moment"]}
                  for (c, _, rank), mem in zip(runs, measured) if c is cfg]
         worst = max(ranks, key=lambda r: r["peak"])
+        device_peak = worst["peak"] + device_allowances(cfg.parallel, hw, worst["peak"], expandable_segments).total
         confirmed.append({"ranks": ranks, "peak": worst["peak"], "peak_rank": worst["rank"],
-                          "fits": worst["peak"] <= memory_cap})
+                          "device_peak": device_peak, "fits": device_peak <= memory_cap})
     return confirmed
 
 
@@ -115,25 +120,29 @@ def _layout(cfg: Config) -> str:
 
 def format_search(results: list[tuple[Config, Estimate]], memory_cap: float,
                   confirmed: list[dict] | None = None, fast: bool = False) -> str:
-    """The table; with `confirmed` (confirm()'s records of the first layouts) a column with the
-    fake-tensor step's peak (its rank, the estimate there), and the layouts over the cap moved
-    out of the ranking into a list of their own."""
+    """The table (memory: the estimate's tensors, and the device total with the allowances of
+    plan/allowances.py); with `confirmed` (confirm()'s records of the first layouts) columns with the
+    fake-tensor step's peak and that peak + allowances (its rank, the estimate there), and the
+    layouts over the cap moved out of the ranking into a list of their own."""
     confirmed = confirmed or []
-    head = f"{'tp':>3}{'cp':>4}{'pp':>4}{'dp':>6}  {'schedule':<22}{'ac':<6}{'memory GiB':>11}{'tok/s/GPU':>11}{'MFU':>8}"
+    head = (f"{'tp':>3}{'cp':>4}{'pp':>4}{'dp':>6}  {'schedule':<22}{'ac':<6}{'tensors':>8}{'device GiB':>11}"
+            f"{'tok/s/GPU':>11}{'MFU':>8}")
     lines = [f"best layouts under {memory_cap / 2**30:.0f} GiB per GPU (by predicted MFU"
              + (f"; the first {len(confirmed)} stepped on fake tensors" if confirmed else "")
              + ("; --fast: estimate only, no layout stepped" if fast else "") + "):",
-             head + ("   fake step GiB (rank, estimate there)" if confirmed else "")]
+             head + ("   fake step GiB, + allowances (rank, estimate there)" if confirmed else "")]
     dropped = []
     for i, (cfg, est) in enumerate(results):
         p = cfg.parallel
         schedule = f"{p.pp_schedule} v{p.pp_virtual_stages}" if p.pp > 1 else "-"
         row = (f"{p.tp:>3}{p.cp:>4}{p.pp:>4}{p.dp:>6}  {schedule:<22}{p.ac:<6}"
-               f"{est.memory.total / 2**30:>11.1f}{est.tokens_per_s_per_gpu:>11,.0f}{100 * est.mfu:>7.1f}%")
+               f"{est.memory.total / 2**30:>8.1f}{(est.memory.total + est.allowances.total) / 2**30:>11.1f}"
+               f"{est.tokens_per_s_per_gpu:>11,.0f}{100 * est.mfu:>7.1f}%")
         if i < len(confirmed):
             c = confirmed[i]
             at = next(r for r in c["ranks"] if r["rank"] == c["peak_rank"])
-            row += f"   {c['peak'] / 2**30:>13.1f} (rank {c['peak_rank']}, {at['estimate'] / 2**30:.1f})"
+            row += (f"   {c['peak'] / 2**30:>13.1f}, {c['device_peak'] / 2**30:.1f} "
+                    f"(rank {c['peak_rank']}, {at['estimate'] / 2**30:.1f})")
             if not c["fits"]:
                 dropped.append(row)
                 continue
@@ -141,12 +150,13 @@ def format_search(results: list[tuple[Config, Estimate]], memory_cap: float,
     if len(lines) == 2:
         lines.append("(no layout fits)")
     if dropped:
-        lines += [f"dropped: the fake-tensor step's peak is over {memory_cap / 2**30:.0f} GiB", *dropped]
+        lines += [f"dropped: the fake-tensor step's peak + allowances is over {memory_cap / 2**30:.0f} GiB", *dropped]
     return "\n".join(lines)
 
 
 def plot_search(results: list[tuple[Config, Estimate]], memory_cap: float, path: str) -> None:
-    """A PNG: predicted MFU (bars) and peak memory per GPU (dots, cap dashed) of each layout."""
+    """A PNG: predicted MFU (bars) and peak device memory per GPU, tensors + allowances (dots, cap
+    dashed), of each layout."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -161,7 +171,7 @@ def plot_search(results: list[tuple[Config, Estimate]], memory_cap: float, path:
     ax.set_ylabel("predicted MFU (%)", color="tab:blue")
     ax.set_xticks(list(x), labels, rotation=45, ha="right", fontsize=8)
     mem = ax.twinx()
-    mem.plot(list(x), [e.memory.total / 2**30 for _, e in results], "o", color="tab:red")
+    mem.plot(list(x), [(e.memory.total + e.allowances.total) / 2**30 for _, e in results], "o", color="tab:red")
     mem.axhline(memory_cap / 2**30, color="tab:red", linestyle="--", linewidth=1)
     mem.set_ylabel("peak memory per GPU (GiB)", color="tab:red")
     mem.set_ylim(bottom=0)
