@@ -86,6 +86,7 @@ BAD = [
     (DEBUG, ["parallel.async_tp=true", "parallel.tp=2", "train.compile=false"], 2, "parallel.async_tp"),
     (DEBUG, ["parallel.async_tp=true", "parallel.tp=2", "train.device=cpu"], 2, "parallel.async_tp"),
     (DEBUG, ["parallel.async_tp=true", "parallel.tp=2"], 2, "parallel.async_tp"),
+    (DEBUG, ["parallel.engine=ddp", "parallel.reduce_every_micro_batch=false"], 2, "parallel.reduce_every_micro_batch"),
 ]
 
 

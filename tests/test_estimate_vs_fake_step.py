@@ -52,6 +52,7 @@ LAYOUTS = {
                          "model.n_layers=8"], 4),
     "dp2 x tp2 x pp2": (["parallel.dp_shard=2", "parallel.tp=2", "parallel.pp=2"], 8),
     "fsdp2, selective AC": (["parallel.ac=selective"], 2),
+    "fsdp2, reduced once per step": (["parallel.reduce_every_micro_batch=false"], 2),
 }
 
 

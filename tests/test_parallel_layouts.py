@@ -28,6 +28,8 @@ LAYOUTS = [
                              "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_lighter_ends=true"]),
     ("cp2", 2, ["parallel.cp=2"]),
     ("dp2_ac_full", 2, ["parallel.ac=full"]),
+    # FSDP holding whole gradients over the micro-batches and reducing once per step
+    ("dp2_reduce_once", 2, ["parallel.reduce_every_micro_batch=false", "train.micro_batch_size=1"]),
     ("dp2_tp2", 4, ["parallel.dp_shard=2", "parallel.tp=2"]),
     ("dp2_pp2", 4, ["parallel.dp_shard=2", "parallel.pp=2"]),
     ("tp2_pp2_selective_ac", 4, ["parallel.tp=2", "parallel.pp=2", "parallel.ac=selective",

@@ -29,11 +29,13 @@ MEGATRON_462B = ModelArgs(dim=19968, n_layers=96, n_heads=156, multiple_of=256, 
 
 
 def layout(model, gpus, tp, cp, pp, seq, global_batch, virtual=1, micro=1, lighter_ends=False):
-    """FSDP keeping weights after forward (Llama 3 §3.3.2), no activation checkpointing,
-    interleaved 1F1B when virtual > 1."""
+    """FSDP keeping weights after forward (Llama 3 §3.3.2) and reducing gradients once per step (as
+    Megatron's distributed optimizer does), no activation checkpointing, interleaved 1F1B when
+    virtual > 1."""
     parallel = ParallelConfig(tp=tp, cp=cp, pp=pp, pp_virtual_stages=virtual,
                               pp_schedule="interleaved_1f1b" if virtual > 1 else "1f1b",
-                              pp_lighter_ends=lighter_ends, reshard_after_forward=False)
+                              pp_lighter_ends=lighter_ends, reshard_after_forward=False,
+                              reduce_every_micro_batch=False)
     return Config(model=model, parallel=resolve_parallel(parallel, gpus), data=DataConfig(seq_len=seq),
                   train=TrainConfig(global_batch_size=global_batch, micro_batch_size=micro))
 
@@ -86,9 +88,15 @@ def test_memory_follows_zero3_and_schedule():
     m = first.memory
     assert m.params + m.optimizer + m.master == pytest.approx(12 * first.params_rank / 64)
     assert m.grads == pytest.approx(4 * first.params_rank)
-    # Without a pipeline: ZeRO-3's 16Ψ/N.
-    flat = estimate(layout(LLAMA3_405B, 8192, 8, 1, 1, 8192, 2048), hw, rank=0)
-    assert flat.memory.model_states == pytest.approx(16 * flat.params_rank / 1024)
+    # Without a pipeline, reducing after every micro-batch: ZeRO-3's 16Ψ/N; reducing once per step,
+    # the whole fp32 gradient instead of its shard.
+    flat = layout(LLAMA3_405B, 8192, 8, 1, 1, 8192, 2048)
+    every = estimate(dataclasses.replace(flat, parallel=dataclasses.replace(flat.parallel, reduce_every_micro_batch=True)),
+                     hw, rank=0)
+    assert every.memory.model_states == pytest.approx(16 * every.params_rank / 1024)
+    once = estimate(flat, hw, rank=0).memory
+    assert once.params + once.optimizer == pytest.approx(12 * every.params_rank / 1024)
+    assert once.grads == pytest.approx(4 * every.params_rank)
     # 1F1B: the first stage holds pp micro-batches, the last one.
     assert (first.memory.in_flight_microbatches, last.memory.in_flight_microbatches) == (16, 1)
     assert last.memory.logits > 0 == first.memory.logits

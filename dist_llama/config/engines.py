@@ -42,11 +42,13 @@ class EngineFacts:
     """Whether parallel.offload_params is allowed."""
     second_trained_model: bool = True
     """Whether a second model with its own optimizer can train beside the policy (PPO's value model)."""
+    reduce_choice: bool = False
+    """Whether parallel.reduce_every_micro_batch=false is its to honour (FSDP; DDP always reduces once per step)."""
 
 
 def _fsdp(p) -> EngineFacts:
     return EngineFacts("fsdp", shards_over_dp=True, tp_pp=True, cp_hsdp=True, output_whole_after_forward=True, float8=True,
-                       float8_all_gather=True, compile_default_cuda=True, fixed_global_batch=False)
+                       float8_all_gather=True, compile_default_cuda=True, fixed_global_batch=False, reduce_choice=True)
 
 
 def _ddp(p) -> EngineFacts:

@@ -73,6 +73,8 @@ class ParallelConfig(Degrees):
     """engine=deepspeed with zero_stage=3: keep parameters in CPU memory between uses."""
     reshard_after_forward: bool = True
     """FSDP: free gathered weights after forward (ZeRO-3 style); False keeps them until backward."""
+    reduce_every_micro_batch: bool = True
+    """FSDP: reduce-scatter gradients after every micro-batch into the fp32 shards; False holds each weight's whole fp32 gradient across the micro-batches and reduces once per step (Megatron's choice: less traffic, 4 bytes per parameter the rank computes with). Pipelines always reduce once (torch's stages)."""
     ac: str = "none"
     """Activation checkpointing: none, full (every block) or selective (every ac_every-th block)."""
     ac_every: int = 2

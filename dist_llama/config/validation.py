@@ -141,6 +141,9 @@ def resolve_parallel(p: ParallelConfig, world_size: int) -> ParallelConfig:
              "needs parallel.engine=deepspeed and parallel.zero_stage=3")
     _require(not p.offload_optimizer or engine.offload_optimizer, "parallel.offload_optimizer",
              "needs parallel.engine=deepspeed")
+    _require(p.reduce_every_micro_batch or engine.reduce_choice, "parallel.reduce_every_micro_batch",
+             f"false is an FSDP setting; {p.engine} reduces gradients as it does (ddp: once per step; "
+             "deepspeed: per its ZeRO stage)")
     _require(p.pp_schedule in SCHEDULES, "parallel.pp_schedule",
              f"must be one of {', '.join(SCHEDULES)}; got {p.pp_schedule!r}")
     if p.pp_schedule in MULTI_STAGE:

@@ -98,9 +98,11 @@ def format_table(e: Estimate, cfg, hw) -> str:
         f"  fp32 Adam m+v             {_gib(m.optimizer)}",
         f"  gathered weights          {_gib(m.gathered)}",
         f"  engine buffers            {_gib(m.buffers)}",
+        f"  pipeline buffers          {_gib(m.pipeline)}",
         f"  activations               {_gib(m.activations)}  ({m.in_flight_microbatches} micro-batches in flight, "
         f"{m.activation_per_layer_microbatch / GiB:.3f} GiB per layer per micro-batch without AC)",
-        f"  logits                    {_gib(m.logits)}",
+        f"  loss backward             {_gib(m.logits)}{'  (peak: larger than a block backward)' if m.logits >= m.working else ''}",
+        f"  block backward            {_gib(m.working)}{'  (peak: larger than the loss backward)' if m.working > m.logits else ''}",
         f"  total                     {_gib(m.total)}  (tensors)",
         *format_allowances(e.allowances, m.total, hw),
         *([f"  host (ZeRO offload)       {_gib(m.host)}"] if m.host else []),

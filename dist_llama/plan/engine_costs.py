@@ -56,19 +56,23 @@ class FSDPCosts:
     def casts_weights(self, p) -> bool:
         return p.data_parallel
 
-    def pipeline_states(self, p, psi: float, c: int, steady: bool) -> dict:
-        """torch's pipeline stages reduce-scatter FSDP gradients only after the last micro-batch's
-        backward (stage.py: set_requires_gradient_sync(False) before), so no reduce-scatter buffer
-        is live at the peak and the sharded gradients do not exist yet; from a stage's first
-        backward on (`steady`: before the rank's peak) its gradients are whole, in the fp32 reduce
-        dtype. (Its weights stay gathered after each backward too, but the next forward reshards
-        them, so the peak, early in a backward, sees the usual gathered blocks.)"""
+    def deferred_states(self, p, psi: float, c: int, steady: bool) -> dict:
+        """What deferring the gradient reduction to the last micro-batch changes at the peak:
+        - under a pipeline, torch's stages always defer it (stage.py: set_requires_gradient_sync(False)
+          before the last backward), so no reduce-scatter buffer is live at the peak and the sharded
+          gradients do not exist yet; from a stage's first backward on (`steady`: before the rank's
+          peak) its gradients are whole, in the fp32 reduce dtype. Its weights stay gathered after
+          each backward too, but the next forward reshards them, so the peak, early in a backward,
+          sees the usual gathered blocks; the multi-stage runtime unshards and reshards stages
+          itself, at most three at a time (torch's _add_unshard_reshard, max_active_stages=3);
+        - without one, parallel.reduce_every_micro_batch=false holds the whole fp32 gradients from
+          the first micro-batch's backward on, and reduce-scatters only in the last one's."""
         if not p.data_parallel:
             return {}
+        if p.pp == 1:
+            return {} if p.reduce_every_micro_batch else {"grads": 4 * psi, "buffers": 0.0}
         states = {"grads": 4 * psi if steady else 0.0, "buffers": 0.0}
         if p.pp_virtual_stages > 1:
-            # The multi-stage runtime unshards and reshards stages itself, at most three at a time
-            # (torch's _add_unshard_reshard, max_active_stages=3).
             states["gathered"] = c * psi * min(p.pp_virtual_stages, 3) / p.pp_virtual_stages
         return states
 
@@ -80,11 +84,14 @@ class FSDPCosts:
         bw = links.network if group_spans_nodes(p.tp, n, hw) else links.nvlink
         if n > 1:
             # Compute-dtype all-gather (once per step when weights are kept after forward, else
-            # forward and backward of every micro-batch), fp32 gradient reduce-scatter once.
+            # forward and backward of every micro-batch); fp32 gradient reduce-scatter after every
+            # micro-batch (train/engines/fsdp.py) unless deferred to the last one (by the setting,
+            # or by a pipeline's stages).
             gathers = 1 if not p.reshard_after_forward else 2 * n_micro
-            volume = (gathers * c + 4) * (n - 1) / n * psi
-            out.append(collective("fsdp all-gather/reduce-scatter", volume, bw, (gathers + 1) * (layers + 1),
-                                  links, overlap))
+            reduces = n_micro if p.pp == 1 and p.reduce_every_micro_batch else 1
+            volume = (gathers * c + reduces * 4) * (n - 1) / n * psi
+            out.append(collective("fsdp all-gather/reduce-scatter", volume, bw,
+                                  (gathers + reduces) * (layers + 1), links, overlap))
         if p.dp_replicate > 1:
             volume = 2 * (p.dp_replicate - 1) / p.dp_replicate * 4 * psi / n
             out.append(collective("hsdp all-reduce (replicas)", volume, links.network, layers + 1, links, overlap))
@@ -111,7 +118,7 @@ class DDPCosts:
     def casts_weights(self, p) -> bool:
         return False  # autocast
 
-    def pipeline_states(self, p, psi: float, c: int, steady: bool) -> dict:
+    def deferred_states(self, p, psi: float, c: int, steady: bool) -> dict:
         return {}  # the replica's gradients are whole already
 
     def collectives(self, p, psi: float, layers: int, n_micro: int, c: int, hw: Hardware, links: Links,
@@ -161,7 +168,7 @@ class ZeroCosts:
     def casts_weights(self, p) -> bool:
         return True  # DeepSpeed's bf16 mode
 
-    def pipeline_states(self, p, psi: float, c: int, steady: bool) -> dict:
+    def deferred_states(self, p, psi: float, c: int, steady: bool) -> dict:
         return {}  # dist_llama runs DeepSpeed without pipeline parallelism
 
     def collectives(self, p, psi: float, layers: int, n_micro: int, c: int, hw: Hardware, links: Links,

@@ -272,11 +272,11 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
         # FlexAttention keeps a block mask of a few MiB instead).
         saved_layers += mbs * (seq // cp) * seq
     in_flight = in_flight_microbatches(p.pp_schedule, pp, pp_rank, V, n_micro)
-    if pp > 1:
-        # What torch's stages defer to the last micro-batch (FSDP's reduction); `steady`: a backward
-        # runs before the rank's last forward (1F1B's steady state), so whatever the first backward
-        # leaves behind is there beside the peak activations.
-        states.update(costs.pipeline_states(p, params_rank, c, steady=in_flight < n_micro))
+    if n_micro > 1:
+        # What is deferred to the last micro-batch (FSDP's reduction, by the setting or by torch's
+        # pipeline stages); `steady`: a backward runs before the rank's last forward (1F1B's steady
+        # state), so whatever the first backward leaves behind is there beside the peak activations.
+        states.update(costs.deferred_states(p, params_rank, c, steady=in_flight < n_micro))
     # Under checkpointing, backward recomputes one block at a time and holds its full activations;
     # under selective checkpointing a block kept whole has been freed by then (backward runs from
     # the last block, and every wrapped block but the rank's last has one after it).

@@ -24,7 +24,8 @@ def _local(cfg: Config, dims: ParallelDims, meshes: Meshes, device: torch.device
 def _fsdp(cfg, dims, meshes, device, dtype, n_micro) -> Engine:
     if not dims.data_parallel:
         return _local(cfg, dims, meshes, device, dtype)
-    return FSDPEngine(dims, meshes, dtype, cfg.optim.grad_clip, cfg.parallel.reshard_after_forward)
+    return FSDPEngine(dims, meshes, dtype, cfg.optim.grad_clip, cfg.parallel.reshard_after_forward,
+                      cfg.parallel.reduce_every_micro_batch)
 
 
 def _ddp(cfg, dims, meshes, device, dtype, n_micro) -> Engine:

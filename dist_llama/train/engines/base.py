@@ -56,7 +56,7 @@ class Engine(Protocol):
         """The model part inside what `wrap` made of it (DDP's and DeepSpeed's .module)."""
     def grad_sync(self, part: nn.Module, last_micro_batch: bool) -> ContextManager:
         """Around one micro-batch's forward and backward: where the engine reduces gradients only after
-        the last one (DDP), the others run without it."""
+        the last one (DDP; FSDP with parallel.reduce_every_micro_batch=false), the others run without it."""
     def backward(self, loss: torch.Tensor) -> None: ...
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of this step's gradients over all ranks, before clipping. Collective."""

@@ -2,18 +2,21 @@
 default engine. Parameters, gradients and optimizer states are sharded; the mixed-precision policy
 casts weights to the compute dtype, so no autocast is needed.
 
-Gradients are reduce-scattered after every micro-batch and accumulate in the fp32 shards (as in
-torchtitan and DeepSpeed ZeRO-2/3), not held whole until the last one: deferring the reduction
-would keep an unsharded fp32 gradient of every weight the rank computes with (Llama 3 70B on
-FSDP-64: 263 GiB per rank, against 4.1 GiB sharded), for one reduce-scatter per step instead of
-one per micro-batch. (Under pipeline parallelism torch's stages defer it themselves; the planner
-counts that.)
+By default gradients are reduce-scattered after every micro-batch and accumulate in the fp32
+shards (as in torchtitan and DeepSpeed ZeRO-2/3). `parallel.reduce_every_micro_batch=false` defers
+the reduction to the last micro-batch, as Megatron's distributed optimizer does: one reduce-scatter
+per step instead of one per micro-batch, for an unsharded fp32 gradient of every weight the rank
+computes with held across the micro-batches (Llama 3 70B on FSDP-64: 263 GiB per rank, against
+4.1 GiB sharded). (Under pipeline parallelism torch's stages defer it themselves; the planner
+counts both.)
 
 The engine's all-gathers and reduce-scatters go through `_TimedAllGather` / `_TimedReduceScatter`, so
 its compute clock knows how long this rank was blocked in them (train/compute_clock.py)."""
 
 from __future__ import annotations
 
+import contextlib
+from typing import ContextManager
 
 import torch
 import torch.distributed as dist
@@ -41,16 +44,21 @@ def _unmeasured_reason(dims: ParallelDims, device_type: str):
 
 class FSDPEngine(LocalEngine):
     def __init__(self, dims: ParallelDims, meshes: Meshes, dtype: torch.dtype, grad_clip: float,
-                 reshard_after_forward: bool):
+                 reshard_after_forward: bool, reduce_every_micro_batch: bool = True):
         super().__init__(dtype, grad_clip, meshes.pp_group)
         self.autocast_dtype = None  # FSDP's mixed-precision policy casts the weights instead
         self.dims, self.meshes, self.dtype = dims, meshes, dtype
         self.reshard_after_forward = reshard_after_forward
+        self.reduce_every_micro_batch = reduce_every_micro_batch
         # HSDP: the ranks along dp_replicate hold the same shard (same pp stage, tp slice, shard
         # index); plain FSDP has no two ranks holding the same parameters.
         self.replica_group = meshes.world["dp_replicate"].get_group() if dims.dp_replicate > 1 else None
         reason = _unmeasured_reason(dims, meshes.world.device_type)
         self.compute_clock = Unmeasured(reason) if reason else ComputeClock(torch.device(meshes.world.device_type))
+
+    def grad_sync(self, part: nn.Module, last_micro_batch: bool) -> ContextManager:
+        part.set_requires_gradient_sync(self.reduce_every_micro_batch or last_micro_batch)
+        return contextlib.nullcontext()
 
     def shard(self, part: nn.Module) -> None:
         apply_fsdp(part, self.dims, self.meshes, param_dtype=self.dtype,
