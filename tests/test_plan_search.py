@@ -71,6 +71,15 @@ def test_search_confirm_steps_the_peak_ranks_and_drops_layouts_over_the_cap():
     assert "1f1b v1" in dropped and "1f1b v1" not in ranking
     assert (f"rank {confirmed[0]['peak_rank']}" in ranking) == confirmed[0]["fits"]
 
+    # Asked for one fitting layout, confirm walks past the best one when its peak is over the cap,
+    # and stops at the first that fits.
+    (big, big_peak), (small, small_peak) = sorted(((piped, confirmed[1]["peak"]), (flat, confirmed[0]["peak"])),
+                                                  key=lambda pair: -pair[1])
+    assert big_peak > small_peak
+    walked = confirm([big, small], 4, hw, big_peak - 1, 1, "cpu")
+    assert [r["fits"] for r in walked] == [False, True]
+    assert [r["fits"] for r in confirm([small, big], 4, hw, big_peak - 1, 1, "cpu")] == [True]
+
 
 @pytest.mark.timeout(60)
 def test_search_confirm_on_the_command_line(capsys):

@@ -40,8 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--top", type=int, default=10, help="layouts --search lists")
     ap.add_argument("--confirm", type=int, default=None, metavar="N",
                     help="with --search: run the real step on fake tensors (as --dry-run --memory) for the peak ranks "
-                         "(first and last pipeline stage) of the best N layouts (default 3), print its peak beside the "
-                         "estimate and drop the layouts whose peak is over the cap")
+                         "(first and last pipeline stage) of the best layouts, in order, until N of them fit (default "
+                         "3; at most 2N stepped), print its peak beside the estimate and drop the layouts whose peak "
+                         "plus the device's allowances is over the cap")
     ap.add_argument("--fast", action="store_true",
                     help="with --search: rank by the estimate alone (no fake step; the output says so)")
     ap.add_argument("--png", default=None, help="with --search: also draw MFU and memory per layout to this PNG")

@@ -381,14 +381,18 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
         fits=memory.total + allow.total <= hw.memory_bytes)
 
 
-def estimate(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = CALIBRATION) -> Estimate:
+def estimate(cfg: Config, hw: Hardware, rank: Optional[int] = 0, cal: Calibration = CALIBRATION) -> Estimate:
     """Predict one step for `rank` of the resolved config (dp_shard filled in): that rank's memory,
     FLOPs and traffic, with the step time (and throughput, MFU) of the slowest pipeline rank,
-    which sets the pace for everyone."""
+    which sets the pace for everyone. rank=None: the pipeline rank with the highest memory (one
+    rank of each pipeline rank stands for its tp, cp and dp peers, which hold the same shapes)."""
     per_pp = cfg.parallel.world_size // cfg.parallel.pp
-    own = estimate_rank(cfg, hw, rank, cal)
-    slowest = max((estimate_rank(cfg, hw, r * per_pp, cal) for r in range(cfg.parallel.pp)),
-                  key=lambda e: e.step_seconds)
+    stages = [estimate_rank(cfg, hw, r * per_pp, cal) for r in range(cfg.parallel.pp)]
+    if rank is None:
+        own = max(stages, key=lambda e: e.memory.total)
+    else:
+        own = estimate_rank(cfg, hw, rank, cal)
+    slowest = max(stages, key=lambda e: e.step_seconds)
     return dataclasses.replace(own, step_seconds=slowest.step_seconds, bubble_fraction=slowest.bubble_fraction,
                                tokens_per_s_per_gpu=slowest.tokens_per_s_per_gpu,
                                tflops_per_gpu=slowest.tflops_per_gpu, mfu=slowest.mfu)

@@ -36,8 +36,8 @@ def candidates(cfg: Config, gpus: int, hw: Hardware):
 
 def search(cfg: Config, gpus: int, hw: Hardware, memory_cap: float, top: int = 10,
            expandable_segments: bool = True) -> list[tuple[Config, Estimate]]:
-    """The `top` layouts by predicted MFU whose peak memory (pipeline rank 0 holds the most
-    in-flight micro-batches), tensors + the device's allowances (plan/allowances.py, fragmentation
+    """The `top` layouts by predicted MFU whose peak memory (the estimate of the pipeline rank that
+    holds the most), tensors + the device's allowances (plan/allowances.py, fragmentation
     per `expandable_segments`), stays under memory_cap bytes. The preset's own layout plays no part:
     every tp x cp x pp (x schedule, AC) is tried, the data-parallel degree taking the rest of the
     GPUs, and only those a run would accept are kept (dp dividing the global batch, the
@@ -46,7 +46,7 @@ def search(cfg: Config, gpus: int, hw: Hardware, memory_cap: float, top: int = 1
     results, valid = [], 0
     for candidate in candidates(cfg, gpus, hw):
         valid += 1
-        est = refit(estimate(candidate, hw, rank=0), candidate.parallel, hw, expandable_segments)
+        est = refit(estimate(candidate, hw, rank=None), candidate.parallel, hw, expandable_segments)
         if est.memory.total + est.allowances.total <= memory_cap:
             results.append((candidate, est))
     if not valid:
@@ -85,13 +85,24 @@ def peak_ranks(cfg: Config, hw: Hardware) -> list[int]:
 def confirm(results: list[tuple[Config, Estimate]], gpus: int, hw: Hardware, memory_cap: float, n: int,
             device_type: str, progress=None, jobs: int | None = None, expandable_segments: bool = True) -> list[dict]:
     """The real step on fake tensors (plan/memory.py: one forked process per rank, `jobs` at a time,
-    default one per CPU core) for the peak ranks of the first n layouts: per rank its estimate and
-    measured peak; the layout's peak (the highest of them) and whether it fits memory_cap with the
-    device's allowances (plan/allowances.py) on top.
-    `progress(text)` hears of each run as it ends."""
+    default one per CPU core) for the peak ranks of the best layouts, in order, until n of them fit
+    or 2n have been stepped: per rank its estimate and measured peak; the layout's peak (the highest
+    of them) and whether it fits memory_cap with the device's allowances (plan/allowances.py) on
+    top. One record per stepped layout, for results[:len(records)]. `progress(text)` hears of each
+    run as it ends."""
+    records: list[dict] = []
+    while len(records) < min(len(results), 2 * n) and sum(r["fits"] for r in records) < n:
+        wanted = n - sum(r["fits"] for r in records)
+        batch = results[len(records):len(records) + min(wanted, 2 * n - len(records))]
+        records += _step([cfg for cfg, _ in batch], gpus, hw, memory_cap, device_type, progress, jobs,
+                         expandable_segments)
+    return records
+
+
+def _step(layouts: list[Config], gpus: int, hw: Hardware, memory_cap: float, device_type: str, progress, jobs,
+          expandable_segments: bool) -> list[dict]:
     from dist_llama.plan.memory import fake_memories
 
-    layouts = [cfg for cfg, _ in results[:n]]
     runs = [(cfg, gpus, rank) for cfg in layouts for rank in peak_ranks(cfg, hw)]
     measured = [None] * len(runs)
     for index, mem in fake_memories(runs, device_type, jobs):
@@ -128,7 +139,8 @@ def format_search(results: list[tuple[Config, Estimate]], memory_cap: float,
     head = (f"{'tp':>3}{'cp':>4}{'pp':>4}{'dp':>6}  {'schedule':<22}{'ac':<6}{'tensors':>8}{'device GiB':>11}"
             f"{'tok/s/GPU':>11}{'MFU':>8}")
     lines = [f"best layouts under {memory_cap / 2**30:.0f} GiB per GPU (by predicted MFU"
-             + (f"; the first {len(confirmed)} stepped on fake tensors" if confirmed else "")
+             + (f"; the first {len(confirmed)} stepped on fake tensors, the rest by the estimate only"
+                if confirmed else "")
              + ("; --fast: estimate only, no layout stepped" if fast else "") + "):",
              head + ("   fake step GiB, + allowances (rank, estimate there)" if confirmed else "")]
     dropped = []
