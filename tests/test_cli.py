@@ -90,3 +90,17 @@ def test_torchrun_8_ranks_dp_tp_pp_matches_one_rank(tmp_path):
         assert abs(a - b) <= 1e-5 * b, (l8, l1)
     layout = json.loads((tmp_path / "l8" / "checkpoints" / "step-00000010" / "trainer_state.json").read_text())["layout"]
     assert layout == {"pp": 2, "dp_replicate": 1, "dp_shard": 2, "cp": 1, "tp": 2}
+
+
+def test_trainer_sets_expandable_segments_unless_the_user_did(monkeypatch, tmp_path):
+    """The planner allows 5% for fragmentation with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True,
+    so the trainer sets it before anything touches CUDA; a value the user set is left alone."""
+    from dist_llama.train.cli import main
+
+    missing = str(tmp_path / "missing.yaml")
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert main(["--config", missing]) == 2
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    assert main(["--config", missing]) == 2
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"

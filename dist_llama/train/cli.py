@@ -250,6 +250,10 @@ def _main(argv: Optional[Sequence[str]]) -> tuple[int, bool]:
     # clue such a crash leaves in a launcher's log. The process's own stderr: a caller's replacement
     # (a test capturing output) may have no file descriptor.
     faulthandler.enable(file=sys.__stderr__, all_threads=True)
+    # Before anything touches CUDA: the caching allocator reads it once. Segments that grow in place
+    # keep fragmentation near the 5% dist-llama-plan allows for (plan/allowances.py), as torchtitan
+    # sets too; a value the user set wins.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     config_path, overrides = parse_args(argv)
     if launched_by_torchrun():  # no worker trains on, unsupervised, after its agent is gone
         die_with_launcher()
