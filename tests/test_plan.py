@@ -352,3 +352,23 @@ def test_estimated_model_states_match_a_real_fsdp_build():
         assert m.master == 0
         for kind, est in (("params", m.params), ("grads", m.grads), ("optimizer", m.optimizer)):
             assert est == pytest.approx(measured[kind], rel=0.02), (kind, est, measured)
+
+
+@pytest.mark.timeout(120)
+def test_selective_checkpointing_counts_over_the_ranks_blocks():
+    """Llama 3 405B's rank 0 holds 7 one- or two-block stages (interleaved, V=7): selective
+    checkpointing every 2nd block recomputes 4 of its 7 blocks (its 1st, 3rd, 5th and 7th), as the
+    estimator counts, not the first block of each of its 7 stages."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-m", "dist_llama.plan.cli", "--config", "configs/llama3_405b.yaml",
+                           "--gpus", "16384", "parallel.ac=selective", "parallel.ac_every=2", "--dry-run", "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    dry, est = report["dry_run"], report["estimate"]
+    assert dry["blocks"] == est["layers"] == 7
+    assert dry["recomputed_blocks"] == -(-7 // 2)

@@ -242,7 +242,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"dry run  rank {dr['rank']} of {dr['world_size']} (stages {dr['stage_ids']}): "
               f"{dr['params_allocated']:,} parameters allocated ({dr['params_local']:,} of data; estimate "
               f"{est.params_shard:,.0f}, {100 * dr['relative_error']:+.2f}%), fp32 params+grads+Adam "
-              f"{16 * dr['params_allocated'] / 2**30:.2f} GiB, built in {dr['seconds']:.1f} s")
+              f"{16 * dr['params_allocated'] / 2**30:.2f} GiB, {dr['recomputed_blocks']} of its {dr['blocks']} blocks "
+              f"recomputed in backward, built in {dr['seconds']:.1f} s")
     if args.memory:
         print(format_memory(mem, hw))
     if args.goodput:

@@ -9,6 +9,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.tensor import DTensor
 
 from dist_llama.config import Config, micro_batches
@@ -51,9 +52,11 @@ def dry_run(cfg: Config, world_size: int, rank: int) -> dict:
         parts, stage_ids, _ = build_model_parts(cfg, dims, meshes, meta, engine)
         params = sum(_local_numel(p) for part in parts for p in part.parameters())
         padded = sum(_padded_local_numel(p) for part in parts for p in part.parameters())
+        blocks = [block for part in parts for block in part.layers.values()]
+        recomputed = sum(isinstance(block, CheckpointWrapper) for block in blocks)
     finally:
         dist.destroy_process_group()
     return {"rank": rank, "world_size": world_size, "stage_ids": stage_ids, "params_local": params,
             "params_allocated": padded, "param_bytes_fp32": 4 * padded, "grad_bytes_fp32": 4 * padded,
-            "adam_bytes_fp32": 8 * padded,
+            "adam_bytes_fp32": 8 * padded, "blocks": len(blocks), "recomputed_blocks": recomputed,
             "seconds": time.perf_counter() - t0}
