@@ -56,25 +56,18 @@ class FSDPCosts:
     def casts_weights(self, p) -> bool:
         return p.data_parallel
 
-    def deferred_states(self, p, psi: float, c: int, steady: bool) -> dict:
-        """What deferring the gradient reduction to the last micro-batch changes at the peak:
-        - under a pipeline, torch's stages always defer it (stage.py: set_requires_gradient_sync(False)
-          before the last backward), so no reduce-scatter buffer is live at the peak and the sharded
-          gradients do not exist yet; from a stage's first backward on (`steady`: before the rank's
-          peak) its gradients are whole, in the fp32 reduce dtype. Its weights stay gathered after
-          each backward too, but the next forward reshards them, so the peak, early in a backward,
-          sees the usual gathered blocks; the multi-stage runtime unshards and reshards stages
-          itself, at most three at a time (torch's _add_unshard_reshard, max_active_stages=3);
-        - without one, parallel.reduce_every_micro_batch=false holds the whole fp32 gradients from
-          the first micro-batch's backward on, and reduce-scatters only in the last one's."""
-        if not p.data_parallel:
-            return {}
-        if p.pp == 1:
-            return {} if p.reduce_every_micro_batch else {"grads": 4 * psi, "buffers": 0.0}
-        states = {"grads": 4 * psi if steady else 0.0, "buffers": 0.0}
-        if p.pp_virtual_stages > 1:
-            states["gathered"] = c * psi * min(p.pp_virtual_stages, 3) / p.pp_virtual_stages
-        return states
+    def deferred_states(self, p, psi: float, c: int) -> dict | None:
+        """None when gradients are reduce-scattered after every micro-batch; else what changes when
+        the reduction waits for the last one (by parallel.reduce_every_micro_batch=false, or always
+        under a pipeline, whose torch stages call set_requires_gradient_sync(False) before it): the
+        caller holds the whole fp32 gradients (plan/pipeline_memory.py follows them through the
+        schedule, with the weights the multi-stage runtime keeps unsharded), and no reduce-scatter
+        buffer is live at the peak. (A single-stage pipeline's weights also stay gathered after
+        each backward, but the next forward reshards them, so the peak, early in a backward, sees
+        the usual gathered blocks.)"""
+        if not p.data_parallel or (p.pp == 1 and p.reduce_every_micro_batch):
+            return None
+        return {"buffers": 0.0}
 
     def collectives(self, p, psi: float, layers: int, n_micro: int, c: int, hw: Hardware, links: Links,
                     overlap: float) -> list[Collective]:
@@ -118,8 +111,8 @@ class DDPCosts:
     def casts_weights(self, p) -> bool:
         return False  # autocast
 
-    def deferred_states(self, p, psi: float, c: int, steady: bool) -> dict:
-        return {}  # the replica's gradients are whole already
+    def deferred_states(self, p, psi: float, c: int) -> dict | None:
+        return None  # the replica's gradients are whole already
 
     def collectives(self, p, psi: float, layers: int, n_micro: int, c: int, hw: Hardware, links: Links,
                     overlap: float) -> list[Collective]:
@@ -168,8 +161,8 @@ class ZeroCosts:
     def casts_weights(self, p) -> bool:
         return True  # DeepSpeed's bf16 mode
 
-    def deferred_states(self, p, psi: float, c: int, steady: bool) -> dict:
-        return {}  # dist_llama runs DeepSpeed without pipeline parallelism
+    def deferred_states(self, p, psi: float, c: int) -> dict | None:
+        return None  # dist_llama runs DeepSpeed without pipeline parallelism
 
     def collectives(self, p, psi: float, layers: int, n_micro: int, c: int, hw: Hardware, links: Links,
                     overlap: float) -> list[Collective]:

@@ -29,6 +29,7 @@ from dist_llama.parallel.pipeline import layers_per_stage, stage_ids_for_rank
 from dist_llama.plan.allowances import Allowances, device_allowances
 from dist_llama.plan.engine_costs import engine_costs
 from dist_llama.plan.hardware import Hardware, hardware_preset  # noqa: F401
+from dist_llama.plan.pipeline_memory import pipeline_peak, rank_actions
 from dist_llama.plan.links import Links, collective, group_spans_nodes
 
 
@@ -207,19 +208,6 @@ def activation_bytes_per_layer(m: ModelArgs, tokens: int, tp: int, ac: str, c: i
     return norms + gathered + 4 * (H + K) / tp + 5 * c * H / tp + 4 * c * F / tp
 
 
-def in_flight_microbatches(schedule: str, pp: int, pp_rank: int, virtual: int, n_micro: int) -> float:
-    """Micro-batches (counted in whole-rank units) whose activations a rank holds at its peak."""
-    if pp == 1:
-        return 1
-    if schedule == "gpipe":
-        return n_micro
-    if schedule == "1f1b":
-        return min(n_micro, pp - pp_rank)
-    # Interleaved: Megatron's warm-up holds (pp - r - 1)·2 + (V-1)·pp chunks + 1, each 1/V of a rank.
-    chunks = min(n_micro * virtual, (pp - pp_rank - 1) * 2 + (virtual - 1) * pp + 1)
-    return chunks / virtual
-
-
 def compute_bytes(cfg: Config, hw: Hardware) -> int:
     """Bytes per element of the compute dtype the training would use on this hardware."""
     return 4 if cfg.train.compute_dtype("cpu" if hw.name == "cpu" else "cuda") == "fp32" else 2
@@ -260,67 +248,89 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
     cuda = hw.name != "cpu"
     act_layer = activation_bytes_per_layer(m, tokens_mb, tp, "none", c, cuda)
     ckpt_layer = activation_bytes_per_layer(m, tokens_mb, tp, "full", c, cuda)
-    if p.ac == "full":
-        saved_layers = layers * ckpt_layer
-    elif p.ac == "selective":
-        n_ckpt = math.ceil(layers / p.ac_every)
-        saved_layers = n_ckpt * ckpt_layer + (layers - n_ckpt) * act_layer
-    else:
-        saved_layers = layers * act_layer
-    if hw.name == "cpu":
-        # SDPA's boolean document mask [b, 1, s, s], built once per micro-batch (CUDA's
-        # FlexAttention keeps a block mask of a few MiB instead).
-        saved_layers += mbs * (seq // cp) * seq
-    in_flight = in_flight_microbatches(p.pp_schedule, pp, pp_rank, V, n_micro)
-    if n_micro > 1:
-        # What is deferred to the last micro-batch (FSDP's reduction, by the setting or by torch's
-        # pipeline stages); `steady`: a backward runs before the rank's last forward (1F1B's steady
-        # state), so whatever the first backward leaves behind is there beside the peak activations.
-        states.update(costs.deferred_states(p, params_rank, c, steady=in_flight < n_micro))
-    # Under checkpointing, backward recomputes one block at a time and holds its full activations;
-    # under selective checkpointing a block kept whole has been freed by then (backward runs from
-    # the last block, and every wrapped block but the rank's last has one after it).
-    all_wrapped = p.ac == "full" or (p.ac == "selective" and (p.ac_every == 1 or layers == 1))
-    recompute_peak = act_layer if all_wrapped else 0.0
+    # SDPA's boolean document mask [b, 1, s, s] on CPU, built once per micro-batch and stage
+    # (CUDA's FlexAttention keeps a block mask of a few MiB instead).
+    mask = mbs * (seq // cp) * seq if hw.name == "cpu" else 0.0
+    hidden_bytes = c if costs.casts_weights(p) else 4  # the residual stream: fp32 under autocast
+    boundary = mbs * (seq // cp) * m.dim / tp * hidden_bytes  # one micro-batch's hidden state
+    # Activation checkpointing wraps every block (full) or every ac_every-th of the rank's blocks.
+    wrapped = {"full": layers, "selective": math.ceil(layers / p.ac_every)}.get(p.ac, 0)
+    deferred = costs.deferred_states(p, params_rank, c) if n_micro > 1 else None
+    if deferred is not None:  # the gradient reduction waits for the last micro-batch
+        states.update(deferred)
     chunk = loss_chunk_tokens(t.loss_chunk_tokens, engine_facts(p).output_whole_after_forward, m.vocab_size, tp)
-    if not last:
-        logits = 0.0
-    elif chunk:
+    if chunk:
         # Backward (parallel/loss.py): one chunk's fp32 probabilities beside their compute-dtype
         # gradient (one tensor in fp32), the output weight's fp32 gradient accumulator, the hidden
         # state's gradient and one fp32 log-sum-exp per token.
         chunk_bytes = 4 + (c if c != 4 else 0)
-        logits = (chunk_bytes * min(chunk, tokens_mb) * m.vocab_size / tp + 4 * m.vocab_size * m.dim / tp
-                  + c * tokens_mb * m.dim + 4 * tokens_mb)
+        loss_backward = (chunk_bytes * min(chunk, tokens_mb) * m.vocab_size / tp + 4 * m.vocab_size * m.dim / tp
+                         + c * tokens_mb * m.dim + 4 * tokens_mb)
     else:  # the whole micro-batch's logits in the compute dtype, and fp32 for the loss
-        logits = (c + 4) * tokens_mb * m.vocab_size / tp
-    # Backward's working set: two F-sized gradients of the SwiGLU hidden and one of the block input.
-    working = c * tokens_mb * (2 * ffn_hidden_dim(m) + m.dim) / tp
-    if first and tp > 1:
-        # The embedding's full-vocabulary gradient and its fp32 copy, at the end of a backward
-        # through the first stage, when that micro-batch's activations there are gone (with
-        # several stages per rank, those of the later stages too, for about all micro-batches).
-        freed = saved_layers if V == 1 else saved_layers * in_flight * (V - 1) / V
-        working = max(working, (c + 4) * m.vocab_size * m.dim - freed)
-    # Receive buffers, one per micro-batch for each side of each stage facing another stage; the
-    # hidden state crosses in the weights' dtype, in fp32 under autocast.
+        loss_backward = (c + 4) * tokens_mb * m.vocab_size / tp
+    # A block's backward: two F-sized gradients of the SwiGLU hidden and one of the block input.
+    block_backward = c * tokens_mb * (2 * ffn_hidden_dim(m) + m.dim) / tp
+    # At the end of the first stage's backward under TP: the embedding's full-vocabulary gradient
+    # and its fp32 copy (DTensor's embedding backward is Replicate; it is sliced to the shard after).
+    embedding_backward = (c + 4) * m.vocab_size * m.dim if tp > 1 else 0.0
+    if pp == 1:
+        saved = wrapped * ckpt_layer + (layers - wrapped) * act_layer + mask
+        in_flight, activations, held = 1.0, saved, 0.0
+        if deferred is not None:
+            states["grads"] = 4 * params_rank
+        # The loss's backward and a block's do not overlap; the embedding's comes once this micro-
+        # batch's activations are gone.
+        logits, working = loss_backward, max(block_backward, embedding_backward - saved)
+    else:
+        # Each stage's saved bytes per micro-batch (its blocks, wrapped in the rank's order, and its
+        # output, kept for that backward when another stage follows), replayed in the schedule's order.
+        counts_here = [counts[s] for s in stage_ids]
+        before = [sum(counts_here[:i]) for i in range(len(stage_ids))]
+        saved_by_stage, sent, whole, shard, work, unsharded = {}, {}, {}, {}, {}, {}
+        # Under FSDP with TP, the embedding's gradient is Replicate until FSDP's reduction: when
+        # that waits for the last micro-batch, its full-vocabulary gradient and fp32 accumulator
+        # stay from the first stage's first backward on.
+        embedding_whole = deferred is not None and embedding_backward > 0
+        for s, n_blocks, first_block in zip(stage_ids, counts_here, before):
+            n_wrapped = (n_blocks if p.ac == "full" else
+                         sum((first_block + i) % p.ac_every == 0 for i in range(n_blocks)) if p.ac == "selective" else 0)
+            saved_by_stage[s] = (n_wrapped * ckpt_layer + (n_blocks - n_wrapped) * act_layer + mask
+                                 + (boundary if s != n_stages - 1 else 0.0))
+            sent[s] = boundary * ((s != 0) + (s != n_stages - 1))
+            stage_params = (n_blocks * block_rank + (m.vocab_size * m.dim // tp if s == 0 else 0)
+                            + (m.vocab_size * m.dim // tp + m.dim if s == n_stages - 1 else 0))
+            whole[s] = 4 * stage_params if deferred is not None else 0.0
+            if s == 0 and embedding_whole:
+                whole[s] += embedding_backward - 4 * m.vocab_size * m.dim // tp
+            shard[s] = 4 * stage_params / costs.shards(p) if deferred is not None else 0.0
+            work[s] = max(block_backward, loss_backward if s == n_stages - 1 else 0.0,
+                          embedding_backward - saved_by_stage[s] if s == 0 and not embedding_whole else 0.0)
+            unsharded[s] = c * stage_params
+        runtime_unshards = deferred is not None and V > 1
+        peak = pipeline_peak(rank_actions(p.pp_schedule, pp, V, n_micro, pp_rank), saved_by_stage, sent, whole,
+                             shard, work, n_micro, held_until_end=V > 1,
+                             unsharded=unsharded if runtime_unshards else None)
+        if runtime_unshards:
+            states["gathered"] = peak.gathered
+        in_flight, activations, held = peak.in_flight, peak.activations, peak.held_sends
+        if deferred is not None:
+            states["grads"] = peak.grads
+        # What the peak's backward adds: the loss's when it is the last stage's.
+        at_loss = peak.stage == n_stages - 1 and loss_backward >= block_backward
+        logits, working = (peak.working, 0.0) if at_loss else (0.0, peak.working)
+    if not last:
+        logits = 0.0
+    # Under checkpointing, backward recomputes one block at a time and holds its full activations;
+    # under selective checkpointing a block kept whole has been freed by then (backward runs from
+    # the last block, and every wrapped block but the rank's last has one after it).
+    recompute_peak = act_layer if wrapped == layers and layers > 0 else 0.0
+    # Receive buffers, one per micro-batch for each side of each stage facing another stage, and
+    # the sends the multi-stage runtime keeps until the step ends.
     sides = sum((s != 0) + (s != n_stages - 1) for s in stage_ids) if pp > 1 else 0
-    hidden_bytes = c if costs.casts_weights(p) else 4
-    boundary = mbs * (seq // cp) * m.dim / tp * hidden_bytes  # one micro-batch's hidden state
-    pipeline = n_micro * sides * boundary
-    if V > 1:
-        # The multi-stage runtime waits on its sends only at the end of the step: each stage output
-        # and input gradient sent after a backward finished before the peak (about all but the
-        # micro-batches still in flight) is still held.
-        done = max(0.0, (n_micro - in_flight) * V)
-        pipeline += done * sides / V * boundary
-    if pp > 1:
-        # Each stage that sends keeps its output of every micro-batch in flight for that backward.
-        senders = sum(s != n_stages - 1 for s in stage_ids)
-        saved_layers += senders * boundary
+    pipeline = n_micro * sides * boundary + held
     memory = Memory(params=states["params"], master=states["master"], grads=states["grads"],
                     optimizer=states["optimizer"], gathered=states["gathered"], buffers=states["buffers"],
-                    activations=saved_layers * in_flight + recompute_peak, logits=logits,
+                    activations=activations + recompute_peak, logits=logits,
                     in_flight_microbatches=math.ceil(in_flight), activation_per_layer_microbatch=act_layer,
                     host=states["host"], working=working, pipeline=pipeline)
 
