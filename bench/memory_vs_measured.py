@@ -106,7 +106,12 @@ def at_scale(rows, first_stage_only: bool = False) -> list[float]:
     print(f"\nbf16 on 80 GB H100s; tensor peak per rank (GiB, without the per-device allowances); "
           f"{len(runs)} fake steps")
     print(f"{'preset / layout':<58}{'rank':>7}  {'estimate':>8} {'fake step':>9}  {'est/fake':>8}  peak moment")
-    results = dict(fake_memories(runs, "cuda"))
+    results = {}
+    for index, report in fake_memories(runs, "cuda"):
+        results[index] = report
+        cfg, world, rank = runs[index]
+        print(f"  {len(results)}/{len(runs)}: {where[index]}, rank {rank}: {report['peak'] / GiB:.1f} GiB "
+              f"in {report['seconds']:.0f} s", file=sys.stderr, flush=True)
     errors, last = [], None
     for i, (cfg, world, rank) in enumerate(runs):
         est = estimate(cfg, hardware_preset("h100", ranks=world), rank=rank).memory.total
