@@ -91,12 +91,17 @@ def pipeline_peak(actions: list[tuple[str, int, int]], saved: dict[int, float], 
     best = PipelinePeak(0.0, 0.0, 0.0, 0.0, 0.0, -1)
     stages = len(saved)
     upcoming = _upcoming_stages(actions, active_stages) if unsharded is not None else None
+    # Zero bubble splits a backward in two: the input-gradient half (B here) sends on, and the
+    # matmuls' saved inputs stay for the weight-gradient half (W), which frees them.
+    split = any(kind == "W" for kind, _, _ in actions)
     for i, (kind, stage, mb) in enumerate(actions):
         if kind == "F":
             activations += saved[stage]
             in_flight.add((stage, mb))
             continue
         if kind == "W":
+            activations -= saved[stage]
+            in_flight.discard((stage, mb))
             continue
         if stage not in started:
             started.add(stage)
@@ -104,8 +109,9 @@ def pipeline_peak(actions: list[tuple[str, int, int]], saved: dict[int, float], 
         gathered = sum(unsharded[s] for s in upcoming[i]) if upcoming is not None else 0.0
         if activations + held + grads + working[stage] + gathered > best.total:
             best = PipelinePeak(activations, held, grads, len(in_flight) / stages, working[stage], stage, gathered)
-        activations -= saved[stage]
-        in_flight.discard((stage, mb))
+        if not split:
+            activations -= saved[stage]
+            in_flight.discard((stage, mb))
         if held_until_end:
             held += sent[stage]
         if mb == n_micro - 1:
