@@ -13,10 +13,11 @@ from dist_llama.plan.cli import main
 
 @pytest.mark.timeout(60)
 def test_search_finds_layouts_where_the_presets_default_does_not_divide_the_batch(capsys):
-    # The preset alone: dp = 1024 does not divide 512 sequences.
-    assert main(["--config", "configs/llama3_70b.yaml", "--gpus", "1024"]) == 2
+    # The preset with all GPUs data parallel: dp = 1024 does not divide 512 sequences.
+    assert main(["--config", "configs/llama3_70b.yaml", "--gpus", "1024", "parallel.tp=1"]) == 2
     assert "train.global_batch_size" in capsys.readouterr().err
-    assert main(["--config", "configs/llama3_70b.yaml", "--gpus", "1024", "--search", "--fast", "--top", "50", "--json"]) == 0
+    assert main(["--config", "configs/llama3_70b.yaml", "--gpus", "1024", "parallel.tp=1", "--search", "--fast",
+                 "--top", "50", "--json"]) == 0
     found = json.loads(capsys.readouterr().out)
     assert len(found) == 50
     for layout in found:
@@ -45,9 +46,9 @@ DEBUG_TINY = ["--config", "configs/debug.yaml", "--hardware", "cpu", "model.dim=
 
 @pytest.mark.timeout(120)
 def test_search_confirm_steps_the_peak_ranks_and_drops_layouts_over_the_cap():
-    """The ranks --confirm steps (the first rank of the first and of the last pipeline stage) hold
-    the highest fake-tensor peak of all the layout's ranks; a layout whose peak is over the cap
-    leaves the ranking for the dropped list."""
+    """The ranks --confirm steps (one of each of the two pipeline ranks the estimate puts highest:
+    here both) hold the highest fake-tensor peak of all the layout's ranks; a layout whose peak is
+    over the cap leaves the ranking for the dropped list."""
     from dist_llama.plan.cli import resolved_config
     from dist_llama.plan.hardware import hardware_preset
     from dist_llama.plan.memory import fake_memories

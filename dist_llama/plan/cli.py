@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--top", type=int, default=10, help="layouts --search lists")
     ap.add_argument("--confirm", type=int, default=None, metavar="N",
                     help="with --search: run the real step on fake tensors (as --dry-run --memory) for the peak ranks "
-                         "(first and last pipeline stage) of the best layouts, in order, until N of them fit (default "
+                         "(the two pipeline ranks the estimate puts highest) of the best layouts, in order, until N of them fit (default "
                          "3; at most 2N stepped), print its peak beside the estimate and drop the layouts whose peak "
                          "plus the device's allowances is over the cap")
     ap.add_argument("--fast", action="store_true",

@@ -70,16 +70,15 @@ def _no_layout(cfg: Config, gpus: int, hw: Hardware) -> str:
 
 
 def peak_ranks(cfg: Config, hw: Hardware) -> list[int]:
-    """The ranks whose fake-tensor step stands for a layout's peak: the first rank of the first
-    pipeline stage (the embedding, and the most micro-batches in flight under 1F1B and interleaved
-    schedules) and of the last (the output layer and the loss's logit chunks), and of whichever
-    pipeline rank the estimate puts highest if it is neither (an uneven layer split). The tp, cp
-    and dp peers of a rank hold the same shapes (FSDP pads the shards to one size), so one rank
-    of each pipeline rank is enough; pp is the outermost mesh dimension."""
+    """The ranks whose fake-tensor step stands for a layout's peak: one rank of each of the two
+    pipeline ranks the estimate puts highest (it is within 5% of the fake step per rank, so the
+    runner-up covers a near tie). The tp, cp and dp peers of a rank hold the same shapes (FSDP pads
+    the shards to one size), so one rank of each pipeline rank is enough; pp is the outermost mesh
+    dimension."""
     per_pp = cfg.parallel.world_size // cfg.parallel.pp
     firsts = [r * per_pp for r in range(cfg.parallel.pp)]
-    highest = max(firsts, key=lambda r: estimate_rank(cfg, hw, r).memory.total)
-    return sorted({firsts[0], firsts[-1], highest})
+    ranked = sorted(firsts, key=lambda r: estimate_rank(cfg, hw, r).memory.total, reverse=True)
+    return sorted(ranked[:2])
 
 
 def confirm(results: list[tuple[Config, Estimate]], gpus: int, hw: Hardware, memory_cap: float, n: int,
