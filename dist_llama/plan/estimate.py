@@ -233,14 +233,19 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
     counts = layers_per_stage(m.n_layers, n_stages, p.pp_lighter_ends, p.pp_layers_per_stage)
     stage_ids = stage_ids_for_rank(pp_rank, pp, V)
     layers = sum(counts[s] for s in stage_ids)
-    first, last = 0 in stage_ids, n_stages - 1 in stage_ids
+    last = n_stages - 1 in stage_ids
 
     # Parameters: TP slices every matrix (norms replicated); FSDP / ZeRO-3 shard what is left.
     total, _ = count_params(m)
     per_layer = layer_params(m)
     block_rank = (per_layer - 2 * m.dim) // tp + 2 * m.dim
-    params_rank = layers * block_rank
-    params_rank += (m.vocab_size * m.dim // tp if first else 0) + (m.vocab_size * m.dim // tp + m.dim if last else 0)
+
+    def stage_params(stage: int) -> int:
+        """Parameters stage `stage` computes with: its blocks, the embedding first, norm and output last."""
+        return (counts[stage] * block_rank + (m.vocab_size * m.dim // tp if stage == 0 else 0)
+                + (m.vocab_size * m.dim // tp + m.dim if stage == n_stages - 1 else 0))
+
+    params_rank = sum(stage_params(s) for s in stage_ids)
     costs = engine_costs(p)
     states = costs.model_states(p, params_rank, block_rank, c, root_params=params_rank - layers * block_rank)
     params_shard = params_rank / costs.shards(p) if costs.params_sharded(p) else params_rank
@@ -297,15 +302,13 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
             saved_by_stage[s] = (n_wrapped * ckpt_layer + (n_blocks - n_wrapped) * act_layer + mask
                                  + (boundary if s != n_stages - 1 else 0.0))
             sent[s] = boundary * ((s != 0) + (s != n_stages - 1))
-            stage_params = (n_blocks * block_rank + (m.vocab_size * m.dim // tp if s == 0 else 0)
-                            + (m.vocab_size * m.dim // tp + m.dim if s == n_stages - 1 else 0))
-            whole[s] = 4 * stage_params if deferred is not None else 0.0
+            whole[s] = 4 * stage_params(s) if deferred is not None else 0.0
             if s == 0 and embedding_whole:
                 whole[s] += embedding_backward - 4 * m.vocab_size * m.dim // tp
-            shard[s] = 4 * stage_params / costs.shards(p) if deferred is not None else 0.0
+            shard[s] = 4 * stage_params(s) / costs.shards(p) if deferred is not None else 0.0
             work[s] = max(block_backward, loss_backward if s == n_stages - 1 else 0.0,
                           embedding_backward - saved_by_stage[s] if s == 0 and not embedding_whole else 0.0)
-            unsharded[s] = c * stage_params
+            unsharded[s] = c * stage_params(s)
         runtime_unshards = deferred is not None and V > 1
         peak = pipeline_peak(rank_actions(p.pp_schedule, pp, V, n_micro, pp_rank), saved_by_stage, sent, whole,
                              shard, work, n_micro, held_until_end=V > 1,
