@@ -88,3 +88,35 @@ def test_pipeline_buffer_term_is_what_more_micro_batches_cost():
             predicted += est_large[rank].activations - est_small[rank].activations
             checked[(small[1], rank)] = (predicted, grown)
     assert all(abs(p / g - 1) <= 0.10 for p, g in checked.values()), checked
+
+
+# Llama 3 8B's block shapes (GQA 32:8) at its 8,192-token sequence, 16 layers and a 32K vocabulary
+# so that the blocks, not the embedding, set the peak; two micro-batches, so the peak holds the
+# first one's reduced gradients as a real step's does.
+CP_BASE = ["model.n_layers=16", "model.vocab_size=32768", "train.micro_batch_size=1", "train.global_batch_size=2",
+           "parallel.pp=1", "parallel.ac=none", "parallel.dp_shard=1"]
+CP_LAYOUTS = {"cp4": (["parallel.cp=4"], 4), "tp2 x cp4": (["parallel.tp=2", "parallel.cp=4"], 8),
+              "cp16": (["parallel.cp=16"], 16)}
+
+
+@pytest.mark.timeout(300)
+def test_context_parallel_estimate_on_a_cuda_target_is_within_5_percent():
+    """On CUDA each layer's all-gathered K/V go to FlexAttention unexpanded and are kept for
+    backward: cp times the local keys. The fake step used to run the CPU path here (the gathered
+    K/V expanded to every query head) and the estimate counted only the local keys: 20% apart at
+    cp16, which dropped every cp16 layout from the 405B search."""
+    from dist_llama.plan.cli import resolved_config
+    from dist_llama.plan.estimate import estimate
+    from dist_llama.plan.hardware import hardware_preset
+    from dist_llama.plan.memory import fake_memories
+
+    config = str(ROOT / "configs" / "llama3_8b.yaml")
+    cfgs = {name: (resolved_config(config, [*CP_BASE, *overrides], world), world)
+            for name, (overrides, world) in CP_LAYOUTS.items()}
+    runs = [(cfg, world, 0) for cfg, world in cfgs.values()]
+    fake = dict(fake_memories(runs, "cuda"))
+    errors = {}
+    for i, (name, (cfg, world)) in enumerate(cfgs.items()):
+        est = estimate(cfg, hardware_preset("h100", ranks=world), rank=0).memory.total
+        errors[name] = round(est / fake[i]["peak"] - 1, 4)
+    assert all(abs(e) <= TOLERANCE for e in errors.values()), errors

@@ -140,10 +140,15 @@ class CPCoreAttention(CoreAttention):
         # None would mean SDPA's is_causal, which aligns the diagonal top-left: wrong for S_loc x S_full.
         if mask is None:
             raise ValueError("context-parallel attention needs the mask of CPAttentionMask, got None")
+        xk, xv = self.gather_kv(xk, xv)
+        return super().forward(xq, xk, xv, mask)
+
+    def gather_kv(self, xk: Tensor, xv: Tensor) -> tuple[Tensor, Tensor]:
+        """[B, S_loc, H_kv, D] each -> [B, S_full, H_kv, D] each (gathered order)."""
         # One collective for both: [2, B, S_loc, H_kv, D] -> [2, B, S_full, H_kv, D]. Gathered before
         # the GQA repeat, so only the K/V heads travel.
         kv = _all_gather_autograd(torch.stack((xk, xv)), 2, self.cp_mesh)
-        return super().forward(xq, kv[0], kv[1], mask)
+        return kv[0], kv[1]
 
 
 def apply_cp(model: Transformer, cp_mesh: DeviceMesh) -> None:

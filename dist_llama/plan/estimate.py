@@ -179,22 +179,24 @@ def layer_params(m: ModelArgs) -> int:
     return attention + 3 * m.dim * ffn_hidden_dim(m) + 2 * m.dim
 
 
-def activation_bytes_per_layer(m: ModelArgs, tokens: int, tp: int, ac: str, c: int = 2, cuda: bool = False) -> float:
+def activation_bytes_per_layer(m: ModelArgs, tokens: int, tp: int, ac: str, c: int = 2, cuda: bool = False,
+                               cp: int = 1) -> float:
     """Bytes one block saves for backward for `tokens` tokens (micro-batch x local sequence), with
     c-byte compute-dtype activations, counted from this Llama block as autograd runs it (checked
     against the fake-tensor step, plan/memory.py). With H = tokens x dim, K = tokens x kv_dim,
-    F = tokens x ffn_dim, under tensor + sequence parallelism of degree t, on a CPU (SDPA):
+    F = tokens x ffn_dim, under tensor + sequence parallelism of degree t and context parallelism
+    of degree cp (each layer attends its local queries to the K/V of all cp ranks), on a CPU (SDPA):
     - each RMSNorm: its input in fp32 (4H/t; the norm runs in fp32 even under bf16) and its output (cH/t);
     - each SP all-gather of a norm output, saved whole by the matmuls after it (cH; none when t = 1);
     - RoPE: q and k in fp32 complex form (4(H + K)/t);
-    - attention: rotated q, K and V expanded to all query heads, and the output (4cH/t), and wo's
-      reshaped input (cH/t); the S x S scores are never stored (flash / fused SDPA);
+    - attention: rotated q and the output (2cH/t), the gathered K and V expanded to all query heads
+      (2cH cp/t), and wo's reshaped input (cH/t); the S x S scores are never stored (flash SDPA);
     - SwiGLU: w1's output, its SiLU, w3's output and their product (4cF/t).
     On a CUDA target (`cuda`: FlexAttention, which takes K and V unexpanded; counted on fake steps
-    of Llama 2 7B and Llama 3 8B with tp 1 and 2) RoPE keeps no fp32 copy (its products are with
-    constants), attention keeps the rotated q and k, v and the output (2c(H + K)/t), and each
-    RMSNorm its fp32 input and output cast (4H/t + cH/t) and, when t = 1, the product with its
-    weight too (cH).
+    of Llama 2 7B and Llama 3 8B with tp 1 and 2, and cp up to 16) RoPE keeps no fp32 copy (its
+    products are with constants), attention keeps the rotated q, the output and the gathered K and
+    V (2c(H + K cp)/t), and each RMSNorm its fp32 input and output cast (4H/t + cH/t) and, when
+    t = 1, the product with its weight too (cH).
     Korthikanti et al.'s 34 sbh/t (GPT block, 16-bit) is about 55 sbh/t here for Llama 3 8B.
     Full recompute keeps only the block input: cH/t."""
     H, K, F = tokens * m.dim, tokens * m.kv_heads * (m.dim // m.n_heads), tokens * ffn_hidden_dim(m)
@@ -203,9 +205,9 @@ def activation_bytes_per_layer(m: ModelArgs, tokens: int, tp: int, ac: str, c: i
     gathered = 2 * c * H if tp > 1 else 0.0
     if cuda:
         norms = 2 * (4 + c) * H / tp + (2 * c * H if tp == 1 else 0.0)
-        return norms + gathered + 2 * c * (H + K) / tp + 4 * c * F / tp
+        return norms + gathered + 2 * c * (H + K * cp) / tp + 4 * c * F / tp
     norms = 2 * (4 + c) * H / tp
-    return norms + gathered + 4 * (H + K) / tp + 5 * c * H / tp + 4 * c * F / tp
+    return norms + gathered + 4 * (H + K) / tp + (3 + 2 * cp) * c * H / tp + 4 * c * F / tp
 
 
 def compute_bytes(cfg: Config, hw: Hardware) -> int:
@@ -251,7 +253,7 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
     params_shard = params_rank / costs.shards(p) if costs.params_sharded(p) else params_rank
 
     cuda = hw.name != "cpu"
-    act_layer = activation_bytes_per_layer(m, tokens_mb, tp, "none", c, cuda)
+    act_layer = activation_bytes_per_layer(m, tokens_mb, tp, "none", c, cuda, cp)
     ckpt_layer = activation_bytes_per_layer(m, tokens_mb, tp, "full", c, cuda)
     # SDPA's boolean document mask [b, 1, s, s] on CPU, built once per micro-batch and stage
     # (CUDA's FlexAttention keeps a block mask of a few MiB instead).

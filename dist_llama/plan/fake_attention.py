@@ -13,8 +13,11 @@ indices [B, 1, S/128, S/128], int32. SDPA's flash kernel allocates the same outp
 The CPU path instead decomposes SDPA into matmul + softmax with an S x S score tensor per head,
 kept for backward: that is why the fake step's activations grew faster than the sequence.
 
-The fake step swaps this in for the plain CoreAttention/AttentionMask of each layer when the target
-is CUDA; context parallelism's own modules are left as they are.
+The fake step swaps this in for the CoreAttention/AttentionMask of each layer when the target is
+CUDA. Context parallelism's modules (parallel/context.py) keep their K/V all-gather and attend the
+local queries to the gathered keys the same way: on CUDA they get a BlockMask of S_loc x S_full, so
+FlexAttention takes the gathered K/V unexpanded and saves them for backward, where the CPU path
+expands them to every query head (cp times the local queries' size, twice).
 """
 
 from __future__ import annotations
@@ -32,11 +35,12 @@ BLOCK = 128
 class FakeBlockMask:
     """The int32 tensors of a FlexAttention BlockMask of this shape, with none of its logic."""
 
-    def __init__(self, batch: int, seq_len: int, device: torch.device):
-        blocks = -(-seq_len // BLOCK)
-        self.tensors = [t for _ in range(4) for t in (
-            torch.empty(batch, 1, blocks, dtype=torch.int32, device=device),
-            torch.empty(batch, 1, blocks, blocks, dtype=torch.int32, device=device))]
+    def __init__(self, batch: int, q_len: int, kv_len: int, device: torch.device):
+        q_blocks, kv_blocks = -(-q_len // BLOCK), -(-kv_len // BLOCK)
+        # kv and full kv index the key blocks of each query block; q and full q the transpose.
+        self.tensors = [t for rows, cols in ((q_blocks, kv_blocks),) * 2 + ((kv_blocks, q_blocks),) * 2 for t in (
+            torch.empty(batch, 1, rows, dtype=torch.int32, device=device),
+            torch.empty(batch, 1, rows, cols, dtype=torch.int32, device=device))]
 
 
 class _FlexLikeAttention(torch.autograd.Function):
@@ -62,8 +66,16 @@ def _core_forward(self, xq, xk, xv, mask):
     return _FlexLikeAttention.apply(xq, xk, xv).transpose(1, 2)
 
 
+def _cp_core_forward(self, xq, xk, xv, mask):
+    return _core_forward(self, xq, *self.gather_kv(xk, xv), mask)
+
+
 def _mask_forward(self, doc_ids, seq_len, device):
-    return FakeBlockMask(1 if doc_ids is None else doc_ids.shape[0], seq_len, device)
+    return FakeBlockMask(1 if doc_ids is None else doc_ids.shape[0], seq_len, seq_len, device)
+
+
+def _cp_mask_forward(self, doc_ids, seq_len, device):
+    return FakeBlockMask(1 if doc_ids is None else doc_ids.shape[0], seq_len, seq_len * self.cp_mesh.size(), device)
 
 
 @contextlib.contextmanager
@@ -71,16 +83,16 @@ def cuda_attention(parts: list[nn.Module]):
     """Within: each plain CoreAttention and AttentionMask of `parts` allocates as FlexAttention on
     CUDA does (see the module docstring)."""
     from dist_llama.model.llama import AttentionMask, CoreAttention
+    from dist_llama.parallel.context import CPAttentionMask, CPCoreAttention
 
+    forwards = {CoreAttention: _core_forward, AttentionMask: _mask_forward,
+                CPCoreAttention: _cp_core_forward, CPAttentionMask: _cp_mask_forward}
     swapped = []
     for part in parts:
         for module in part.modules():
-            if type(module) is CoreAttention:
+            if type(module) in forwards:
                 swapped.append(module)
-                module.forward = types.MethodType(_core_forward, module)
-            elif type(module) is AttentionMask:
-                swapped.append(module)
-                module.forward = types.MethodType(_mask_forward, module)
+                module.forward = types.MethodType(forwards[type(module)], module)
     try:
         yield
     finally:
