@@ -85,12 +85,13 @@ def test_memory_follows_zero3_and_schedule():
     # without the gradients). The gradients are whole, in fp32: torch's pipeline stages reduce-scatter
     # them only after the last of the 32 micro-batches, and the first stage's steady state (its
     # 17th forward follows its first backward) holds them beside its peak activations; the
-    # embedding's, Replicate under TP until FSDP reduces it, over the whole vocabulary in bf16 and
-    # in FSDP's fp32 accumulator.
+    # embedding's, Replicate under TP until FSDP reduces it, over the whole vocabulary in FSDP's
+    # fp32 accumulator, and, while the stage's backward runs, in bf16 too.
     m = first.memory
     assert m.params + m.optimizer + m.master == pytest.approx(12 * first.params_rank / 64)
     vocab_dim = LLAMA3_405B.vocab_size * LLAMA3_405B.dim
-    assert m.grads == pytest.approx(4 * first.params_rank - 4 * vocab_dim / 8 + (2 + 4) * vocab_dim)
+    assert m.grads == pytest.approx(4 * first.params_rank - 4 * vocab_dim / 8 + 4 * vocab_dim)
+    assert m.working == pytest.approx(2 * vocab_dim)
     # Without a pipeline, reducing after every micro-batch: ZeRO-3's 16Ψ/N; reducing once per step,
     # the whole fp32 gradient instead of its shard.
     flat = layout(LLAMA3_405B, 8192, 8, 1, 1, 8192, 2048)

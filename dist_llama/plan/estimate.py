@@ -295,8 +295,9 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
         before = [sum(counts_here[:i]) for i in range(len(stage_ids))]
         saved_by_stage, sent, whole, shard, work, unsharded = {}, {}, {}, {}, {}, {}
         # Under FSDP with TP, the embedding's gradient is Replicate until FSDP's reduction: when
-        # that waits for the last micro-batch, its full-vocabulary gradient and fp32 accumulator
-        # stay from the first stage's first backward on.
+        # that waits for the last micro-batch, its full-vocabulary fp32 accumulator stays from the
+        # first stage's first backward on, and each of that stage's backwards adds the full-vocabulary
+        # gradient in the compute dtype while it runs.
         embedding_whole = deferred is not None and embedding_backward > 0
         for s, n_blocks, first_block in zip(stage_ids, counts_here, before):
             n_wrapped = (n_blocks if p.ac == "full" else
@@ -306,10 +307,11 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
             sent[s] = boundary * ((s != 0) + (s != n_stages - 1))
             whole[s] = 4 * stage_params(s) if deferred is not None else 0.0
             if s == 0 and embedding_whole:
-                whole[s] += embedding_backward - 4 * m.vocab_size * m.dim // tp
+                whole[s] += 4 * m.vocab_size * m.dim - 4 * m.vocab_size * m.dim // tp
             shard[s] = 4 * stage_params(s) / costs.shards(p) if deferred is not None else 0.0
             work[s] = max(block_backward, loss_backward if s == n_stages - 1 else 0.0,
-                          embedding_backward - saved_by_stage[s] if s == 0 and not embedding_whole else 0.0)
+                          (c * m.vocab_size * m.dim if embedding_whole else embedding_backward - saved_by_stage[s])
+                          if s == 0 else 0.0)
             unsharded[s] = c * stage_params(s)
         runtime_unshards = deferred is not None and V > 1
         peak = pipeline_peak(rank_actions(p.pp_schedule, pp, V, n_micro, pp_rank), saved_by_stage, sent, whole,
