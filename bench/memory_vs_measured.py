@@ -32,6 +32,8 @@ SMALL = [  # name, world size, overrides: the layouts tests/test_memory_dryrun.p
     ("pp2 (gpipe)", 2, ["parallel.pp=2", "parallel.pp_schedule=gpipe"]),
     ("pp4 interleaved v2", 4, ["parallel.pp=4", "parallel.pp_schedule=interleaved_1f1b",
                                "parallel.pp_virtual_stages=2", "model.n_layers=8"]),
+    ("pp4 zero bubble v2", 4, ["parallel.pp=4", "parallel.pp_schedule=interleaved_zb",
+                               "parallel.pp_virtual_stages=2", "model.n_layers=8"]),
     ("dp2 x tp2 x pp2 (1f1b)", 8, ["parallel.dp_shard=2", "parallel.tp=2", "parallel.pp=2"]),
 ]
 DEBUG = "configs/debug.yaml"

@@ -293,7 +293,12 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
         # output, kept for that backward when another stage follows), replayed in the schedule's order.
         counts_here = [counts[s] for s in stage_ids]
         before = [sum(counts_here[:i]) for i in range(len(stage_ids))]
-        saved_by_stage, sent, whole, shard, work, unsharded = {}, {}, {}, {}, {}, {}
+        saved_by_stage, sent, whole, shard, work, unsharded, pending = {}, {}, {}, {}, {}, {}, {}
+        # Zero bubble's B keeps, for W, the gradient of each weighted node's output: per block the
+        # attention's q, k, v and wo outputs, SwiGLU's w1, w3 and w2 outputs and both norms' (and
+        # the final norm's on the last stage).
+        kv_dim = m.kv_heads * (m.dim // m.n_heads)
+        pending_block = c * tokens_mb * (5 * m.dim + 2 * kv_dim + 2 * ffn_hidden_dim(m)) / tp
         # Under FSDP with TP, the embedding's gradient is Replicate until FSDP's reduction: when
         # that waits for the last micro-batch, its full-vocabulary fp32 accumulator stays from the
         # first stage's first backward on, and each of that stage's backwards adds the full-vocabulary
@@ -313,10 +318,11 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
                           (c * m.vocab_size * m.dim if embedding_whole else embedding_backward - saved_by_stage[s])
                           if s == 0 else 0.0)
             unsharded[s] = c * stage_params(s)
+            pending[s] = n_blocks * pending_block + (c * tokens_mb * m.dim / tp if s == n_stages - 1 else 0.0)
         runtime_unshards = deferred is not None and V > 1
         peak = pipeline_peak(rank_actions(p.pp_schedule, pp, V, n_micro, pp_rank), saved_by_stage, sent, whole,
                              shard, work, n_micro, held_until_end=V > 1,
-                             unsharded=unsharded if runtime_unshards else None)
+                             unsharded=unsharded if runtime_unshards else None, pending=pending)
         if runtime_unshards:
             states["gathered"] = peak.gathered
         in_flight, activations, held = peak.in_flight, peak.activations, peak.held_sends
