@@ -90,6 +90,7 @@ def pipeline_peak(actions: list[tuple[str, int, int]], saved: dict[int, float], 
     what a stage's input-gradient half (B) keeps for its weight half (W) besides the saved
     activations: torch's stage_backward_input stashes the gradient of every node where a weight
     meets the input's path (each matmul's and norm weight's output) until stage_backward_weight."""
+    pending = pending or {}
     activations = held = grads = 0.0
     in_flight, started = set(), set()
     best = PipelinePeak(0.0, 0.0, 0.0, 0.0, 0.0, -1)
@@ -112,11 +113,11 @@ def pipeline_peak(actions: list[tuple[str, int, int]], saved: dict[int, float], 
         if activations + held + grads + work + gathered > best.total:
             best = PipelinePeak(activations, held, grads, len(in_flight) / stages, work, stage, gathered)
         if kind == "W":
-            activations -= saved[stage] + (pending or {}).get(stage, 0.0)
+            activations -= saved[stage] + pending.get(stage, 0.0)
             in_flight.discard((stage, mb))
             continue
         if split:
-            activations += (pending or {}).get(stage, 0.0)
+            activations += pending.get(stage, 0.0)
         else:
             activations -= saved[stage]
             in_flight.discard((stage, mb))
