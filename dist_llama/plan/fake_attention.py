@@ -80,8 +80,8 @@ def _cp_mask_forward(self, doc_ids, seq_len, device):
 
 @contextlib.contextmanager
 def cuda_attention(parts: list[nn.Module]):
-    """Within: each plain CoreAttention and AttentionMask of `parts` allocates as FlexAttention on
-    CUDA does (see the module docstring)."""
+    """Within: each CoreAttention and AttentionMask of `parts`, context parallel or not, allocates
+    as FlexAttention on CUDA does (see the module docstring)."""
     from dist_llama.model.llama import AttentionMask, CoreAttention
     from dist_llama.parallel.context import CPAttentionMask, CPCoreAttention
 
