@@ -27,7 +27,7 @@ from dist_llama.parallel.loss import loss_chunk_tokens
 from dist_llama.parallel.pipeline import layers_per_stage, stage_ids_for_rank
 # hardware_preset is not used here; bench/plan_vs_measured.py knows it from this module.
 from dist_llama.plan.allowances import Allowances, device_allowances
-from dist_llama.plan.engine_costs import engine_costs
+from dist_llama.plan.engine_costs import FSDPCosts, engine_costs
 from dist_llama.plan.hardware import Hardware, hardware_preset  # noqa: F401
 from dist_llama.plan.pipeline_memory import pipeline_peak, rank_actions
 from dist_llama.plan.links import Links, collective, group_spans_nodes
@@ -288,6 +288,17 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
         # The loss's backward and a block's do not overlap; the embedding's comes once this micro-
         # batch's activations are gone.
         logits, working = loss_backward, max(block_backward, embedding_backward - saved)
+        if isinstance(costs, FSDPCosts) and layers > 1:
+            # FSDP reduce-scatters a block's gradient after its backward, when the block's saved
+            # activations are gone (and the block before it may be recomputing): the buffers add
+            # only what that leaves over the last block's own backward.
+            def is_wrapped(i: int) -> bool:
+                return p.ac == "full" or (p.ac == "selective" and i % p.ac_every == 0)
+
+            last_saved = ckpt_layer if is_wrapped(layers - 1) else act_layer
+            prev_recompute = act_layer if is_wrapped(layers - 2) else 0.0
+            recompute = act_layer if wrapped == layers else 0.0
+            states["buffers"] = max(0.0, states["buffers"] - last_saved + prev_recompute - recompute)
     else:
         # Each stage's saved bytes per micro-batch (its blocks, wrapped in the rank's order, and its
         # output, kept for that backward when another stage follows), replayed in the schedule's order.
