@@ -333,7 +333,8 @@ def estimate_rank(cfg: Config, hw: Hardware, rank: int = 0, cal: Calibration = C
         runtime_unshards = deferred is not None and V > 1
         peak = pipeline_peak(rank_actions(p.pp_schedule, pp, V, n_micro, pp_rank), saved_by_stage, sent, whole,
                              shard, work, n_micro, held_until_end=V > 1,
-                             unsharded=unsharded if runtime_unshards else None, pending=pending)
+                             unsharded=unsharded if runtime_unshards else None, pending=pending,
+                             blocks_gathered=2 * c * block_rank)
         if runtime_unshards:
             states["gathered"] = peak.gathered
         in_flight, activations, held = peak.in_flight, peak.activations, peak.held_sends

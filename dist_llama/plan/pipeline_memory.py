@@ -75,18 +75,22 @@ class PipelinePeak:
 def pipeline_peak(actions: list[tuple[str, int, int]], saved: dict[int, float], sent: dict[int, float],
                   whole_grads: dict[int, float], shard_grads: dict[int, float], working: dict[int, float],
                   n_micro: int, held_until_end: bool, unsharded: dict[int, float] | None = None,
-                  active_stages: int = 3, pending: dict[int, float] | None = None) -> PipelinePeak:
+                  active_stages: int = 3, pending: dict[int, float] | None = None,
+                  blocks_gathered: float = 0.0) -> PipelinePeak:
     """Replay `actions` (rank_actions) and return the moment, at the start of a backward (or of
     zero bubble's weight half), with the most bytes. Per stage of the rank: `saved` bytes one
     micro-batch's forward keeps for its backward; `sent` bytes each backward sends and,
     `held_until_end`, keeps (its stage output, whose send completes only then, and its input
-    gradient); `whole_grads` the gradients it holds whole
-    from its first backward to its last, when `shard_grads` replace them (0 when the engine
-    reduces at once; those gradients are then the model states'); `working` what its backward
-    makes besides (the loss's on the last stage, the embedding's gradient on the first).
+    gradient); `whole_grads` the gradients it holds whole from its first backward to its last,
+    when `shard_grads` replace them (0 when the engine reduces at once; those gradients are then
+    the model states'); `working` what its backward makes besides (the loss's on the last stage,
+    the embedding's gradient on the first).
     `unsharded`: each stage's weights when gathered, for a runtime that unshards the stage in use
     and the next ones, `active_stages` at a time, and reshards the rest (torch's multi-stage
-    runtime under FSDP: _add_unshard_reshard, max_active_stages=3). `pending`, under zero bubble:
+    runtime under FSDP: _add_unshard_reshard, max_active_stages=3). The stage in use counts at
+    most `blocks_gathered`: FSDP reshards its blocks after each use, so unless the window just
+    fetched it, it is gathered block by block (on the 70B's ten-block stages the fake step holds
+    the other two stages and a block or two of the current one). `pending`, under zero bubble:
     what a stage's input-gradient half (B) keeps for its weight half (W) besides the saved
     activations: torch's stage_backward_input stashes the gradient of every node where a weight
     meets the input's path (each matmul's and norm weight's output) until stage_backward_weight."""
@@ -109,7 +113,10 @@ def pipeline_peak(actions: list[tuple[str, int, int]], saved: dict[int, float], 
             grads += whole_grads[stage]
         # A B's peak adds its stage's working set; a W starts with the most held (it frees after).
         work = working[stage] if kind == "B" else 0.0
-        gathered = sum(unsharded[s] for s in upcoming[i]) if upcoming is not None else 0.0
+        gathered = 0.0
+        if upcoming is not None:
+            gathered = (sum(unsharded[s] for s in upcoming[i] if s != stage)
+                        + min(unsharded[stage], blocks_gathered))
         if activations + held + grads + work + gathered > best.total:
             best = PipelinePeak(activations, held, grads, len(in_flight) / stages, work, stage, gathered)
         if kind == "W":
